@@ -1,0 +1,44 @@
+"""Build of the ssm CPU extension; the only place with compiler flags.
+
+-O3 -fno-math-errno -fopenmp lets gcc vectorise expf/logf through libmvec (see the
+design block of ssm/_kernels.h); libm must be linked explicitly or the vector
+symbols are unresolved at import. Never -ffast-math (gcc 12 links crtfastmath,
+which flushes denormals in the whole process) and never -march=native (the wheel
+would die with SIGILL on older CPUs): the fast paths come from target_clones.
+SSM_CFLAGS adds flags for local experiments only; SSM_DEBUG=1 builds with -O0 -g
+and Cython's bounds checks.
+"""
+import os
+import sys
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+debug = os.environ.get("SSM_DEBUG") == "1"
+if sys.platform == "win32":
+    compile_args, link_args = ["/O2", "/openmp"], []
+elif sys.platform == "darwin":
+    compile_args, link_args = ["-O3", "-fno-math-errno", "-Xpreprocessor", "-fopenmp"], ["-lomp"]
+else:
+    compile_args = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    compile_args += ["-fno-math-errno", "-fopenmp", "-Wno-unused-function"]
+    link_args = ["-fopenmp"]
+compile_args += os.environ.get("SSM_CFLAGS", "").split()
+
+ext = Extension(
+    "ssm._cpu",
+    ["ssm/_cpu.pyx"],
+    include_dirs=["ssm", np.get_include()],
+    depends=["ssm/_kernels.h", "ssm/_kernels_impl.h", "ssm/_cpu.pxd"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+    libraries=[] if sys.platform == "win32" else ["m"],
+)
+
+directives = {"language_level": 3}
+if debug:
+    directives.update(boundscheck=True, wraparound=True)
+
+setup(ext_modules=cythonize([ext], compiler_directives=directives))

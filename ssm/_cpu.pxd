@@ -1,0 +1,42 @@
+# Declarations of the C tile kernels (ssm/_kernels.h) used by ssm/_cpu.pyx.
+
+cdef extern from "_kernels.h" nogil:
+    enum:
+        SSM_NO_TARGET
+        SSM_U8
+        SSM_I32
+        SSM_I64
+        SSM_SOFT
+
+    ctypedef struct ssm_problem:
+        Py_ssize_t outer, C, inner, tile
+        const void *x
+        const void *x2
+        int target_kind
+        const void *target
+        long long ignore_index
+        const void *w
+        const void *cw
+        const void *lens
+        double smoothing
+        double loss_cap
+        const void *g
+        double g_scale
+        void *out
+        void *out2
+        void *loss_map
+
+    Py_ssize_t ssm_num_tiles(const ssm_problem *P)
+    size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
+    const char *ssm_simd_path()
+
+    void ssm_sswl_stats_f(const ssm_problem *P, Py_ssize_t t, double *norm, Py_ssize_t *bad)
+    void ssm_sswl_stats_d(const ssm_problem *P, Py_ssize_t t, double *norm, Py_ssize_t *bad)
+    double ssm_softmax_fwd_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf, int logspace)
+    double ssm_softmax_fwd_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf, int logspace)
+    double ssm_softmax_bwd_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf)
+    double ssm_softmax_bwd_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf)
+    double ssm_sswl_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
+    double ssm_sswl_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
+    double ssm_sswl_bwd_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf)
+    double ssm_sswl_bwd_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf)

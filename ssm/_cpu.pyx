@@ -1,0 +1,162 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""CPU backend of ssm: OpenMP threads over the C tile kernels of _kernels.h.
+
+Design
+------
+- Python (ssm/_api.py) has validated and normalised everything: arrays are
+  C-contiguous, of the right dtype and shape, outputs allocated, and the shape is
+  given as (outer, C, inner) with a tile size. Nothing here checks; nothing here
+  raises except MemoryError for the per-thread scratch.
+- One entry point per pass: ``run`` (every kernel that walks the logits) and
+  ``stats`` (the label pre-pass: normaliser and first bad label). Each is a
+  ``prange`` over tiles, ``schedule="static"``, with the GIL released and a
+  per-thread scratch block malloc'ed inside the parallel region.
+- Determinism: every tile writes its float64 partial sum into its own slot;
+  slots are added in tile order after the parallel region. The tile partition
+  depends on the shape only, so sums are bit-identical for any thread count.
+"""
+cimport numpy as cnp
+cimport openmp
+from cython.parallel cimport parallel, prange
+from libc.stdlib cimport free, malloc
+from libc.math cimport INFINITY
+
+import numpy as np
+
+cnp.import_array()
+
+# kernel selectors; the public names below are what ssm/_api.py passes as `op`
+cdef enum:
+    OP_SOFTMAX = 0
+    OP_LOG_SOFTMAX = 1
+    OP_SOFTMAX_BWD = 2
+    OP_SSWL_FWD = 3
+    OP_SSWL_FWD_BWD = 4
+    OP_SSWL_BWD = 5
+
+SOFTMAX = OP_SOFTMAX
+LOG_SOFTMAX = OP_LOG_SOFTMAX
+SOFTMAX_BWD = OP_SOFTMAX_BWD
+SSWL_FWD = OP_SSWL_FWD
+SSWL_FWD_BWD = OP_SSWL_FWD_BWD
+SSWL_BWD = OP_SSWL_BWD
+
+
+def omp_max_threads():
+    """OpenMP's default team size for the calling thread (honours OMP_NUM_THREADS)."""
+    return openmp.omp_get_max_threads()
+
+
+def simd_path():
+    """The code path the loader picked for this CPU (target_clones)."""
+    return ssm_simd_path().decode()
+
+
+cdef inline const void *_ptr(object a):
+    return NULL if a is None else <const void *>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline double _tile(const ssm_problem *P, int op, bint dbl, Py_ssize_t t,
+                         void *buf) noexcept nogil:
+    if op == OP_SOFTMAX or op == OP_LOG_SOFTMAX:
+        if dbl:
+            return ssm_softmax_fwd_tile_d(P, t, buf, op == OP_LOG_SOFTMAX)
+        return ssm_softmax_fwd_tile_f(P, t, buf, op == OP_LOG_SOFTMAX)
+    if op == OP_SOFTMAX_BWD:
+        return ssm_softmax_bwd_tile_d(P, t, buf) if dbl else ssm_softmax_bwd_tile_f(P, t, buf)
+    if op == OP_SSWL_BWD:
+        return ssm_sswl_bwd_tile_d(P, t, buf) if dbl else ssm_sswl_bwd_tile_f(P, t, buf)
+    if dbl:
+        return ssm_sswl_tile_d(P, t, buf, op == OP_SSWL_FWD_BWD)
+    return ssm_sswl_tile_f(P, t, buf, op == OP_SSWL_FWD_BWD)
+
+
+cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
+                    double *partial) noexcept nogil:
+    """Run `op` over every tile; returns 1 if a thread could not get its scratch."""
+    cdef Py_ssize_t ntiles = ssm_num_tiles(P), t
+    cdef size_t nbytes = ssm_scratch_bytes(P, 8 if dbl else 4)
+    cdef char *buf
+    cdef int failed = 0
+    cdef int *failed_p = &failed
+    if ntiles < n_threads:
+        n_threads = <int>ntiles if ntiles > 0 else 1
+    with parallel(num_threads=n_threads):
+        buf = <char *>malloc(nbytes)
+        if buf == NULL:
+            failed_p[0] = 1
+        for t in prange(ntiles, schedule="static"):
+            if buf != NULL:
+                partial[t] = _tile(P, op, dbl, t, buf)
+        free(buf)
+    return failed
+
+
+def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile,
+        int n_threads, *, x2=None, target=None, int target_kind=SSM_NO_TARGET,
+        long long ignore_index=-1, w=None, cw=None, lens=None, double smoothing=0.0,
+        double loss_cap=INFINITY, g=None, double g_scale=1.0, out2=None, loss_map=None):
+    """Run kernel `op` over the (outer, C, inner) problem; return the float64 loss sum.
+
+    All arrays are C-contiguous and of x's float dtype (labels: their integer
+    dtype, named by `target_kind`); `out`, `out2` and `loss_map` are written.
+    """
+    cdef ssm_problem P
+    cdef bint dbl = x.dtype.itemsize == 8
+    cdef Py_ssize_t t, ntiles
+    cdef double total = 0.0
+    cdef double[::1] partial
+    cdef int failed
+    P.outer, P.C, P.inner, P.tile = outer, C, inner, tile
+    P.x, P.x2, P.target = _ptr(x), _ptr(x2), _ptr(target)
+    P.target_kind, P.ignore_index = target_kind, ignore_index
+    P.w, P.cw, P.lens = _ptr(w), _ptr(cw), _ptr(lens)
+    P.smoothing, P.loss_cap = smoothing, loss_cap
+    P.g, P.g_scale = _ptr(g), g_scale
+    P.out, P.out2, P.loss_map = <void *>_ptr(out), <void *>_ptr(out2), <void *>_ptr(loss_map)
+    ntiles = ssm_num_tiles(&P)
+    if ntiles == 0:
+        return 0.0
+    partial = np.empty(ntiles, dtype=np.float64)
+    with nogil:
+        failed = _run_tiles(&P, op, dbl, n_threads, &partial[0])
+        if not failed:
+            for t in range(ntiles):
+                total += partial[t]
+    if failed:
+        raise MemoryError(f"ssm: could not allocate {ssm_scratch_bytes(&P, 8 if dbl else 4)} "
+                          "bytes of per-thread scratch")
+    return total
+
+
+def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t outer,
+          Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile, int n_threads):
+    """Label pre-pass: (sum of n_p as float64, lowest flat index of a bad label or -1)."""
+    cdef ssm_problem P
+    cdef bint dbl = x.dtype.itemsize == 8
+    cdef Py_ssize_t t, ntiles, bad = -1
+    cdef double norm = 0.0
+    cdef double[::1] partial
+    cdef Py_ssize_t[::1] bads
+    P.outer, P.C, P.inner, P.tile = outer, C, inner, tile
+    P.x = P.x2 = NULL
+    P.target, P.target_kind, P.ignore_index = _ptr(target), target_kind, ignore_index
+    P.w, P.cw, P.lens = _ptr(w), _ptr(cw), NULL
+    ntiles = ssm_num_tiles(&P)
+    if ntiles == 0:
+        return 0.0, -1
+    partial = np.empty(ntiles, dtype=np.float64)
+    bads = np.empty(ntiles, dtype=np.intp)
+    if ntiles < n_threads:
+        n_threads = <int>ntiles
+    with nogil:
+        for t in prange(ntiles, schedule="static", num_threads=n_threads):
+            if dbl:
+                ssm_sswl_stats_d(&P, t, &partial[t], &bads[t])
+            else:
+                ssm_sswl_stats_f(&P, t, &partial[t], &bads[t])
+        for t in range(ntiles):
+            norm += partial[t]
+            if bad < 0 and bads[t] >= 0:
+                bad = bads[t]
+    return norm, bad

@@ -1,0 +1,453 @@
+/*
+ * ssm/_kernels_impl.h -- the per-dtype body of _kernels.h, included once per R
+ * (float, double) with SSM_SFX, SSM_EXP and SSM_LOG defined. Not a standalone header.
+ *
+ * Core functions work on one tile of n pixels held channel-major: element (c, j) of
+ * a block is at ptr[c * stride + j]. Pixels (j) are innermost so every loop over j
+ * is a contiguous, vectorisable sweep; the tile's C rows stay in L1/L2 between the
+ * sweeps, so DRAM sees each input once and each output once.
+ */
+
+typedef struct {
+    R *m, *s, *a, *g, *wv;  /* per pixel: max, sum (then 1/sum), weight/activity, grad scale, w */
+    int32_t *cls;           /* per pixel: class index, or -1 */
+    double *lp;             /* per pixel: loss */
+    R *X, *O, *O2, *A;      /* [C][tile] blocks: rows in, rows out, rows out2, dense target */
+} SSM_SFX(ssm_scratch);
+
+SSM_INLINE char *SSM_SFX(ssm_align)(char *p)
+{
+    return (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+}
+
+SSM_INLINE SSM_SFX(ssm_scratch) SSM_SFX(ssm_scratch_carve)(const ssm_problem *P, void *buf)
+{
+    SSM_SFX(ssm_scratch) S;
+    size_t T = (size_t)P->tile, CT = (size_t)P->C * T;
+    char *p = SSM_SFX(ssm_align)((char *)buf);
+    S.m = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
+    S.s = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
+    S.a = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
+    S.g = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
+    S.wv = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
+    S.cls = (int32_t *)p; p = SSM_SFX(ssm_align)(p + T * sizeof(int32_t));
+    S.lp = (double *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(double));
+    S.X = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
+    S.O = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
+    S.O2 = (R *)p;  p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
+    S.A = (R *)p;
+    return S;
+}
+
+/* ---- moving tiles between the arrays and channel-major blocks ---------------- */
+
+/* Channel-major view of tile input `src`: in place for strided channels, else the
+   rows are transposed into `scratch`. Returns the block; *stride its channel stride. */
+SSM_INLINE const R *SSM_SFX(ssm_load)(const ssm_problem *P, const R *src, ptrdiff_t base,
+                                      ptrdiff_t n, R *scratch, ptrdiff_t *stride)
+{
+    ptrdiff_t C = P->C, T = P->tile, c, j;
+    if (P->inner > 1) {
+        *stride = P->inner;
+        return src + base;
+    }
+    src += base;
+    for (j = 0; j < n; j++)
+        for (c = 0; c < C; c++)
+            scratch[c * T + j] = src[j * C + c];
+    *stride = T;
+    return scratch;
+}
+
+/* Where a tile output is computed: in place for strided channels, else scratch. */
+SSM_INLINE R *SSM_SFX(ssm_target_block)(const ssm_problem *P, R *dst, ptrdiff_t base,
+                                        R *scratch, ptrdiff_t *stride)
+{
+    if (P->inner > 1) {
+        *stride = P->inner;
+        return dst + base;
+    }
+    *stride = P->tile;
+    return scratch;
+}
+
+/* Rows only: transpose a computed block back into the array. */
+SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base, ptrdiff_t n,
+                                   const R *block)
+{
+    ptrdiff_t C = P->C, T = P->tile, c, j;
+    if (P->inner > 1)
+        return;
+    dst += base;
+    for (j = 0; j < n; j++)
+        for (c = 0; c < C; c++)
+            dst[j * C + c] = block[c * T + j];
+}
+
+/* ---- shared row helper: max and sum of exp over C ----------------------------- */
+
+/* m[j] = max_c x[c, j]; if e != NULL, e[c, j] = exp(x - m) is stored as well;
+   s[j] = sum_c exp(x[c, j] - m[j]). A NaN logit makes that pixel's sum NaN. */
+SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *restrict e,
+                                        ptrdiff_t se, ptrdiff_t C, ptrdiff_t n,
+                                        R *restrict m, R *restrict s)
+{
+    ptrdiff_t c, j;
+#pragma omp simd
+    for (j = 0; j < n; j++) {
+        m[j] = x[j];
+        s[j] = 0;
+    }
+    for (c = 1; c < C; c++) {
+        const R *restrict xc = x + c * sx;
+#pragma omp simd
+        for (j = 0; j < n; j++)
+            m[j] = xc[j] > m[j] ? xc[j] : m[j];
+    }
+    for (c = 0; c < C; c++) {
+        const R *restrict xc = x + c * sx;
+        if (e) {
+            R *restrict ec = e + c * se;
+#pragma omp simd
+            for (j = 0; j < n; j++) {
+                R v = SSM_EXP(xc[j] - m[j]);
+                ec[j] = v;
+                s[j] += v;
+            }
+        } else {
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                s[j] += SSM_EXP(xc[j] - m[j]);
+        }
+    }
+}
+
+/* ---- softmax_fwd / log_softmax_fwd -------------------------------------------- */
+
+SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf,
+                                                int logspace)
+{
+    SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
+    ptrdiff_t base, pix, n, sx, sy, c, j, C = P->C;
+    const R *x;
+    R *y;
+    ssm_tile_geom(P, t, &base, &pix, &n);
+    x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
+    y = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &sy);
+    if (!logspace) {
+        SSM_SFX(ssm_max_sumexp)(x, sx, y, sy, C, n, S.m, S.s);
+#pragma omp simd
+        for (j = 0; j < n; j++)
+            S.s[j] = (R)1 / S.s[j];
+        for (c = 0; c < C; c++) {
+            R *restrict yc = y + c * sy;
+            const R *restrict r = S.s;
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                yc[j] *= r[j];
+        }
+    } else {
+        SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.m, S.s);
+#pragma omp simd
+        for (j = 0; j < n; j++)
+            S.s[j] = S.m[j] + SSM_LOG(S.s[j]);  /* log-sum-exp */
+        for (c = 0; c < C; c++) {
+            const R *restrict xc = x + c * sx;
+            R *restrict yc = y + c * sy;
+            const R *restrict lse = S.s;
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                yc[j] = xc[j] - lse[j];
+        }
+    }
+    SSM_SFX(ssm_store)(P, (R *)P->out, base, n, y);
+    return 0.0;
+}
+
+/* ---- softmax_bwd: dx = p * (dp - sum_c p * dp) -------------------------------- */
+
+SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf)
+{
+    SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
+    ptrdiff_t base, pix, n, sp, sd, so, c, j, C = P->C;
+    const R *p, *dp;
+    R *dx, *dot = S.s;
+    ssm_tile_geom(P, t, &base, &pix, &n);
+    p = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sp);
+    dp = SSM_SFX(ssm_load)(P, (const R *)P->x2, base, n, S.O2, &sd);
+    dx = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
+#pragma omp simd
+    for (j = 0; j < n; j++)
+        dot[j] = 0;
+    for (c = 0; c < C; c++) {
+        const R *restrict pc = p + c * sp, *restrict dc = dp + c * sd;
+#pragma omp simd
+        for (j = 0; j < n; j++)
+            dot[j] += pc[j] * dc[j];
+    }
+    for (c = 0; c < C; c++) {
+        const R *restrict pc = p + c * sp, *restrict dc = dp + c * sd;
+        R *restrict oc = dx + c * so;
+#pragma omp simd
+        for (j = 0; j < n; j++)
+            oc[j] = pc[j] * (dc[j] - dot[j]);
+    }
+    SSM_SFX(ssm_store)(P, (R *)P->out, base, n, dx);
+    return 0.0;
+}
+
+/* ---- target staging ------------------------------------------------------------ */
+
+/* Stage tile targets. Sparse form (returns 0): cls[j] = label or -1, a[j] = w*cw[y]
+   (0 if ignored, NaN if out of range). Dense form (returns 1): A[c][j] = w*cw_c*t_c
+   with t = (1-e)*base + e/C, base = soft target / lens row / one-hot; a[j] is the
+   pixel's activity (1, 0 if ignored, NaN if out of range). Also g[j], the gradient
+   scale, when `want_g`. */
+SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S, ptrdiff_t base,
+                                  ptrdiff_t pix, ptrdiff_t n, int want_g)
+{
+    ptrdiff_t C = P->C, T = P->tile, c, j;
+    const R *w = (const R *)P->w, *cw = (const R *)P->cw;
+    int dense = P->target_kind == SSM_SOFT || P->lens != NULL || P->smoothing != 0.0;
+    R keep = (R)(1.0 - P->smoothing), spread = (R)(P->smoothing / (double)C);
+
+    if (want_g) {
+        const R *gm = (const R *)P->g;
+        R gs = (R)P->g_scale;
+        if (gm) {
+            for (j = 0; j < n; j++) S->g[j] = gs * gm[pix + j];
+        } else {
+            for (j = 0; j < n; j++) S->g[j] = gs;
+        }
+    }
+    for (j = 0; j < n; j++)
+        S->wv[j] = w ? w[pix + j] : (R)1;
+
+    if (P->target_kind == SSM_SOFT) {
+        const R *tb;
+        ptrdiff_t st;
+        /* rows: transposed into O2, which is free until the epilogue */
+        tb = SSM_SFX(ssm_load)(P, (const R *)P->target, base, n, S->O2, &st);
+        for (c = 0; c < C; c++) {
+            R cwc = cw ? cw[c] : (R)1;
+            const R *restrict tc = tb + c * st;
+            R *restrict Ac = S->A + c * T;
+            const R *restrict wv = S->wv;
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                Ac[j] = wv[j] * cwc * (keep * tc[j] + spread);
+        }
+        for (j = 0; j < n; j++) {
+            S->a[j] = 1;
+            S->cls[j] = -1;
+        }
+        return 1;
+    }
+
+    for (j = 0; j < n; j++) {
+        long long y = ssm_label(P, pix + j);
+        if (y == P->ignore_index) {
+            S->cls[j] = -1;
+            S->a[j] = 0;
+        } else if (y < 0 || y >= C) {
+            S->cls[j] = -1;
+            S->a[j] = (R)NAN;
+        } else {
+            S->cls[j] = (int32_t)y;
+            S->a[j] = dense ? (R)1 : S->wv[j] * (cw ? cw[y] : (R)1);
+        }
+    }
+    if (!dense)
+        return 0;
+    {
+        const R *lens = (const R *)P->lens;
+        for (c = 0; c < C; c++) {
+            R cwc = cw ? cw[c] : (R)1;
+            R *restrict Ac = S->A + c * T;
+            for (j = 0; j < n; j++) {
+                int32_t y = S->cls[j];
+                R b;
+                if (y < 0) {
+                    Ac[j] = 0;
+                    continue;
+                }
+                b = lens ? lens[(ptrdiff_t)y * C + c] : (R)(y == c);
+                Ac[j] = S->wv[j] * cwc * (keep * b + spread);
+            }
+        }
+    }
+    return 1;
+}
+
+/* Tile loss: per-pixel losses into loss_map (if any) and their float64 sum. */
+SSM_INLINE double SSM_SFX(ssm_tile_loss)(const ssm_problem *P, const double *lp, ptrdiff_t pix,
+                                         ptrdiff_t n)
+{
+    double acc = 0.0;
+    ptrdiff_t j;
+    for (j = 0; j < n; j++)
+        acc += lp[j];
+    if (P->loss_map) {
+        R *lm = (R *)P->loss_map + pix;
+        for (j = 0; j < n; j++)
+            lm[j] = (R)lp[j];
+    }
+    return acc;
+}
+
+/* ---- sswl_fwd and sswl_fwd_bwd: one pass over the logits ----------------------
+ * pixel loss l = A (m + log s) - sum_c a_c x_c   (A = sum_c a_c)
+ * gradient   dx_c = g (A q_c - a_c),  q_c = exp(x_c - m) / s
+ * want_grad = 0: out = prob.  want_grad = 1: out = dlogits, out2 = prob if given. */
+SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void *buf,
+                                         int want_grad)
+{
+    SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
+    ptrdiff_t base, pix, n, sx, so, so2 = 0, c, j, C = P->C, T = P->tile;
+    const R *x;
+    R *o, *o2 = NULL;
+    int dense;
+    ssm_tile_geom(P, t, &base, &pix, &n);
+    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, want_grad);
+    x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
+    o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
+    if (want_grad && P->out2)
+        o2 = SSM_SFX(ssm_target_block)(P, (R *)P->out2, base, S.O2, &so2);
+
+    /* sweeps 1-2: max, then e = exp(x - m) into `o`, s = sum e */
+    SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.m, S.s);
+
+    /* per pixel: loss, 1/s, gradient factor (kept in S.s and S.wv) */
+    if (!dense) {
+        double cap = P->loss_cap;
+        for (j = 0; j < n; j++) {
+            R a = S.a[j];
+            int32_t y = S.cls[j];
+            double xy = y >= 0 ? (double)x[(ptrdiff_t)y * sx + j] : 0.0;
+            double nll = (double)S.m[j] - xy + (double)SSM_LOG(S.s[j]);
+            S.lp[j] = a == 0 ? 0.0 : (double)a * (nll > cap ? cap : nll);  /* NaN stays NaN */
+        }
+#pragma omp simd
+        for (j = 0; j < n; j++) {
+            S.s[j] = (R)1 / S.s[j];
+            S.wv[j] = want_grad ? S.g[j] * S.a[j] * S.s[j] : (R)0;  /* f = g a / s */
+        }
+    } else {
+        R *Asum = S.wv;
+        double *ax = S.lp;
+        for (j = 0; j < n; j++) {
+            Asum[j] = 0;
+            ax[j] = 0.0;
+        }
+        for (c = 0; c < C; c++) {
+            const R *restrict Ac = S.A + c * T, *restrict xc = x + c * sx;
+#pragma omp simd
+            for (j = 0; j < n; j++) {
+                Asum[j] += Ac[j];
+                ax[j] += (double)Ac[j] * (double)xc[j];
+            }
+        }
+        for (j = 0; j < n; j++) {
+            double l = (double)Asum[j] * ((double)S.m[j] + (double)SSM_LOG(S.s[j])) - ax[j];
+            S.lp[j] = S.a[j] == 0 ? 0.0 : (double)S.a[j] * l;
+        }
+#pragma omp simd
+        for (j = 0; j < n; j++) {
+            S.s[j] = (R)1 / S.s[j];
+            S.wv[j] = want_grad ? S.g[j] * S.a[j] * Asum[j] * S.s[j] : (R)0;
+        }
+    }
+
+    /* sweep 3: the epilogue */
+    for (c = 0; c < C; c++) {
+        R *restrict oc = o + c * so;
+        const R *restrict r = S.s, *restrict f = S.wv;
+        if (!want_grad) {
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                oc[j] *= r[j];
+            continue;
+        }
+        if (o2) {
+            R *restrict pc = o2 + c * so2;
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                pc[j] = oc[j] * r[j];
+        }
+        if (dense) {
+            const R *restrict Ac = S.A + c * T, *restrict g = S.g;
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                oc[j] = (f[j] != 0 ? f[j] * oc[j] : (R)0) - g[j] * Ac[j];
+        } else {
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                oc[j] = f[j] != 0 ? f[j] * oc[j] : (R)0;
+        }
+    }
+    if (want_grad && !dense) {
+        for (j = 0; j < n; j++) {
+            int32_t y = S.cls[j];
+            if (y >= 0)
+                o[(ptrdiff_t)y * so + j] -= S.g[j] * S.a[j];
+        }
+    }
+    SSM_SFX(ssm_store)(P, (R *)P->out, base, n, o);
+    if (o2)
+        SSM_SFX(ssm_store)(P, (R *)P->out2, base, n, o2);
+    return SSM_SFX(ssm_tile_loss)(P, S.lp, pix, n);
+}
+
+/* ---- sswl_bwd: dx_c = g (A q_c - a_c) from the probabilities q ---------------- */
+
+SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf)
+{
+    SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
+    ptrdiff_t base, pix, n, sq, so, c, j, C = P->C, T = P->tile;
+    const R *q;
+    R *o, *f = S.wv;
+    int dense;
+    ssm_tile_geom(P, t, &base, &pix, &n);
+    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, 1);
+    q = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sq);
+    o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
+    if (dense) {
+        R *Asum = S.m;
+        for (j = 0; j < n; j++)
+            Asum[j] = 0;
+        for (c = 0; c < C; c++) {
+            const R *restrict Ac = S.A + c * T;
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                Asum[j] += Ac[j];
+        }
+        for (j = 0; j < n; j++)
+            f[j] = S.g[j] * S.a[j] * Asum[j];
+    } else {
+        for (j = 0; j < n; j++)
+            f[j] = S.g[j] * S.a[j];
+    }
+    for (c = 0; c < C; c++) {
+        const R *restrict qc = q + c * sq;
+        R *restrict oc = o + c * so;
+        if (dense) {
+            const R *restrict Ac = S.A + c * T, *restrict g = S.g;
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                oc[j] = (f[j] != 0 ? f[j] * qc[j] : (R)0) - g[j] * Ac[j];
+        } else {
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                oc[j] = f[j] != 0 ? f[j] * qc[j] : (R)0;
+        }
+    }
+    if (!dense) {
+        for (j = 0; j < n; j++) {
+            int32_t y = S.cls[j];
+            if (y >= 0)
+                o[(ptrdiff_t)y * so + j] -= S.g[j] * S.a[j];
+        }
+    }
+    SSM_SFX(ssm_store)(P, (R *)P->out, base, n, o);
+    return 0.0;
+}

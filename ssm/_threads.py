@@ -1,0 +1,39 @@
+"""Thread counts: ssm's default, and the effective count of one call.
+
+``threads=None`` means ssm's default: the value given to ``set_num_threads``, or
+else OpenMP's default for the calling thread (``omp_get_max_threads()``, which
+honours ``OMP_NUM_THREADS`` and threadpoolctl), read at call time. ssm never calls
+``omp_set_num_threads``: that would change the team size of every other library
+sharing the OpenMP runtime. The count reaches the kernels as a plain int.
+"""
+from __future__ import annotations
+
+import numbers
+
+from . import _cpu
+
+_default: int | None = None
+
+
+def _check(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int or None, got {n!r}")
+    if n < 1:
+        raise ValueError(f"{name}: {n} is not a positive thread count; expected an int >= 1")
+    return int(n)
+
+
+def set_num_threads(n) -> None:
+    """Set the default number of threads of ssm's CPU kernels (``None``: OpenMP's default)."""
+    global _default
+    _default = None if n is None else _check(n, "n")
+
+
+def get_num_threads() -> int:
+    """The number of threads a call with ``threads=None`` uses now."""
+    return _default if _default is not None else _cpu.omp_max_threads()
+
+
+def resolve(threads) -> int:
+    """The effective thread count of one call."""
+    return get_num_threads() if threads is None else _check(threads, "threads")

@@ -1,0 +1,260 @@
+"""Argument checks and the dtype tables of ssm: the single source of truth.
+
+Every public function validates here, once, before any kernel runs; the kernels
+trust what they are given (except label bounds, which they never use as an index
+unchecked). Messages name the argument first, then the value, then what was
+expected: ``"reduction: 'avg' is not one of 'mean', 'sum', 'batch', 'none'"``.
+``TypeError`` is for types and dtypes, ``ValueError`` for shapes, values, options,
+``out=`` buffers and labels.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+# Float dtypes of logits (and of soft targets, weights, class weights, lenses, d_loss maps).
+FLOAT_DTYPES = {
+    "cpu": (np.dtype(np.float32), np.dtype(np.float64)),
+    "cuda": (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)),
+}
+# Integer label dtypes and their kernel codes; the codes must match the enum in _kernels.h.
+LABEL_KINDS = {np.dtype(np.uint8): 1, np.dtype(np.int32): 2, np.dtype(np.int64): 3}
+SOFT_KIND = 4
+LAYOUTS = ("NCHW", "NHWC")
+REDUCTIONS = ("mean", "sum", "batch", "none")
+LENS_ROW_TOLERANCE = 1e-4
+
+# Pixels per tile: a tile's C rows of logits take about TILE_BYTES, so the tile stays
+# in L1/L2 across the kernel's sweeps. Between 16 and 1024 pixels, a multiple of 16.
+TILE_BYTES = 64 * 1024
+
+
+def _quote(values):
+    return ", ".join(repr(v) for v in values)
+
+
+def _dtype_names(dtypes):
+    return ", ".join(str(d) for d in dtypes)
+
+
+def _type_name(obj):
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def is_cupy_array(a) -> bool:
+    """True for a cupy.ndarray, without importing CuPy."""
+    return type(a).__module__.startswith("cupy") and hasattr(a, "__cuda_array_interface__")
+
+
+def as_array(a, name: str) -> np.ndarray:
+    """A NumPy array from an ndarray, a nested sequence or a number; TypeError otherwise."""
+    if isinstance(a, np.ndarray):
+        return a
+    if isinstance(a, (list, tuple, numbers.Number, np.generic)) and not isinstance(a, bool):
+        return np.asarray(a)
+    raise TypeError(f"{name}: expected a numpy.ndarray, got {_type_name(a)}")
+
+
+def check_choice(value, name: str, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: {value!r} is not one of {_quote(choices)}")
+    return value
+
+
+def check_float_array(a, name: str, device: str = "cpu") -> np.ndarray:
+    a = as_array(a, name)
+    if a.dtype not in FLOAT_DTYPES[device]:
+        raise TypeError(f"{name}: dtype {a.dtype} is not supported on the {device}; "
+                        f"expected one of {_dtype_names(FLOAT_DTYPES[device])}")
+    return np.ascontiguousarray(a)
+
+
+class Geometry(NamedTuple):
+    """A logits shape seen as (outer, C, inner), plus the per-pixel shape (N, *spatial)."""
+
+    shape: tuple
+    N: int
+    C: int
+    pixel_shape: tuple
+    outer: int
+    inner: int
+    tile: int
+
+    @property
+    def n_pixels(self) -> int:
+        return self.outer * self.inner
+
+
+def tile_size(C: int, inner: int, itemsize: int) -> int:
+    """Pixels per tile (see TILE_BYTES); never more than an image's pixel count."""
+    t = TILE_BYTES // max(1, C * itemsize)
+    t = max(16, min(1024, t)) // 16 * 16
+    if inner > 1:
+        t = min(t, inner)
+    return t
+
+
+def geometry(a: np.ndarray, name: str, layout: str) -> Geometry:
+    shape = tuple(a.shape)
+    if a.ndim < 2:
+        raise ValueError(f"{name}: shape {shape} has {a.ndim} dimension(s); expected at least 2, "
+                         f"(N, C, *spatial) for NCHW or (N, *spatial, C) for NHWC")
+    if layout == "NCHW":
+        N, C, spatial = shape[0], shape[1], shape[2:]
+        outer, inner = N, math.prod(spatial)
+    else:
+        N, C, spatial = shape[0], shape[-1], shape[1:-1]
+        outer, inner = N * math.prod(spatial), 1
+    if C == 0:
+        raise ValueError(f"{name}: shape {shape} has an empty class axis; expected C >= 1")
+    return Geometry(shape, N, C, (N, *spatial), outer, inner, tile_size(C, inner, a.itemsize))
+
+
+def check_same(a: np.ndarray, name: str, ref: np.ndarray, ref_name: str) -> np.ndarray:
+    """`a` must have exactly ref's shape and dtype (softmax_grad's dprob)."""
+    a = check_float_array(a, name)
+    if a.dtype != ref.dtype:
+        raise TypeError(f"{name}: dtype {a.dtype} differs from {ref_name}'s {ref.dtype}")
+    if a.shape != ref.shape:
+        raise ValueError(f"{name}: shape {a.shape} differs from {ref_name}'s {ref.shape}")
+    return a
+
+
+def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
+    """Return (target array, kernel kind): integer labels or a soft target map."""
+    t = as_array(target, "target")
+    if t.dtype.kind == "f":
+        if t.dtype != logits.dtype:
+            raise TypeError(f"target: soft targets must have {logits_name}'s dtype {logits.dtype}, "
+                            f"got {t.dtype}")
+        if t.shape != geom.shape:
+            raise ValueError(f"target: soft-target shape {t.shape} differs from {logits_name}'s "
+                             f"{geom.shape}; labels would have shape {geom.pixel_shape}")
+        return np.ascontiguousarray(t), SOFT_KIND
+    if t.dtype not in LABEL_KINDS:
+        raise TypeError(f"target: dtype {t.dtype} is not supported; expected integer labels "
+                        f"({_dtype_names(LABEL_KINDS)}) or soft targets of dtype {logits.dtype}")
+    if t.shape != geom.pixel_shape:
+        raise ValueError(f"target: label shape {t.shape} does not match {logits_name} {geom.shape}; "
+                         f"expected {geom.pixel_shape}")
+    return np.ascontiguousarray(t), LABEL_KINDS[t.dtype]
+
+
+def check_weights(weights, geom: Geometry, dtype: np.dtype):
+    if weights is None:
+        return None
+    w = as_array(weights, "weights")
+    if w.dtype != dtype:
+        raise TypeError(f"weights: dtype {w.dtype} differs from the logits' {dtype}")
+    if w.shape != geom.pixel_shape:
+        raise ValueError(f"weights: shape {w.shape} does not match the logits; "
+                         f"expected {geom.pixel_shape}")
+    return np.ascontiguousarray(w)
+
+
+def _small_float(value, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """A small parameter array (class weights, lens): any real array-like, cast to dtype."""
+    a = as_array(value, name)
+    if a.dtype.kind not in "biuf" or a.dtype == np.bool_:
+        raise TypeError(f"{name}: dtype {a.dtype} is not a real number type")
+    if a.shape != shape:
+        raise ValueError(f"{name}: shape {a.shape} does not match the {shape[0]} classes; "
+                         f"expected {shape}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def check_class_weights(class_weights, C: int, dtype: np.dtype):
+    if class_weights is None:
+        return None
+    return _small_float(class_weights, "class_weights", (C,), dtype)
+
+
+def check_lens(lens, C: int, dtype: np.dtype, kind: int):
+    if lens is None:
+        return None
+    if kind == SOFT_KIND:
+        raise ValueError("lens: a confusion lens maps integer labels; it cannot be used with "
+                         "soft targets (fold it into the target map instead)")
+    lens = _small_float(lens, "lens", (C, C), dtype)
+    if not np.all(np.isfinite(lens)) or np.any(lens < 0):
+        raise ValueError("lens: entries must be finite and >= 0; rows are distributions")
+    rows = lens.sum(axis=1, dtype=np.float64)
+    worst = int(np.argmax(np.abs(rows - 1.0)))
+    if abs(rows[worst] - 1.0) > LENS_ROW_TOLERANCE:
+        raise ValueError(f"lens: row {worst} sums to {rows[worst]:.6g}; expected every row to "
+                         f"sum to 1 (within {LENS_ROW_TOLERANCE})")
+    return lens
+
+
+def check_smoothing(label_smoothing) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing: expected a number in [0, 1], "
+                        f"got {_type_name(label_smoothing)}")
+    e = float(label_smoothing)
+    if not 0.0 <= e <= 1.0:
+        raise ValueError(f"label_smoothing: {label_smoothing!r} is outside [0, 1]")
+    return e
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    i = int(ignore_index)
+    if not -(2**63) <= i < 2**63:
+        raise ValueError(f"ignore_index: {i} does not fit in 64 bits")
+    return i
+
+
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def check_d_loss(d_loss, reduction: str, geom: Geometry, dtype: np.dtype):
+    """Return (scalar, map or None): a number for any reduction, an (N, *spatial) map for 'none'."""
+    if isinstance(d_loss, numbers.Real) and not isinstance(d_loss, bool):
+        return float(d_loss), None
+    d = as_array(d_loss, "d_loss")
+    if d.dtype.kind not in "iuf":
+        raise TypeError(f"d_loss: dtype {d.dtype} is not a real number type")
+    if d.size == 1 and d.ndim <= 1 or d.ndim == 0:
+        return float(d.reshape(())), None
+    if reduction != "none":
+        raise ValueError(f"d_loss: an array of shape {d.shape} needs reduction='none'; with "
+                         f"reduction={reduction!r} the loss is a scalar, so d_loss must be one")
+    if d.shape != geom.pixel_shape:
+        raise ValueError(f"d_loss: shape {d.shape} does not match the loss map; "
+                         f"expected {geom.pixel_shape}")
+    return 1.0, np.ascontiguousarray(d, dtype=dtype)
+
+
+def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
+    """A caller's output buffer: exact shape and dtype, C-contiguous, writeable, no overlap."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {_type_name(out)}")
+    if out.dtype != dtype:
+        raise ValueError(f"{name}: dtype {out.dtype} does not match; expected {dtype}")
+    if out.shape != shape:
+        raise ValueError(f"{name}: shape {out.shape} does not match; expected {shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name}: the buffer is not C-contiguous; expected a C-contiguous array")
+    if not out.flags.writeable:
+        raise ValueError(f"{name}: the buffer is read-only")
+    for a in inputs:
+        if a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"{name}: the buffer overlaps an input; expected separate memory")
+    return out
+
+
+def bad_label_error(target: np.ndarray, flat_index: int, C: int, ignore_index: int) -> ValueError:
+    index = tuple(int(i) for i in np.unravel_index(flat_index, target.shape))
+    value = int(target.reshape(-1)[flat_index])
+    return ValueError(f"target: label {value} at index {index} is outside [0, {C}) and is not "
+                      f"ignore_index ({ignore_index})")
