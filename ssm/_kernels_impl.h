@@ -10,6 +10,7 @@
 
 typedef struct {
     R *m, *s, *a, *g, *wv;  /* per pixel: max, sum (then 1/sum), weight/activity, grad scale, w */
+    R *ls;                  /* per pixel: log of the sum */
     int32_t *cls;           /* per pixel: class index, or -1 */
     double *lp;             /* per pixel: loss */
     R *X, *O, *O2, *A;      /* [C][tile] blocks: rows in, rows out, rows out2, dense target */
@@ -30,6 +31,7 @@ SSM_INLINE SSM_SFX(ssm_scratch) SSM_SFX(ssm_scratch_carve)(const ssm_problem *P,
     S.a = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
     S.g = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
     S.wv = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
+    S.ls = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
     S.cls = (int32_t *)p; p = SSM_SFX(ssm_align)(p + T * sizeof(int32_t));
     S.lp = (double *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(double));
     S.X = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
@@ -196,6 +198,51 @@ SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t 
     return 0.0;
 }
 
+/* ---- sswl_stats: the label pre-pass of the loss functions ----------------------
+ * The tile's share of the "mean" normaliser (sum of n_p, in double) and the lowest
+ * flat index of a label that is neither in [0, C) nor ignore_index (-1 if none).
+ * Reads labels and weights only; the first loop vectorises, and the scan for a bad
+ * label runs only in a tile that has one. */
+SSM_CLONES void SSM_SFX(ssm_sswl_stats)(const ssm_problem *P, ptrdiff_t t, double *norm,
+                                        ptrdiff_t *bad)
+{
+    ptrdiff_t base, pix, n, j;
+    double acc = 0.0;
+    int any_bad = 0;
+    const R *w = (const R *)P->w, *cw = (const R *)P->cw;
+    const long long ign = P->ignore_index, C = P->C;
+    ssm_tile_geom(P, t, &base, &pix, &n);
+    *bad = -1;
+    if (P->target_kind == SSM_SOFT) {
+        if (w == NULL)
+            acc = (double)n;
+        else
+            for (j = 0; j < n; j++)
+                acc += (double)w[pix + j];
+        *norm = acc;
+        return;
+    }
+    SSM_WITH_LABELS(P, pix,
+        _Pragma("omp simd reduction(+:acc) reduction(|:any_bad)")
+        for (j = 0; j < n; j++) {
+            long long y = (long long)lab_[j];
+            int ok = y >= 0 && y < C && y != ign;
+            double np_ = (w ? (double)w[pix + j] : 1.0) * (cw ? (double)cw[ok ? y : 0] : 1.0);
+            acc += ok ? np_ : 0.0;
+            any_bad |= !ok && y != ign;
+        }
+        if (any_bad) {
+            for (j = 0; j < n; j++) {
+                long long y = (long long)lab_[j];
+                if (y != ign && (y < 0 || y >= C)) {
+                    *bad = pix + j;
+                    break;
+                }
+            }
+        })
+    *norm = acc;
+}
+
 /* ---- target staging ------------------------------------------------------------ */
 
 /* Stage tile targets. Sparse form (returns 0): cls[j] = label or -1, a[j] = w*cw[y]
@@ -244,18 +291,20 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
         return 1;
     }
 
-    for (j = 0; j < n; j++) {
-        long long y = ssm_label(P, pix + j);
-        if (y == P->ignore_index) {
-            S->cls[j] = -1;
-            S->a[j] = 0;
-        } else if (y < 0 || y >= C) {
-            S->cls[j] = -1;
-            S->a[j] = (R)NAN;
-        } else {
-            S->cls[j] = (int32_t)y;
-            S->a[j] = dense ? (R)1 : S->wv[j] * (cw ? cw[y] : (R)1);
-        }
+    {
+        int32_t *restrict cls = S->cls;
+        R *restrict a = S->a;
+        const R *restrict wv = S->wv;
+        const long long ign = P->ignore_index;
+        SSM_WITH_LABELS(P, pix,
+            _Pragma("omp simd")
+            for (j = 0; j < n; j++) {
+                long long y = (long long)lab_[j];
+                int ok = y >= 0 && y < C;
+                R aj = dense ? (R)1 : wv[j] * (cw ? cw[ok ? y : 0] : (R)1);
+                cls[j] = ok && y != ign ? (int32_t)y : -1;
+                a[j] = y == ign ? (R)0 : ok ? aj : (R)NAN;
+            })
     }
     if (!dense)
         return 0;
@@ -285,6 +334,8 @@ SSM_INLINE double SSM_SFX(ssm_tile_loss)(const ssm_problem *P, const double *lp,
 {
     double acc = 0.0;
     ptrdiff_t j;
+    /* fixed order for a given tile and clone: deterministic whatever the threads */
+#pragma omp simd reduction(+:acc)
     for (j = 0; j < n; j++)
         acc += lp[j];
     if (P->loss_map) {
@@ -317,15 +368,23 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
     /* sweeps 1-2: max, then e = exp(x - m) into `o`, s = sum e */
     SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.m, S.s);
 
-    /* per pixel: loss, 1/s, gradient factor (kept in S.s and S.wv) */
+    /* per pixel: log s, then loss, 1/s and the gradient factor (kept in S.s, S.wv).
+       log runs in a float-only loop: libmvec has no logf variant of the width a
+       loop mixing float and double would need, so the mixed loop stays scalar. */
+#pragma omp simd
+    for (j = 0; j < n; j++)
+        S.ls[j] = SSM_LOG(S.s[j]);
     if (!dense) {
-        double cap = P->loss_cap;
+        const double cap = P->loss_cap;
+        const R *restrict a = S.a, *restrict m = S.m, *restrict ls = S.ls;
+        const int32_t *restrict cls = S.cls;
+        double *restrict lp = S.lp;
+        for (j = 0; j < n; j++)  /* gather the label's logit (in cache) */
+            lp[j] = (double)x[(ptrdiff_t)(cls[j] >= 0 ? cls[j] : 0) * sx + j];
+#pragma omp simd
         for (j = 0; j < n; j++) {
-            R a = S.a[j];
-            int32_t y = S.cls[j];
-            double xy = y >= 0 ? (double)x[(ptrdiff_t)y * sx + j] : 0.0;
-            double nll = (double)S.m[j] - xy + (double)SSM_LOG(S.s[j]);
-            S.lp[j] = a == 0 ? 0.0 : (double)a * (nll > cap ? cap : nll);  /* NaN stays NaN */
+            double nll = (double)m[j] - lp[j] + (double)ls[j];
+            lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * (nll > cap ? cap : nll);  /* NaN stays NaN */
         }
 #pragma omp simd
         for (j = 0; j < n; j++) {
@@ -347,8 +406,9 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
                 ax[j] += (double)Ac[j] * (double)xc[j];
             }
         }
+#pragma omp simd
         for (j = 0; j < n; j++) {
-            double l = (double)Asum[j] * ((double)S.m[j] + (double)SSM_LOG(S.s[j])) - ax[j];
+            double l = (double)Asum[j] * ((double)S.m[j] + (double)S.ls[j]) - ax[j];
             S.lp[j] = S.a[j] == 0 ? 0.0 : (double)S.a[j] * l;
         }
 #pragma omp simd
