@@ -222,15 +222,15 @@ def check_d_loss(d_loss, reduction: str, geom: Geometry, dtype: np.dtype):
     d = as_array(d_loss, "d_loss")
     if d.dtype.kind not in "iuf":
         raise TypeError(f"d_loss: dtype {d.dtype} is not a real number type")
-    if d.size == 1 and d.ndim <= 1 or d.ndim == 0:
+    if reduction == "none" and d.shape == geom.pixel_shape:
+        return 1.0, np.ascontiguousarray(d, dtype=dtype)
+    if d.size == 1:
         return float(d.reshape(())), None
     if reduction != "none":
         raise ValueError(f"d_loss: an array of shape {d.shape} needs reduction='none'; with "
                          f"reduction={reduction!r} the loss is a scalar, so d_loss must be one")
-    if d.shape != geom.pixel_shape:
-        raise ValueError(f"d_loss: shape {d.shape} does not match the loss map; "
-                         f"expected {geom.pixel_shape}")
-    return 1.0, np.ascontiguousarray(d, dtype=dtype)
+    raise ValueError(f"d_loss: shape {d.shape} does not match the loss map; "
+                     f"expected {geom.pixel_shape} or a scalar")
 
 
 def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
