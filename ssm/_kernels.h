@@ -151,12 +151,12 @@ SSM_INLINE void ssm_tile_geom(const ssm_problem *P, ptrdiff_t t, ptrdiff_t *base
     }
 
 /* Per-tile scratch, in bytes, for elements of `rsize` bytes. Layout (see
-   ssm_scratch_carve): 6 per-pixel arrays of R, one of int32, one of double, and
+   ssm_scratch_carve): 7 per-pixel arrays of R, one of int32, one of double, and
    up to 4 [C][tile] blocks (rows in, rows out, rows out2, dense target). */
 static inline size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
 {
     size_t T = (size_t)P->tile, C = (size_t)P->C;
-    return 64 * 9 + T * (6 * rsize + sizeof(int32_t) + sizeof(double)) + 4 * C * T * rsize;
+    return 64 * 10 + T * (7 * rsize + sizeof(int32_t) + sizeof(double)) + 4 * C * T * rsize;
 }
 
 /* The per-dtype kernels: one template, instantiated for float and double. */

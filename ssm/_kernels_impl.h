@@ -10,7 +10,7 @@
 
 typedef struct {
     R *m, *s, *a, *g, *wv;  /* per pixel: max, sum (then 1/sum), weight/activity, grad scale, w */
-    R *ls;                  /* per pixel: log of the sum */
+    R *ls, *xy;             /* per pixel: log of the sum, logit of the label */
     int32_t *cls;           /* per pixel: class index, or -1 */
     double *lp;             /* per pixel: loss */
     R *X, *O, *O2, *A;      /* [C][tile] blocks: rows in, rows out, rows out2, dense target */
@@ -32,6 +32,7 @@ SSM_INLINE SSM_SFX(ssm_scratch) SSM_SFX(ssm_scratch_carve)(const ssm_problem *P,
     S.g = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
     S.wv = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
     S.ls = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
+    S.xy = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
     S.cls = (int32_t *)p; p = SSM_SFX(ssm_align)(p + T * sizeof(int32_t));
     S.lp = (double *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(double));
     S.X = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
@@ -89,10 +90,13 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
 /* ---- shared row helper: max and sum of exp over C ----------------------------- */
 
 /* m[j] = max_c x[c, j]; if e != NULL, e[c, j] = exp(x - m) is stored as well;
-   s[j] = sum_c exp(x[c, j] - m[j]). A NaN logit makes that pixel's sum NaN. */
+   s[j] = sum_c exp(x[c, j] - m[j]). A NaN logit makes that pixel's sum NaN.
+   If cls != NULL, also xy[j] = x[cls[j], j] (0 where cls[j] < 0): a select per
+   element in the max sweep costs less than a scalar gather per pixel. */
 SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *restrict e,
                                         ptrdiff_t se, ptrdiff_t C, ptrdiff_t n,
-                                        R *restrict m, R *restrict s)
+                                        R *restrict m, R *restrict s,
+                                        const int32_t *restrict cls, R *restrict xy)
 {
     ptrdiff_t c, j;
 #pragma omp simd
@@ -100,11 +104,24 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
         m[j] = x[j];
         s[j] = 0;
     }
-    for (c = 1; c < C; c++) {
-        const R *restrict xc = x + c * sx;
+    if (cls) {
 #pragma omp simd
         for (j = 0; j < n; j++)
-            m[j] = xc[j] > m[j] ? xc[j] : m[j];
+            xy[j] = cls[j] == 0 ? x[j] : (R)0;
+    }
+    for (c = 1; c < C; c++) {
+        const R *restrict xc = x + c * sx;
+        if (cls) {
+#pragma omp simd
+            for (j = 0; j < n; j++) {
+                m[j] = xc[j] > m[j] ? xc[j] : m[j];
+                xy[j] = cls[j] == c ? xc[j] : xy[j];
+            }
+        } else {
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                m[j] = xc[j] > m[j] ? xc[j] : m[j];
+        }
     }
     for (c = 0; c < C; c++) {
         const R *restrict xc = x + c * sx;
@@ -137,7 +154,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
     x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
     y = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &sy);
     if (!logspace) {
-        SSM_SFX(ssm_max_sumexp)(x, sx, y, sy, C, n, S.m, S.s);
+        SSM_SFX(ssm_max_sumexp)(x, sx, y, sy, C, n, S.m, S.s, NULL, NULL);
 #pragma omp simd
         for (j = 0; j < n; j++)
             S.s[j] = (R)1 / S.s[j];
@@ -149,7 +166,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
                 yc[j] *= r[j];
         }
     } else {
-        SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.m, S.s);
+        SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.m, S.s, NULL, NULL);
 #pragma omp simd
         for (j = 0; j < n; j++)
             S.s[j] = S.m[j] + SSM_LOG(S.s[j]);  /* log-sum-exp */
@@ -249,7 +266,7 @@ SSM_CLONES void SSM_SFX(ssm_sswl_stats)(const ssm_problem *P, ptrdiff_t t, doubl
    (0 if ignored, NaN if out of range). Dense form (returns 1): A[c][j] = w*cw_c*t_c
    with t = (1-e)*base + e/C, base = soft target / lens row / one-hot; a[j] is the
    pixel's activity (1, 0 if ignored, NaN if out of range). Also g[j], the gradient
-   scale, when `want_g`. */
+   scale (0 unless `want_g`). */
 SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S, ptrdiff_t base,
                                   ptrdiff_t pix, ptrdiff_t n, int want_g)
 {
@@ -258,10 +275,10 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
     int dense = P->target_kind == SSM_SOFT || P->lens != NULL || P->smoothing != 0.0;
     R keep = (R)(1.0 - P->smoothing), spread = (R)(P->smoothing / (double)C);
 
-    if (want_g) {
+    {
         const R *gm = (const R *)P->g;
-        R gs = (R)P->g_scale;
-        if (gm) {
+        R gs = want_g ? (R)P->g_scale : (R)0;
+        if (gm && want_g) {
             for (j = 0; j < n; j++) S->g[j] = gs * gm[pix + j];
         } else {
             for (j = 0; j < n; j++) S->g[j] = gs;
@@ -328,6 +345,26 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
     return 1;
 }
 
+/* One class row of the gradient dx_c = g (A q_c - a_c), from f = g A and e = q_c
+   (or exp(x_c - m) with f = g A / s): sparse targets subtract g a at the label
+   (ga = g a, cls), dense ones g A_c (gA = g, Ac). Rows of inactive pixels (f == 0)
+   are exactly 0, even where e is not finite. */
+SSM_INLINE void SSM_SFX(ssm_grad_row)(R *oc, const R *ec, const R *restrict f,
+                                      const R *restrict g, const int32_t *restrict cls,
+                                      const R *restrict Ac, ptrdiff_t c, ptrdiff_t n)
+{
+    ptrdiff_t j;
+    if (Ac) {
+#pragma omp simd
+        for (j = 0; j < n; j++)
+            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - g[j] * Ac[j];
+    } else {
+#pragma omp simd
+        for (j = 0; j < n; j++)
+            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - (cls[j] == c ? g[j] : (R)0);
+    }
+}
+
 /* Tile loss: per-pixel losses into loss_map (if any) and their float64 sum. */
 SSM_INLINE double SSM_SFX(ssm_tile_loss)(const ssm_problem *P, const double *lp, ptrdiff_t pix,
                                          ptrdiff_t n)
@@ -365,8 +402,8 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
     if (want_grad && P->out2)
         o2 = SSM_SFX(ssm_target_block)(P, (R *)P->out2, base, S.O2, &so2);
 
-    /* sweeps 1-2: max, then e = exp(x - m) into `o`, s = sum e */
-    SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.m, S.s);
+    /* sweeps 1-2: max (and the label's logit), then e = exp(x - m) into `o`, s = sum e */
+    SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.m, S.s, dense ? NULL : S.cls, S.xy);
 
     /* per pixel: log s, then loss, 1/s and the gradient factor (kept in S.s, S.wv).
        log runs in a float-only loop: libmvec has no logf variant of the width a
@@ -376,20 +413,18 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
         S.ls[j] = SSM_LOG(S.s[j]);
     if (!dense) {
         const double cap = P->loss_cap;
-        const R *restrict a = S.a, *restrict m = S.m, *restrict ls = S.ls;
-        const int32_t *restrict cls = S.cls;
+        const R *restrict a = S.a, *restrict m = S.m, *restrict ls = S.ls, *restrict xy = S.xy;
         double *restrict lp = S.lp;
-        for (j = 0; j < n; j++)  /* gather the label's logit (in cache) */
-            lp[j] = (double)x[(ptrdiff_t)(cls[j] >= 0 ? cls[j] : 0) * sx + j];
 #pragma omp simd
         for (j = 0; j < n; j++) {
-            double nll = (double)m[j] - lp[j] + (double)ls[j];
+            double nll = (double)m[j] - (double)xy[j] + (double)ls[j];
             lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * (nll > cap ? cap : nll);  /* NaN stays NaN */
         }
 #pragma omp simd
         for (j = 0; j < n; j++) {
             S.s[j] = (R)1 / S.s[j];
             S.wv[j] = want_grad ? S.g[j] * S.a[j] * S.s[j] : (R)0;  /* f = g a / s */
+            S.g[j] *= S.a[j];                                          /* g a */
         }
     } else {
         R *Asum = S.wv;
@@ -434,23 +469,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
             for (j = 0; j < n; j++)
                 pc[j] = oc[j] * r[j];
         }
-        if (dense) {
-            const R *restrict Ac = S.A + c * T, *restrict g = S.g;
-#pragma omp simd
-            for (j = 0; j < n; j++)
-                oc[j] = (f[j] != 0 ? f[j] * oc[j] : (R)0) - g[j] * Ac[j];
-        } else {
-#pragma omp simd
-            for (j = 0; j < n; j++)
-                oc[j] = f[j] != 0 ? f[j] * oc[j] : (R)0;
-        }
-    }
-    if (want_grad && !dense) {
-        for (j = 0; j < n; j++) {
-            int32_t y = S.cls[j];
-            if (y >= 0)
-                o[(ptrdiff_t)y * so + j] -= S.g[j] * S.a[j];
-        }
+        SSM_SFX(ssm_grad_row)(oc, oc, f, S.g, S.cls, dense ? S.A + c * T : NULL, c, n);
     }
     SSM_SFX(ssm_store)(P, (R *)P->out, base, n, o);
     if (o2)
@@ -484,30 +503,15 @@ SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, 
         for (j = 0; j < n; j++)
             f[j] = S.g[j] * S.a[j] * Asum[j];
     } else {
-        for (j = 0; j < n; j++)
-            f[j] = S.g[j] * S.a[j];
-    }
-    for (c = 0; c < C; c++) {
-        const R *restrict qc = q + c * sq;
-        R *restrict oc = o + c * so;
-        if (dense) {
-            const R *restrict Ac = S.A + c * T, *restrict g = S.g;
 #pragma omp simd
-            for (j = 0; j < n; j++)
-                oc[j] = (f[j] != 0 ? f[j] * qc[j] : (R)0) - g[j] * Ac[j];
-        } else {
-#pragma omp simd
-            for (j = 0; j < n; j++)
-                oc[j] = f[j] != 0 ? f[j] * qc[j] : (R)0;
-        }
-    }
-    if (!dense) {
         for (j = 0; j < n; j++) {
-            int32_t y = S.cls[j];
-            if (y >= 0)
-                o[(ptrdiff_t)y * so + j] -= S.g[j] * S.a[j];
+            f[j] = S.g[j] * S.a[j];
+            S.g[j] = f[j];  /* g a */
         }
     }
+    for (c = 0; c < C; c++)
+        SSM_SFX(ssm_grad_row)(o + c * so, q + c * sq, f, S.g, S.cls,
+                              dense ? S.A + c * T : NULL, c, n);
     SSM_SFX(ssm_store)(P, (R *)P->out, base, n, o);
     return 0.0;
 }

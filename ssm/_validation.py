@@ -28,7 +28,7 @@ REDUCTIONS = ("mean", "sum", "batch", "none")
 LENS_ROW_TOLERANCE = 1e-4
 
 # Pixels per tile: a tile's C rows of logits take about TILE_BYTES, so the tile stays
-# in L1/L2 across the kernel's sweeps. Between 16 and 1024 pixels, a multiple of 16.
+# in L1/L2 across the kernel's sweeps. At most 1024 pixels, a multiple of 16 when >= 16.
 TILE_BYTES = 64 * 1024
 
 
@@ -91,8 +91,9 @@ class Geometry(NamedTuple):
 
 def tile_size(C: int, inner: int, itemsize: int) -> int:
     """Pixels per tile (see TILE_BYTES); never more than an image's pixel count."""
-    t = TILE_BYTES // max(1, C * itemsize)
-    t = max(16, min(1024, t)) // 16 * 16
+    t = max(1, min(1024, TILE_BYTES // (C * itemsize)))
+    if t >= 16:
+        t = t // 16 * 16
     if inner > 1:
         t = min(t, inner)
     return t
@@ -111,6 +112,8 @@ def geometry(a: np.ndarray, name: str, layout: str) -> Geometry:
         outer, inner = N * math.prod(spatial), 1
     if C == 0:
         raise ValueError(f"{name}: shape {shape} has an empty class axis; expected C >= 1")
+    if C >= 2**31:
+        raise ValueError(f"{name}: {C} classes; at most 2**31 - 1 are supported")
     return Geometry(shape, N, C, (N, *spatial), outer, inner, tile_size(C, inner, a.itemsize))
 
 

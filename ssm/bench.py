@@ -91,10 +91,12 @@ ROTATE_BYTES = 64 << 20          # input sets rotate until they cover this many 
 MAX_SETS = 8
 WARMUP = 2                       # warm-up calls, at least one per input set
 MAX_REPS = 200
-DEFAULT_BUDGET_S = 0.5           # seconds of timed calls per row
+DEFAULT_BUDGET_S = 0.8           # seconds of timed calls per row
 DEFAULT_MIN_REPS = 7
 BUSY_CORES = 0.15                # foreign load above this flags a row
+MIN_LOAD_WINDOW_S = 0.1          # /proc/stat ticks at 100 Hz: shorter windows say nothing
 WIDE_SPREAD = 0.5                # (max - min) / median above this flags a row
+NOISY_ROWS = 0.25                # warn when more than this fraction of rows is flagged ~
 LOSS_RTOL = 1e-5                 # agreement of each implementation's loss with ssm's
 GRAD_RTOL = 1e-4                 # ... and of its gradient, relative to max |dX|
 
@@ -125,7 +127,7 @@ class LoadMeter:
 
     def stop(self):
         (w0, b0, s0), (w1, b1, s1) = self._start, self._sample()
-        if b0 is None or b1 is None or w1 <= w0:
+        if b0 is None or b1 is None or w1 - w0 < MIN_LOAD_WINDOW_S:
             return None
         return max(0.0, ((b1 - b0) / self._tck - (s1 - s0)) / (w1 - w0))
 
@@ -192,6 +194,23 @@ def probe_load(seconds=0.25):
     meter = LoadMeter()
     time.sleep(seconds)
     return meter.stop()
+
+
+class QuietWait:
+    """Before a row, wait (up to ``budget`` seconds over the whole run) for a quiet machine."""
+
+    def __init__(self, budget):
+        self.left, self.waited = budget, 0.0
+
+    def __call__(self):
+        while self.left > 0:
+            t0 = time.perf_counter()
+            load = probe_load(MIN_LOAD_WINDOW_S)
+            if load is None or load <= BUSY_CORES:
+                return
+            spent = time.perf_counter() - t0
+            self.left -= spent
+            self.waited += spent
 
 
 # ---- inputs --------------------------------------------------------------------------
@@ -293,7 +312,9 @@ def copy_call(pb, threads, pool):
 
     def call(i):
         dst, src = chunks[i]
-        for f in [pool.submit(np.copyto, d, s) for d, s in zip(dst, src)]:
+        futures = [pool.submit(np.copyto, d, s) for d, s in zip(dst[1:], src[1:])]
+        np.copyto(dst[0], src[0])            # the calling thread copies the first chunk
+        for f in futures:
             f.result()
 
     return call
@@ -446,7 +467,7 @@ def check_agreement(ssm, pb, torch, sk):
         leaf = torch.from_numpy(x.copy()).requires_grad_()
         tl = torch.nn.functional.cross_entropy(leaf, torch.from_numpy(y.astype(np.int64)),
                                                ignore_index=ig)
-        found["torch"] = (float(tl), torch.autograd.grad(tl, leaf)[0].numpy())
+        found["torch"] = (tl.item(), torch.autograd.grad(tl, leaf)[0].numpy())
     if sk is not None:
         found["sklearn"] = (float(sk.call(1)(0)), sk.grad_nchw(0, pb.shape))
     checks = []
@@ -498,11 +519,12 @@ def plan_cpu(ssm, pb, threads_list, ops, torch, sk, pool):
     return plan
 
 
-def run_plan(plan, pb, args, timer):
+def run_plan(plan, pb, args, timer, wait=lambda: None):
     progress = Progress(len(plan), not args.quiet)
     rows = []
     for op, impl, k, make in plan:
         progress.step(f"{op} {impl} {k if k else 'gpu'}{'T' if k else ''}")
+        wait()
         times, other = timer(make(), pb.n_sets, args.budget, args.min_reps)
         rows.append(Row(op, impl, k, pb.op_bytes(op), times, other))
     progress.close()
@@ -557,7 +579,15 @@ def _fmt(v, spec, width):
 
 
 def _mb(n):
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _ms(v):
+    """Milliseconds with about three significant digits."""
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 \
+        else f"{v:.3g}"
 
 
 HEADER = (f"{'impl':<8} {'thr':>3} {'median ms':>10} {'min-max ms':>17} {'GB/s':>6} "
@@ -568,9 +598,9 @@ HEADER = (f"{'impl':<8} {'thr':>3} {'median ms':>10} {'min-max ms':>17} {'GB/s':
 def format_row(d):
     thr = "gpu" if d["threads"] is None else str(d["threads"])
     eff = None if d["efficiency"] is None else 100 * d["efficiency"]
-    rng = f"{d['min_ms']:.2f}-{d['max_ms']:.2f}"
-    return (f"{d['impl']:<8} {thr:>3} {d['median_ms']:10.2f} {rng:>17} {d['gbps']:6.1f} "
-            f"{_fmt(d['floor_ms'], '.2f', 8)} {_fmt(d['x_floor'], '.1f', 7)} "
+    rng = f"{_ms(d['min_ms'])}-{_ms(d['max_ms'])}"
+    return (f"{d['impl']:<8} {thr:>3} {_ms(d['median_ms']):>10} {rng:>17} {d['gbps']:6.1f} "
+            f"{_ms(d['floor_ms']):>8} {_fmt(d['x_floor'], '.1f', 7)} "
             f"{d['speedup']:7.2f} {_fmt(eff, '.0f', 4)}% {_fmt(d['vs_ssm'], '.1f', 6)} "
             f"{_fmt(d['other_cores'], '.2f', 5)} {d['flags']}").rstrip()
 
@@ -607,11 +637,14 @@ def summary_lines(derived, checks, notes, start_load):
     wide = [d for d in derived if "~" in d["flags"]]
     if start_load is not None:
         lines.append(f"Foreign load before the run: {start_load:.2f} cores.")
-    if busy or wide:
-        lines.append(f"WARNING: the machine was noisy: {len(busy)} of {len(derived)} rows ran "
-                     f"while other processes used > {BUSY_CORES} cores (!), {len(wide)} had a "
-                     f"min-max range wider than {WIDE_SPREAD:.0%} of the median (~). "
-                     "Compare ratios within this run, not absolute times across runs.")
+    counts = (f"{len(busy)} of {len(derived)} rows ran while other processes used more than "
+              f"{BUSY_CORES} cores (!), {len(wide)} had a min-max range wider than "
+              f"{WIDE_SPREAD:.0%} of the median (~)")
+    if busy or len(wide) > NOISY_ROWS * len(derived):
+        lines.append(f"WARNING: the machine was noisy: {counts}. Compare ratios within this "
+                     "run (x floor, x ssm), not absolute times across runs.")
+    elif wide:
+        lines.append(f"Mostly quiet: {counts}; medians are robust to those outliers.")
     for c in checks:
         if not c["ok"]:
             lines.append(f"WARNING: {c['impl']} disagrees with ssm: loss {c['loss']:.8g} vs "
@@ -736,6 +769,7 @@ def _plot_scaling(ax, derived):
 
 
 def _plot_peers(ax, derived):
+    from matplotlib import ticker
     ops = [op for op in OPS if any(d["op"] == op for d in derived)]
     top = max((d["threads"] or 0) for d in derived)
     pick = {}
@@ -755,9 +789,13 @@ def _plot_peers(ax, derived):
               if (op, "ssm") in pick and pick[(op, "ssm")]["floor_ms"]]
     for n, f in floors:
         ax.hlines(f, n - 0.45, n + 0.45, colors="black", linestyles="--",
-                  label="copy floor" if n == floors[0][0] else None)
+                  label="copy floor (same bytes)" if n == floors[0][0] else None)
     ax.set_xticks(range(len(ops)), ops)
     ax.set_yscale("log")
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_ylabel("median ms (log scale, lower is better)")
     ax.set_title(f"ssm vs peers at {top if top else 'GPU'} thread{'s' if top != 1 else ''}")
     ax.grid(axis="y", alpha=0.3, which="both")
@@ -788,9 +826,13 @@ def run_cpu(ssm, args, name, shape):
     checks = check_agreement(ssm, pb, torch, sk)
     start_load = probe_load()
     print(describe_problem(pb, args), flush=True)
+    wait = QuietWait(args.max_wait)
     with ThreadPoolExecutor(max(args.threads)) as pool:
         plan = plan_cpu(ssm, pb, args.threads, args.ops, torch, sk, pool)
-        rows = run_plan(plan, pb, args, time_cpu)
+        rows = run_plan(plan, pb, args, time_cpu, wait)
+    if args.max_wait > 0:
+        notes.append(f"Waited {wait.waited:.1f} s (of --max-wait {args.max_wait:g}) for "
+                     f"other processes to drop below {BUSY_CORES} cores before rows.")
     return pb, rows, checks, notes, start_load
 
 
@@ -950,6 +992,9 @@ def parse_args(argv=None):
                    help=f"seconds of timed calls per row (default {DEFAULT_BUDGET_S})")
     p.add_argument("--min-reps", type=int, default=DEFAULT_MIN_REPS,
                    help=f"at least this many timed calls per row (default {DEFAULT_MIN_REPS})")
+    p.add_argument("--max-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="before each row, wait (up to SECONDS over the whole run) until "
+                        f"other processes use < {BUSY_CORES} cores (default 0: no wait)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument("--no-sklearn", action="store_true", help="skip the scikit-learn rows")
     p.add_argument("--no-validate", action="store_true",
@@ -964,8 +1009,8 @@ def parse_args(argv=None):
         p.error("give --workload or --shape, not both")
     if args.shape is not None and (len(args.shape) < 2 or min(args.shape) < 1):
         p.error("--shape: expected N C [spatial...] with every extent >= 1")
-    if args.budget < 0 or args.min_reps < 1:
-        p.error("--budget must be >= 0 and --min-reps >= 1")
+    if args.budget < 0 or args.min_reps < 1 or args.max_wait < 0:
+        p.error("--budget and --max-wait must be >= 0 and --min-reps >= 1")
     if args.threads is None:
         args.threads = default_threads()
     return args
@@ -1010,22 +1055,24 @@ def main(argv=None):
     print(f"Wall time {wall:.1f} s.")
     title = describe_problem(pb, args).removeprefix("ssm.bench: ")
     if args.json:
-        write_json(args.json, build_report(args, pb, derived, checks, notes, start_load, wall))
+        argv = sys.argv[1:] if argv is None else list(argv)
+        write_json(args.json, build_report(args, argv, pb, derived, checks, notes, start_load,
+                                           wall))
     if args.plot:
         plot(args.plot, derived, title)
     return 0
 
 
-def build_report(args, pb, derived, checks, notes, start_load, wall):
+def build_report(args, argv, pb, derived, checks, notes, start_load, wall):
     return {
         "tool": "ssm.bench", "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "argv": sys.argv[1:], "device": args.device,
+        "argv": argv, "device": args.device,
         "workload": {"name": pb.name, "shape": list(pb.shape), "dtype": str(pb.dtype),
                      "labels": str(pb.label_dtype), "ignore_index": pb.ignore_index,
                      "ignore_fraction": IGNORE_FRACTION, "n_sets": pb.n_sets,
                      "x_bytes": pb.x_bytes, "label_bytes": pb.label_bytes,
                      "op_bytes": {op: pb.op_bytes(op) for op in (COPY_OP,) + tuple(OPS)}},
-        "method": {"budget_s": args.budget, "min_reps": args.min_reps, "max_reps": MAX_REPS,
+        "method": {"budget_s": args.budget, "max_wait_s": args.max_wait, "min_reps": args.min_reps, "max_reps": MAX_REPS,
                    "warmup": max(WARMUP, pb.n_sets), "threads": args.threads,
                    "busy_cores": BUSY_CORES, "wide_spread": WIDE_SPREAD, "seed": SEED},
         "machine": machine_info(), "versions": versions(),
