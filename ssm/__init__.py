@@ -13,6 +13,7 @@ from ._api import (
     spatial_softmax_with_loss_and_grad,
     spatial_softmax_with_loss_grad,
 )
+from ._config import show_config
 from ._threads import get_num_threads, set_num_threads
 from ._version import __version__
 
@@ -21,6 +22,7 @@ __all__ = [
     "get_num_threads",
     "log_softmax",
     "set_num_threads",
+    "show_config",
     "softmax",
     "softmax_grad",
     "spatial_softmax_with_loss",

@@ -19,6 +19,7 @@ cimport numpy as cnp
 cimport openmp
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
+from libc.string cimport memset
 from libc.math cimport INFINITY
 
 import numpy as np
@@ -45,6 +46,11 @@ SSWL_BWD = OP_SSWL_BWD
 def omp_max_threads():
     """OpenMP's default team size for the calling thread (honours OMP_NUM_THREADS)."""
     return openmp.omp_get_max_threads()
+
+
+def compiler():
+    """The C compiler the extension was built with."""
+    return ssm_compiler().decode()
 
 
 def simd_path():
@@ -95,7 +101,8 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
 def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile,
         int n_threads, *, x2=None, target=None, int target_kind=SSM_NO_TARGET,
         long long ignore_index=-1, w=None, cw=None, lens=None, double smoothing=0.0,
-        double loss_cap=INFINITY, g=None, double g_scale=1.0, out2=None, loss_map=None):
+        double loss_cap=INFINITY, g=None, double g_scale=1.0, out2=None, loss_map=None,
+        bint stream=False):
     """Run kernel `op` over the (outer, C, inner) problem; return the float64 loss sum.
 
     All arrays are C-contiguous and of x's float dtype (labels: their integer
@@ -114,6 +121,7 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
     P.smoothing, P.loss_cap = smoothing, loss_cap
     P.g, P.g_scale = _ptr(g), g_scale
     P.out, P.out2, P.loss_map = <void *>_ptr(out), <void *>_ptr(out2), <void *>_ptr(loss_map)
+    P.stream = stream
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0
@@ -135,6 +143,7 @@ def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t 
     cdef ssm_problem P
     cdef bint dbl = x.dtype.itemsize == 8
     cdef Py_ssize_t t, ntiles, bad = -1
+    memset(&P, 0, sizeof(P))
     cdef double norm = 0.0
     cdef double[::1] partial
     cdef Py_ssize_t[::1] bads

@@ -40,6 +40,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) \
     && !defined(__FAST_MATH__) && !defined(SSM_NO_CLONES)
@@ -111,6 +114,7 @@ typedef struct {
     void *out;                  /* prob, log-prob or dlogits */
     void *out2;                 /* prob, from the fused function, or NULL */
     void *loss_map;             /* per-pixel loss (outer*inner) or NULL */
+    int stream;                 /* write outputs with non-temporal stores (large arrays) */
 } ssm_problem;
 
 static inline ptrdiff_t ssm_num_tiles(const ssm_problem *P)
@@ -179,6 +183,20 @@ static inline size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
 #undef SSM_SFX
 #undef SSM_EXP
 #undef SSM_LOG
+
+/* The compiler this extension was built with, for show_config. */
+static inline const char *ssm_compiler(void)
+{
+#if defined(__clang__)
+    return "clang " __clang_version__;
+#elif defined(__GNUC__)
+    return "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+    return "MSVC";
+#else
+    return "unknown";
+#endif
+}
 
 /* Which clone the loader picked, for show_config and the tests. */
 static inline const char *ssm_simd_path(void)

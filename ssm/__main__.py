@@ -1,0 +1,15 @@
+"""``python -m ssm --version`` / ``python -m ssm --config``."""
+import argparse
+
+from ._config import show_config
+from ._version import __version__
+
+parser = argparse.ArgumentParser(prog="python -m ssm", description="ssm: SpatialSoftmaxWithLoss. "
+                                 "The benchmark is `python -m ssm.bench`.")
+parser.add_argument("--version", action="version", version=f"ssm {__version__}")
+parser.add_argument("--config", action="store_true", help="print the build and runtime configuration")
+args = parser.parse_args()
+if args.config:
+    show_config()
+else:
+    parser.print_help()
