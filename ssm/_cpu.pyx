@@ -77,6 +77,22 @@ cdef inline double _tile(const ssm_problem *P, int op, bint dbl, Py_ssize_t t,
     return ssm_sswl_tile_f(P, t, buf, op == OP_SSWL_FWD_BWD)
 
 
+# Fewer threads than asked for on small problems: each thread gets at least this many
+# elements (about 10 us of work), and at least one tile. Waking a team and meeting at
+# its barrier costs microseconds when idle, and milliseconds when another process
+# holds a core. Results do not depend on it (the tile partition is fixed).
+cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 32768
+
+
+cdef inline int _team_size(int n_threads, Py_ssize_t ntiles, Py_ssize_t elements) noexcept nogil:
+    cdef Py_ssize_t most = elements // MIN_ELEMENTS_PER_THREAD
+    if most > ntiles:
+        most = ntiles
+    if most < 1:
+        most = 1
+    return <int>most if most < n_threads else n_threads
+
+
 cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
                     double *partial) noexcept nogil:
     """Run `op` over every tile; returns 1 if a thread could not get its scratch."""
@@ -85,8 +101,7 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
     cdef char *buf
     cdef int failed = 0
     cdef int *failed_p = &failed
-    if ntiles < n_threads:
-        n_threads = <int>ntiles if ntiles > 0 else 1
+    n_threads = _team_size(n_threads, ntiles, P.outer * P.C * P.inner)
     with parallel(num_threads=n_threads):
         buf = <char *>malloc(nbytes)
         if buf == NULL:
@@ -156,8 +171,7 @@ def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t 
         return 0.0, -1
     partial = np.empty(ntiles, dtype=np.float64)
     bads = np.empty(ntiles, dtype=np.intp)
-    if ntiles < n_threads:
-        n_threads = <int>ntiles
+    n_threads = _team_size(n_threads, ntiles, P.outer * P.inner)
     with nogil:
         for t in prange(ntiles, schedule="static", num_threads=n_threads):
             if dbl:

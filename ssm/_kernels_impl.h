@@ -196,14 +196,14 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
         SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.m, S.s, NULL, NULL);
 #pragma omp simd
         for (j = 0; j < n; j++)
-            S.s[j] = S.m[j] + SSM_LOG(S.s[j]);  /* log-sum-exp */
+            S.s[j] = SSM_LOG(S.s[j]);
         for (c = 0; c < C; c++) {
             const R *restrict xc = x + c * sx;
             R *restrict yc = y + c * sy;
-            const R *restrict lse = S.s;
+            const R *restrict m = S.m, *restrict ls = S.s;
 #pragma omp simd
             for (j = 0; j < n; j++)
-                yc[j] = xc[j] - lse[j];
+                yc[j] = (xc[j] - m[j]) - ls[j];  /* x - m first: exact near the max */
         }
     }
     SSM_SFX(ssm_store)(P, (R *)P->out, base, n, y);
@@ -465,7 +465,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
 #pragma omp simd
             for (j = 0; j < n; j++) {
                 Asum[j] += Ac[j];
-                ax[j] += (double)Ac[j] * (double)xc[j];
+                ax[j] += Ac[j] != 0 ? (double)Ac[j] * (double)xc[j] : 0.0;  /* 0 log 0 = 0 */
             }
         }
 #pragma omp simd

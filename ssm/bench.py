@@ -229,6 +229,7 @@ class Problem:
     y: list                 # labels per set
     prob: list              # softmax(x) per set: the backward's input
     out: list               # preallocated output per set (P or dX)
+    rotate_bytes: int = ROTATE_BYTES    # the sets cover this much when they are small
 
     @property
     def n_sets(self):
@@ -268,8 +269,8 @@ def make_problem(name, shape, dtype, label_dtype, ssm):
     n = n_sets_for(math.prod(shape) * dtype.itemsize)
     xs, ys, ps, outs = [], [], [], []
     for _ in range(n):
-        x = rng.standard_normal(shape, dtype=np.float64 if dtype != np.float32 else np.float32)
-        x = (2 * x).astype(dtype, copy=False)
+        x = rng.standard_normal(shape, dtype=dtype)
+        x *= 2
         xs.append(x)
         ys.append(make_labels(rng, pix, C, label_dtype, ignore_index))
         ps.append(ssm.softmax(x))
@@ -372,10 +373,9 @@ def numpy_calls(pb):
     return {"softmax": softmax, "forward": forward, "backward": backward, "fused": fused}
 
 
-def torch_calls(torch, pb, threads):
+def torch_calls(torch, pb):
     """PyTorch on zero-copy views of the same arrays (int64 labels made off the clock)."""
     F = torch.nn.functional
-    torch.set_num_threads(threads)
     xs = [torch.from_numpy(x) for x in pb.x]
     ys = [torch.from_numpy(y.astype(np.int64)) for y in pb.y]
     ig = pb.ignore_index
@@ -502,30 +502,50 @@ class Progress:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
 
 
+def _once(make):
+    """A memoised ``make()``."""
+    cache = []
+
+    def get():
+        if not cache:
+            cache.append(make())
+        return cache[0]
+    return get
+
+
+def torch_row(torch, calls, threads, op):
+    torch.set_num_threads(threads)
+    return calls()[op]
+
+
 def plan_cpu(ssm, pb, threads_list, ops, torch, sk, pool):
-    """The rows to time, in order: per thread count copy, ssm, torch, sklearn; NumPy at 1."""
+    """The rows to time, in order: per thread count copy, ssm, torch, sklearn; NumPy at 1.
+
+    Each row is (op, impl, threads, make), ``make()`` returning the ``fn(i)`` to time.
+    """
     plan = []
+    tcalls = _once(lambda: torch_calls(torch, pb))
     for k in threads_list:
         plan.append((COPY_OP, "copy", k, lambda k=k: copy_call(pb, k, pool)))
         plan += [(op, "ssm", k, lambda op=op, k=k: ssm_calls(ssm, pb, k)[op]) for op in ops]
         if torch is not None:
-            calls = {}
-            plan += [(op, "torch", k, lambda op=op, k=k, c=calls:
-                      c.setdefault("f", torch_calls(torch, pb, k))[op]) for op in ops]
+            plan += [(op, "torch", k, lambda op=op, k=k: torch_row(torch, tcalls, k, op))
+                     for op in ops]
         if sk is not None and "fused" in ops:
             plan.append(("fused", "sklearn", k, lambda k=k: sk.call(k)))
-        if k == 1:
+        if k == threads_list[0]:         # NumPy does not thread: one row per op, at 1
             plan += [(op, "numpy", 1, lambda op=op: numpy_calls(pb)[op]) for op in ops]
     return plan
 
 
-def run_plan(plan, pb, args, timer, wait=lambda: None):
+def run_plan(plan, pb, args, timer_for, wait=lambda: None):
+    """Time every row of the plan; ``timer_for(impl)`` gives the timer of that row."""
     progress = Progress(len(plan), not args.quiet)
     rows = []
     for op, impl, k, make in plan:
         progress.step(f"{op} {impl} {k if k else 'gpu'}{'T' if k else ''}")
         wait()
-        times, other = timer(make(), pb.n_sets, args.budget, args.min_reps)
+        times, other = timer_for(impl)(make(), pb.n_sets, args.budget, args.min_reps)
         rows.append(Row(op, impl, k, pb.op_bytes(op), times, other))
     progress.close()
     return rows
@@ -597,18 +617,19 @@ HEADER = (f"{'impl':<8} {'thr':>3} {'median ms':>10} {'min-max ms':>17} {'GB/s':
 
 def format_row(d):
     thr = "gpu" if d["threads"] is None else str(d["threads"])
-    eff = None if d["efficiency"] is None else 100 * d["efficiency"]
+    eff = "-" if d["efficiency"] is None else f"{100 * d['efficiency']:.0f}%"
     rng = f"{_ms(d['min_ms'])}-{_ms(d['max_ms'])}"
     return (f"{d['impl']:<8} {thr:>3} {_ms(d['median_ms']):>10} {rng:>17} {d['gbps']:6.1f} "
             f"{_ms(d['floor_ms']):>8} {_fmt(d['x_floor'], '.1f', 7)} "
-            f"{d['speedup']:7.2f} {_fmt(eff, '.0f', 4)}% {_fmt(d['vs_ssm'], '.1f', 6)} "
+            f"{d['speedup']:7.2f} {eff:>5} {_fmt(d['vs_ssm'], '.1f', 6)} "
             f"{_fmt(d['other_cores'], '.2f', 5)} {d['flags']}").rstrip()
 
 
-def format_tables(derived, pb):
+def format_tables(derived, pb, device="cpu"):
     lines = []
     X, L = pb.x_bytes, pb.label_bytes
-    titled = {COPY_OP: (f"copy floor (np.copyto into a preallocated buffer, 2X)", 2, 0)}
+    how = "device-to-device copy" if device == "cuda" else "np.copyto"
+    titled = {COPY_OP: (f"copy floor ({how} into a preallocated buffer)", 2, 0)}
     titled.update(OPS)
     for op, (title, kx, kl) in titled.items():
         ds = [d for d in derived if d["op"] == op]
@@ -624,23 +645,26 @@ def format_tables(derived, pb):
 
 def describe_problem(pb, args):
     label = f"{pb.name} " if pb.name else ""
-    cache = "" if pb.n_sets * pb.x_bytes >= ROTATE_BYTES else " (small: data stays in cache)"
+    cold = pb.n_sets * pb.x_bytes >= pb.rotate_bytes
+    cache = "" if cold else " (small: data stays in cache)"
     return (f"ssm.bench: {label}{'x'.join(map(str, pb.shape))} {pb.dtype} logits, "
             f"{pb.label_dtype} labels ({IGNORE_FRACTION:.0%} = {pb.ignore_index}), "
             f"X = {_mb(pb.x_bytes)}, L = {_mb(pb.label_bytes)}; {pb.n_sets} rotating sets"
             f"{cache}; budget {args.budget:g} s/row, >= {args.min_reps} reps, median")
 
 
-def summary_lines(derived, checks, notes, start_load):
+def summary_lines(derived, checks, notes, loads):
     lines = [""]
     busy = [d for d in derived if "!" in d["flags"]]
     wide = [d for d in derived if "~" in d["flags"]]
-    if start_load is not None:
-        lines.append(f"Foreign load before the run: {start_load:.2f} cores.")
+    before, during = loads.get("before"), loads.get("during")
+    if before is not None and during is not None:
+        lines.append(f"Foreign load: {before:.2f} cores before the run, {during:.2f} during it "
+                     f"(rows shorter than {MIN_LOAD_WINDOW_S} s show none of their own).")
     counts = (f"{len(busy)} of {len(derived)} rows ran while other processes used more than "
               f"{BUSY_CORES} cores (!), {len(wide)} had a min-max range wider than "
               f"{WIDE_SPREAD:.0%} of the median (~)")
-    if busy or len(wide) > NOISY_ROWS * len(derived):
+    if busy or len(wide) > NOISY_ROWS * len(derived) or (during or 0) > BUSY_CORES:
         lines.append(f"WARNING: the machine was noisy: {counts}. Compare ratios within this "
                      "run (x floor, x ssm), not absolute times across runs.")
     elif wide:
@@ -757,10 +781,13 @@ def _plot_scaling(ax, derived):
             style = dict(ls="--", color="gray") if op == COPY_OP else dict(marker="o")
             ax.plot([d["threads"] for d in ds], [d["speedup"] for d in ds],
                     label="copy (floor)" if op == COPY_OP else f"ssm {op}", **style)
-    if threads:
-        ax.plot(threads, [t / threads[0] for t in threads], ":", color="black", label="ideal")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(threads, [str(t) for t in threads])
+    if not threads:
+        ax.text(0.5, 0.5, "one device: no thread scaling", ha="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    ax.plot(threads, [t / threads[0] for t in threads], ":", color="black", label="ideal")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(threads, [str(t) for t in threads])
     ax.set_xlabel("threads")
     ax.set_ylabel("speedup (median, vs lowest thread count)")
     ax.set_title("Thread scaling")
@@ -792,12 +819,15 @@ def _plot_peers(ax, derived):
                   label="copy floor (same bytes)" if n == floors[0][0] else None)
     ax.set_xticks(range(len(ops)), ops)
     ax.set_yscale("log")
+    lowest = min([f for _, f in floors] + [d["median_ms"] for d in pick.values()], default=1)
+    ax.set_ylim(bottom=lowest / 1.6)
     plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
     ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_ylabel("median ms (log scale, lower is better)")
-    ax.set_title(f"ssm vs peers at {top if top else 'GPU'} thread{'s' if top != 1 else ''}")
+    ax.set_title(f"ssm vs peers at {top} thread{'s' if top != 1 else ''}" if top
+                 else "ssm vs peers on the GPU")
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(fontsize=8)
 
@@ -824,16 +854,18 @@ def run_cpu(ssm, args, name, shape):
                      "forward+backward; outputs are fresh tensors (torch has no out=), "
                      "freed off the clock.")
     checks = check_agreement(ssm, pb, torch, sk)
-    start_load = probe_load()
+    loads = {"before": probe_load()}
     print(describe_problem(pb, args), flush=True)
     wait = QuietWait(args.max_wait)
+    meter = LoadMeter()
     with ThreadPoolExecutor(max(args.threads)) as pool:
         plan = plan_cpu(ssm, pb, args.threads, args.ops, torch, sk, pool)
-        rows = run_plan(plan, pb, args, time_cpu, wait)
+        rows = run_plan(plan, pb, args, lambda impl: time_cpu, wait)
+    loads["during"] = meter.stop()
     if args.max_wait > 0:
         notes.append(f"Waited {wait.waited:.1f} s (of --max-wait {args.max_wait:g}) for "
                      f"other processes to drop below {BUSY_CORES} cores before rows.")
-    return pb, rows, checks, notes, start_load
+    return pb, rows, checks, notes, loads
 
 
 def cuda_modules():
@@ -890,7 +922,8 @@ def make_gpu_problem(cupy, name, shape, args):
     ps = [cupy.exp(x - x.max(axis=1, keepdims=True)) for x in xs]
     ps = [p / p.sum(axis=1, keepdims=True) for p in ps]
     outs = [cupy.zeros_like(x) for x in xs]
-    return Problem(name, tuple(shape), dtype, label_dtype, ignore_index, xs, ys, ps, outs)
+    return Problem(name, tuple(shape), dtype, label_dtype, ignore_index, xs, ys, ps, outs,
+                   rotate_bytes=2 * l2)
 
 
 def plan_gpu(cupy, ssm, torch, pb, ops, validate):
@@ -943,23 +976,43 @@ def torch_gpu_calls(torch, tpb):
 def run_gpu(ssm, args, name, shape):
     cupy, torch = cuda_modules()
     pb = make_gpu_problem(cupy, name, shape, args)
-    notes = [f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}; CUDA events "
-             "on the current stream; floor = device-to-device copy of the same bytes."]
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    notes = [f"GPU: {props['name'].decode()}; CUDA events on the current stream; floor = "
+             "device-to-device copy of the same bytes."]
     if torch is None:
         notes.append("PyTorch CUDA skipped: torch with CUDA not importable.")
-    cupy_events = lambda: (cupy.cuda.Event(), cupy.cuda.Event(), cupy.cuda.get_elapsed_time)
+    checks = check_gpu(ssm, torch, pb)
+
+    def cupy_events():
+        return cupy.cuda.Event(), cupy.cuda.Event(), cupy.cuda.get_elapsed_time
 
     def torch_events():
-        ev = lambda: torch.cuda.Event(enable_timing=True)
-        return ev(), ev(), lambda a, b: a.elapsed_time(b)
+        start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        return start, stop, lambda a, b: a.elapsed_time(b)
 
+    timers = {"torch": time_cuda_with(torch_events), "other": time_cuda_with(cupy_events)}
     print(describe_problem(pb, args), flush=True)
     plan = plan_gpu(cupy, ssm, torch, pb, args.ops, not args.no_validate)
-    rows = []
-    for item in plan:
-        events = torch_events if item[1] == "torch" else cupy_events
-        rows += run_plan([item], pb, args, time_cuda_with(events))
-    return pb, rows, [], notes, None
+    rows = run_plan(plan, pb, args, lambda impl: timers.get(impl, timers["other"]))
+    return pb, rows, checks, notes, {}
+
+
+def check_gpu(ssm, torch, pb):
+    """ssm's fused loss on the GPU against torch's (once, off the clock)."""
+    try:
+        loss, _ = ssm.spatial_softmax_with_loss_and_grad(pb.x[0], pb.y[0],
+                                                         ignore_index=pb.ignore_index)
+    except NotImplementedError as e:
+        raise SystemExit(f"ssm.bench: this ssm build cannot run on the GPU ({e})") from None
+    if torch is None:
+        return []
+    tl = torch.nn.functional.cross_entropy(torch.from_dlpack(pb.x[0]),
+                                           torch.from_dlpack(pb.y[0].astype("int64")),
+                                           ignore_index=pb.ignore_index).item()
+    ref = float(loss)
+    rel = abs(tl - ref) / max(abs(ref), 1e-30)
+    return [{"impl": "torch", "loss": tl, "ssm_loss": ref, "loss_rel_err": rel,
+             "grad_err_rel_max": None, "ok": rel <= LOSS_RTOL}]
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -1047,23 +1100,23 @@ def main(argv=None):
     t0 = time.perf_counter()
     name, shape = workload_of(args)
     runner = run_gpu if args.device == "cuda" else run_cpu
-    pb, rows, checks, notes, start_load = runner(ssm, args, name, shape)
+    pb, rows, checks, notes, loads = runner(ssm, args, name, shape)
     derived = derive(rows)
-    for line in format_tables(derived, pb) + summary_lines(derived, checks, notes, start_load):
+    for line in format_tables(derived, pb, args.device) + summary_lines(derived, checks, notes,
+                                                                         loads):
         print(line)
     wall = time.perf_counter() - t0
     print(f"Wall time {wall:.1f} s.")
     title = describe_problem(pb, args).removeprefix("ssm.bench: ")
     if args.json:
         argv = sys.argv[1:] if argv is None else list(argv)
-        write_json(args.json, build_report(args, argv, pb, derived, checks, notes, start_load,
-                                           wall))
+        write_json(args.json, build_report(args, argv, pb, derived, checks, notes, loads, wall))
     if args.plot:
         plot(args.plot, derived, title)
     return 0
 
 
-def build_report(args, argv, pb, derived, checks, notes, start_load, wall):
+def build_report(args, argv, pb, derived, checks, notes, loads, wall):
     return {
         "tool": "ssm.bench", "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "argv": argv, "device": args.device,
@@ -1072,11 +1125,12 @@ def build_report(args, argv, pb, derived, checks, notes, start_load, wall):
                      "ignore_fraction": IGNORE_FRACTION, "n_sets": pb.n_sets,
                      "x_bytes": pb.x_bytes, "label_bytes": pb.label_bytes,
                      "op_bytes": {op: pb.op_bytes(op) for op in (COPY_OP,) + tuple(OPS)}},
-        "method": {"budget_s": args.budget, "max_wait_s": args.max_wait, "min_reps": args.min_reps, "max_reps": MAX_REPS,
+        "method": {"budget_s": args.budget, "max_wait_s": args.max_wait,
+                   "min_reps": args.min_reps, "max_reps": MAX_REPS,
                    "warmup": max(WARMUP, pb.n_sets), "threads": args.threads,
                    "busy_cores": BUSY_CORES, "wide_spread": WIDE_SPREAD, "seed": SEED},
         "machine": machine_info(), "versions": versions(),
-        "foreign_load_at_start": start_load, "rows": derived, "checks": checks,
+        "foreign_load_cores": loads, "rows": derived, "checks": checks,
         "notes": notes, "wall_s": wall,
     }
 

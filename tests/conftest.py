@@ -1,0 +1,110 @@
+"""Shared fixtures and helpers: seeded inputs, tolerances, the GPU skip hook."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+FLOAT_DTYPES = (np.float32, np.float64)
+LABEL_DTYPES = (np.uint8, np.int32, np.int64)
+
+
+# ---------------------------------------------------------------- GPU skip hook
+
+
+def _gpu_unavailable_reason():
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install
+        return f"CuPy is not importable ({type(exc).__name__}: {exc})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"no CUDA device ({type(exc).__name__}: {exc})"
+    if count == 0:
+        return "no CUDA device (getDeviceCount() == 0)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    reason = _gpu_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- randomness
+
+
+@pytest.fixture
+def rng(request):
+    """A Generator seeded from the test id: fresh inputs per test, reproducible per test."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def make_logits(rng, shape, dtype=np.float64):
+    return (2.0 * rng.standard_normal(shape)).astype(dtype)
+
+
+def make_labels(rng, shape, C, dtype=np.int64, ignore_index=-1, ignore_frac=0.1):
+    """Labels uniform in [0, C); about ``ignore_frac`` of them set to ``ignore_index``
+    (skipped when ``ignore_index`` does not fit ``dtype``)."""
+    y = rng.integers(0, C, size=shape)
+    info = np.iinfo(dtype)
+    if ignore_frac and info.min <= ignore_index <= info.max:
+        y[rng.random(shape) < ignore_frac] = ignore_index
+    return y.astype(dtype)
+
+
+def make_weights(rng, shape, dtype=np.float64):
+    """Per-pixel weights in [0, 2), a few exactly 0."""
+    w = 2.0 * rng.random(shape)
+    w[rng.random(shape) < 0.05] = 0.0
+    return w.astype(dtype)
+
+
+def make_class_weights(rng, C, dtype=np.float64):
+    return (0.25 + 1.75 * rng.random(C)).astype(dtype)
+
+
+def make_soft_targets(rng, shape, dtype=np.float64, layout="NCHW"):
+    """Random distributions over the class axis of ``shape`` (given in ``layout``)."""
+    axis = -1 if layout == "NHWC" else 1
+    t = rng.random(shape) ** 3
+    t /= t.sum(axis=axis, keepdims=True)
+    return t.astype(dtype)
+
+
+def make_lens(rng, C, dtype=np.float64):
+    """A random row-stochastic (C, C) lens; rows sum to 1 within float64 rounding."""
+    L = rng.random((C, C)) ** 2
+    return (L / L.sum(axis=1, keepdims=True)).astype(dtype)
+
+
+def logits_shape(N, C, spatial, layout):
+    return (N, C, *spatial) if layout == "NCHW" else (N, *spatial, C)
+
+
+# ---------------------------------------------------------------- tolerances
+
+
+def eps(dtype):
+    return float(np.finfo(dtype).eps)
+
+
+def tol(dtype, scale=1.0, factor=64):
+    """``rtol`` and ``atol`` as ``factor`` eps of ``dtype``; ``atol`` is relative to ``scale``
+    (the magnitude of the terms that were summed)."""
+    e = factor * eps(dtype)
+    return {"rtol": e, "atol": e * float(scale)}
+
+
+def assert_close(actual, desired, dtype, scale=1.0, factor=64):
+    actual = np.asarray(actual)
+    np.testing.assert_allclose(actual.astype(np.float64), desired,
+                               **tol(dtype, scale, factor), equal_nan=True)

@@ -1,0 +1,268 @@
+"""Fused == separate, layouts, strided / read-only inputs, out=, threads, determinism."""
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+
+import _reference as ref
+import ssm
+from conftest import (FLOAT_DTYPES, assert_close, make_class_weights, make_labels, make_lens,
+                      make_logits, make_soft_targets, make_weights)
+
+REDUCTIONS = ("mean", "sum", "batch", "none")
+
+
+def _inputs(rng, dtype, shape=(2, 7, 5, 6), soft=False):
+    N, C = shape[:2]
+    pix = (N, *shape[2:])
+    x = make_logits(rng, shape, dtype)
+    y = make_soft_targets(rng, shape, dtype) if soft else make_labels(rng, pix, C, np.int32)
+    w = make_weights(rng, pix, dtype)
+    opts = {"class_weights": make_class_weights(rng, C, dtype), "label_smoothing": 0.1}
+    if not soft:
+        opts["lens"] = make_lens(rng, C)
+    return x, y, w, opts
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_fused_equals_separate(rng, dtype, reduction, soft):
+    x, y, w, opts = _inputs(rng, dtype, soft=soft)
+    d_loss = rng.random(y.shape[:1] + x.shape[2:]).astype(dtype) if reduction == "none" else 0.9
+    prob, loss = ssm.spatial_softmax_with_loss(x, y, w, reduction=reduction, **opts)
+    g = ssm.spatial_softmax_with_loss_grad(prob, y, w, d_loss, reduction=reduction, **opts)
+    floss, fg, fprob = ssm.spatial_softmax_with_loss_and_grad(
+        x, y, w, d_loss, reduction=reduction, return_prob=True, **opts)
+    scale = np.max(ref.sswl_loss_scale(x, y, w, reduction=reduction, **opts))
+    assert_close(floss, loss.astype(np.float64), dtype, scale=scale, factor=8)
+    assert_close(fg, g.astype(np.float64), dtype, scale=np.abs(g).max(), factor=8)
+    assert_close(fprob, prob.astype(np.float64), dtype, scale=1e-6, factor=8)
+    assert_close(fprob, ssm.softmax(x).astype(np.float64), dtype, scale=1e-6, factor=8)
+    # softmax == exp(log_softmax)
+    assert_close(np.exp(ssm.log_softmax(x).astype(np.float64)), prob.astype(np.float64), dtype,
+                 scale=1e-6)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 7, 5, 6), (3, 4, 2, 3, 5), (5, 6)])
+def test_nhwc_equals_nchw(rng, shape, dtype, reduction, soft):
+    x, y, w, opts = _inputs(rng, dtype, shape=shape, soft=soft)
+    to_nhwc = lambda a: np.ascontiguousarray(np.moveaxis(a, 1, -1))  # noqa: E731
+    xh = to_nhwc(x)
+    yh = to_nhwc(y) if soft else y
+    d_loss = rng.random(y.shape if not soft else x[:, 0].shape).astype(dtype) \
+        if reduction == "none" else 1.25
+    p, loss = ssm.spatial_softmax_with_loss(x, y, w, reduction=reduction, **opts)
+    ph, lossh = ssm.spatial_softmax_with_loss(xh, yh, w, reduction=reduction, layout="NHWC",
+                                              **opts)
+    scale = np.max(ref.sswl_loss_scale(x, y, w, reduction=reduction, **opts))
+    assert_close(ph, to_nhwc(p), dtype, scale=1e-6, factor=8)
+    assert_close(lossh, loss.astype(np.float64), dtype, scale=scale, factor=8)
+    g = ssm.spatial_softmax_with_loss_grad(p, y, w, d_loss, reduction=reduction, **opts)
+    gh = ssm.spatial_softmax_with_loss_grad(ph, yh, w, d_loss, reduction=reduction,
+                                            layout="NHWC", **opts)
+    assert_close(gh, to_nhwc(g), dtype, scale=np.abs(g).max(), factor=8)
+    _, fgh = ssm.spatial_softmax_with_loss_and_grad(xh, yh, w, d_loss, reduction=reduction,
+                                                    layout="NHWC", **opts)
+    assert_close(fgh, to_nhwc(g), dtype, scale=np.abs(g).max(), factor=8)
+    for fn in (ssm.softmax, ssm.log_softmax):
+        assert_close(fn(xh, layout="NHWC"), to_nhwc(fn(x)), dtype, scale=10, factor=8)
+    assert_close(ssm.softmax_grad(ph, xh, layout="NHWC"), to_nhwc(ssm.softmax_grad(p, x)), dtype,
+                 scale=np.abs(x).max(), factor=8)
+
+
+def _views(rng, dtype):
+    """(name, logits view, labels view, weights view, soft view) pairs of non-contiguous inputs."""
+    big = make_logits(rng, (2, 5, 8, 14), dtype)
+    lab = make_labels(rng, (2, 8, 14), 5, np.int64)
+    wt = make_weights(rng, (2, 8, 14), dtype)
+    soft = make_soft_targets(rng, (2, 5, 8, 14), dtype)
+    nhwc = make_logits(rng, (2, 8, 7, 5), dtype)
+    soft_nhwc = make_soft_targets(rng, (2, 8, 7, 5), dtype, layout="NHWC")
+    return [
+        ("step", big[:, :, ::2], lab[:, ::2], wt[:, ::2], soft[:, :, ::2]),
+        ("negative_step", big[:, :, ::-1, 1::3], lab[:, ::-1, 1::3], wt[:, ::-1, 1::3],
+         soft[:, :, ::-1, 1::3]),
+        ("transposed", nhwc.transpose(0, 3, 1, 2), lab[:, :, :7], wt[:, :, :7],
+         soft_nhwc.transpose(0, 3, 1, 2)),
+        ("channel_step", make_logits(rng, (2, 10, 4, 3), dtype)[:, ::2], lab[:, :4, :3],
+         wt[:, :4, :3], soft[:, :, :4, :3]),
+        ("fortran", np.asfortranarray(big), np.asfortranarray(lab), np.asfortranarray(wt),
+         np.asfortranarray(soft)),
+    ]
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["writable", "readonly"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_strided_and_readonly_inputs(rng, dtype, readonly):
+    for name, x, y, w, s in _views(rng, dtype):
+        assert not x.flags.c_contiguous, name
+        xc, yc, wc, sc = (np.ascontiguousarray(a) for a in (x, y, w, s))
+        if readonly:
+            for a in (x, y, w, s):
+                a.flags.writeable = False
+        before = [a.copy() for a in (x, y, w, s)]
+        cw = make_class_weights(rng, x.shape[1], dtype)
+        if readonly:
+            cw.flags.writeable = False
+        for target, target_c in ((y, yc), (s, sc)):
+            p, loss = ssm.spatial_softmax_with_loss(x, target, w, class_weights=cw)
+            pc, lossc = ssm.spatial_softmax_with_loss(xc, target_c, wc, class_weights=cw)
+            np.testing.assert_array_equal(p, pc, err_msg=name)
+            np.testing.assert_array_equal(loss, lossc, err_msg=name)
+            rp, rloss = ref.sswl_loss(xc, target_c, wc, class_weights=cw)
+            assert_close(loss, rloss, dtype, scale=ref.sswl_loss_scale(xc, target_c, wc,
+                                                                       class_weights=cw))
+            # gradient from a non-contiguous (and maybe read-only) prob
+            pv = np.asfortranarray(pc)
+            if readonly:
+                pv.flags.writeable = False
+            g = ssm.spatial_softmax_with_loss_grad(pv, target, w, class_weights=cw)
+            gc = ssm.spatial_softmax_with_loss_grad(pc, target_c, wc, class_weights=cw)
+            np.testing.assert_array_equal(g, gc, err_msg=name)
+            fl, fg = ssm.spatial_softmax_with_loss_and_grad(x, target, w, class_weights=cw)
+            flc, fgc = ssm.spatial_softmax_with_loss_and_grad(xc, target_c, wc, class_weights=cw)
+            np.testing.assert_array_equal(fl, flc, err_msg=name)
+            np.testing.assert_array_equal(fg, fgc, err_msg=name)
+        np.testing.assert_array_equal(ssm.softmax(x), ssm.softmax(xc), err_msg=name)
+        np.testing.assert_array_equal(ssm.log_softmax(x), ssm.log_softmax(xc), err_msg=name)
+        np.testing.assert_array_equal(ssm.softmax_grad(x, w[:, None] + x),
+                                      ssm.softmax_grad(xc, wc[:, None] + xc), err_msg=name)
+        for a, b in zip((x, y, w, s), before):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}: input modified")
+
+
+def test_read_only_lens_and_d_loss(rng):
+    x, y, w, opts = _inputs(rng, np.float64)
+    opts["lens"].flags.writeable = False
+    opts["class_weights"].flags.writeable = False
+    d = rng.random(y.shape)
+    d.flags.writeable = False
+    a = ssm.spatial_softmax_with_loss_and_grad(x, y, w, d, reduction="none", **opts)
+    b = ssm.spatial_softmax_with_loss_and_grad(x, y, w, d.copy(), reduction="none",
+                                               **{k: np.array(v) if isinstance(v, np.ndarray)
+                                                  else v for k, v in opts.items()})
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------- determinism
+
+
+@pytest.fixture(scope="module")
+def big_inputs():
+    """Large enough for many tiles on every thread: 4 x 21 x 129 x 131, float32."""
+    rng = np.random.default_rng(20240611)
+    N, C, H, W = 4, 21, 129, 131
+    x = (2 * rng.standard_normal((N, C, H, W))).astype(np.float32)
+    y = rng.integers(0, C, size=(N, H, W)).astype(np.int32)
+    y[rng.random(y.shape) < 0.1] = -1
+    w = rng.random((N, H, W)).astype(np.float32)
+    return x, y, w
+
+
+def _all_outputs(x, y, w, threads, layout="NCHW"):
+    out = {}
+    for reduction in ("mean", "sum", "batch"):
+        p, loss = ssm.spatial_softmax_with_loss(x, y, w, reduction=reduction, layout=layout,
+                                                threads=threads)
+        g = ssm.spatial_softmax_with_loss_grad(p, y, w, reduction=reduction, layout=layout,
+                                               threads=threads)
+        fl, fg = ssm.spatial_softmax_with_loss_and_grad(x, y, w, reduction=reduction,
+                                                        layout=layout, threads=threads)
+        out[reduction] = (p, loss, g, fl, fg)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_bitwise_identical_across_threads_and_runs(big_inputs, layout):
+    x, y, w = big_inputs
+    if layout == "NHWC":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    base = _all_outputs(x, y, w, 1, layout)
+    for threads in (1, 2, 3, None):
+        other = _all_outputs(x, y, w, threads, layout)
+        for reduction, arrays in base.items():
+            for name, a, b in zip(("prob", "loss", "grad", "fused loss", "fused grad"),
+                                  arrays, other[reduction]):
+                assert a.tobytes() == b.tobytes(), f"{reduction} {name}: threads={threads}"
+    # and the value is right
+    _, rloss = ref.sswl_loss(x, y, w, layout=layout)
+    assert_close(base["mean"][1], rloss, np.float32,
+                 scale=ref.sswl_loss_scale(x, y, w, layout=layout))
+
+
+def test_loss_bitwise_identical_soft_targets_across_threads(big_inputs):
+    x, _, w = big_inputs
+    t = make_soft_targets(np.random.default_rng(1), x.shape, np.float32)
+    losses = {threads: ssm.spatial_softmax_with_loss(x, t, w, threads=threads,
+                                                     label_smoothing=0.1)[1].tobytes()
+              for threads in (1, 2, 3)}
+    assert len(set(losses.values())) == 1
+
+
+def test_set_get_num_threads_round_trip():
+    old = ssm.get_num_threads()
+    assert isinstance(old, int) and old >= 1
+    try:
+        for n in (1, 3, 2):
+            ssm.set_num_threads(n)
+            assert ssm.get_num_threads() == n
+    finally:
+        ssm.set_num_threads(old)
+    assert ssm.get_num_threads() == old
+
+
+def test_set_num_threads_is_used_and_deterministic(big_inputs):
+    x, y, w = big_inputs
+    old = ssm.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            ssm.set_num_threads(n)
+            results.append(ssm.spatial_softmax_with_loss_and_grad(x, y, w))
+    finally:
+        ssm.set_num_threads(old)
+    assert results[0][0].tobytes() == results[1][0].tobytes()
+    assert results[0][1].tobytes() == results[1][1].tobytes()
+
+
+def test_concurrent_python_threads_match_serial(rng):
+    jobs = []
+    for i in range(8):
+        shape = (2, 5 + i, 17 + i, 9)
+        x = make_logits(rng, shape, np.float32 if i % 2 else np.float64)
+        y = make_labels(rng, (2, *shape[2:]), shape[1], np.int64)
+        w = make_weights(rng, y.shape, x.dtype)
+        jobs.append((x, y, w, {"reduction": ("mean", "sum", "batch", "none")[i % 4],
+                               "threads": 1 + i % 2}))
+
+    def work(job):
+        x, y, w, opts = job
+        p, loss = ssm.spatial_softmax_with_loss(x, y, w, **opts)
+        d = np.ones(y.shape, x.dtype) if opts["reduction"] == "none" else 1.0
+        g = ssm.spatial_softmax_with_loss_grad(p, y, w, d, **opts)
+        fl, fg = ssm.spatial_softmax_with_loss_and_grad(x, y, w, d, **opts)
+        return p, loss, g, fl, fg, ssm.softmax(x), ssm.log_softmax(x)
+
+    serial = [work(j) for j in jobs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            parallel = list(pool.map(work, jobs))
+            for s, p in zip(serial, parallel):
+                for a, b in zip(s, p):
+                    assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batch"])
+def test_float32_reduction_accumulates_wide(big_inputs, reduction):
+    # 67k pixels: a float32 running sum would be off by many eps; per-tile float64
+    # partial sums leave only the per-pixel rounding, which averages out.
+    x, y, w = big_inputs
+    _, loss = ssm.spatial_softmax_with_loss(x, y, w, reduction=reduction)
+    _, rloss = ref.sswl_loss(x, y, w, reduction=reduction)
+    np.testing.assert_allclose(loss, rloss, rtol=4 * np.finfo(np.float32).eps, atol=0)

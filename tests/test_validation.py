@@ -1,0 +1,402 @@
+"""Every misuse raises the right exception with a message "<argname>: <what, with the value>"."""
+
+import re
+
+import numpy as np
+import pytest
+
+import ssm
+from conftest import make_labels, make_logits, make_soft_targets
+
+N, C, H, W = 2, 5, 3, 4
+LOSS_FUNCS = ["spatial_softmax_with_loss", "spatial_softmax_with_loss_grad",
+              "spatial_softmax_with_loss_and_grad"]
+
+
+@pytest.fixture
+def data(rng):
+    x = make_logits(rng, (N, C, H, W), np.float32)
+    y = make_labels(rng, (N, H, W), C, np.int32)
+    return x, y
+
+
+def _call(name, x, y, *args, **kwargs):
+    """Call a loss function (the _grad one takes x as its probabilities: only checks run)."""
+    return getattr(ssm, name)(x, y, *args, **kwargs)
+
+
+def _first_arg(name):
+    return "prob" if name == "spatial_softmax_with_loss_grad" else "logits"
+
+
+# ---------------------------------------------------------------- logits / x / prob
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float16, np.complex128, np.bool_,
+                                   np.uint8])
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_first_argument_dtype(data, name, dtype):
+    x, y = data
+    arg = _first_arg(name)
+    with pytest.raises(TypeError, match=rf"^{arg}: .*{np.dtype(dtype).name}"):
+        getattr(ssm, name)(x.astype(dtype), y)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float16, np.complex64])
+def test_softmax_family_dtype(dtype):
+    x = np.zeros((2, 3), dtype)
+    with pytest.raises(TypeError, match=rf"^x: .*{np.dtype(dtype).name}"):
+        ssm.softmax(x)
+    with pytest.raises(TypeError, match=rf"^x: .*{np.dtype(dtype).name}"):
+        ssm.log_softmax(x)
+    with pytest.raises(TypeError, match=rf"^prob: .*{np.dtype(dtype).name}"):
+        ssm.softmax_grad(x, np.zeros((2, 3)))
+    with pytest.raises(TypeError, match=rf"^dprob: .*{np.dtype(dtype).name}"):
+        ssm.softmax_grad(np.zeros((2, 3)), x)
+
+
+def test_softmax_grad_dtype_mismatch():
+    with pytest.raises(TypeError, match=r"^dprob: .*float64"):
+        ssm.softmax_grad(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float64))
+
+
+@pytest.mark.parametrize("shape", [(5,), ()])
+def test_ndim_below_two(shape):
+    x = np.zeros(shape)
+    for fn in (ssm.softmax, ssm.log_softmax):
+        with pytest.raises(ValueError, match=r"^x: "):
+            fn(x)
+    for name in LOSS_FUNCS:
+        with pytest.raises(ValueError, match=rf"^{_first_arg(name)}: "):
+            getattr(ssm, name)(x, np.zeros(shape[:1], np.int64))
+
+
+def test_softmax_grad_shape_mismatch():
+    with pytest.raises(ValueError, match=r"^dprob: .*\(2, 4\)"):
+        ssm.softmax_grad(np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"^dprob: .*\(3, 2\)"):
+        ssm.softmax_grad(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS + ["softmax", "log_softmax"])
+def test_non_array_objects(name):
+    torch = pytest.importorskip("torch")
+    arg = "x" if name in ("softmax", "log_softmax") else _first_arg(name)
+    y = np.zeros((2, 3), np.int64)
+    for bad in (torch.zeros((2, 5, 3), dtype=torch.float64), object(), "logits", None):
+        with pytest.raises(TypeError, match=rf"^{arg}: "):
+            if name in ("softmax", "log_softmax"):
+                getattr(ssm, name)(bad)
+            else:
+                getattr(ssm, name)(bad, y)
+
+
+# ---------------------------------------------------------------- target
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_target_wrong_shape(data, name):
+    x, y = data
+    for bad_shape in [(N, H, W + 1), (N + 1, H, W), (N, H), (N, 1, H, W), (N, H, W, 1)]:
+        with pytest.raises(ValueError, match=r"^target: .*" + re.escape(str(bad_shape))):
+            _call(name, x, np.zeros(bad_shape, np.int32))
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_target_nhwc_shape(data, name):
+    x, y = data
+    xh = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    with pytest.raises(ValueError, match=r"^target: "):
+        _call(name, xh, np.zeros((N, C, H), np.int32), layout="NHWC")
+    # labels for NHWC are (N, H, W): accepted
+    _call(name, xh, y, layout="NHWC")
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_soft_target_dtype_differs(data, name):
+    x, _ = data
+    t = make_soft_targets(np.random.default_rng(0), x.shape, np.float64)
+    with pytest.raises(TypeError, match=r"^target: .*float64"):
+        _call(name, x, t)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_float_target_with_label_shape(data, name):
+    x, y = data
+    with pytest.raises((TypeError, ValueError), match=r"^target: "):
+        _call(name, x, y.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int8, np.uint16, np.uint32, np.uint64, np.bool_,
+                                   np.complex64])
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_target_dtype(data, name, dtype):
+    x, y = data
+    with pytest.raises(TypeError, match=rf"^target: .*{np.dtype(dtype).name}"):
+        _call(name, x, y.astype(dtype))
+
+
+# ---------------------------------------------------------------- out-of-range labels
+
+
+def _mentions(msg, number):
+    return re.search(rf"(?<![\d.]){number}(?![\d.])", msg) is not None
+
+
+def _mentions_index(msg, flat, shape):
+    if _mentions(msg, flat):
+        return True
+    multi = ",\\s*".join(str(int(i)) for i in np.unravel_index(flat, shape))
+    return re.search(rf"\(\s*{multi}\s*\)|\[\s*{multi}\s*\]", msg) is not None
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("label_dtype,bad,ignore", [
+    (np.int32, 5, -1), (np.int32, -2, -1), (np.int64, 7, -1), (np.int64, 2**40, -100),
+    (np.uint8, 200, 255), (np.uint8, 255, -1), (np.int64, -1, 0)])
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_out_of_range_label(data, name, label_dtype, bad, ignore, layout):
+    x, y = data
+    if layout == "NHWC":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    y = np.random.default_rng(3).integers(1, C, size=y.shape).astype(label_dtype)
+    flat_first, flat_second = 13, 19
+    second_bad = 9 if bad != 9 else 8
+    if label_dtype == np.uint8:
+        second_bad = 201
+    y.flat[flat_first] = bad
+    y.flat[flat_second] = second_bad
+    sentinel = np.full(x.shape, 123.25, x.dtype)
+    out = sentinel.copy()
+    with pytest.raises(ValueError, match=r"^target: ") as info:
+        _call(name, x, y, ignore_index=ignore, layout=layout, out=out)
+    msg = str(info.value)
+    assert _mentions(msg, bad), msg
+    assert _mentions_index(msg, flat_first, y.shape), msg
+    # the lowest flat index wins
+    assert not _mentions(msg, second_bad) and not _mentions_index(msg, flat_second, y.shape), msg
+    np.testing.assert_array_equal(out, sentinel)
+
+
+def test_out_of_range_label_reduction_none_and_weights(data):
+    x, y = data
+    y = y.copy()
+    y[y == -1] = 0
+    y[1, 2, 3] = C
+    out = np.full(x.shape, 7.0, x.dtype)
+    w = np.ones(y.shape, x.dtype)
+    for name in LOSS_FUNCS:
+        args = (w,) if name == "spatial_softmax_with_loss" else (w, np.ones(y.shape, x.dtype))
+        with pytest.raises(ValueError, match=r"^target: ") as info:
+            _call(name, x, y, *args, reduction="none", out=out)
+        assert _mentions(str(info.value), C)
+        assert _mentions_index(str(info.value), 23, y.shape), str(info.value)
+        assert np.all(out == 7.0)
+
+
+# ---------------------------------------------------------------- weights, class_weights, lens
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_weights(data, name):
+    x, y = data
+    with pytest.raises(ValueError, match=r"^weights: .*\(2, 3\)"):
+        _call(name, x, y, np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"^weights: .*\(2, 5, 3, 4\)"):
+        _call(name, x, y, np.ones((N, C, H, W), np.float32))
+    with pytest.raises(TypeError, match=r"^weights: .*float64"):
+        _call(name, x, y, np.ones((N, H, W), np.float64))
+    with pytest.raises(TypeError, match=r"^weights: .*int32"):
+        _call(name, x, y, np.ones((N, H, W), np.int32))
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_class_weights(data, name):
+    x, y = data
+    for bad in ([1.0] * 4, np.ones(6), np.ones(0)):
+        with pytest.raises(ValueError, match=r"^class_weights: "):
+            _call(name, x, y, class_weights=bad)
+    with pytest.raises(ValueError, match=r"^class_weights: .*\b4\b"):
+        _call(name, x, y, class_weights=[1.0] * 4)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_lens(data, name):
+    x, y = data
+    eye = np.eye(C)
+    with pytest.raises(ValueError, match=r"^lens: .*\(5, 4\)"):
+        _call(name, x, y, lens=eye[:, :4])
+    with pytest.raises(ValueError, match=r"^lens: .*\(4, 4\)"):
+        _call(name, x, y, lens=np.eye(4))
+    with pytest.raises(ValueError, match=r"^lens: .*\(25,\)"):
+        _call(name, x, y, lens=eye.ravel())
+    neg = eye.copy()
+    neg[1, :2] = [-0.5, 1.5]
+    with pytest.raises(ValueError, match=r"^lens: "):
+        _call(name, x, y, lens=neg)
+    rows = eye.copy()
+    rows[2, 3] = 0.01  # row 2 sums to 1.01
+    with pytest.raises(ValueError, match=r"^lens: "):
+        _call(name, x, y, lens=rows)
+    nan = eye.copy()
+    nan[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^lens: "):
+        _call(name, x, y, lens=nan)
+    inf = eye.copy()
+    inf[4, 4] = np.inf
+    with pytest.raises(ValueError, match=r"^lens: "):
+        _call(name, x, y, lens=inf)
+    # within 1e-4 is accepted
+    ok = eye.copy()
+    ok[2, 3] = 5e-5
+    _call(name, x, y, lens=ok)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_lens_with_soft_targets(data, name):
+    x, _ = data
+    t = make_soft_targets(np.random.default_rng(0), x.shape, x.dtype)
+    with pytest.raises(ValueError, match=r"^(lens|target): "):
+        _call(name, x, t, lens=np.eye(C))
+
+
+# ---------------------------------------------------------------- scalar options
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+@pytest.mark.parametrize("value,text", [(-0.1, r"-0\.1"), (1.5, r"1\.5"), (np.nan, "nan")])
+def test_label_smoothing_range(data, name, value, text):
+    x, y = data
+    with pytest.raises(ValueError, match=rf"^label_smoothing: .*{text}"):
+        _call(name, x, y, label_smoothing=value)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_label_smoothing_bounds_accepted(data, name):
+    x, y = data
+    _call(name, x, y, label_smoothing=0.0)
+    _call(name, x, y, label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+@pytest.mark.parametrize("value", ["avg", "elementwise_mean", ""])
+def test_reduction_unknown(data, name, value):
+    x, y = data
+    with pytest.raises(ValueError, match=rf"^reduction: .*'{value}'"):
+        _call(name, x, y, reduction=value)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS + ["softmax", "log_softmax", "softmax_grad"])
+@pytest.mark.parametrize("value", ["NWHC", "CHW", ""])
+def test_layout_unknown(data, name, value):
+    x, y = data
+    with pytest.raises(ValueError, match=rf"^layout: .*'{value}'"):
+        if name in ("softmax", "log_softmax"):
+            getattr(ssm, name)(x, layout=value)
+        elif name == "softmax_grad":
+            ssm.softmax_grad(x, x, layout=value)
+        else:
+            _call(name, x, y, layout=value)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS + ["softmax", "log_softmax", "softmax_grad"])
+def test_threads(data, name):
+    x, y = data
+
+    def call(threads):
+        if name in ("softmax", "log_softmax"):
+            return getattr(ssm, name)(x, threads=threads)
+        if name == "softmax_grad":
+            return ssm.softmax_grad(x, x, threads=threads)
+        return _call(name, x, y, threads=threads)
+
+    for bad, exc, text in [(0, ValueError, r"\b0\b"), (-1, ValueError, r"-1"),
+                           (1.5, (TypeError, ValueError), r"1\.5"),
+                           ("2", (TypeError, ValueError), r"'2'|str")]:
+        with pytest.raises(exc, match=rf"^threads: .*{text}"):
+            call(bad)
+    call(1)
+    call(np.int64(2))
+
+
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-3, ValueError), (2.5, (TypeError,
+                                                                               ValueError))])
+def test_set_num_threads(bad, exc):
+    old = ssm.get_num_threads()
+    with pytest.raises(exc, match=r"^(n|threads): "):
+        ssm.set_num_threads(bad)
+    assert ssm.get_num_threads() == old
+
+
+# ---------------------------------------------------------------- d_loss
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batch"])
+@pytest.mark.parametrize("name", LOSS_FUNCS[1:])
+def test_d_loss_map_needs_reduction_none(data, name, reduction):
+    x, y = data
+    with pytest.raises(ValueError, match=r"^d_loss: "):
+        _call(name, x, y, None, np.ones((N, H, W), x.dtype), reduction=reduction)
+    with pytest.raises(ValueError, match=r"^d_loss: "):
+        _call(name, x, y, None, np.ones(2, x.dtype), reduction=reduction)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS[1:])
+def test_d_loss_wrong_shape(data, name):
+    x, y = data
+    for bad_shape in [(N, H), (N, H, W + 1), (N, 1, H, W), (N, C, H, W)]:
+        with pytest.raises(ValueError, match=r"^d_loss: .*" + re.escape(str(bad_shape))):
+            _call(name, x, y, None, np.ones(bad_shape, x.dtype), reduction="none")
+
+
+# ---------------------------------------------------------------- out=
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS + ["softmax", "log_softmax", "softmax_grad"])
+def test_out(data, name):
+    x, y = data
+
+    def call(out):
+        if name in ("softmax", "log_softmax"):
+            return getattr(ssm, name)(x, out=out)
+        if name == "softmax_grad":
+            return ssm.softmax_grad(x, x, out=out)
+        return _call(name, x, y, out=out)
+
+    with pytest.raises(ValueError, match=r"^out: .*\(2, 5, 3, 5\)"):
+        call(np.zeros((N, C, H, W + 1), x.dtype))
+    with pytest.raises(ValueError, match=r"^out: .*\(2, 5, 12\)"):
+        call(np.zeros((N, C, H * W), x.dtype))
+    with pytest.raises(ValueError, match=r"^out: .*float64"):
+        call(np.zeros(x.shape, np.float64))
+    with pytest.raises(ValueError, match=r"^out: .*contiguous"):
+        call(np.zeros((N, C, H, 2 * W), x.dtype)[..., ::2])
+    with pytest.raises(ValueError, match=r"^out: .*contiguous"):
+        call(np.asfortranarray(np.zeros(x.shape, x.dtype)))
+    with pytest.raises((TypeError, ValueError), match=r"^out: "):
+        call([0.0] * x.size)
+    ro = np.zeros(x.shape, x.dtype)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"^out: "):
+        call(ro)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_out_of_range_label_lowest_index_across_tiles(name, threads):
+    # Bad labels in several tiles (and threads): the lowest flat index is reported.
+    rng = np.random.default_rng(11)
+    x = np.zeros((4, 3, 129, 131), np.float32)
+    y = rng.integers(0, 3, size=(4, 129, 131)).astype(np.int32)
+    bad = {60001: 17, 20011: 5, 50021: -7, 45000: 3}
+    for flat, value in bad.items():
+        y.flat[flat] = value
+    out = np.full(x.shape, -4.5, np.float32)
+    with pytest.raises(ValueError, match=r"^target: ") as info:
+        _call(name, x, y, threads=threads, out=out)
+    msg = str(info.value)
+    assert _mentions(msg, 5) and _mentions_index(msg, 20011, y.shape), msg
+    for flat, value in bad.items():
+        if flat != 20011:
+            assert not _mentions_index(msg, flat, y.shape), msg
+    assert np.all(out == -4.5)
