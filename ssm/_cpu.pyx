@@ -9,8 +9,13 @@ Design
   raises except MemoryError for the per-thread scratch.
 - One entry point per pass: ``run`` (every kernel that walks the logits) and
   ``stats`` (the label pre-pass: normaliser and first bad label). Each is a
-  ``prange`` over tiles, ``schedule="static"``, with the GIL released and a
-  per-thread scratch block malloc'ed inside the parallel region.
+  ``prange`` over tiles with the GIL released and a per-thread scratch block
+  malloc'ed inside the parallel region.
+- Scheduling is dynamic, in chunks of about 1/16 of a thread's share of tiles:
+  long enough runs of adjacent tiles for the prefetchers, and when another
+  process takes a core from one thread the others take over its chunks instead of
+  waiting for it at the barrier (static: VOC fused, 2 threads beside a busy
+  process, 17.7-46.7 ms; dynamic: 13.0-15.6 ms; the same when idle).
 - Determinism: every tile writes its float64 partial sum into its own slot;
   slots are added in tile order after the parallel region. The tile partition
   depends on the shape only, so sums are bit-identical for any thread count.
@@ -93,6 +98,11 @@ cdef inline int _team_size(int n_threads, Py_ssize_t ntiles, Py_ssize_t elements
     return <int>most if most < n_threads else n_threads
 
 
+cdef inline Py_ssize_t _chunk(Py_ssize_t ntiles, int n_threads) noexcept nogil:
+    cdef Py_ssize_t chunk = ntiles // (16 * n_threads)
+    return chunk if chunk > 1 else 1
+
+
 cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
                     double *partial) noexcept nogil:
     """Run `op` over every tile; returns 1 if a thread could not get its scratch."""
@@ -101,12 +111,14 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
     cdef char *buf
     cdef int failed = 0
     cdef int *failed_p = &failed
+    cdef Py_ssize_t chunk
     n_threads = _team_size(n_threads, ntiles, P.outer * P.C * P.inner)
+    chunk = _chunk(ntiles, n_threads)
     with parallel(num_threads=n_threads):
         buf = <char *>malloc(nbytes)
         if buf == NULL:
             failed_p[0] = 1
-        for t in prange(ntiles, schedule="static"):
+        for t in prange(ntiles, schedule="dynamic", chunksize=chunk):
             if buf != NULL:
                 partial[t] = _tile(P, op, dbl, t, buf)
         free(buf)
@@ -157,7 +169,7 @@ def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t 
     """Label pre-pass: (sum of n_p as float64, lowest flat index of a bad label or -1)."""
     cdef ssm_problem P
     cdef bint dbl = x.dtype.itemsize == 8
-    cdef Py_ssize_t t, ntiles, bad = -1
+    cdef Py_ssize_t t, ntiles, chunk, bad = -1
     memset(&P, 0, sizeof(P))
     cdef double norm = 0.0
     cdef double[::1] partial
@@ -172,8 +184,9 @@ def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t 
     partial = np.empty(ntiles, dtype=np.float64)
     bads = np.empty(ntiles, dtype=np.intp)
     n_threads = _team_size(n_threads, ntiles, P.outer * P.inner)
+    chunk = _chunk(ntiles, n_threads)
     with nogil:
-        for t in prange(ntiles, schedule="static", num_threads=n_threads):
+        for t in prange(ntiles, schedule="dynamic", chunksize=chunk, num_threads=n_threads):
             if dbl:
                 ssm_sswl_stats_d(&P, t, &partial[t], &bads[t])
             else:
