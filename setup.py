@@ -25,16 +25,23 @@ else:
     compile_args += ["-fno-math-errno", "-fopenmp", "-Wno-unused-function"]
     link_args = ["-fopenmp"]
 compile_args += os.environ.get("SSM_CFLAGS", "").split()
+libraries = [] if sys.platform == "win32" else ["m"]
+
+# Recorded in the extension for ssm.show_config() (a C string literal; the source tree
+# is never written to).
+build_flags = " ".join(compile_args + link_args + [f"-l{lib}" for lib in libraries])
+build_flags = build_flags.replace("\\", "/").replace('"', "'")
 
 ext = Extension(
     "ssm._cpu",
     ["ssm/_cpu.pyx"],
     include_dirs=["ssm", np.get_include()],
     depends=["ssm/_kernels.h", "ssm/_kernels_impl.h", "ssm/_cpu.pxd"],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION"),
+                   ("SSM_BUILD_FLAGS", f'"{build_flags}"')],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
-    libraries=[] if sys.platform == "win32" else ["m"],
+    libraries=libraries,
 )
 
 directives = {"language_level": 3}

@@ -22,6 +22,10 @@ def _openmp_runtime() -> str:
     return "not found"
 
 
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"  # 13000 -> "13.0"
+
+
 def _gpu() -> str:
     try:
         import cupy
@@ -31,8 +35,9 @@ def _gpu() -> str:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:
         return f"CuPy {cupy.__version__}, no CUDA device ({type(e).__name__})"
-    lines = [f"CuPy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}, "
-             f"{n} device(s)"]
+    rt = cupy.cuda.runtime
+    lines = [f"CuPy {cupy.__version__}, CUDA runtime {_cuda_version(rt.runtimeGetVersion())}, "
+             f"driver {_cuda_version(rt.driverGetVersion())}, {n} device(s)"]
     for i in range(n):
         p = cupy.cuda.runtime.getDeviceProperties(i)
         lines.append(f"  [{i}] {p['name'].decode()} (compute capability {p['major']}.{p['minor']})")
@@ -47,6 +52,7 @@ def config() -> dict:
         "platform": platform.platform(),
         "numpy": np.__version__,
         "compiler": _cpu.compiler(),
+        "build flags": _cpu.build_flags(),
         "simd path": _cpu.simd_path(),
         "openmp runtime": _openmp_runtime(),
         "threads (default)": _threads.get_num_threads(),

@@ -25,12 +25,12 @@ cdef extern from "_kernels.h" nogil:
         void *out
         void *out2
         void *loss_map
-        int stream
 
     Py_ssize_t ssm_num_tiles(const ssm_problem *P)
     size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
     const char *ssm_simd_path()
     const char *ssm_compiler()
+    const char *ssm_build_flags()
 
     void ssm_sswl_stats_f(const ssm_problem *P, Py_ssize_t t, double *norm, Py_ssize_t *bad)
     void ssm_sswl_stats_d(const ssm_problem *P, Py_ssize_t t, double *norm, Py_ssize_t *bad)

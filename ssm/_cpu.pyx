@@ -58,6 +58,11 @@ def compiler():
     return ssm_compiler().decode()
 
 
+def build_flags():
+    """The compile and link flags setup.py built the extension with."""
+    return ssm_build_flags().decode()
+
+
 def simd_path():
     """The code path the loader picked for this CPU (target_clones)."""
     return ssm_simd_path().decode()
@@ -128,8 +133,7 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
 def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile,
         int n_threads, *, x2=None, target=None, int target_kind=SSM_NO_TARGET,
         long long ignore_index=-1, w=None, cw=None, lens=None, double smoothing=0.0,
-        double loss_cap=INFINITY, g=None, double g_scale=1.0, out2=None, loss_map=None,
-        bint stream=False):
+        double loss_cap=INFINITY, g=None, double g_scale=1.0, out2=None, loss_map=None):
     """Run kernel `op` over the (outer, C, inner) problem; return the float64 loss sum.
 
     All arrays are C-contiguous and of x's float dtype (labels: their integer
@@ -148,7 +152,6 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
     P.smoothing, P.loss_cap = smoothing, loss_cap
     P.g, P.g_scale = _ptr(g), g_scale
     P.out, P.out2, P.loss_map = <void *>_ptr(out), <void *>_ptr(out2), <void *>_ptr(loss_map)
-    P.stream = stream
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0

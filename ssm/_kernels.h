@@ -40,9 +40,6 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) \
     && !defined(__FAST_MATH__) && !defined(SSM_NO_CLONES)
@@ -114,7 +111,6 @@ typedef struct {
     void *out;                  /* prob, log-prob or dlogits */
     void *out2;                 /* prob, from the fused function, or NULL */
     void *loss_map;             /* per-pixel loss (outer*inner) or NULL */
-    int stream;                 /* write outputs with non-temporal stores (large arrays) */
 } ssm_problem;
 
 static inline ptrdiff_t ssm_num_tiles(const ssm_problem *P)
@@ -195,6 +191,16 @@ static inline const char *ssm_compiler(void)
     return "MSVC";
 #else
     return "unknown";
+#endif
+}
+
+/* The flags setup.py compiled and linked with (SSM_BUILD_FLAGS), for show_config. */
+static inline const char *ssm_build_flags(void)
+{
+#if defined(SSM_BUILD_FLAGS)
+    return SSM_BUILD_FLAGS;
+#else
+    return "unknown (not built by setup.py)";
 #endif
 }
 
