@@ -1,8 +1,11 @@
 """Build of the ssm CPU extension; the only place with compiler flags.
 
--O3 -fno-math-errno -fopenmp lets gcc vectorise expf/logf through libmvec (see the
+-O3 -fno-math-errno -fopenmp lets gcc vectorise logf/exp through libmvec (see the
 design block of ssm/_kernels.h); libm must be linked explicitly or the vector
-symbols are unresolved at import. Never -ffast-math (gcc 12 links crtfastmath,
+symbols are unresolved at import. -fno-trapping-math lets gcc if-convert the
+branches of the inlined exp (without it the AVX2 and SSE2 clones ran the exp
+loop scalar: only AVX-512 could mask them); ssm never unmasks FP exceptions, and
+IEEE results, NaN and inf are unchanged. Never -ffast-math (gcc 12 links crtfastmath,
 which flushes denormals in the whole process) and never -march=native (the wheel
 would die with SIGILL on older CPUs): the fast paths come from target_clones.
 SSM_CFLAGS adds flags for local experiments only; SSM_DEBUG=1 builds with -O0 -g
@@ -22,14 +25,15 @@ elif sys.platform == "darwin":
     compile_args, link_args = ["-O3", "-fno-math-errno", "-Xpreprocessor", "-fopenmp"], ["-lomp"]
 else:
     compile_args = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    compile_args += ["-fno-math-errno", "-fopenmp", "-Wno-unused-function"]
+    compile_args += ["-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-Wno-unused-function"]
     link_args = ["-fopenmp"]
 compile_args += os.environ.get("SSM_CFLAGS", "").split()
 libraries = [] if sys.platform == "win32" else ["m"]
 
 # Recorded in the extension for ssm.show_config() (a C string literal; the source tree
 # is never written to).
-build_flags = " ".join(compile_args + link_args + [f"-l{lib}" for lib in libraries])
+build_flags = (f"compile: {' '.join(compile_args)}; "
+               f"link: {' '.join(link_args + [f'-l{lib}' for lib in libraries])}")
 build_flags = build_flags.replace("\\", "/").replace('"', "'")
 
 ext = Extension(
