@@ -111,11 +111,12 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
     }
     for (c = 1; c < C; c++) {
         const R *restrict xc = x + c * sx;
+        const int32_t c32 = (int32_t)c;  /* compare int32 with int32: full-width vectors */
         if (cls) {
 #pragma omp simd
             for (j = 0; j < n; j++) {
                 m[j] = xc[j] > m[j] ? xc[j] : m[j];
-                xy[j] = cls[j] == c ? xc[j] : xy[j];
+                xy[j] = cls[j] == c32 ? xc[j] : xy[j];
             }
         } else {
 #pragma omp simd
@@ -240,13 +241,25 @@ SSM_CLONES void SSM_SFX(ssm_sswl_stats)(const ssm_problem *P, ptrdiff_t t, doubl
         return;
     }
     SSM_WITH_LABELS(P, pix,
-        _Pragma("omp simd reduction(+:acc) reduction(|:any_bad)")
-        for (j = 0; j < n; j++) {
-            long long y = (long long)lab_[j];
-            int ok = y >= 0 && y < C && y != ign;
-            double np_ = (w ? (double)w[pix + j] : 1.0) * (cw ? (double)cw[ok ? y : 0] : 1.0);
-            acc += ok ? np_ : 0.0;
-            any_bad |= !ok && y != ign;
+        if (!w && !cw) {  /* unweighted: a count of the valid labels */
+            ptrdiff_t count = 0;
+            _Pragma("omp simd reduction(+:count) reduction(|:any_bad)")
+            for (j = 0; j < n; j++) {
+                long long y = (long long)lab_[j];
+                int in = y >= 0 && y < C;
+                count += in && y != ign;
+                any_bad |= !in && y != ign;
+            }
+            acc = (double)count;
+        } else {
+            _Pragma("omp simd reduction(+:acc) reduction(|:any_bad)")
+            for (j = 0; j < n; j++) {
+                long long y = (long long)lab_[j];
+                int ok = y >= 0 && y < C && y != ign;
+                double np_ = (w ? (double)w[pix + j] : 1.0) * (cw ? (double)cw[ok ? y : 0] : 1.0);
+                acc += ok ? np_ : 0.0;
+                any_bad |= !ok && y != ign;
+            }
         }
         if (any_bad) {
             for (j = 0; j < n; j++) {
@@ -354,6 +367,7 @@ SSM_INLINE void SSM_SFX(ssm_grad_row)(R *oc, const R *ec, const R *restrict f,
                                       const R *restrict Ac, ptrdiff_t c, ptrdiff_t n)
 {
     ptrdiff_t j;
+    const int32_t c32 = (int32_t)c;  /* compare int32 with int32: full-width vectors */
     if (Ac) {
 #pragma omp simd
         for (j = 0; j < n; j++)
@@ -361,7 +375,7 @@ SSM_INLINE void SSM_SFX(ssm_grad_row)(R *oc, const R *ec, const R *restrict f,
     } else {
 #pragma omp simd
         for (j = 0; j < n; j++)
-            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - (cls[j] == c ? g[j] : (R)0);
+            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - (cls[j] == c32 ? g[j] : (R)0);
     }
 }
 
