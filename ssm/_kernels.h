@@ -55,7 +55,12 @@ extern double log(double);
 #define SSM_CLONES
 #endif
 
+#if defined(_MSC_VER)
+#define SSM_INLINE static __forceinline
+#define restrict __restrict
+#else
 #define SSM_INLINE static inline __attribute__((always_inline))
+#endif
 
 /* exp(x) for float x <= 0 (or NaN), the only arguments softmax gives it (x - max).
    Inlined so every loop that calls it vectorises in every clone; glibc's libmvec
