@@ -87,6 +87,19 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
             dst[j * C + c] = block[c * T + j];
 }
 
+/* Strided channels: a tile reads C row segments of n pixels, `inner` apart: more
+   concurrent streams than the hardware prefetchers follow. While row c of this
+   tile is in cache, ask for row c of the next tile (the next n pixels; prefetches
+   never fault). Nothing to do for blocks in scratch (stride <= n). */
+SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, ptrdiff_t stride)
+{
+    ptrdiff_t j;
+    if (stride <= n)
+        return;
+    for (j = 0; j < n; j += 64 / (ptrdiff_t)sizeof(R))
+        __builtin_prefetch(row + n + j, 0, 3);
+}
+
 /* ---- shared row helper: max and sum of exp over C ----------------------------- */
 
 /* m[j] = max_c x[c, j]; if e != NULL, e[c, j] = exp(x - m) is stored as well;
@@ -112,6 +125,7 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
     for (c = 1; c < C; c++) {
         const R *restrict xc = x + c * sx;
         const int32_t c32 = (int32_t)c;  /* compare int32 with int32: full-width vectors */
+        SSM_SFX(ssm_prefetch_next)(xc - sx, n, sx);
         if (cls) {
 #pragma omp simd
             for (j = 0; j < n; j++) {
@@ -124,6 +138,7 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
                 m[j] = xc[j] > m[j] ? xc[j] : m[j];
         }
     }
+    SSM_SFX(ssm_prefetch_next)(x + (C - 1) * sx, n, sx);
     for (c = 0; c < C; c++) {
         const R *restrict xc = x + c * sx;
         if (e) {
