@@ -1,18 +1,22 @@
 """The public functions of ssm: validate, normalise, allocate, dispatch.
 
-Each function validates all of its arguments through ``_validation`` before any
-kernel runs (so an error never leaves an ``out=`` buffer half written), views the
-logits as ``(outer, C, inner)`` (see ``_validation.geometry``), allocates missing
-outputs with ``np.empty`` and calls one CPU kernel pass (``_cpu.run``), preceded for
-the loss functions by the label pre-pass (``_cpu.stats``) when the labels must be
-checked or the "mean" normaliser counted.
+Each function picks its backend once from its array arguments (``_backend``: NumPy
+arrays run on the CPU through ``_cpu``, CuPy arrays on their GPU through ``_gpu``;
+both modules have the same ``run``, ``stats`` and ``loss_value``), validates all of
+its arguments through ``_validation`` before any kernel runs (so an error never leaves
+an ``out=`` buffer half written), views the logits as ``(outer, C, inner)`` (see
+``_validation.geometry``), allocates missing outputs and calls one kernel pass
+(``run``), preceded for the loss functions by the label pre-pass (``stats``) when the
+labels must be checked or the "mean" normaliser counted. On the GPU the normaliser,
+the gradient scale and the loss stay on the device: the only device-to-host read is
+the first bad label's index, with ``validate=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from typing import NamedTuple
-
-import numpy as np
 
 from . import _cpu, _threads
 from . import _validation as V
@@ -20,28 +24,41 @@ from . import _validation as V
 _LOSS_CAP_NONE = math.inf
 
 
-def _reject_gpu(*arrays):
-    # The CuPy backend is a separate piece of work (ssm/_gpu.py); until it lands a CuPy
-    # array must fail loudly rather than be copied to the host behind the user's back.
-    for a in arrays:
-        if V.is_cupy_array(a):
-            raise NotImplementedError("ssm: CuPy arrays are not supported by this build yet; "
-                                      "pass NumPy arrays")
+def _backend(*named):
+    """(backend module, device context) of one call, from its (name, argument) pairs.
+
+    Any CuPy array makes it the GPU of that array; a NumPy array (or a list) beside it
+    is a TypeError naming that argument, as are CuPy arrays on different devices.
+    """
+    gpu = [(name, a) for name, a in named if V.is_cupy_array(a)]
+    if not gpu:
+        return _cpu, contextlib.nullcontext()
+    for name, a in named:
+        if a is not None and not V.is_cupy_array(a) and not isinstance(a, numbers.Number):
+            raise TypeError(f"{name}: a {V._type_name(a)} on the host cannot be mixed with "
+                            f"{gpu[0][0]}, a cupy.ndarray; pass CuPy arrays on one device")
+    devices = {a.device.id for _, a in gpu}
+    if len(devices) > 1:
+        raise ValueError(f"{gpu[-1][0]}: the CuPy arrays are on devices {sorted(devices)}; "
+                         f"expected one device")
+    from . import _gpu
+    return _gpu, gpu[0][1].device
 
 
 # ---- softmax ------------------------------------------------------------------
 
 def _softmax(x, layout, out, threads, op):
-    _reject_gpu(x, out)
-    layout = V.check_choice(layout, "layout", V.LAYOUTS)
-    x = V.check_float_array(x, "x")
-    g = V.geometry(x, "x", layout)
-    out = V.check_out(out, "out", x.shape, x.dtype, (x,))
-    nt = _threads.resolve(threads)
-    if out is None:
-        out = np.empty_like(x)
-    _cpu.run(op, x, out, g.outer, g.C, g.inner, g.tile, nt)
-    return out
+    B, device = _backend(("x", x), ("out", out))
+    with device:
+        layout = V.check_choice(layout, "layout", V.LAYOUTS)
+        x = V.check_float_array(x, "x")
+        g = V.geometry(x, "x", layout)
+        out = V.check_out(out, "out", x.shape, x.dtype, (x,))
+        nt = _threads.resolve(threads)
+        if out is None:
+            out = V.array_module(x).empty_like(x)
+        B.run(op, x, out, g.outer, g.C, g.inner, g.tile, nt)
+        return out
 
 
 def softmax(x, *, layout="NCHW", out=None, threads=None):
@@ -90,17 +107,18 @@ def softmax_grad(prob, dprob, *, layout="NCHW", out=None, threads=None):
     -------
     dx : ndarray of prob's shape and dtype
     """
-    _reject_gpu(prob, dprob, out)
-    layout = V.check_choice(layout, "layout", V.LAYOUTS)
-    prob = V.check_float_array(prob, "prob")
-    dprob = V.check_same(dprob, "dprob", prob, "prob")
-    g = V.geometry(prob, "prob", layout)
-    out = V.check_out(out, "out", prob.shape, prob.dtype, (prob, dprob))
-    nt = _threads.resolve(threads)
-    if out is None:
-        out = np.empty_like(prob)
-    _cpu.run(_cpu.SOFTMAX_BWD, prob, out, g.outer, g.C, g.inner, g.tile, nt, x2=dprob)
-    return out
+    B, device = _backend(("prob", prob), ("dprob", dprob), ("out", out))
+    with device:
+        layout = V.check_choice(layout, "layout", V.LAYOUTS)
+        prob = V.check_float_array(prob, "prob")
+        dprob = V.check_same(dprob, "dprob", prob, "prob")
+        g = V.geometry(prob, "prob", layout)
+        out = V.check_out(out, "out", prob.shape, prob.dtype, (prob, dprob))
+        nt = _threads.resolve(threads)
+        if out is None:
+            out = V.array_module(prob).empty_like(prob)
+        B.run(B.SOFTMAX_BWD, prob, out, g.outer, g.C, g.inner, g.tile, nt, x2=dprob)
+        return out
 
 
 # ---- softmax with loss ----------------------------------------------------------
@@ -108,13 +126,14 @@ def softmax_grad(prob, dprob, *, layout="NCHW", out=None, threads=None):
 class _Loss(NamedTuple):
     """A validated loss problem: arrays contiguous and typed, options checked."""
 
-    x: np.ndarray
+    B: object  # the backend module, _cpu or _gpu
+    x: object
     geom: V.Geometry
-    target: np.ndarray
+    target: object
     kind: int
-    weights: np.ndarray | None
-    class_weights: np.ndarray | None
-    lens: np.ndarray | None
+    weights: object
+    class_weights: object
+    lens: object
     smoothing: float
     ignore_index: int
     reduction: str
@@ -128,7 +147,7 @@ class _Loss(NamedTuple):
 
 
 def _loss_problem(x, x_name, target, weights, ignore_index, class_weights, lens,
-                  label_smoothing, reduction, layout, validate, threads) -> _Loss:
+                  label_smoothing, reduction, layout, validate, threads, B) -> _Loss:
     layout = V.check_choice(layout, "layout", V.LAYOUTS)
     reduction = V.check_choice(reduction, "reduction", V.REDUCTIONS)
     x = V.check_float_array(x, x_name)
@@ -140,24 +159,28 @@ def _loss_problem(x, x_name, target, weights, ignore_index, class_weights, lens,
     smoothing = V.check_smoothing(label_smoothing)
     ignore_index = V.check_ignore_index(ignore_index)
     validate = V.check_flag(validate, "validate")
-    return _Loss(x, geom, target, kind, weights, class_weights, lens, smoothing, ignore_index,
+    return _Loss(B, x, geom, target, kind, weights, class_weights, lens, smoothing, ignore_index,
                  reduction, validate, _threads.resolve(threads))
 
 
-def _divisor(L: _Loss) -> float:
+def _divisor(L: _Loss):
     """What the summed loss is divided by, after the label pre-pass has checked the labels.
 
-    Raises the bad-label ValueError here, before any output is written.
+    Raises the bad-label ValueError here, before any output is written. On the GPU the
+    "mean" normaliser is a 0-d device array; reading the bad label's index
+    (``int(bad)``, with ``validate=True``) is the call's one synchronisation.
     """
     g = L.geom
     need_norm = L.reduction == "mean"
     if L.kind == V.SOFT_KIND and L.weights is None:
         norm = float(g.n_pixels)
     elif need_norm or (L.validate and L.kind != V.SOFT_KIND):
-        norm, bad = _cpu.stats(L.x, L.target, L.kind, L.ignore_index, L.weights,
-                               L.class_weights, g.outer, g.C, g.inner, g.tile, L.threads)
-        if bad >= 0 and L.validate:
-            raise V.bad_label_error(L.target, bad, g.C, L.ignore_index)
+        norm, bad = L.B.stats(L.x, L.target, L.kind, L.ignore_index, L.weights,
+                              L.class_weights, g.outer, g.C, g.inner, g.tile, L.threads)
+        if L.validate and L.kind != V.SOFT_KIND:
+            bad = int(bad)
+            if bad >= 0:
+                raise V.bad_label_error(L.target, bad, g.C, L.ignore_index)
     else:
         norm = 0.0
     if L.reduction == "mean":
@@ -165,27 +188,28 @@ def _divisor(L: _Loss) -> float:
     return float(g.N) if L.reduction == "batch" else 1.0
 
 
-def _reduce(L: _Loss, total: float, divisor: float, loss_map):
+def _reduce(L: _Loss, total, divisor, loss_map):
     if L.reduction == "none":
         return loss_map
-    value = total / divisor if divisor != 0 else 0.0
-    return np.asarray(value, dtype=L.x.dtype)
+    return L.B.loss_value(total, divisor, L.x.dtype)
 
 
 def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
                   lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW",
                   validate=True, out=None, threads=None, loss_cap=_LOSS_CAP_NONE):
-    _reject_gpu(logits, target, weights, out)
-    L = _loss_problem(logits, "logits", target, weights, ignore_index, class_weights, lens,
-                      label_smoothing, reduction, layout, validate, threads)
-    g = L.geom
-    out = V.check_out(out, "out", g.shape, L.x.dtype, (L.x, L.target, L.weights))
-    divisor = _divisor(L)
-    prob = np.empty_like(L.x) if out is None else out
-    loss_map = np.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None
-    total = _cpu.run(_cpu.SSWL_FWD, L.x, prob, g.outer, g.C, g.inner, g.tile, L.threads,
-                     loss_cap=loss_cap, loss_map=loss_map, **L.kernel_args())
-    return prob, _reduce(L, total, divisor, loss_map)
+    B, device = _backend(("logits", logits), ("target", target), ("weights", weights),
+                         ("out", out))
+    with device:
+        L = _loss_problem(logits, "logits", target, weights, ignore_index, class_weights, lens,
+                          label_smoothing, reduction, layout, validate, threads, B)
+        g, xp = L.geom, V.array_module(L.x)
+        out = V.check_out(out, "out", g.shape, L.x.dtype, (L.x, L.target, L.weights))
+        divisor = _divisor(L)
+        prob = xp.empty_like(L.x) if out is None else out
+        loss_map = xp.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None
+        total = B.run(B.SSWL_FWD, L.x, prob, g.outer, g.C, g.inner, g.tile, L.threads,
+                      loss_cap=loss_cap, loss_map=loss_map, **L.kernel_args())
+        return prob, _reduce(L, total, divisor, loss_map)
 
 
 def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,
@@ -261,18 +285,19 @@ def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ig
     -------
     dlogits : ndarray of prob's shape and dtype
     """
-    _reject_gpu(prob, target, weights, d_loss, out)
-    L = _loss_problem(prob, "prob", target, weights, ignore_index, class_weights, lens,
-                      label_smoothing, reduction, layout, validate, threads)
-    g = L.geom
-    out = V.check_out(out, "out", g.shape, L.x.dtype, (L.x, L.target, L.weights))
-    d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
-    divisor = _divisor(L)
-    scale = d / divisor if divisor != 0 else 0.0
-    dx = np.empty_like(L.x) if out is None else out
-    _cpu.run(_cpu.SSWL_BWD, L.x, dx, g.outer, g.C, g.inner, g.tile, L.threads,
-             g=dmap, g_scale=scale, **L.kernel_args())
-    return dx
+    B, device = _backend(("prob", prob), ("target", target), ("weights", weights),
+                         ("d_loss", d_loss), ("out", out))
+    with device:
+        L = _loss_problem(prob, "prob", target, weights, ignore_index, class_weights, lens,
+                          label_smoothing, reduction, layout, validate, threads, B)
+        g, xp = L.geom, V.array_module(L.x)
+        out = V.check_out(out, "out", g.shape, L.x.dtype, (L.x, L.target, L.weights))
+        d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
+        divisor = _divisor(L)
+        dx = xp.empty_like(L.x) if out is None else out
+        B.run(B.SSWL_BWD, L.x, dx, g.outer, g.C, g.inner, g.tile, L.threads,
+              g=dmap, g_scale=d, g_norm=divisor, **L.kernel_args())
+        return dx
 
 
 def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0, *,
@@ -291,19 +316,21 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
     dlogits : ndarray of the logits' shape and dtype (written into ``out`` if given)
     prob : ndarray, only with ``return_prob=True``
     """
-    _reject_gpu(logits, target, weights, d_loss, out)
-    L = _loss_problem(logits, "logits", target, weights, ignore_index, class_weights, lens,
-                      label_smoothing, reduction, layout, validate, threads)
-    g = L.geom
-    return_prob = V.check_flag(return_prob, "return_prob")
-    out = V.check_out(out, "out", g.shape, L.x.dtype, (L.x, L.target, L.weights))
-    d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
-    divisor = _divisor(L)
-    scale = d / divisor if divisor != 0 else 0.0
-    dx = np.empty_like(L.x) if out is None else out
-    prob = np.empty_like(L.x) if return_prob else None
-    loss_map = np.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None
-    total = _cpu.run(_cpu.SSWL_FWD_BWD, L.x, dx, g.outer, g.C, g.inner, g.tile, L.threads,
-                     g=dmap, g_scale=scale, out2=prob, loss_map=loss_map, **L.kernel_args())
-    loss = _reduce(L, total, divisor, loss_map)
-    return (loss, dx, prob) if return_prob else (loss, dx)
+    B, device = _backend(("logits", logits), ("target", target), ("weights", weights),
+                         ("d_loss", d_loss), ("out", out))
+    with device:
+        L = _loss_problem(logits, "logits", target, weights, ignore_index, class_weights, lens,
+                          label_smoothing, reduction, layout, validate, threads, B)
+        g, xp = L.geom, V.array_module(L.x)
+        return_prob = V.check_flag(return_prob, "return_prob")
+        out = V.check_out(out, "out", g.shape, L.x.dtype, (L.x, L.target, L.weights))
+        d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
+        divisor = _divisor(L)
+        dx = xp.empty_like(L.x) if out is None else out
+        prob = xp.empty_like(L.x) if return_prob else None
+        loss_map = xp.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None
+        total = B.run(B.SSWL_FWD_BWD, L.x, dx, g.outer, g.C, g.inner, g.tile, L.threads,
+                      g=dmap, g_scale=d, g_norm=divisor, out2=prob, loss_map=loss_map,
+                      **L.kernel_args())
+        loss = _reduce(L, total, divisor, loss_map)
+        return (loss, dx, prob) if return_prob else (loss, dx)

@@ -133,11 +133,13 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
 def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile,
         int n_threads, *, x2=None, target=None, int target_kind=SSM_NO_TARGET,
         long long ignore_index=-1, w=None, cw=None, lens=None, double smoothing=0.0,
-        double loss_cap=INFINITY, g=None, double g_scale=1.0, out2=None, loss_map=None):
+        double loss_cap=INFINITY, g=None, double g_scale=1.0, double g_norm=1.0, out2=None,
+        loss_map=None):
     """Run kernel `op` over the (outer, C, inner) problem; return the float64 loss sum.
 
     All arrays are C-contiguous and of x's float dtype (labels: their integer
-    dtype, named by `target_kind`); `out`, `out2` and `loss_map` are written.
+    dtype, named by `target_kind`); `out`, `out2` and `loss_map` are written. The
+    gradient is scaled by ``g_scale / g_norm``, 0 when ``g_norm`` is 0.
     """
     cdef ssm_problem P
     cdef bint dbl = x.dtype.itemsize == 8
@@ -150,7 +152,7 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
     P.target_kind, P.ignore_index = target_kind, ignore_index
     P.w, P.cw, P.lens = _ptr(w), _ptr(cw), _ptr(lens)
     P.smoothing, P.loss_cap = smoothing, loss_cap
-    P.g, P.g_scale = _ptr(g), g_scale
+    P.g, P.g_scale = _ptr(g), (g_scale / g_norm if g_norm != 0 else 0.0)
     P.out, P.out2, P.loss_map = <void *>_ptr(out), <void *>_ptr(out2), <void *>_ptr(loss_map)
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
@@ -199,3 +201,8 @@ def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t 
             if bad < 0 and bads[t] >= 0:
                 bad = bads[t]
     return norm, bad
+
+
+def loss_value(double total, double divisor, dtype):
+    """``total / divisor`` (0 when the divisor is 0) as a 0-d array of ``dtype``."""
+    return np.asarray(total / divisor if divisor != 0 else 0.0, dtype=dtype)

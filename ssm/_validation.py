@@ -50,9 +50,22 @@ def is_cupy_array(a) -> bool:
     return type(a).__module__.startswith("cupy") and hasattr(a, "__cuda_array_interface__")
 
 
-def as_array(a, name: str) -> np.ndarray:
-    """A NumPy array from an ndarray, a nested sequence or a number; TypeError otherwise."""
-    if isinstance(a, np.ndarray):
+def array_module(a):
+    """cupy for a cupy.ndarray, else numpy."""
+    if is_cupy_array(a):
+        import cupy
+        return cupy
+    return np
+
+
+def device_of(a) -> str:
+    return "cuda" if is_cupy_array(a) else "cpu"
+
+
+def as_array(a, name: str):
+    """The array itself (NumPy or CuPy), or a NumPy array from a nested sequence or a
+    number; TypeError otherwise."""
+    if isinstance(a, np.ndarray) or is_cupy_array(a):
         return a
     if isinstance(a, (list, tuple, numbers.Number, np.generic)) and not isinstance(a, bool):
         return np.asarray(a)
@@ -65,12 +78,13 @@ def check_choice(value, name: str, choices) -> str:
     return value
 
 
-def check_float_array(a, name: str, device: str = "cpu") -> np.ndarray:
+def check_float_array(a, name: str):
     a = as_array(a, name)
+    device = device_of(a)
     if a.dtype not in FLOAT_DTYPES[device]:
         raise TypeError(f"{name}: dtype {a.dtype} is not supported on the {device}; "
                         f"expected one of {_dtype_names(FLOAT_DTYPES[device])}")
-    return np.ascontiguousarray(a)
+    return array_module(a).ascontiguousarray(a)
 
 
 class Geometry(NamedTuple):
@@ -137,14 +151,14 @@ def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
         if t.shape != geom.shape:
             raise ValueError(f"target: soft-target shape {t.shape} differs from {logits_name}'s "
                              f"{geom.shape}; labels would have shape {geom.pixel_shape}")
-        return np.ascontiguousarray(t), SOFT_KIND
+        return array_module(t).ascontiguousarray(t), SOFT_KIND
     if t.dtype not in LABEL_KINDS:
         raise TypeError(f"target: dtype {t.dtype} is not supported; expected integer labels "
                         f"({_dtype_names(LABEL_KINDS)}) or soft targets of dtype {logits.dtype}")
     if t.shape != geom.pixel_shape:
         raise ValueError(f"target: label shape {t.shape} does not match {logits_name} {geom.shape}; "
                          f"expected {geom.pixel_shape}")
-    return np.ascontiguousarray(t), LABEL_KINDS[t.dtype]
+    return array_module(t).ascontiguousarray(t), LABEL_KINDS[t.dtype]
 
 
 def check_weights(weights, geom: Geometry, dtype: np.dtype):
@@ -156,24 +170,27 @@ def check_weights(weights, geom: Geometry, dtype: np.dtype):
     if w.shape != geom.pixel_shape:
         raise ValueError(f"weights: shape {w.shape} does not match the logits; "
                          f"expected {geom.pixel_shape}")
-    return np.ascontiguousarray(w)
+    return array_module(w).ascontiguousarray(w)
 
 
-def _small_float(value, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """A small parameter array (class weights, lens): any real array-like, cast to dtype."""
+def _small_float(value, name: str, shape: tuple) -> np.ndarray:
+    """A small parameter array (class weights, lens): any real array-like, on the host in
+    float64 (a CuPy one is copied over once; the GPU backend keeps a device copy)."""
     a = as_array(value, name)
+    if is_cupy_array(a):
+        a = a.get()
     if a.dtype.kind not in "biuf" or a.dtype == np.bool_:
         raise TypeError(f"{name}: dtype {a.dtype} is not a real number type")
     if a.shape != shape:
         raise ValueError(f"{name}: shape {a.shape} does not match the {shape[0]} classes; "
                          f"expected {shape}")
-    return np.ascontiguousarray(a, dtype=dtype)
+    return np.asarray(a, dtype=np.float64)
 
 
 def check_class_weights(class_weights, C: int, dtype: np.dtype):
     if class_weights is None:
         return None
-    return _small_float(class_weights, "class_weights", (C,), dtype)
+    return np.ascontiguousarray(_small_float(class_weights, "class_weights", (C,)), dtype=dtype)
 
 
 def check_lens(lens, C: int, dtype: np.dtype, kind: int):
@@ -182,7 +199,7 @@ def check_lens(lens, C: int, dtype: np.dtype, kind: int):
     if kind == SOFT_KIND:
         raise ValueError("lens: a confusion lens maps integer labels; it cannot be used with "
                          "soft targets (fold it into the target map instead)")
-    lens = _small_float(lens, "lens", (C, C), dtype)
+    lens = _small_float(lens, "lens", (C, C))  # checked in float64, then cast
     if not np.all(np.isfinite(lens)) or np.any(lens < 0):
         raise ValueError("lens: entries must be finite and >= 0; rows are distributions")
     rows = lens.sum(axis=1, dtype=np.float64)
@@ -190,7 +207,7 @@ def check_lens(lens, C: int, dtype: np.dtype, kind: int):
     if abs(rows[worst] - 1.0) > LENS_ROW_TOLERANCE:
         raise ValueError(f"lens: row {worst} sums to {rows[worst]:.6g}; expected every row to "
                          f"sum to 1 (within {LENS_ROW_TOLERANCE})")
-    return lens
+    return np.ascontiguousarray(lens, dtype=dtype)
 
 
 def check_smoothing(label_smoothing) -> float:
@@ -219,15 +236,21 @@ def check_flag(value, name: str) -> bool:
 
 
 def check_d_loss(d_loss, reduction: str, geom: Geometry, dtype: np.dtype):
-    """Return (scalar, map or None): a number for any reduction, an (N, *spatial) map for 'none'."""
+    """Return (scalar, map or None): a number for any reduction, an (N, *spatial) map for 'none'.
+
+    A size-1 CuPy array stays on its device as a 0-d float64 array (reading it would
+    synchronise)."""
     if isinstance(d_loss, numbers.Real) and not isinstance(d_loss, bool):
         return float(d_loss), None
     d = as_array(d_loss, "d_loss")
     if d.dtype.kind not in "iuf":
         raise TypeError(f"d_loss: dtype {d.dtype} is not a real number type")
+    xp = array_module(d)
     if reduction == "none" and d.shape == geom.pixel_shape:
-        return 1.0, np.ascontiguousarray(d, dtype=dtype)
+        return 1.0, xp.ascontiguousarray(d, dtype=dtype)
     if d.size == 1:
+        if xp is not np:
+            return d.reshape(()).astype(np.float64), None
         return float(d.reshape(())), None
     if reduction != "none":
         raise ValueError(f"d_loss: an array of shape {d.shape} needs reduction='none'; with "
@@ -240,7 +263,7 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
     """A caller's output buffer: exact shape and dtype, C-contiguous, writeable, no overlap."""
     if out is None:
         return None
-    if not isinstance(out, np.ndarray):
+    if not isinstance(out, np.ndarray) and not is_cupy_array(out):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {_type_name(out)}")
     if out.dtype != dtype:
         raise ValueError(f"{name}: dtype {out.dtype} does not match; expected {dtype}")
@@ -248,10 +271,11 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
         raise ValueError(f"{name}: shape {out.shape} does not match; expected {shape}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name}: the buffer is not C-contiguous; expected a C-contiguous array")
-    if not out.flags.writeable:
+    if not getattr(out.flags, "writeable", True):
         raise ValueError(f"{name}: the buffer is read-only")
+    xp = array_module(out)
     for a in inputs:
-        if a is not None and np.may_share_memory(out, a):
+        if a is not None and xp.may_share_memory(out, a):
             raise ValueError(f"{name}: the buffer overlaps an input; expected separate memory")
     return out
 

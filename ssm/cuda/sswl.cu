@@ -1,0 +1,298 @@
+/*
+ * ssm/cuda/sswl.cu -- SpatialSoftmaxWithLoss on the GPU: loss, gradient, label pre-pass.
+ *
+ * Kernels (T: ssm_half, float, double; L: the label type, unsigned char / int / long long,
+ * or T itself for soft targets; `group`, an argument: 1 = strided channels, 32 = rows):
+ *   sswl_stats<T, L>          label pre-pass: per-block sum of n_p and first bad label index
+ *   sswl_fwd<T, L>            prob and per-pixel loss (map and per-block float64 sums);
+ *                             with want_grad = 1 it is sswl_fwd_bwd, the fused loss and
+ *                             dlogits in one pass (and prob if out2 is given)
+ *   sswl_bwd<T, L>            dlogits from prob
+ *   reduce_partials<T>        fixed-shape final pass: sum of the per-block partials,
+ *                             divided by the divisor (0 when it is 0), rounded once to T
+ *   reduce_first_bad          fixed-shape final pass: lowest bad label index, or -1
+ *
+ * Same math, in the same order, as ssm_sswl_stats / ssm_sswl_tile / ssm_sswl_bwd_tile in
+ * ssm/_kernels_impl.h:
+ *   a_c = w * cw_c * t_c,  A = sum_c a_c,  q_c = exp(x_c - m) / s
+ *   sparse targets (plain labels): l = a * min(m - x_y + log s, loss_cap), a = w * cw_y
+ *   dense targets (soft, lens, smoothing): l = a * (A (m + log s) - sum_c a_c x_c)
+ *   gradient dx_c = g (A q_c - a_c), g = (d_loss / norm) * d_loss map (see grad_scale)
+ * Ignored pixels have loss and gradient exactly 0; a label outside [0, C) that is not
+ * ignore_index is never used as an index: its pixel's loss and gradient are NaN, and the
+ * pre-pass reports the lowest such flat index.
+ *
+ * Determinism: every kernel that sums writes one partial per block (the grid depends only
+ * on the shape), and the final passes run in one block in a fixed order. No atomics.
+ * d_loss and the normaliser can live on the device (g_num, g_norm: e.g. the "mean"
+ * normaliser from sswl_stats), so no kernel argument ever needs a device-to-host read.
+ */
+#include "common.cuh"
+
+/* ---- per-pixel helpers ---------------------------------------------------------------- */
+
+/* The gradient scale g = num / den, 0 when den == 0 (as d / divisor on the CPU): num is
+   *g_num if given, else g_scale; den is *g_norm if given, else g_div. The pointers let
+   d_loss and the "mean" normaliser stay on the device. */
+__device__ __forceinline__ double grad_scale(double g_scale, const double* __restrict__ g_num,
+                                             double g_div, const double* __restrict__ g_norm)
+{
+    const double num = g_num != nullptr ? *g_num : g_scale;
+    const double den = g_norm != nullptr ? *g_norm : g_div;
+    return den != 0.0 ? num / den : 0.0;
+}
+
+/* Stage pixel p's target (ssm_stage on the CPU). Sparse form: cls = label or -1,
+   a = w * cw[y] (0 if ignored, NaN if out of range). Dense form: a is the pixel's activity
+   (1, 0 if ignored, NaN if out of range); the class weights come from class_target.
+   wv = the pixel weight. */
+template <typename T, typename L>
+__device__ __forceinline__ void stage_pixel(const L* __restrict__ target, const T* __restrict__ w,
+                                            const T* __restrict__ cw, long long p, int C,
+                                            long long ignore_index, bool dense,
+                                            acc_t<T>& wv, acc_t<T>& a, int& cls)
+{
+    typedef acc_t<T> A;
+    wv = w != nullptr ? to_acc(w[p]) : (A)1;
+    if constexpr (same_type<T, L>::value) {
+        a = 1;
+        cls = -1;
+    } else {
+        const long long y = label_at(target, p);
+        const bool ok = y >= 0 && y < C;
+        const A aj = dense ? (A)1 : wv * (cw != nullptr ? to_acc(cw[ok ? y : 0]) : (A)1);
+        cls = ok && y != ignore_index ? (int)y : -1;
+        a = y == ignore_index ? (A)0 : ok ? aj : ssm_nan<A>();
+    }
+}
+
+/* Dense target weight a_c = w * cw_c * ((1 - e) * base_c + e / C) of class c, base the soft
+   target (at element `elem`), the lens row of cls, or one-hot(cls); 0 if cls < 0. */
+template <typename T, typename L>
+__device__ __forceinline__ acc_t<T> class_target(const L* __restrict__ target,
+                                                 const T* __restrict__ cw,
+                                                 const T* __restrict__ lens, long long elem, int c,
+                                                 int C, int cls, acc_t<T> wv, acc_t<T> keep,
+                                                 acc_t<T> spread)
+{
+    typedef acc_t<T> A;
+    const A cwc = cw != nullptr ? to_acc(cw[c]) : (A)1;
+    A b;
+    if constexpr (same_type<T, L>::value) {
+        b = to_acc(target[elem]);
+    } else {
+        if (cls < 0)
+            return 0;
+        b = lens != nullptr ? to_acc(lens[(long long)cls * C + c]) : (A)(cls == c);
+    }
+    return wv * cwc * (keep * b + spread);
+}
+
+/* ---- sswl_stats ----------------------------------------------------------------------- */
+
+/* One thread owns one pixel at a time (labels and weights only, no logits). Writes the
+   block's sum of n_p (n_p = w * cw[y] for valid labels, w for soft targets) and the lowest
+   flat index of a label neither in [0, C) nor ignore_index (SSM_NO_BAD if none). */
+template <typename T, typename L>
+__global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
+sswl_stats(const L* __restrict__ target, const T* __restrict__ w, const T* __restrict__ cw,
+           long long npix, int C, long long ignore_index, double* __restrict__ norm_partials,
+           long long* __restrict__ bad_partials)
+{
+    double acc = 0.0;
+    long long first_bad = SSM_NO_BAD;
+    const pixel_walk walk(1);
+    for (long long p = walk.first; p < npix; p += walk.step) {
+        const double wp = w != nullptr ? (double)to_acc(w[p]) : 1.0;
+        if constexpr (same_type<T, L>::value) {
+            acc += wp;
+        } else {
+            const long long y = label_at(target, p);
+            const bool ok = y >= 0 && y < C && y != ignore_index;
+            const double np_ = wp * (cw != nullptr ? (double)to_acc(cw[ok ? y : 0]) : 1.0);
+            acc += ok ? np_ : 0.0;
+            if (!ok && y != ignore_index && first_bad == SSM_NO_BAD)
+                first_bad = p;  /* the grid stride only grows p: this thread's lowest */
+        }
+    }
+    acc = block_reduce(acc, op_sum(), 0.0);
+    first_bad = block_reduce(first_bad, op_min(), SSM_NO_BAD);
+    if (threadIdx.x == 0) {
+        norm_partials[blockIdx.x] = acc;
+        bad_partials[blockIdx.x] = first_bad;
+    }
+}
+
+/* ---- sswl_fwd (and sswl_fwd_bwd) ------------------------------------------------------ */
+
+/* One group of `group` threads owns one pixel at a time: reads its C logits once (the sweeps'
+   re-reads hit L1/L2), writes its C outputs, its loss to loss_map[p] (if given), and the
+   block's float64 loss sum to partials[blockIdx.x].
+   want_grad == 0 (sswl_fwd): `out` = prob.
+   want_grad == 1 (sswl_fwd_bwd, the fused loss and gradient): `out` = dlogits, and
+   `out2` = prob if given. One kernel for both, as ssm_sswl_tile on the CPU: the flag only
+   changes the epilogue, and a second kernel would double the compile time. */
+template <typename T, typename L>
+__global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
+sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restrict__ w,
+         const T* __restrict__ cw, const T* __restrict__ lens, const T* __restrict__ gmap,
+         long long outer, int C, long long inner, int group, long long ignore_index,
+         double smoothing, double loss_cap, int want_grad, double g_scale,
+         const double* __restrict__ g_num, double g_div, const double* __restrict__ g_norm,
+         T* __restrict__ out, T* __restrict__ out2, T* __restrict__ loss_map,
+         double* __restrict__ partials)
+{
+    typedef acc_t<T> A;
+    const bool dense = same_type<T, L>::value || lens != nullptr || smoothing != 0.0;
+    const A keep = (A)(1.0 - smoothing), spread = (A)(smoothing / (double)C);
+    const A gs = want_grad ? (A)grad_scale(g_scale, g_num, g_div, g_norm) : (A)0;
+    const long long npix = outer * inner;
+    const pixel_walk walk(group);
+    const int lane = walk.lane;
+    double acc = 0.0;
+    for (long long p = walk.first; p < npix; p += walk.step) {
+        const long long base = pixel_base(p, C, inner);
+        const T* __restrict__ xr = x + base;
+        A wv, a, r, f, ga = 0;
+        int cls;
+        double lp;
+        stage_pixel(target, w, cw, p, C, ignore_index, dense, wv, a, cls);
+        const A g = want_grad ? (gmap != nullptr ? gs * to_acc(gmap[p]) : gs) : (A)0;
+
+        /* sweeps 1-2: max, then the sum of exp (and, for dense targets, A and sum a_c x_c) */
+        const A m = row_max(xr, inner, C, lane, group);
+        if (!dense) {
+            const A xy = cls >= 0 ? to_acc(xr[cls * inner]) : (A)0;
+            const A s = row_sumexp(xr, inner, C, lane, group, m);
+            const A ls = ssm_log(s);
+            const double nll = (double)m - (double)xy + (double)ls;
+            lp = a == 0 ? 0.0 : (double)a * (nll > loss_cap ? loss_cap : nll);  /* NaN stays NaN */
+            r = (A)1 / s;
+            f = want_grad ? g * a * r : (A)0;  /* g a / s */
+            ga = g * a;
+        } else {
+            A s = 0, asum = 0, ax = 0;
+            for (int c = lane; c < C; c += group) {
+                const A v = to_acc(xr[c * inner]);
+                const A ac = class_target(target, cw, lens, base + c * inner, c, C, cls, wv, keep,
+                                          spread);
+                s += ssm_exp(v - m);
+                asum += ac;
+                ax += ac != 0 ? ac * v : (A)0;  /* 0 log 0 = 0 */
+            }
+            s = group_reduce(s, op_sum(), group);
+            asum = group_reduce(asum, op_sum(), group);
+            ax = group_reduce(ax, op_sum(), group);
+            const A ls = ssm_log(s);
+            const double l = (double)asum * ((double)m + (double)ls) - (double)ax;
+            lp = a == 0 ? 0.0 : (double)a * l;
+            r = (A)1 / s;
+            f = want_grad ? g * a * asum * r : (A)0;
+        }
+
+        /* sweep 3: the epilogue; rows of inactive pixels (f == 0) are exactly 0 */
+        for (int c = lane; c < C; c += group) {
+            const long long e_off = c * inner;
+            const A e = ssm_exp(to_acc(xr[e_off]) - m);
+            if (!want_grad) {
+                out[base + e_off] = from_acc<T>(e * r);
+                continue;
+            }
+            if (out2 != nullptr)
+                out2[base + e_off] = from_acc<T>(e * r);
+            const A sub = dense ? g * class_target(target, cw, lens, base + e_off, c, C, cls, wv,
+                                                   keep, spread)
+                                : (cls == c ? ga : (A)0);
+            out[base + e_off] = from_acc<T>((f != 0 ? f * e : (A)0) - sub);
+        }
+        if (lane == 0) {
+            if (loss_map != nullptr)
+                loss_map[p] = from_acc<T>((A)lp);
+            acc += lp;
+        }
+    }
+    if (partials != nullptr) {
+        acc = block_reduce(acc, op_sum(), 0.0);
+        if (threadIdx.x == 0)
+            partials[blockIdx.x] = acc;
+    }
+}
+
+/* ---- sswl_bwd ------------------------------------------------------------------------- */
+
+/* One group of `group` threads owns one pixel at a time: reads its C probabilities q,
+   writes dx_c = g (A q_c - a_c). */
+template <typename T, typename L>
+__global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
+sswl_bwd(const T* __restrict__ prob, const L* __restrict__ target, const T* __restrict__ w,
+         const T* __restrict__ cw, const T* __restrict__ lens, const T* __restrict__ gmap,
+         long long outer, int C, long long inner, int group, long long ignore_index,
+         double smoothing, double g_scale, const double* __restrict__ g_num, double g_div,
+         const double* __restrict__ g_norm, T* __restrict__ out)
+{
+    typedef acc_t<T> A;
+    const bool dense = same_type<T, L>::value || lens != nullptr || smoothing != 0.0;
+    const A keep = (A)(1.0 - smoothing), spread = (A)(smoothing / (double)C);
+    const A gs = (A)grad_scale(g_scale, g_num, g_div, g_norm);
+    const long long npix = outer * inner;
+    const pixel_walk walk(group);
+    const int lane = walk.lane;
+    for (long long p = walk.first; p < npix; p += walk.step) {
+        const long long base = pixel_base(p, C, inner);
+        A wv, a, f;
+        int cls;
+        stage_pixel(target, w, cw, p, C, ignore_index, dense, wv, a, cls);
+        const A g = gmap != nullptr ? gs * to_acc(gmap[p]) : gs;
+        if (dense) {
+            A asum = 0;
+            for (int c = lane; c < C; c += group)
+                asum += class_target(target, cw, lens, base + c * inner, c, C, cls, wv, keep,
+                                     spread);
+            asum = group_reduce(asum, op_sum(), group);
+            f = g * a * asum;
+        } else {
+            f = g * a;  /* also the amount subtracted at the label */
+        }
+        for (int c = lane; c < C; c += group) {
+            const long long off = base + c * inner;
+            const A q = to_acc(prob[off]);
+            const A sub = dense ? g * class_target(target, cw, lens, off, c, C, cls, wv, keep,
+                                                   spread)
+                                : (cls == c ? f : (A)0);
+            out[off] = from_acc<T>((f != 0 ? f * q : (A)0) - sub);
+        }
+    }
+}
+
+/* ---- final passes ------------------------------------------------------------------------ */
+
+/* One block (SSM_BLOCK threads) owns the whole array of n partials: thread t sums
+   partials[t], partials[t + SSM_BLOCK], ... in order, then the block tree. out[0] =
+   sum / divisor (0 when the divisor is 0; divisor = *div_ptr if given, else div), rounded
+   once to T. */
+template <typename T>
+__global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
+reduce_partials(const double* __restrict__ partials, long long n, double div,
+                const double* __restrict__ div_ptr, T* __restrict__ out)
+{
+    double s = 0.0;
+    for (long long i = threadIdx.x; i < n; i += SSM_BLOCK)
+        s += partials[i];
+    s = block_reduce(s, op_sum(), 0.0);
+    if (threadIdx.x == 0) {
+        const double d = div_ptr != nullptr ? *div_ptr : div;
+        out[0] = from_double<T>(d != 0.0 ? s / d : 0.0);
+    }
+}
+
+/* One block owns the n per-block first-bad indices: out[0] = their minimum, -1 if none. */
+__global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
+reduce_first_bad(const long long* __restrict__ partials, long long n, long long* __restrict__ out)
+{
+    long long v = SSM_NO_BAD;
+    for (long long i = threadIdx.x; i < n; i += SSM_BLOCK)
+        v = partials[i] < v ? partials[i] : v;
+    v = block_reduce(v, op_min(), SSM_NO_BAD);
+    if (threadIdx.x == 0)
+        out[0] = v == SSM_NO_BAD ? -1 : v;
+}

@@ -1,0 +1,643 @@
+"""The GPU backend: the CPU test cases on CuPy arrays, against the float64 reference.
+
+Skipped (by conftest.py) without CuPy or a CUDA device. CuPy is imported inside the
+tests so that collection never needs it. Two layers:
+
+- backend: ``ssm._gpu.run`` / ``stats`` against ``ssm._cpu.run`` / ``stats`` on the same
+  (outer, C, inner) problems, independent of how ``_api`` dispatches;
+- public API: every function, option, dtype (float16 included), label dtype, layout and
+  rank against ``tests/_reference.py``; CPU-GPU agreement; the CPU's error messages;
+  NumPy/CuPy mixing; streams, devices, 0-d device losses, determinism, no host sync.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import _reference as ref
+import ssm
+from conftest import (LABEL_DTYPES, assert_close, logits_shape, make_class_weights,
+                      make_labels, make_lens, make_logits, make_soft_targets, make_weights)
+from ssm import _validation as V
+from test_cpu import OPTION_SETS, OPTION_SHAPES, SHAPES, SMALL_SHAPES, _options, _sid
+
+pytestmark = pytest.mark.gpu
+
+GPU_DTYPES = tuple(d.type for d in V.FLOAT_DTYPES["cuda"])
+CPU_DTYPES = tuple(d.type for d in V.FLOAT_DTYPES["cpu"])
+LAYOUTS = ("NCHW", "NHWC")
+REDUCTIONS = ("mean", "sum", "batch", "none")
+LOSS_FUNCS = ("spatial_softmax_with_loss", "spatial_softmax_with_loss_grad",
+              "spatial_softmax_with_loss_and_grad")
+
+
+def _cp():
+    import cupy
+
+    return cupy
+
+
+def gpu(a):
+    """A CuPy copy of a NumPy array (None stays None; numbers stay numbers)."""
+    return _cp().asarray(a) if isinstance(a, np.ndarray) else a
+
+
+def host(a):
+    cp = _cp()
+    assert isinstance(a, cp.ndarray), type(a)
+    return cp.asnumpy(a)
+
+
+def close(actual, desired, dtype, scale=1.0, factor=64):
+    """assert_close for a device result. float16 is computed in float32 and rounded
+    once to float16: a few float16 eps (not 64), and at least the spacing of float16's
+    subnormals (2**-24) in absolute terms."""
+    actual = host(actual)
+    assert actual.dtype == dtype
+    if dtype == np.float16:
+        e = 4 * float(np.finfo(np.float16).eps)
+        np.testing.assert_allclose(actual.astype(np.float64), desired, rtol=e,
+                                   atol=max(e * float(scale), 2.0**-24), equal_nan=True)
+    else:
+        assert_close(actual, desired, dtype, scale=scale, factor=factor)
+
+
+def _ref_opts(opts):
+    return {k: v for k, v in opts.items() if k not in ("validate", "threads", "out")}
+
+
+def _pix_shape(logits, layout):
+    return (logits.shape[0],) + (logits.shape[2:] if layout == "NCHW" else logits.shape[1:-1])
+
+
+def check_loss_and_grad_gpu(logits, target, weights=None, d_loss=1.0, **opts):
+    """test_cpu.check_loss_and_grad on the GPU: the three loss functions on CuPy inputs
+    (NumPy in, converted here), each output against the reference."""
+    cp = _cp()
+    dtype = logits.dtype
+    reduction = opts.get("reduction", "mean")
+    ropts = _ref_opts(opts)
+    pix_shape = _pix_shape(logits, opts.get("layout", "NCHW"))
+    xg, tg, wg, dg = gpu(logits), gpu(target), gpu(weights), gpu(d_loss)
+
+    prob, loss = ssm.spatial_softmax_with_loss(xg, tg, wg, **opts)
+    rprob, rloss = ref.sswl_loss(logits, target, weights, **ropts)
+    scale = np.max(ref.sswl_loss_scale(logits, target, weights, **ropts), initial=0.0)
+    assert type(prob) is cp.ndarray and prob.shape == logits.shape
+    assert type(loss) is cp.ndarray and loss.dtype == dtype
+    assert loss.shape == (pix_shape if reduction == "none" else ())
+    close(prob, rprob, dtype, scale=1e-6)
+    close(loss, rloss, dtype, scale=scale)
+
+    hprob = host(prob)
+    dlogits = ssm.spatial_softmax_with_loss_grad(prob, tg, wg, dg, **opts)
+    rgrad = ref.sswl_grad(hprob, target, weights, d_loss, **ropts)
+    gscale = np.nanmax(np.abs(rgrad), initial=0.0)
+    assert type(dlogits) is cp.ndarray and dlogits.shape == logits.shape
+    close(dlogits, rgrad, dtype, scale=gscale)
+
+    floss, fgrad, fprob = ssm.spatial_softmax_with_loss_and_grad(
+        xg, tg, wg, dg, return_prob=True, **opts)
+    rgrad_exact = ref.sswl_grad(rprob, target, weights, d_loss, **ropts)
+    assert type(floss) is cp.ndarray and floss.shape == loss.shape
+    close(floss, rloss, dtype, scale=scale)
+    close(fgrad, rgrad_exact, dtype, scale=gscale)
+    close(fprob, rprob, dtype, scale=1e-6)
+    # the fused kernel is the forward kernel with a gradient epilogue: same loss bits
+    assert host(floss).tobytes() == host(loss).tobytes()
+    return prob, loss, dlogits
+
+
+# ================================================================ backend layer
+
+
+def _problem(rng, dtype, outer, C, inner, kind, bad=()):
+    x = make_logits(rng, (outer, C, inner), dtype)
+    if kind == V.SOFT_KIND:
+        t = make_soft_targets(rng, (outer, C, inner), dtype)
+    else:
+        ldt = {1: np.uint8, 2: np.int32, 3: np.int64}[kind]
+        t = make_labels(rng, (outer, inner), C, ldt, ignore_index=-1 if kind != 1 else 255)
+        for flat, value in bad:
+            t.flat[flat] = value
+    return x, t
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3, V.SOFT_KIND], ids=["u8", "i32", "i64", "soft"])
+@pytest.mark.parametrize("outer,C,inner", [(3, 5, 1), (1100, 21, 1), (2, 2, 1), (2, 7, 33),
+                                           (1, 150, 257), (3, 1, 5)])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_backend_matches_cpu(rng, dtype, outer, C, inner, kind):
+    from ssm import _cpu, _gpu
+
+    x, t = _problem(rng, dtype, outer, C, inner, kind)
+    ign = 255 if kind == 1 else -1
+    w = make_weights(rng, (outer, inner), dtype)
+    cw = make_class_weights(rng, C, dtype)
+    g = rng.random((outer, inner)).astype(dtype)
+    tile = V.tile_size(C, inner, x.itemsize)
+    args = (outer, C, inner, tile, 1)
+    xg, tg, wg, gg = gpu(x), gpu(t), gpu(w), gpu(g)
+    factor = 8
+
+    for op in (_cpu.SOFTMAX, _cpu.LOG_SOFTMAX):
+        out_c, out_g = np.empty_like(x), _cp().empty_like(xg)
+        _cpu.run(op, x, out_c, *args)
+        assert _gpu.run(op, xg, out_g, *args) == 0.0
+        close(out_g, out_c, dtype, scale=10, factor=factor)
+    out_c, out_g = np.empty_like(x), _cp().empty_like(xg)
+    _cpu.run(_cpu.SOFTMAX_BWD, x, out_c, *args, x2=g.reshape(outer, 1, inner).repeat(C, 1))
+    _gpu.run(_gpu.SOFTMAX_BWD, xg, out_g, *args, x2=gpu(g.reshape(outer, 1, inner).repeat(C, 1)))
+    close(out_g, out_c, dtype, scale=np.abs(out_c).max(), factor=factor)
+
+    option_sets = [{}, {"smoothing": 0.1}]
+    if kind != V.SOFT_KIND:
+        option_sets += [{"lens": make_lens(rng, C, dtype)}, {"loss_cap": 1.5}]
+    loss_scale = outer * inner * (np.abs(x).max() + math.log(C) + 1) * 2 * cw.max()
+    for opts in option_sets:
+        kw = dict(target_kind=kind, ignore_index=ign, w=w, cw=cw, **opts)
+        kwg = dict(kw, target=tg, w=wg)
+        kw["target"] = t
+        norm_c, bad_c = _cpu.stats(x, t, kind, ign, w, cw, *args)
+        norm_g, bad_g = _gpu.stats(xg, tg, kind, ign, wg, cw, *args)
+        assert int(bad_g) == bad_c == -1
+        np.testing.assert_allclose(float(norm_g), norm_c, rtol=1e-12)
+        for op in (_cpu.SSWL_FWD, _cpu.SSWL_FWD_BWD):
+            lm_c, lm_g = np.empty((outer, inner), dtype), _cp().empty((outer, inner), dtype)
+            out_c, out_g = np.empty_like(x), _cp().empty_like(xg)
+            tot_c = _cpu.run(op, x, out_c, *args, g=g, g_scale=0.5 / norm_c, loss_map=lm_c, **kw)
+            tot_g = _gpu.run(op, xg, out_g, *args, g=gg, g_scale=0.5, g_norm=norm_g,
+                             loss_map=lm_g, **kwg)
+            assert isinstance(tot_g, _cp().ndarray) and tot_g.shape == () \
+                and tot_g.dtype == np.float64
+            e = 64 * float(np.finfo(dtype).eps)
+            np.testing.assert_allclose(float(tot_g), tot_c, rtol=e, atol=e * loss_scale)
+            close(lm_g, lm_c, dtype, scale=np.abs(lm_c).max(), factor=factor)
+            close(out_g, out_c, dtype, scale=np.abs(out_c).max(), factor=factor)
+            value = _gpu.loss_value(tot_g, norm_g, x.dtype)
+            assert value.shape == () and value.dtype == dtype
+            close(value, tot_c / norm_c, dtype, scale=abs(tot_c / norm_c), factor=factor)
+        out_c, out_g = np.empty_like(x), _cp().empty_like(xg)
+        _cpu.run(_cpu.SSWL_BWD, x, out_c, *args, g=g, g_scale=2.0, **kw)
+        _gpu.run(_gpu.SSWL_BWD, xg, out_g, *args, g=gg, g_scale=2.0, **kwg)
+        close(out_g, out_c, dtype, scale=np.abs(out_c).max(), factor=factor)
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3])
+def test_backend_stats_first_bad_across_blocks(rng, kind):
+    # Bad labels spread over many blocks of the pre-pass: the lowest flat index wins.
+    from ssm import _cpu, _gpu
+
+    outer, C, inner = 4, 3, 129 * 131
+    bad = [(60001, 17), (20011, 5), (50021, 200 if kind == 1 else -7), (45000, 3)]
+    x, t = _problem(rng, np.float32, outer, C, inner, kind, bad)
+    ign = 255 if kind == 1 else -1
+    args = (outer, C, inner, V.tile_size(C, inner, 4), 1)
+    norm_c, bad_c = _cpu.stats(x, t, kind, ign, None, None, *args)
+    norm_g, bad_g = _gpu.stats(gpu(x), gpu(t), kind, ign, None, None, *args)
+    assert bad_c == 20011 and int(bad_g) == 20011
+    assert float(norm_g) == norm_c  # integer counts: exact in any order
+
+
+def test_backend_empty_problem():
+    from ssm import _gpu
+
+    cp = _cp()
+    x = cp.zeros((0, 5, 3), np.float32)
+    total = _gpu.run(_gpu.SSWL_FWD, x, cp.empty_like(x), 0, 5, 3, 3, 1,
+                     target=cp.zeros((0, 3), np.int64), target_kind=3)
+    assert total.shape == () and float(total) == 0.0
+    norm, bad = _gpu.stats(x, cp.zeros((0, 3), np.int64), 3, -1, None, None, 0, 5, 3, 3, 1)
+    assert float(norm) == 0.0 and int(bad) == -1
+
+
+# ================================================================ public API: values
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+def test_softmax_and_log_softmax(rng, shape, dtype, layout):
+    N, C, spatial = shape
+    x = make_logits(rng, logits_shape(N, C, spatial, layout), dtype)
+    p = ssm.softmax(gpu(x), layout=layout)
+    lp = ssm.log_softmax(gpu(x), layout=layout)
+    assert p.shape == x.shape and lp.shape == x.shape
+    close(p, ref.softmax(x, layout), dtype, scale=1e-6)
+    close(lp, ref.log_softmax(x, layout), dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+def test_softmax_grad(rng, shape, dtype, layout):
+    N, C, spatial = shape
+    lshape = logits_shape(N, C, spatial, layout)
+    prob = ref.softmax(make_logits(rng, lshape), layout).astype(dtype)
+    dprob = rng.standard_normal(lshape).astype(dtype)
+    dx = ssm.softmax_grad(gpu(prob), gpu(dprob), layout=layout)
+    close(dx, ref.softmax_grad(prob, dprob, layout), dtype, scale=np.abs(dprob).max())
+
+
+def test_softmax_extreme_logits():
+    x = np.array([[1000.0, 0.0, -1000.0], [-1e4, -1e4, -1e4]])
+    np.testing.assert_allclose(host(ssm.softmax(gpu(x))), ref.softmax(x), rtol=1e-15, atol=0)
+    lp = host(ssm.log_softmax(gpu(x)))
+    np.testing.assert_allclose(lp, [[0.0, -1000.0, -2000.0], [-np.log(3)] * 3],
+                               rtol=1e-15, atol=1e-15)
+    for dtype in (np.float32, np.float16):
+        xs = x.astype(dtype)
+        assert np.all(np.isfinite(host(ssm.log_softmax(gpu(xs)))))
+        assert np.all(np.isfinite(host(ssm.softmax(gpu(xs)))))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+def test_loss_shapes(rng, shape, dtype, layout, reduction):
+    N, C, spatial = shape
+    x = make_logits(rng, logits_shape(N, C, spatial, layout), dtype)
+    y = make_labels(rng, (N, *spatial), C, np.int64)
+    d_loss = rng.random((N, *spatial)).astype(dtype) if reduction == "none" else 0.75
+    check_loss_and_grad_gpu(x, y, None, d_loss, reduction=reduction, layout=layout)
+
+
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, (3, 4)), (1, 150, (33,)), (40, 21, ())], ids=_sid)
+def test_label_dtypes(rng, shape, dtype, label_dtype):
+    N, C, spatial = shape
+    ignore = 255 if label_dtype == np.uint8 else -1
+    x = make_logits(rng, (N, C, *spatial), dtype)
+    y = make_labels(rng, (N, *spatial), C, label_dtype, ignore_index=ignore)
+    y.flat[1] = ignore
+    for reduction in REDUCTIONS:
+        check_loss_and_grad_gpu(x, y, ignore_index=ignore, reduction=reduction)
+
+
+def _listify(opts):
+    """class_weights and lens as plain lists: array-likes, neither NumPy nor CuPy."""
+    return {k: (v.tolist() if k in ("class_weights", "lens") else v) for k, v in opts.items()}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", OPTION_SHAPES, ids=_sid)
+@pytest.mark.parametrize("option", OPTION_SETS)
+def test_options(rng, option, shape, dtype, layout, reduction):
+    N, C, spatial = shape
+    x = make_logits(rng, logits_shape(N, C, spatial, layout), dtype)
+    target, weights, opts = _options(rng, option, N, C, spatial, dtype, layout)
+    d_loss = rng.random((N, *spatial)).astype(dtype) if reduction == "none" else 1.5
+    check_loss_and_grad_gpu(x, target, weights, d_loss, reduction=reduction, layout=layout,
+                            **_listify(opts))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batch"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("case", ["all_ignored", "zero_weights"])
+def test_zero_normaliser_gives_exact_zeros(rng, case, dtype, reduction):
+    x = make_logits(rng, (2, 5, 3, 7), dtype)
+    y = make_labels(rng, (2, 3, 7), 5, np.int32, ignore_frac=0)
+    w = None
+    if case == "all_ignored":
+        y[...] = -1
+    else:
+        w = np.zeros((2, 3, 7), dtype)
+    prob, loss = ssm.spatial_softmax_with_loss(gpu(x), gpu(y), gpu(w), reduction=reduction)
+    assert loss.shape == () and float(loss) == 0
+    g = ssm.spatial_softmax_with_loss_grad(prob, gpu(y), gpu(w), 1.0, reduction=reduction)
+    assert bool((g == 0).all())
+    floss, fg = ssm.spatial_softmax_with_loss_and_grad(gpu(x), gpu(y), gpu(w),
+                                                       reduction=reduction)
+    assert float(floss) == 0 and bool((fg == 0).all())
+
+
+EMPTY_SHAPES = [(0, 5, ()), (0, 5, (3, 4)), (2, 5, (0,)), (1, 3, (0, 2, 2))]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=_sid)
+def test_empty(shape, layout, reduction):
+    cp = _cp()
+    N, C, spatial = shape
+    x = cp.zeros(logits_shape(N, C, spatial, layout), np.float32)
+    pix = (N, *spatial)
+    y = cp.zeros(pix, np.int64)
+    d_loss = cp.ones(pix, np.float32) if reduction == "none" else 1.0
+    assert ssm.softmax(x, layout=layout).shape == x.shape
+    assert ssm.softmax_grad(x, x, layout=layout).shape == x.shape
+    prob, loss = ssm.spatial_softmax_with_loss(x, y, reduction=reduction, layout=layout)
+    assert type(loss) is cp.ndarray and loss.dtype == np.float32
+    if reduction != "none":
+        assert loss.shape == () and float(loss) == 0
+    g = ssm.spatial_softmax_with_loss_grad(prob, y, None, d_loss, reduction=reduction,
+                                           layout=layout)
+    assert g.shape == x.shape
+
+
+@pytest.mark.parametrize("label_dtype,bad", [(np.int64, 7), (np.int32, -2), (np.uint8, 200),
+                                             (np.int64, 2**40)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_validate_false_out_of_range(rng, dtype, layout, label_dtype, bad):
+    N, C, spatial = 2, 5, (3, 4)
+    x = make_logits(rng, logits_shape(N, C, spatial, layout), dtype)
+    ignore = 255 if label_dtype == np.uint8 else -1
+    y = make_labels(rng, (N, *spatial), C, label_dtype, ignore_index=ignore)
+    w = make_weights(rng, (N, *spatial), dtype)
+    idx = (1, 2, 1)
+    y[idx] = bad
+    badmask = np.zeros(y.shape, bool)
+    badmask[idx] = True
+    opts = {"layout": layout, "ignore_index": ignore, "validate": False}
+    _, lmap = ssm.spatial_softmax_with_loss(gpu(x), gpu(y), gpu(w), reduction="none", **opts)
+    lmap = host(lmap)
+    assert np.isnan(lmap[idx]) and np.all(np.isfinite(lmap[~badmask]))
+    for reduction in ["mean", "sum", "batch"]:
+        _, loss = ssm.spatial_softmax_with_loss(gpu(x), gpu(y), gpu(w), reduction=reduction,
+                                                **opts)
+        assert np.isnan(float(loss))
+    prob = ssm.softmax(gpu(x), layout=layout)
+    for reduction in REDUCTIONS:
+        d_loss = gpu(np.ones((N, *spatial), dtype)) if reduction == "none" else 1.0
+        g = ssm.spatial_softmax_with_loss_grad(prob, gpu(y), gpu(w), d_loss,
+                                               reduction=reduction, **opts)
+        _, fg = ssm.spatial_softmax_with_loss_and_grad(gpu(x), gpu(y), gpu(w), d_loss,
+                                                       reduction=reduction, **opts)
+        for grad in (host(g), host(fg)):
+            rows = np.moveaxis(ref.to_nchw(grad, layout), 1, -1)
+            assert np.all(np.isnan(rows[idx])) and np.all(np.isfinite(rows[~badmask]))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_out(rng, dtype, layout):
+    cp = _cp()
+    lshape = logits_shape(2, 5, (3, 7), layout)
+    x = make_logits(rng, lshape, dtype)
+    y = make_labels(rng, (2, 3, 7), 5)
+    out = cp.full(lshape, np.nan, dtype)
+    res = ssm.softmax(gpu(x), layout=layout, out=out)
+    assert res.data.ptr == out.data.ptr
+    close(out, ref.softmax(x, layout), dtype, scale=1e-6)
+    out = cp.full(lshape, np.nan, dtype)
+    res, loss = ssm.spatial_softmax_with_loss(gpu(x), gpu(y), layout=layout, out=out)
+    assert res.data.ptr == out.data.ptr
+    close(out, ref.sswl_loss(x, y, layout=layout)[0], dtype, scale=1e-6)
+    out = cp.full(lshape, np.nan, dtype)
+    loss, res, p = ssm.spatial_softmax_with_loss_and_grad(gpu(x), gpu(y), layout=layout,
+                                                          out=out, return_prob=True)
+    assert res.data.ptr == out.data.ptr and p.data.ptr != out.data.ptr
+    rprob = ref.softmax(x, layout)
+    rgrad = ref.sswl_grad(rprob, y, layout=layout)
+    close(out, rgrad, dtype, scale=np.abs(rgrad).max())
+
+
+# ================================================================ CPU-GPU agreement
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_cpu_gpu_agree(rng, dtype, layout, reduction, soft):
+    N, C, spatial = 2, 7, (5, 6)
+    lshape = logits_shape(N, C, spatial, layout)
+    x = make_logits(rng, lshape, dtype)
+    y = make_soft_targets(rng, lshape, dtype, layout) if soft else \
+        make_labels(rng, (N, *spatial), C, np.int32)
+    w = make_weights(rng, (N, *spatial), dtype)
+    opts = {"class_weights": make_class_weights(rng, C, dtype).tolist(), "label_smoothing": 0.1,
+            "reduction": reduction, "layout": layout}
+    if not soft:
+        opts["lens"] = make_lens(rng, C).tolist()
+    d_loss = rng.random((N, *spatial)).astype(dtype) if reduction == "none" else 0.9
+    cpu = ssm.spatial_softmax_with_loss_and_grad(x, y, w, d_loss, return_prob=True, **opts)
+    dev = ssm.spatial_softmax_with_loss_and_grad(gpu(x), gpu(y), gpu(w), gpu(d_loss),
+                                                 return_prob=True, **opts)
+    scale = np.max(ref.sswl_loss_scale(x, y, w, **opts))
+    close(dev[0], cpu[0].astype(np.float64), dtype, scale=scale, factor=8)
+    close(dev[1], cpu[1].astype(np.float64), dtype, scale=np.abs(cpu[1]).max(), factor=8)
+    close(dev[2], cpu[2].astype(np.float64), dtype, scale=1e-6, factor=8)
+    for fn in (ssm.softmax, ssm.log_softmax):
+        close(fn(gpu(x), layout=layout), fn(x, layout=layout).astype(np.float64), dtype,
+              scale=10, factor=8)
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=_sid)
+def test_float16_matches_float32(rng, shape):
+    # float16 is computed in float32: the same results as float32 on float16-exact
+    # inputs, up to the final rounding to float16.
+    N, C, spatial = shape
+    x = make_logits(rng, (N, C, *spatial), np.float16)
+    y = make_labels(rng, (N, *spatial), C)
+    l16, g16 = ssm.spatial_softmax_with_loss_and_grad(gpu(x), gpu(y))
+    l32, g32 = ssm.spatial_softmax_with_loss_and_grad(gpu(x.astype(np.float32)), gpu(y))
+    close(l16, host(l32).astype(np.float64), np.float16, scale=abs(float(l32)))
+    close(g16, host(g32).astype(np.float64), np.float16, scale=float(abs(g32).max()))
+
+
+# ================================================================ errors
+
+
+def _misuses(x, y):
+    """(name, call) pairs that must fail the same way on both devices; x, y on one device."""
+    return [
+        ("bad_label", lambda: ssm.spatial_softmax_with_loss(x, _with_bad(y))),
+        ("bad_label_grad", lambda: ssm.spatial_softmax_with_loss_grad(x, _with_bad(y))),
+        ("bad_label_fused", lambda: ssm.spatial_softmax_with_loss_and_grad(x, _with_bad(y))),
+        ("int_target_dtype", lambda: ssm.spatial_softmax_with_loss(x, y.astype(np.float32))),
+        ("layout", lambda: ssm.softmax(x, layout="NHCW")),
+        ("reduction", lambda: ssm.spatial_softmax_with_loss(x, y, reduction="avg")),
+        ("target_shape", lambda: ssm.spatial_softmax_with_loss(x, y[:, :2])),
+        ("target_dtype", lambda: ssm.spatial_softmax_with_loss(x, y.astype(np.int16))),
+        ("weights_shape", lambda: ssm.spatial_softmax_with_loss(x, y, x[:, 0, :2])),
+        ("class_weights", lambda: ssm.spatial_softmax_with_loss(x, y, class_weights=[1.0, 2.0])),
+        ("lens", lambda: ssm.spatial_softmax_with_loss(x, y, lens=[[1.0]])),
+        ("smoothing", lambda: ssm.spatial_softmax_with_loss(x, y, label_smoothing=1.5)),
+        ("d_loss_map", lambda: ssm.spatial_softmax_with_loss_grad(x, y, None, x[:, 0].copy())),
+        ("out_shape", lambda: ssm.softmax(x, out=x[:1].copy())),
+        ("ndim", lambda: ssm.softmax(x[0, 0, 0].copy())),
+    ]
+
+
+def _with_bad(y):
+    y = y.copy()
+    y[1, 2, 3] = 9
+    y[0, 0, 1] = -5 if y.dtype.kind == "i" else 9  # the lower flat index wins
+    return y
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_errors_identical_to_cpu(rng, case):
+    x = make_logits(rng, (2, 5, 3, 4), np.float32)
+    y = make_labels(rng, (2, 3, 4), 5, np.int32)
+    name, cpu_call = _misuses(x, y)[case]
+    _, gpu_call = _misuses(gpu(x), gpu(y))[case]
+    with pytest.raises(Exception) as cpu_info:
+        cpu_call()
+    with pytest.raises(type(cpu_info.value)) as gpu_info:
+        gpu_call()
+    assert str(gpu_info.value) == str(cpu_info.value), name
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_bad_label_lowest_index_across_blocks(name):
+    cp = _cp()
+    rng = np.random.default_rng(11)
+    x = np.zeros((4, 3, 129, 131), np.float32)
+    y = rng.integers(0, 3, size=(4, 129, 131)).astype(np.int32)
+    for flat, value in {60001: 17, 20011: 5, 50021: -7, 45000: 3}.items():
+        y.flat[flat] = value
+    out = cp.full(x.shape, -4.5, np.float32)
+    with pytest.raises(ValueError, match=r"^target: ") as gpu_info:
+        getattr(ssm, name)(gpu(x), gpu(y), out=out)
+    with pytest.raises(ValueError) as cpu_info:
+        getattr(ssm, name)(x, y)
+    assert str(gpu_info.value) == str(cpu_info.value)
+    assert bool((out == -4.5).all())  # raised before any output was written
+
+
+def test_float_dtypes_per_device(rng):
+    x = make_logits(rng, (2, 3, 4), np.float16)
+    with pytest.raises(TypeError, match=r"^x: .*float16"):
+        ssm.softmax(x)
+    assert ssm.softmax(gpu(x)).dtype == np.float16
+    with pytest.raises(TypeError, match=r"^x: .*int32"):
+        ssm.softmax(gpu(x.astype(np.int32)))
+    with pytest.raises(TypeError, match=r"^logits: .*bool"):
+        ssm.spatial_softmax_with_loss(gpu(x > 0), gpu(np.zeros((2, 4), np.int32)))
+
+
+def _mixed_calls(xg, yg, x, y):
+    cp = _cp()
+    wg, w = cp.ones(yg.shape, xg.dtype), np.ones(y.shape, x.dtype)
+    return [
+        lambda: ssm.softmax(xg, out=np.empty_like(x)),
+        lambda: ssm.softmax(x, out=cp.empty_like(xg)),
+        lambda: ssm.softmax_grad(xg, x),
+        lambda: ssm.softmax_grad(x, xg),
+        lambda: ssm.spatial_softmax_with_loss(xg, y),
+        lambda: ssm.spatial_softmax_with_loss(x, yg),
+        lambda: ssm.spatial_softmax_with_loss(xg, yg, w),
+        lambda: ssm.spatial_softmax_with_loss(xg, yg, out=np.empty_like(x)),
+        lambda: ssm.spatial_softmax_with_loss_grad(xg, y),
+        lambda: ssm.spatial_softmax_with_loss_grad(xg, yg, wg, np.ones(y.shape, x.dtype),
+                                                   reduction="none"),
+        lambda: ssm.spatial_softmax_with_loss_and_grad(xg, y),
+        lambda: ssm.spatial_softmax_with_loss_and_grad(x, yg, None, cp.ones(y.shape, x.dtype),
+                                                       reduction="none"),
+        lambda: ssm.spatial_softmax_with_loss_and_grad(xg, yg, out=np.empty_like(x)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_mixing_numpy_and_cupy_is_a_type_error(rng, case):
+    x = make_logits(rng, (2, 5, 3, 4), np.float32)
+    y = make_labels(rng, (2, 3, 4), 5, np.int32)
+    call = _mixed_calls(gpu(x), gpu(y), x, y)[case]
+    with pytest.raises(TypeError, match=r"^\w+: "):
+        call()
+
+
+# ================================================================ streams, devices, syncs
+
+
+def test_loss_is_a_0d_device_array(rng):
+    cp = _cp()
+    x = make_logits(rng, (2, 5, 3, 4), np.float32)
+    y = make_labels(rng, (2, 3, 4), 5)
+    for reduction in ("mean", "sum", "batch"):
+        _, loss = ssm.spatial_softmax_with_loss(gpu(x), gpu(y), reduction=reduction)
+        assert type(loss) is cp.ndarray and loss.shape == () and loss.dtype == np.float32
+        floss, _ = ssm.spatial_softmax_with_loss_and_grad(gpu(x), gpu(y), reduction=reduction)
+        assert type(floss) is cp.ndarray and floss.shape == ()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_default_stream(rng, layout):
+    cp = _cp()
+    shape = logits_shape(4, 21, (64, 65), layout)
+    x = make_logits(rng, shape, np.float32)
+    y = make_labels(rng, (4, 64, 65), 21, np.int32)
+    rprob, rloss = ref.sswl_loss(x, y, layout=layout)
+    xg, yg = gpu(x), gpu(y)
+    cp.cuda.Device().synchronize()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        prob, loss = ssm.spatial_softmax_with_loss(xg, yg, layout=layout)
+        floss, grad = ssm.spatial_softmax_with_loss_and_grad(xg, yg, layout=layout)
+        lp = ssm.log_softmax(xg, layout=layout)
+    stream.synchronize()
+    close(prob, rprob, np.float32, scale=1e-6)
+    close(loss, rloss, np.float32, scale=10)
+    close(floss, rloss, np.float32, scale=10)
+    close(lp, ref.log_softmax(x, layout), np.float32)
+    close(grad, ref.sswl_grad(rprob, y, layout=layout), np.float32,
+          scale=float(abs(grad).max()))
+
+
+def test_non_zero_device(rng):
+    cp = _cp()
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs a second CUDA device")
+    x = make_logits(rng, (2, 5, 9, 7), np.float32)
+    y = make_labels(rng, (2, 9, 7), 5)
+    rprob, rloss = ref.sswl_loss(x, y)
+    with cp.cuda.Device(1):
+        xg, yg = cp.asarray(x), cp.asarray(y)
+    with cp.cuda.Device(0):  # the current device is not the arrays' device
+        prob, loss = ssm.spatial_softmax_with_loss(xg, yg)
+        floss, grad = ssm.spatial_softmax_with_loss_and_grad(xg, yg)
+    assert prob.device.id == 1 and loss.device.id == 1 and grad.device.id == 1
+    close(prob, rprob, np.float32, scale=1e-6)
+    close(loss, rloss, np.float32, scale=10)
+    close(floss, rloss, np.float32, scale=10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batch"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_loss_bits_identical_run_to_run(rng, dtype, layout, reduction):
+    # Large enough for a full grid of per-block partials and grid-stride loops.
+    shape = logits_shape(2, 19, (300, 1100), layout)
+    x = gpu(make_logits(rng, shape, dtype))
+    y = gpu(make_labels(rng, (2, 300, 1100), 19, np.int64))
+    w = gpu(make_weights(rng, (2, 300, 1100), dtype))
+    first = host(ssm.spatial_softmax_with_loss(x, y, w, reduction=reduction)[1]).tobytes()
+    for _ in range(3):
+        _, loss = ssm.spatial_softmax_with_loss(x, y, w, reduction=reduction)
+        floss, _ = ssm.spatial_softmax_with_loss_and_grad(x, y, w, reduction=reduction)
+        assert host(loss).tobytes() == first and host(floss).tobytes() == first
+
+
+def test_no_host_synchronisation_with_validate_false(rng):
+    cp = _cp()
+    import cupyx
+
+    x = gpu(make_logits(rng, (2, 5, 30, 40), np.float32))
+    y = gpu(make_labels(rng, (2, 30, 40), 5, np.int32))
+    w = gpu(make_weights(rng, (2, 30, 40), np.float32))
+    d = gpu(rng.random((2, 30, 40)).astype(np.float32))
+    # compile outside the check
+    ssm.spatial_softmax_with_loss_and_grad(x, y, w, validate=False)
+    ssm.spatial_softmax_with_loss_grad(x, y, w, validate=False)
+    ssm.softmax(x)
+    cp.cuda.Device().synchronize()
+    with cupyx.allow_synchronize(False):
+        for reduction in REDUCTIONS:
+            d_loss = d if reduction == "none" else 1.0
+            prob, loss = ssm.spatial_softmax_with_loss(x, y, w, reduction=reduction,
+                                                       validate=False)
+            ssm.spatial_softmax_with_loss_grad(prob, y, w, d_loss, reduction=reduction,
+                                               validate=False)
+            ssm.spatial_softmax_with_loss_and_grad(x, y, w, d_loss, reduction=reduction,
+                                                   validate=False)
+            ssm.softmax(x)
+            ssm.log_softmax(x)
+    assert math.isfinite(float(loss))
