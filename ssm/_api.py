@@ -57,7 +57,7 @@ def _softmax(x, layout, out, threads, op):
         nt = _threads.resolve(threads)
         if out is None:
             out = V.array_module(x).empty_like(x)
-        B.run(op, x, out, g.outer, g.C, g.inner, g.tile, nt)
+        B.run(op, x, out, g.outer, g.C, g.inner, g.tile, nt, stream=g.stream)
         return out
 
 
@@ -117,7 +117,8 @@ def softmax_grad(prob, dprob, *, layout="NCHW", out=None, threads=None):
         nt = _threads.resolve(threads)
         if out is None:
             out = V.array_module(prob).empty_like(prob)
-        B.run(B.SOFTMAX_BWD, prob, out, g.outer, g.C, g.inner, g.tile, nt, x2=dprob)
+        B.run(B.SOFTMAX_BWD, prob, out, g.outer, g.C, g.inner, g.tile, nt, x2=dprob,
+              stream=g.stream)
         return out
 
 
@@ -143,7 +144,7 @@ class _Loss(NamedTuple):
     def kernel_args(self):
         return dict(target=self.target, target_kind=self.kind, ignore_index=self.ignore_index,
                     w=self.weights, cw=self.class_weights, lens=self.lens,
-                    smoothing=self.smoothing)
+                    smoothing=self.smoothing, stream=self.geom.stream)
 
 
 def _loss_problem(x, x_name, target, weights, ignore_index, class_weights, lens,

@@ -25,6 +25,7 @@ cdef extern from "_kernels.h" nogil:
         void *out
         void *out2
         void *loss_map
+        int stream
 
     Py_ssize_t ssm_num_tiles(const ssm_problem *P)
     size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)

@@ -134,12 +134,13 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
         int n_threads, *, x2=None, target=None, int target_kind=SSM_NO_TARGET,
         long long ignore_index=-1, w=None, cw=None, lens=None, double smoothing=0.0,
         double loss_cap=INFINITY, g=None, double g_scale=1.0, double g_norm=1.0, out2=None,
-        loss_map=None):
+        loss_map=None, bint stream=False):
     """Run kernel `op` over the (outer, C, inner) problem; return the float64 loss sum.
 
     All arrays are C-contiguous and of x's float dtype (labels: their integer
     dtype, named by `target_kind`); `out`, `out2` and `loss_map` are written. The
-    gradient is scaled by ``g_scale / g_norm``, 0 when ``g_norm`` is 0.
+    gradient is scaled by ``g_scale / g_norm``, 0 when ``g_norm`` is 0. ``stream``:
+    write strided outputs with non-temporal stores (for outputs larger than the caches).
     """
     cdef ssm_problem P
     cdef bint dbl = x.dtype.itemsize == 8
@@ -154,6 +155,7 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
     P.smoothing, P.loss_cap = smoothing, loss_cap
     P.g, P.g_scale = _ptr(g), (g_scale / g_norm if g_norm != 0 else 0.0)
     P.out, P.out2, P.loss_map = <void *>_ptr(out), <void *>_ptr(out2), <void *>_ptr(loss_map)
+    P.stream = stream
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0

@@ -12,9 +12,12 @@
  *    order by the caller, make every reduction bit-identical for any thread count.
  * c) Inside a tile the math runs on channel-major [C][tile] blocks so that the inner
  *    loops walk contiguous pixels and vectorise (exp through libmvec, see below).
- *    Strided channels (inner > 1) are read and written in place with channel stride
- *    `inner`. Contiguous rows (inner == 1) are transposed into per-thread scratch,
- *    computed, and transposed back: the same math, no kernel per layout.
+ *    Strided channels (inner > 1) are read in place with channel stride `inner`
+ *    (the next tile's rows prefetched) and written in place, or, for outputs larger
+ *    than the caches, computed in scratch and written with non-temporal stores, which
+ *    spare DRAM the read of every output line a plain store costs. Contiguous rows
+ *    (inner == 1) are transposed into per-thread scratch, computed, and transposed
+ *    back: the same math, no kernel per layout.
  * d) One core function per concept: softmax_fwd (log-softmax is its epilogue),
  *    softmax_bwd, sswl_fwd / sswl_fwd_bwd (one function: the epilogue writes either
  *    the probabilities or the gradient), sswl_bwd, and the label pre-pass sswl_stats.
@@ -40,6 +43,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) \
     && !defined(__FAST_MATH__) && !defined(SSM_NO_CLONES)
@@ -116,6 +122,7 @@ typedef struct {
     void *out;                  /* prob, log-prob or dlogits */
     void *out2;                 /* prob, from the fused function, or NULL */
     void *loss_map;             /* per-pixel loss (outer*inner) or NULL */
+    int stream;                 /* strided outputs: computed in scratch, streamed out */
 } ssm_problem;
 
 static inline ptrdiff_t ssm_num_tiles(const ssm_problem *P)

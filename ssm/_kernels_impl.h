@@ -62,11 +62,12 @@ SSM_INLINE const R *SSM_SFX(ssm_load)(const ssm_problem *P, const R *src, ptrdif
     return scratch;
 }
 
-/* Where a tile output is computed: in place for strided channels, else scratch. */
+/* Where a tile output is computed: in place for strided channels, else in scratch
+   (rows, or strided outputs that ssm_store streams out). */
 SSM_INLINE R *SSM_SFX(ssm_target_block)(const ssm_problem *P, R *dst, ptrdiff_t base,
                                         R *scratch, ptrdiff_t *stride)
 {
-    if (P->inner > 1) {
+    if (P->inner > 1 && !P->stream) {
         *stride = P->inner;
         return dst + base;
     }
@@ -74,13 +75,39 @@ SSM_INLINE R *SSM_SFX(ssm_target_block)(const ssm_problem *P, R *dst, ptrdiff_t 
     return scratch;
 }
 
-/* Rows only: transpose a computed block back into the array. */
+/* Copy one row of n elements to memory with non-temporal stores: the lines go to
+   DRAM without first being read into the cache, as a plain store would. */
+SSM_INLINE void SSM_SFX(ssm_stream_row)(R *dst, const R *src, ptrdiff_t n)
+{
+#if defined(__SSE2__)
+    ptrdiff_t j = 0, per = 16 / (ptrdiff_t)sizeof(R);
+    for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
+        dst[j] = src[j];
+    for (; j + per <= n; j += per)
+        _mm_stream_si128((__m128i *)(dst + j), _mm_loadu_si128((const __m128i *)(src + j)));
+    for (; j < n; j++)
+        dst[j] = src[j];
+#else
+    memcpy(dst, src, (size_t)n * sizeof(R));
+#endif
+}
+
+/* Move a block computed in scratch to the array: rows are transposed back, strided
+   channels (with P->stream) streamed out row by row. */
 SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base, ptrdiff_t n,
                                    const R *block)
 {
     ptrdiff_t C = P->C, T = P->tile, c, j;
-    if (P->inner > 1)
+    if (P->inner > 1) {
+        if (!P->stream)
+            return;
+        for (c = 0; c < C; c++)
+            SSM_SFX(ssm_stream_row)(dst + base + c * P->inner, block + c * T, n);
+#if defined(__SSE2__)
+        _mm_sfence();  /* the streamed lines are ordered before the parallel region ends */
+#endif
         return;
+    }
     dst += base;
     for (j = 0; j < n; j++)
         for (c = 0; c < C; c++)
