@@ -35,7 +35,7 @@ def _backend(*named):
         return _cpu, contextlib.nullcontext()
     for name, a in named:
         if a is not None and not V.is_cupy_array(a) and not isinstance(a, numbers.Number):
-            raise TypeError(f"{name}: a {V._type_name(a)} on the host cannot be mixed with "
+            raise TypeError(f"{name}: a {V.type_name(a)} on the host cannot be mixed with "
                             f"{gpu[0][0]}, a cupy.ndarray; pass CuPy arrays on one device")
     devices = {a.device.id for _, a in gpu}
     if len(devices) > 1:

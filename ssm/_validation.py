@@ -44,7 +44,7 @@ def _dtype_names(dtypes):
     return ", ".join(str(d) for d in dtypes)
 
 
-def _type_name(obj):
+def type_name(obj):
     t = type(obj)
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
@@ -73,7 +73,7 @@ def as_array(a, name: str):
         return a
     if isinstance(a, (list, tuple, numbers.Number, np.generic)) and not isinstance(a, bool):
         return np.asarray(a)
-    raise TypeError(f"{name}: expected a numpy.ndarray, got {_type_name(a)}")
+    raise TypeError(f"{name}: expected a numpy.ndarray, got {type_name(a)}")
 
 
 def check_choice(value, name: str, choices) -> str:
@@ -220,7 +220,7 @@ def check_lens(lens, C: int, dtype: np.dtype, kind: int):
 def check_smoothing(label_smoothing) -> float:
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing: expected a number in [0, 1], "
-                        f"got {_type_name(label_smoothing)}")
+                        f"got {type_name(label_smoothing)}")
     e = float(label_smoothing)
     if not 0.0 <= e <= 1.0:
         raise ValueError(f"label_smoothing: {label_smoothing!r} is outside [0, 1]")
@@ -271,7 +271,7 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
     if out is None:
         return None
     if not isinstance(out, np.ndarray) and not is_cupy_array(out):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {_type_name(out)}")
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type_name(out)}")
     if out.dtype != dtype:
         raise ValueError(f"{name}: dtype {out.dtype} does not match; expected {dtype}")
     if out.shape != shape:
