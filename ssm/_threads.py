@@ -5,14 +5,31 @@ else OpenMP's default for the calling thread (``omp_get_max_threads()``, which
 honours ``OMP_NUM_THREADS`` and threadpoolctl), read at call time. ssm never calls
 ``omp_set_num_threads``: that would change the team size of every other library
 sharing the OpenMP runtime. The count reaches the kernels as a plain int.
+
+Fork safety: GNU libgomp cannot start a thread team in a child forked after the
+parent used one (the child hangs; measured here with multiprocessing's "fork"
+start method and os.fork). A one-thread region needs no team, so in a forked
+child every call runs on one thread, whatever it asks for. Use the "spawn" or
+"forkserver" start method for multi-threaded ssm in worker processes.
 """
 from __future__ import annotations
 
 import numbers
+import os
 
 from . import _cpu
 
 _default: int | None = None
+_in_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _in_forked_child
+    _in_forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _check(n, name: str) -> int:
@@ -35,5 +52,6 @@ def get_num_threads() -> int:
 
 
 def resolve(threads) -> int:
-    """The effective thread count of one call."""
-    return get_num_threads() if threads is None else _check(threads, "threads")
+    """The effective thread count of one call (1 in a forked child, see above)."""
+    n = get_num_threads() if threads is None else _check(threads, "threads")
+    return 1 if _in_forked_child else n

@@ -266,3 +266,22 @@ def test_float32_reduction_accumulates_wide(big_inputs, reduction):
     _, loss = ssm.spatial_softmax_with_loss(x, y, w, reduction=reduction)
     _, rloss = ref.sswl_loss(x, y, w, reduction=reduction)
     np.testing.assert_allclose(loss, rloss, rtol=4 * np.finfo(np.float32).eps, atol=0)
+
+
+def test_forked_child_does_not_hang():
+    # libgomp hangs a forked child that starts a thread team after the parent used one;
+    # ssm runs single-threaded in forked children. The child gets 20 s to answer.
+    import multiprocessing as mp
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    x = np.random.default_rng(0).standard_normal((2, 5, 256, 256))  # big enough for a team
+    expected = ssm.softmax(x, threads=2)  # the parent uses an OpenMP team
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(_softmax_in_child, (x,))
+        got = result.get(timeout=20)
+    np.testing.assert_array_equal(got, expected)
+
+
+def _softmax_in_child(x):
+    return ssm.softmax(x, threads=2)
