@@ -479,7 +479,8 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
 #pragma omp simd
         for (j = 0; j < n; j++) {
             S.s[j] = (R)1 / S.s[j];
-            S.wv[j] = want_grad ? S.g[j] * S.a[j] * S.s[j] : (R)0;  /* f = g a / s */
+            /* f = g a / s, exactly 0 for an inactive pixel even where s is not finite */
+            S.wv[j] = want_grad && S.a[j] != 0 ? S.g[j] * S.a[j] * S.s[j] : (R)0;
             S.g[j] *= S.a[j];                                          /* g a */
         }
     } else {
@@ -505,7 +506,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
 #pragma omp simd
         for (j = 0; j < n; j++) {
             S.s[j] = (R)1 / S.s[j];
-            S.wv[j] = want_grad ? S.g[j] * S.a[j] * Asum[j] * S.s[j] : (R)0;
+            S.wv[j] = want_grad && S.a[j] != 0 ? S.g[j] * S.a[j] * Asum[j] * S.s[j] : (R)0;
         }
     }
 
