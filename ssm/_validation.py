@@ -76,6 +76,15 @@ def as_array(a, name: str):
     raise TypeError(f"{name}: expected a numpy.ndarray, got {type_name(a)}")
 
 
+def contiguous(a, dtype=None):
+    """`a` as a C-contiguous, aligned array for the kernels (a copy only where needed).
+    A NumPy view at an odd byte offset is contiguous but not aligned to its dtype;
+    the C kernels may not read such a pointer, so it is copied too."""
+    if array_module(a) is not np:
+        return array_module(a).ascontiguousarray(a, dtype=dtype)
+    return np.require(a, dtype=dtype, requirements=("C", "A"))
+
+
 def check_choice(value, name: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: {value!r} is not one of {_quote(choices)}")
@@ -88,7 +97,7 @@ def check_float_array(a, name: str):
     if a.dtype not in FLOAT_DTYPES[device]:
         raise TypeError(f"{name}: dtype {a.dtype} is not supported on the {device}; "
                         f"expected one of {_dtype_names(FLOAT_DTYPES[device])}")
-    return array_module(a).ascontiguousarray(a)
+    return contiguous(a)
 
 
 class Geometry(NamedTuple):
@@ -158,14 +167,14 @@ def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
         if t.shape != geom.shape:
             raise ValueError(f"target: soft-target shape {t.shape} differs from {logits_name}'s "
                              f"{geom.shape}; labels would have shape {geom.pixel_shape}")
-        return array_module(t).ascontiguousarray(t), SOFT_KIND
+        return contiguous(t), SOFT_KIND
     if t.dtype not in LABEL_KINDS:
         raise TypeError(f"target: dtype {t.dtype} is not supported; expected integer labels "
                         f"({_dtype_names(LABEL_KINDS)}) or soft targets of dtype {logits.dtype}")
     if t.shape != geom.pixel_shape:
         raise ValueError(f"target: label shape {t.shape} does not match {logits_name} {geom.shape}; "
                          f"expected {geom.pixel_shape}")
-    return array_module(t).ascontiguousarray(t), LABEL_KINDS[t.dtype]
+    return contiguous(t), LABEL_KINDS[t.dtype]
 
 
 def check_weights(weights, geom: Geometry, dtype: np.dtype):
@@ -177,7 +186,7 @@ def check_weights(weights, geom: Geometry, dtype: np.dtype):
     if w.shape != geom.pixel_shape:
         raise ValueError(f"weights: shape {w.shape} does not match the logits; "
                          f"expected {geom.pixel_shape}")
-    return array_module(w).ascontiguousarray(w)
+    return contiguous(w)
 
 
 def _small_float(value, name: str, shape: tuple) -> np.ndarray:
@@ -197,7 +206,7 @@ def _small_float(value, name: str, shape: tuple) -> np.ndarray:
 def check_class_weights(class_weights, C: int, dtype: np.dtype):
     if class_weights is None:
         return None
-    return np.ascontiguousarray(_small_float(class_weights, "class_weights", (C,)), dtype=dtype)
+    return contiguous(_small_float(class_weights, "class_weights", (C,)), dtype)
 
 
 def check_lens(lens, C: int, dtype: np.dtype, kind: int):
@@ -214,7 +223,7 @@ def check_lens(lens, C: int, dtype: np.dtype, kind: int):
     if abs(rows[worst] - 1.0) > LENS_ROW_TOLERANCE:
         raise ValueError(f"lens: row {worst} sums to {rows[worst]:.6g}; expected every row to "
                          f"sum to 1 (within {LENS_ROW_TOLERANCE})")
-    return np.ascontiguousarray(lens, dtype=dtype)
+    return contiguous(lens, dtype)
 
 
 def check_smoothing(label_smoothing) -> float:
@@ -254,7 +263,7 @@ def check_d_loss(d_loss, reduction: str, geom: Geometry, dtype: np.dtype):
         raise TypeError(f"d_loss: dtype {d.dtype} is not a real number type")
     xp = array_module(d)
     if reduction == "none" and d.shape == geom.pixel_shape:
-        return 1.0, xp.ascontiguousarray(d, dtype=dtype)
+        return 1.0, contiguous(d, dtype)
     if d.size == 1:
         if xp is not np:
             return d.reshape(()).astype(np.float64), None
@@ -278,6 +287,10 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
         raise ValueError(f"{name}: shape {out.shape} does not match; expected {shape}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name}: the buffer is not C-contiguous; expected a C-contiguous array")
+    if not getattr(out.flags, "aligned", True):  # CuPy arrays are always aligned
+        raise ValueError(f"{name}: the buffer is not aligned to its dtype (address "
+                         f"{out.__array_interface__['data'][0]:#x} is not a multiple of "
+                         f"{out.itemsize}); expected an aligned array, as numpy.empty gives")
     if not getattr(out.flags, "writeable", True):
         raise ValueError(f"{name}: the buffer is read-only")
     xp = array_module(out)
