@@ -69,7 +69,9 @@ def simd_path():
 
 
 cdef inline const void *_ptr(object a):
-    return NULL if a is None else <const void *>cnp.PyArray_DATA(<cnp.ndarray>a)
+    if a is None:
+        return NULL
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
 cdef inline double _tile(const ssm_problem *P, int op, bint dbl, Py_ssize_t t,
@@ -113,7 +115,7 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
     """Run `op` over every tile; returns 1 if a thread could not get its scratch."""
     cdef Py_ssize_t ntiles = ssm_num_tiles(P), t
     cdef size_t nbytes = ssm_scratch_bytes(P, 8 if dbl else 4)
-    cdef char *buf
+    cdef char *buf = NULL
     cdef int failed = 0
     cdef int *failed_p = &failed
     cdef Py_ssize_t chunk
