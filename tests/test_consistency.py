@@ -285,3 +285,29 @@ def test_forked_child_does_not_hang():
 
 def _softmax_in_child(x):
     return ssm.softmax(x, threads=2)
+
+
+@pytest.mark.parametrize("C", [1, 2, 7, 8])
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_streamed_outputs_equal_cached(rng, monkeypatch, dtype, soft, C):
+    """Outputs of 8 MiB and more are streamed out row by row with non-temporal stores; the
+    same call with streaming forced on for a small array gives the same bits."""
+    import ssm._validation as v
+    x, y, w, opts = _inputs(rng, dtype, shape=(2, C, 37, 29), soft=soft)
+    opts.pop("lens", None)
+    dp = make_logits(rng, x.shape, dtype)
+
+    def every_op():
+        prob, loss = ssm.spatial_softmax_with_loss(x, y, w, **opts)
+        floss, fg, fprob = ssm.spatial_softmax_with_loss_and_grad(x, y, w, 0.7, return_prob=True,
+                                                                  **opts)
+        return [prob, loss, floss, fg, fprob, ssm.softmax(x), ssm.log_softmax(x),
+                ssm.spatial_softmax_with_loss_grad(prob, y, w, 0.7, **opts),
+                ssm.softmax_grad(prob, dp)]
+
+    cached = every_op()
+    monkeypatch.setattr(v, "STREAM_BYTES", 0)
+    streamed = every_op()
+    for a, b in zip(streamed, cached):
+        np.testing.assert_array_equal(a, b)
