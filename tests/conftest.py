@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: seeded inputs, tolerances, the GPU skip hook."""
 
+import os
 import zlib
 
 import numpy as np
@@ -108,3 +109,15 @@ def assert_close(actual, desired, dtype, scale=1.0, factor=64):
     actual = np.asarray(actual)
     np.testing.assert_allclose(actual.astype(np.float64), desired,
                                **tol(dtype, scale, factor), equal_nan=True)
+
+
+def child_process_kwargs(tmp_path):
+    """``subprocess`` keywords for a child Python that imports the ssm this process
+    tests: run from an empty folder (from the repository root, ``import ssm`` would find
+    the uncompiled source folder first) with that ssm's parent folder on PYTHONPATH
+    (an in-place build, as .ci/asan makes, is not installed)."""
+    import ssm
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ssm.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return {"cwd": str(tmp_path), "env": env}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ssm
-from conftest import make_labels, make_logits
+from conftest import child_process_kwargs, make_labels, make_logits
 
 
 def _cores():
@@ -186,11 +186,13 @@ except KeyboardInterrupt:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_keyboard_interrupt_is_honoured_after_the_call():
+def test_keyboard_interrupt_is_honoured_after_the_call(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", _INTERRUPT_CHILD], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, **child_process_kwargs(tmp_path))
     try:
-        call_s = float(p.stdout.readline().split()[1])
+        first = p.stdout.readline()
+        assert first.startswith("CALL "), (first, p.stderr.read() if p.poll() is not None else "")
+        call_s = float(first.split()[1])
         assert p.stdout.readline().strip() == "READY"
         time.sleep(max(0.3, 2.5 * call_s))  # in the middle of some call
         t0 = time.perf_counter()

@@ -40,7 +40,7 @@ import pytest
 
 import _reference as ref
 import ssm
-from conftest import FLOAT_DTYPES, assert_close, make_labels, make_logits
+from conftest import FLOAT_DTYPES, assert_close, child_process_kwargs, make_labels, make_logits
 
 LAYOUTS = ("NCHW", "NHWC")
 # several tiles, SIMD tails, both kinds of channel stride
@@ -596,11 +596,12 @@ def test_no_partial_write_on_error(rng, dtype):
     "np.zeros((1, 1, 17), np.float64), np.ones((1, 1, 17), np.float64)",
     "np.zeros((1, 3, 33), np.float32), np.zeros((1, 33), np.int64), label_smoothing=0.1",
 ], ids=["soft-f32", "soft-f64", "smoothing-f32"])
-def test_dense_target_scratch_overflow(case):
+def test_dense_target_scratch_overflow(case, tmp_path):
     """Run in a child process: the corruption aborts the interpreter."""
     code = ("import numpy as np, ssm\n"
             "for _ in range(300):\n"
             f"    ssm.spatial_softmax_with_loss_and_grad({case}, threads=1)\n"
             f"    ssm.spatial_softmax_with_loss({case}, threads=1)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       **child_process_kwargs(tmp_path))
     assert r.returncode == 0, r.stderr[-500:]
