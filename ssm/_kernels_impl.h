@@ -55,10 +55,16 @@ SSM_INLINE const R *SSM_SFX(ssm_load)(const ssm_problem *P, const R *src, ptrdif
         return src + base;
     }
     src += base;
+    *stride = T;
+#if defined(SSM_AVX_TRANSPOSE)
+    if (ssm_cpu_has_avx()) {
+        SSM_SFX(ssm_rows_to_block_avx)(src, C, n, scratch, T);
+        return scratch;
+    }
+#endif
     for (j = 0; j < n; j++)
         for (c = 0; c < C; c++)
             scratch[c * T + j] = src[j * C + c];
-    *stride = T;
     return scratch;
 }
 
@@ -116,6 +122,12 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
         return;
     }
     dst += base;
+#if defined(SSM_AVX_TRANSPOSE)
+    if (ssm_cpu_has_avx()) {
+        SSM_SFX(ssm_block_to_rows_avx)(block, T, C, n, dst);
+        return;
+    }
+#endif
     for (j = 0; j < n; j++)
         for (c = 0; c < C; c++)
             dst[j * C + c] = block[c * T + j];

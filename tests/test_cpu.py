@@ -531,3 +531,23 @@ def test_validate_false_in_range_is_unchanged(rng):
     b = ssm.spatial_softmax_with_loss_and_grad(x, y, validate=False)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_rows_layout_every_channel_and_pixel_remainder(rng, dtype):
+    """Rows (NHWC, (N, C)) are transposed to channel-major blocks and back in register
+    tiles of 8 x 8 (float32) or 4 x 4 (float64), with the last channels of each pixel
+    stored wide into the next pixel's place: every C mod 8 and pixel count mod 8, over
+    tile boundaries, against the reference (a misplaced or lost element is far off)."""
+    from ssm._validation import tile_size
+    for C in list(range(1, 18)) + [23, 150]:
+        T = tile_size(C, 1, np.dtype(dtype).itemsize)
+        for P in sorted({1, 7, 8, 9, 15, 17, T - 1, T, T + 3, 2 * T + 5}):
+            x = make_logits(rng, (P, C), dtype)
+            y = rng.integers(0, C, P)
+            assert_close(ssm.softmax(x), ref.softmax(x), dtype, scale=1e-6)
+            assert_close(ssm.log_softmax(x), ref.log_softmax(x), dtype)
+            loss, g = ssm.spatial_softmax_with_loss_and_grad(x, y, reduction="sum")
+            rprob, rloss = ref.sswl_loss(x, y, reduction="sum")
+            assert_close(g, ref.sswl_grad(rprob, y, reduction="sum"), dtype, scale=1.0)
+            assert_close(loss, rloss, dtype, scale=float(np.abs(rloss)) + 1.0)
