@@ -79,12 +79,14 @@ extern double log(double);
 SSM_INLINE float ssm_expf_nonpos(float x)
 {
     const float shifter = 12582912.0f;          /* 1.5 * 2^23: round to nearest int */
-    union { float f; int32_t i; } s1, s2;
+    union { float f; uint32_t u; } tb, s1, s2;
     float t, kf, r, p;
     int32_t k, k1;
     x = x < -104.0f ? -104.0f : x;
     t = x * 1.44269504088896341f + shifter;
     kf = t - shifter;
+    tb.f = t;                                   /* k = kf, read off t's low bits: no */
+    k = (int32_t)(tb.u - 0x4B400000u);          /* float-to-int conversion (UB for NaN) */
     r = x - kf * 0.693359375f;                  /* ln2, high part: exact product */
     r = r - kf * -2.12194440e-4f;               /* ln2, low part */
     p = 0.0013843653723597527f;
@@ -94,10 +96,9 @@ SSM_INLINE float ssm_expf_nonpos(float x)
     p = p * r + 0.4999999403953552f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    k = (int32_t)kf;                            /* in [-150, 0] */
-    k1 = k >> 1;
-    s1.i = (k1 + 127) << 23;
-    s2.i = (k - k1 + 127) << 23;
+    k1 = k >> 1;                                /* k in [-150, 0]; garbage for NaN x */
+    s1.u = (uint32_t)(k1 + 127) << 23;          /* shifted unsigned: defined for any k */
+    s2.u = (uint32_t)(k - k1 + 127) << 23;
     return p * s1.f * s2.f;
 }
 

@@ -138,14 +138,16 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
    is being worked on, ask for row c of the tile after next (pixels 2n on) into L2
    (locality 2): prefetching into L1 evicted the working tile and cost 15-25%, one
    tile ahead left less time for the lines to arrive (A/B, 2026-11-23). Prefetches
-   never fault. Nothing to do for blocks in scratch (stride <= n). */
-SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, ptrdiff_t stride)
+   never fault; the address is formed as an integer, since it may lie past the end
+   of the array. `on` is 0 for blocks in scratch (rows layouts). */
+SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, int on)
 {
     ptrdiff_t j;
-    if (stride <= n)
+    uintptr_t ahead = (uintptr_t)row + (uintptr_t)(2 * n) * sizeof(R);
+    if (!on)
         return;
     for (j = 0; j < n; j += 64 / (ptrdiff_t)sizeof(R))
-        __builtin_prefetch(row + 2 * n + j, 0, 2);
+        __builtin_prefetch((const void *)(ahead + (uintptr_t)j * sizeof(R)), 0, 2);
 }
 
 /* ---- shared row helper: max and sum of exp over C ----------------------------- */
@@ -155,11 +157,12 @@ SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, ptrdiff_t 
    that pixel's sum NaN. If cls != NULL, also xy[j] = x[cls[j], j] (0 where cls[j]
    < 0): a select per element in the max sweep costs less than a scalar gather per
    pixel. Both sweeps take two rows per pass over j, so the per-pixel m, s, xy are
-   loaded and stored half as often. */
+   loaded and stored half as often. pf: x is the array itself (strided channels),
+   so the exp sweep prefetches the rows two tiles ahead. */
 SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *restrict e,
                                         ptrdiff_t se, ptrdiff_t C, ptrdiff_t n,
                                         R *restrict m, R *restrict s,
-                                        const int32_t *restrict cls, R *restrict xy)
+                                        const int32_t *restrict cls, R *restrict xy, int pf)
 {
     ptrdiff_t c, j;
 #pragma omp simd
@@ -207,8 +210,8 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
     }
     for (c = 0; c + 1 < C; c += 2) {
         const R *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;
-        SSM_SFX(ssm_prefetch_next)(x0, n, sx);
-        SSM_SFX(ssm_prefetch_next)(x1, n, sx);
+        SSM_SFX(ssm_prefetch_next)(x0, n, pf);
+        SSM_SFX(ssm_prefetch_next)(x1, n, pf);
         if (e) {
             R *restrict e0 = e + c * se, *restrict e1 = e0 + se;
 #pragma omp simd
@@ -226,7 +229,7 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
     }
     if (c < C) {  /* the last row when C is odd */
         const R *restrict xc = x + c * sx;
-        SSM_SFX(ssm_prefetch_next)(xc, n, sx);
+        SSM_SFX(ssm_prefetch_next)(xc, n, pf);
         if (e) {
             R *restrict ec = e + c * se;
 #pragma omp simd
@@ -256,7 +259,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
     x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
     y = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &sy);
     if (!logspace) {
-        SSM_SFX(ssm_max_sumexp)(x, sx, y, sy, C, n, S.m, S.s, NULL, NULL);
+        SSM_SFX(ssm_max_sumexp)(x, sx, y, sy, C, n, S.m, S.s, NULL, NULL, P->inner > 1);
 #pragma omp simd
         for (j = 0; j < n; j++)
             S.s[j] = (R)1 / S.s[j];
@@ -269,7 +272,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
             SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, yc);
         }
     } else {
-        SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.m, S.s, NULL, NULL);
+        SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.m, S.s, NULL, NULL, P->inner > 1);
 #pragma omp simd
         for (j = 0; j < n; j++)
             S.s[j] = SSM_LOG(S.s[j]);
@@ -304,8 +307,8 @@ SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t 
         dot[j] = 0;
     for (c = 0; c < C; c++) {
         const R *restrict pc = p + c * sp, *restrict dc = dp + c * sd;
-        SSM_SFX(ssm_prefetch_next)(pc, n, sp);
-        SSM_SFX(ssm_prefetch_next)(dc, n, sd);
+        SSM_SFX(ssm_prefetch_next)(pc, n, P->inner > 1);
+        SSM_SFX(ssm_prefetch_next)(dc, n, P->inner > 1);
 #pragma omp simd
         for (j = 0; j < n; j++)
             dot[j] += pc[j] * dc[j];
@@ -523,7 +526,8 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
         o2 = SSM_SFX(ssm_target_block)(P, (R *)P->out2, base, S.O2, &so2);
 
     /* sweeps 1-2: max (and the label's logit), then e = exp(x - m) into `o`, s = sum e */
-    SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.m, S.s, dense ? NULL : S.cls, S.xy);
+    SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.m, S.s, dense ? NULL : S.cls, S.xy,
+                            P->inner > 1);
 
     /* per pixel: log s, then loss, 1/s and the gradient factor (kept in S.s, S.wv).
        log runs in a float-only loop: libmvec has no logf variant of the width a
@@ -634,7 +638,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, 
         }
     }
     for (c = 0; c < C; c++) {
-        SSM_SFX(ssm_prefetch_next)(q + c * sq, n, sq);
+        SSM_SFX(ssm_prefetch_next)(q + c * sq, n, P->inner > 1);
         SSM_SFX(ssm_grad_row)(o + c * so, q + c * sq, f, S.g, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
         SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, o + c * so);

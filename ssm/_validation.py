@@ -82,7 +82,7 @@ def contiguous(a, dtype=None):
     the C kernels may not read such a pointer, so it is copied too."""
     if array_module(a) is not np:
         return array_module(a).ascontiguousarray(a, dtype=dtype)
-    return np.require(a, dtype=dtype, requirements=("C", "A"))
+    return np.require(a, dtype=dtype, requirements=("C", "A", "E"))  # E: a base ndarray
 
 
 def check_choice(value, name: str, choices) -> str:
