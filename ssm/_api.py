@@ -141,6 +141,13 @@ class _Loss(NamedTuple):
     validate: bool
     threads: int
 
+    def out_buffer(self, out):
+        """The caller's ``out=`` for an array like x (checked: shape, dtype, writeable,
+        no overlap with an input), or a new one."""
+        out = V.check_out(out, "out", self.geom.shape, self.x.dtype,
+                          (self.x, self.target, self.weights))
+        return V.array_module(self.x).empty_like(self.x) if out is None else out
+
     def kernel_args(self):
         return dict(target=self.target, target_kind=self.kind, ignore_index=self.ignore_index,
                     w=self.weights, cw=self.class_weights, lens=self.lens,
@@ -204,9 +211,8 @@ def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weight
         L = _loss_problem(logits, "logits", target, weights, ignore_index, class_weights, lens,
                           label_smoothing, reduction, layout, validate, threads, B)
         g, xp = L.geom, V.array_module(L.x)
-        out = V.check_out(out, "out", g.shape, L.x.dtype, (L.x, L.target, L.weights))
+        prob = L.out_buffer(out)
         divisor = _divisor(L)
-        prob = xp.empty_like(L.x) if out is None else out
         loss_map = xp.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None
         total = B.run(B.SSWL_FWD, L.x, prob, g.outer, g.C, g.inner, g.tile, L.threads,
                       loss_cap=loss_cap, loss_map=loss_map, **L.kernel_args())
@@ -291,11 +297,10 @@ def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ig
     with device:
         L = _loss_problem(prob, "prob", target, weights, ignore_index, class_weights, lens,
                           label_smoothing, reduction, layout, validate, threads, B)
-        g, xp = L.geom, V.array_module(L.x)
-        out = V.check_out(out, "out", g.shape, L.x.dtype, (L.x, L.target, L.weights))
+        g = L.geom
+        dx = L.out_buffer(out)
         d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
         divisor = _divisor(L)
-        dx = xp.empty_like(L.x) if out is None else out
         B.run(B.SSWL_BWD, L.x, dx, g.outer, g.C, g.inner, g.tile, L.threads,
               g=dmap, g_scale=d, g_norm=divisor, **L.kernel_args())
         return dx
@@ -324,10 +329,9 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
                           label_smoothing, reduction, layout, validate, threads, B)
         g, xp = L.geom, V.array_module(L.x)
         return_prob = V.check_flag(return_prob, "return_prob")
-        out = V.check_out(out, "out", g.shape, L.x.dtype, (L.x, L.target, L.weights))
+        dx = L.out_buffer(out)
         d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
         divisor = _divisor(L)
-        dx = xp.empty_like(L.x) if out is None else out
         prob = xp.empty_like(L.x) if return_prob else None
         loss_map = xp.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None
         total = B.run(B.SSWL_FWD_BWD, L.x, dx, g.outer, g.C, g.inner, g.tile, L.threads,
