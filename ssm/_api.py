@@ -53,7 +53,7 @@ def _softmax(x, layout, out, threads, op):
         layout = V.check_choice(layout, "layout", V.LAYOUTS)
         x = V.check_float_array(x, "x")
         g = V.geometry(x, "x", layout)
-        out = V.check_out(out, "out", x.shape, x.dtype, (x,))
+        out = V.check_out(out, "out", x.shape, x.dtype, [("x", x)])
         nt = _threads.resolve(threads)
         if out is None:
             out = V.array_module(x).empty_like(x)
@@ -113,7 +113,8 @@ def softmax_grad(prob, dprob, *, layout="NCHW", out=None, threads=None):
         prob = V.check_float_array(prob, "prob")
         dprob = V.check_same(dprob, "dprob", prob, "prob")
         g = V.geometry(prob, "prob", layout)
-        out = V.check_out(out, "out", prob.shape, prob.dtype, (prob, dprob))
+        out = V.check_out(out, "out", prob.shape, prob.dtype,
+                          [("prob", prob), ("dprob", dprob)])
         nt = _threads.resolve(threads)
         if out is None:
             out = V.array_module(prob).empty_like(prob)
@@ -141,11 +142,13 @@ class _Loss(NamedTuple):
     validate: bool
     threads: int
 
-    def out_buffer(self, out):
+    def out_buffer(self, out, x_name, d_loss_map=None):
         """The caller's ``out=`` for an array like x (checked: shape, dtype, writeable,
-        no overlap with an input), or a new one."""
-        out = V.check_out(out, "out", self.geom.shape, self.x.dtype,
-                          (self.x, self.target, self.weights))
+        no overlap with any input, the ``d_loss`` map included), or a new one."""
+        inputs = [(x_name, self.x), ("target", self.target), ("weights", self.weights),
+                  ("class_weights", self.class_weights), ("lens", self.lens),
+                  ("d_loss", d_loss_map)]
+        out = V.check_out(out, "out", self.geom.shape, self.x.dtype, inputs)
         return V.array_module(self.x).empty_like(self.x) if out is None else out
 
     def kernel_args(self):
@@ -211,7 +214,7 @@ def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weight
         L = _loss_problem(logits, "logits", target, weights, ignore_index, class_weights, lens,
                           label_smoothing, reduction, layout, validate, threads, B)
         g, xp = L.geom, V.array_module(L.x)
-        prob = L.out_buffer(out)
+        prob = L.out_buffer(out, "logits")
         divisor = _divisor(L)
         loss_map = xp.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None
         total = B.run(B.SSWL_FWD, L.x, prob, g.outer, g.C, g.inner, g.tile, L.threads,
@@ -298,8 +301,8 @@ def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ig
         L = _loss_problem(prob, "prob", target, weights, ignore_index, class_weights, lens,
                           label_smoothing, reduction, layout, validate, threads, B)
         g = L.geom
-        dx = L.out_buffer(out)
         d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
+        dx = L.out_buffer(out, "prob", dmap)
         divisor = _divisor(L)
         B.run(B.SSWL_BWD, L.x, dx, g.outer, g.C, g.inner, g.tile, L.threads,
               g=dmap, g_scale=d, g_norm=divisor, **L.kernel_args())
@@ -329,8 +332,8 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
                           label_smoothing, reduction, layout, validate, threads, B)
         g, xp = L.geom, V.array_module(L.x)
         return_prob = V.check_flag(return_prob, "return_prob")
-        dx = L.out_buffer(out)
         d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
+        dx = L.out_buffer(out, "logits", dmap)
         divisor = _divisor(L)
         prob = xp.empty_like(L.x) if return_prob else None
         loss_map = xp.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None

@@ -276,7 +276,8 @@ def check_d_loss(d_loss, reduction: str, geom: Geometry, dtype: np.dtype):
 
 
 def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
-    """A caller's output buffer: exact shape and dtype, C-contiguous, writeable, no overlap."""
+    """A caller's output buffer: exact shape and dtype, C-contiguous, writeable, and sharing
+    no memory with any of ``inputs``, the call's (name, array) pairs (None entries skipped)."""
     if out is None:
         return None
     if not isinstance(out, np.ndarray) and not is_cupy_array(out):
@@ -294,9 +295,10 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
     if not getattr(out.flags, "writeable", True):
         raise ValueError(f"{name}: the buffer is read-only")
     xp = array_module(out)
-    for a in inputs:
+    for input_name, a in inputs:
         if a is not None and xp.may_share_memory(out, a):
-            raise ValueError(f"{name}: the buffer overlaps an input; expected separate memory")
+            raise ValueError(f"{name}: the buffer overlaps {input_name}; expected memory "
+                             f"separate from every input")
     return out
 
 

@@ -381,6 +381,41 @@ def test_out(data, name):
         call(ro)
 
 
+@pytest.mark.parametrize("name", LOSS_FUNCS[1:])
+def test_out_overlapping_d_loss_map(data, name):
+    # A "none" d_loss map that is a view of out= would be read after the kernel wrote
+    # over it (a silently wrong gradient): it is an input like any other.
+    x, y = data
+    out = np.zeros(x.shape, x.dtype)
+    out_before = out.copy()
+    flat = out.reshape(-1)  # contiguous views (strided ones are copied before use)
+    for d_loss in (flat[:N * H * W].reshape(N, H, W), flat[-N * H * W:].reshape(N, H, W)):
+        with pytest.raises(ValueError, match=r"^out: the buffer overlaps d_loss"):
+            _call(name, x, y, None, d_loss, reduction="none", out=out)
+    assert np.array_equal(out, out_before)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_out_overlapping_every_input(rng, name):
+    # float64, so that class weights and lens reach the check without a cast (a copy).
+    x = make_logits(rng, (N, C, H, W), np.float64)
+    y = make_labels(rng, (N, H, W), C, np.int64)
+    mem = np.zeros(x.size + C * C, np.float64)
+    out = mem[:x.size].reshape(x.shape)
+    with pytest.raises(ValueError, match=r"^out: the buffer overlaps weights"):
+        _call(name, x, y, mem[:N * H * W].reshape(N, H, W), out=out)
+    mem[:C] = 1.0
+    with pytest.raises(ValueError, match=r"^out: the buffer overlaps class_weights"):
+        _call(name, x, y, class_weights=mem[:C], out=out)
+    lens = mem[x.size:].reshape(C, C)
+    lens[:] = np.eye(C)
+    with pytest.raises(ValueError, match=r"^out: the buffer overlaps lens"):
+        _call(name, x, y, lens=lens, out=mem[C * C:].reshape(x.shape))
+    soft = make_soft_targets(rng, x.shape, np.float64)
+    with pytest.raises(ValueError, match=r"^out: the buffer overlaps target"):
+        _call(name, x, soft, out=soft)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("name", LOSS_FUNCS)
 def test_out_of_range_label_lowest_index_across_tiles(name, threads):
