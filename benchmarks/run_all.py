@@ -57,7 +57,7 @@ def run_workload(name, out_dir, extra):
     argv = ["--workload", name, "--json", f"{name}.json", "--plot", f"{name}.png", *extra]
     with _inside(out_dir), open(f"{name}.txt", "w") as txt, \
             contextlib.redirect_stdout(_Tee(sys.stdout, txt)):
-        print(f"$ python -m ssm.bench {' '.join(argv)}")
+        print(f"$ ssm-bench {' '.join(argv)}")
         bench.main(argv)
     return json.loads((out_dir / f"{name}.json").read_text())
 

@@ -1,7 +1,8 @@
 """Thread-scaling benchmark of ssm against the memory floor and its peers.
 
-``python -m ssm.bench`` times the four operations of ssm (softmax, loss forward,
-loss backward, fused loss+grad) at 1, 2, 4, ... threads up to the core count, and,
+``ssm-bench`` (or ``python -m ssm.bench`` from outside the source tree) times the
+four operations of ssm (softmax, loss forward, loss backward, fused loss+grad) at
+1, 2, 4, ... threads up to the core count, and,
 in the same run and at the same thread count, a copy of the same bytes (the
 floor), PyTorch, a vectorised NumPy reference and scikit-learn. ``--help`` lists
 the options; benchmarks/README.md explains how to read the tables.
@@ -1020,7 +1021,7 @@ def check_gpu(ssm, torch, pb):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m ssm.bench",
+        prog="ssm-bench",
         description="Thread-scaling benchmark of ssm (softmax, loss forward, loss backward, "
                     "fused loss+grad) against a copy of the same bytes and against PyTorch, "
                     "NumPy and scikit-learn, all in one run.",

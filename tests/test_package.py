@@ -47,3 +47,54 @@ def test_config_facts():
 def test_show_config_prints(capsys):
     ssm.show_config()
     assert "simd path:" in capsys.readouterr().out
+
+
+def _fake_source_tree(tmp_path):
+    """A folder laid out like a fresh clone: ssm/ with the Python sources and _cpu.pyx but
+    no compiled extension, setup.py beside it (made from the installed ssm's files)."""
+    import os
+    import shutil
+    root = tmp_path / "clone"
+    pkg = os.path.dirname(os.path.abspath(ssm.__file__))
+    shutil.copytree(pkg, root / "ssm", ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c"))
+    (root / "ssm" / "_cpu.pyx").touch()
+    (root / "setup.py").touch()
+    return root
+
+
+def test_import_from_source_tree_says_so(tmp_path):
+    # `python -m ...` from the root of a clone imports ./ssm, which has no extension: the
+    # error must say that and what to do, not "partially initialized module (circular import)"
+    # (-S: without site-packages an editable install's import hook cannot win over the
+    # folder; with a regular install, as the README has, the folder wins anyway)
+    root = _fake_source_tree(tmp_path)
+    for args in (["-c", "import ssm"], ["-m", "ssm", "--version"], ["-m", "ssm.bench", "--help"]):
+        r = subprocess.run([sys.executable, "-S", *args], capture_output=True, text=True,
+                           cwd=root)
+        assert r.returncode != 0, (args, r.stdout)
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("ImportError: ssm: this is the source tree of ssm"), r.stderr
+        assert "ssm-bench" in last and "pip install -e ." in last and "circular" not in last, last
+
+
+def _console_script(name):
+    import os
+    import shutil
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.path.exists(here) else shutil.which(name)
+
+
+def test_console_script_runs_from_a_source_tree(tmp_path):
+    # the README's main command is `pip install ".[bench]" && ssm-bench`, run from the root
+    # of the clone: the console script imports the installed ssm whatever the folder
+    from importlib.metadata import entry_points
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "ssm-bench"]
+    assert ep.value == "ssm.bench:main"
+    script = _console_script("ssm-bench")
+    assert script, "ssm-bench is declared but not on PATH or beside this Python"
+    root = _fake_source_tree(tmp_path)
+    r = subprocess.run([script, "--shape", "1", "3", "8", "8", "--threads", "1", "--budget",
+                        "0.01", "--min-reps", "1", "--ops", "fused", "--no-torch",
+                        "--no-sklearn", "--quiet"], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert "fused" in r.stdout, r.stdout
