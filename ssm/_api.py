@@ -140,7 +140,7 @@ class _Loss(NamedTuple):
     ignore_index: int
     reduction: str
     validate: bool
-    threads: int
+    threads: tuple  # (count, adaptive), from _threads.resolve
 
     def out_buffer(self, out, x_name, d_loss_map=None):
         """The caller's ``out=`` for an array like x (checked: shape, dtype, writeable,

@@ -55,6 +55,7 @@ def config() -> dict:
         "build flags": _cpu.build_flags(),
         "simd path": _cpu.simd_path(),
         "openmp runtime": _openmp_runtime(),
+        "openmp wait policy": _cpu.wait_policy,
         "threads (default)": _threads.get_num_threads(),
         "gpu": _gpu(),
     }

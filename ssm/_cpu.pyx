@@ -19,6 +19,13 @@ Design
 - Determinism: every tile writes its float64 partial sum into its own slot;
   slots are added in tile order after the parallel region. The tile partition
   depends on the shape only, so sums are bit-identical for any thread count.
+- Threads arrive as ``(count, adaptive)`` (ssm/_threads.py). A team larger than the
+  calling thread has had is first shown to start (_threads.h): libgomp would end the
+  process where thread creation fails; here the call raises OSError. With
+  ``adaptive`` (``threads=None``), a call whose threads finished far apart (another
+  process held a core) makes the next calls use only the threads that were on time,
+  for a while (``_learn``): a team waits at its end for its slowest thread, and a
+  thread that has lost its core comes back only when the scheduler gives it one.
 """
 cimport numpy as cnp
 cimport openmp
@@ -27,9 +34,14 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from libc.math cimport INFINITY
 
+import os
+
 import numpy as np
 
 cnp.import_array()
+
+cdef extern from "_threads.h" nogil:
+    int ssm_team_can_start(int n, size_t stack_bytes, int *err)
 
 # kernel selectors; the public names below are what ssm/_api.py passes as `op`
 cdef enum:
@@ -110,30 +122,155 @@ cdef inline Py_ssize_t _chunk(Py_ssize_t ntiles, int n_threads) noexcept nogil:
     return chunk if chunk > 1 else 1
 
 
-cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads,
-                    double *partial) noexcept nogil:
+def _openmp_stack_bytes(env=os.environ):
+    """The stack size libgomp gives its threads: OMP_STACKSIZE (or GOMP_STACKSIZE), a
+    number with an optional B, K, M or G suffix (K when none); 0 for the default."""
+    text = (env.get("OMP_STACKSIZE") or env.get("GOMP_STACKSIZE") or "").strip().upper()
+    if not text:
+        return 0
+    unit = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1])
+    try:
+        return int(text[:-1] if unit else text) * (unit or 1024)
+    except ValueError:
+        return 0  # libgomp ignores a malformed value too
+
+
+cdef size_t STACK_BYTES = _openmp_stack_bytes()
+
+
+cdef int _start_team(int team) except -1:
+    """Raise OSError (not a libgomp abort) if this thread cannot start a team of `team`."""
+    cdef int err = 0, ok
+    with nogil:
+        ok = ssm_team_can_start(team, STACK_BYTES, &err)
+    if ok < team:
+        raise OSError(err, f"threads: could not start {team} threads ({os.strerror(err)}); "
+                           f"{ok} could start in this process: pass threads={ok} or fewer")
+    return 0
+
+
+# Foreign load, for calls with threads=None. A call is late when a thread finished its
+# share more than LATE_SHARE of the call's time (and at least LATE_MIN seconds) after the
+# first one did (it had lost its core), or when the call returned that long after the
+# last thread finished (the caller, asleep at the closing barrier, had lost its core).
+# Then the next calls use only the threads that were on time (one fewer when the caller
+# was late), for _hold seconds; _hold doubles while full-size calls keep being late
+# (HOLD_MIN to HOLD_MAX) and is reset by one that is not. When idle, a team's threads
+# finish within one chunk (1/16 of a share) of each other and the caller wakes within
+# microseconds. Races between Python threads on these variables only shift the next
+# call's team size.
+cdef double LATE_SHARE = 0.25
+cdef double LATE_MIN = 200e-6
+cdef double HOLD_MIN = 0.02
+cdef double HOLD_MAX = 1.0
+cdef double _busy_until = -1.0  # omp_get_wtime() until which the cap holds
+cdef double _hold = HOLD_MIN
+cdef int _busy_cap = 1 << 30
+
+
+cdef inline int _plan(int team, bint adaptive) noexcept nogil:
+    """The team a call runs with: capped while foreign load was seen recently."""
+    if adaptive and team > _busy_cap and openmp.omp_get_wtime() < _busy_until:
+        return _busy_cap
+    return team
+
+
+cdef void _learn(int team, bint capped, const double *ends, double t0,
+                 double t1) noexcept nogil:
+    """Update the cap from a call of `team` threads that finished at ``ends[i]``."""
+    global _busy_until, _hold, _busy_cap
+    cdef double first = ends[0], last = ends[0], slack
+    cdef int i, late = 0
+    for i in range(1, team):
+        first = ends[i] if ends[i] < first else first
+        last = ends[i] if ends[i] > last else last
+    slack = LATE_MIN if LATE_MIN > LATE_SHARE * (t1 - t0) else LATE_SHARE * (t1 - t0)
+    for i in range(team):
+        if ends[i] > first + slack:
+            late += 1
+    if late == 0 and t1 > last + slack:
+        late = 1
+    if late:
+        _busy_cap = team - late
+        _busy_until = t1 + _hold
+        if not capped:
+            _hold = 2 * _hold if 2 * _hold < HOLD_MAX else HOLD_MAX
+    elif not capped:
+        _hold = HOLD_MIN
+        _busy_cap = 1 << 30
+
+
+# The foreign-load rule from Python, for tests.
+
+def busy_state():
+    """(team cap, seconds it still holds, hold)."""
+    return _busy_cap, _busy_until - openmp.omp_get_wtime(), _hold
+
+
+def reset_busy_state():
+    global _busy_until, _hold, _busy_cap
+    _busy_until, _hold, _busy_cap = -1.0, HOLD_MIN, 1 << 30
+
+
+def plan(int team, bint adaptive):
+    return _plan(team, adaptive)
+
+
+def learn(int team, bint capped, ends, double t0, double t1):
+    """Feed one call's thread end times (omp_get_wtime() seconds) to the rule."""
+    cdef double[::1] e = np.ascontiguousarray(ends, dtype=np.float64)
+    assert e.shape[0] == team
+    _learn(team, capped, &e[0], t0, t1)
+
+
+def wtime():
+    return openmp.omp_get_wtime()
+
+
+cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads, bint capped,
+                    bint adaptive, double *partial) noexcept nogil:
     """Run `op` over every tile; returns 1 if a thread could not get its scratch."""
     cdef Py_ssize_t ntiles = ssm_num_tiles(P), t
     cdef size_t nbytes = ssm_scratch_bytes(P, 8 if dbl else 4)
     cdef char *buf = NULL
-    cdef int failed = 0
+    cdef int failed = 0, tid
     cdef int *failed_p = &failed
-    cdef Py_ssize_t chunk
-    n_threads = _team_size(n_threads, ntiles, P.outer * P.C * P.inner)
-    chunk = _chunk(ntiles, n_threads)
+    cdef Py_ssize_t chunk = _chunk(ntiles, n_threads)
+    cdef double *ends = NULL
+    cdef double t0 = 0.0
+    if adaptive and n_threads > 1:
+        ends = <double *>malloc(n_threads * sizeof(double))
+        t0 = openmp.omp_get_wtime()
     with parallel(num_threads=n_threads):
+        tid = openmp.omp_get_thread_num()
         buf = <char *>malloc(nbytes)
         if buf == NULL:
             failed_p[0] = 1
         for t in prange(ntiles, schedule="dynamic", chunksize=chunk):
             if buf != NULL:
                 partial[t] = _tile(P, op, dbl, t, buf)
+        if ends != NULL:  # the loop has no barrier (nowait): each thread's own end
+            ends[tid] = openmp.omp_get_wtime()
         free(buf)
+    if ends != NULL:
+        _learn(n_threads, capped, ends, t0, openmp.omp_get_wtime())
+        free(ends)
     return failed
 
 
+cdef int _team(threads, Py_ssize_t ntiles, Py_ssize_t elements, bint *capped) except -1:
+    """The team of one parallel pass, from ``(count, adaptive)``, shown to start."""
+    cdef int n, team
+    n, adaptive = threads
+    n = _team_size(n, ntiles, elements)
+    team = _plan(n, adaptive)
+    capped[0] = team < n
+    _start_team(team)
+    return team
+
+
 def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile,
-        int n_threads, *, x2=None, target=None, int target_kind=SSM_NO_TARGET,
+        threads, *, x2=None, target=None, int target_kind=SSM_NO_TARGET,
         long long ignore_index=-1, w=None, cw=None, lens=None, double smoothing=0.0,
         double loss_cap=INFINITY, g=None, double g_scale=1.0, double g_norm=1.0, out2=None,
         loss_map=None, bint stream=False):
@@ -149,7 +286,8 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
     cdef Py_ssize_t t, ntiles
     cdef double total = 0.0
     cdef double[::1] partial
-    cdef int failed
+    cdef int failed, team
+    cdef bint capped, adaptive = threads[1]
     P.outer, P.C, P.inner, P.tile = outer, C, inner, tile
     P.x, P.x2, P.target = _ptr(x), _ptr(x2), _ptr(target)
     P.target_kind, P.ignore_index = target_kind, ignore_index
@@ -162,8 +300,9 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
     if ntiles == 0:
         return 0.0
     partial = np.empty(ntiles, dtype=np.float64)
+    team = _team(threads, ntiles, outer * C * inner, &capped)
     with nogil:
-        failed = _run_tiles(&P, op, dbl, n_threads, &partial[0])
+        failed = _run_tiles(&P, op, dbl, team, capped, adaptive, &partial[0])
         if not failed:
             for t in range(ntiles):
                 total += partial[t]
@@ -174,11 +313,13 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
 
 
 def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t outer,
-          Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile, int n_threads):
+          Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile, threads):
     """Label pre-pass: (sum of n_p as float64, lowest flat index of a bad label or -1)."""
     cdef ssm_problem P
     cdef bint dbl = x.dtype.itemsize == 8
     cdef Py_ssize_t t, ntiles, chunk, bad = -1
+    cdef int n_threads
+    cdef bint capped
     memset(&P, 0, sizeof(P))
     cdef double norm = 0.0
     cdef double[::1] partial
@@ -192,7 +333,7 @@ def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t 
         return 0.0, -1
     partial = np.empty(ntiles, dtype=np.float64)
     bads = np.empty(ntiles, dtype=np.intp)
-    n_threads = _team_size(n_threads, ntiles, P.outer * P.inner)
+    n_threads = _team(threads, ntiles, P.outer * P.inner, &capped)
     chunk = _chunk(ntiles, n_threads)
     with nogil:
         for t in prange(ntiles, schedule="dynamic", chunksize=chunk, num_threads=n_threads):

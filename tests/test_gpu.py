@@ -137,7 +137,7 @@ def test_backend_matches_cpu(rng, dtype, outer, C, inner, kind):
     cw = make_class_weights(rng, C, dtype)
     g = rng.random((outer, inner)).astype(dtype)
     tile = V.tile_size(C, inner, x.itemsize)
-    args = (outer, C, inner, tile, 1)
+    args = (outer, C, inner, tile, (1, False))  # threads: (count, adaptive)
     xg, tg, wg, gg = gpu(x), gpu(t), gpu(w), gpu(g)
     factor = 8
 
@@ -193,7 +193,7 @@ def test_backend_stats_first_bad_across_blocks(rng, kind):
     bad = [(60001, 17), (20011, 5), (50021, 200 if kind == 1 else -7), (45000, 3)]
     x, t = _problem(rng, np.float32, outer, C, inner, kind, bad)
     ign = 255 if kind == 1 else -1
-    args = (outer, C, inner, V.tile_size(C, inner, 4), 1)
+    args = (outer, C, inner, V.tile_size(C, inner, 4), (1, False))
     norm_c, bad_c = _cpu.stats(x, t, kind, ign, None, None, *args)
     norm_g, bad_g = _gpu.stats(gpu(x), gpu(t), kind, ign, None, None, *args)
     assert bad_c == 20011 and int(bad_g) == 20011

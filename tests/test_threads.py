@@ -1,0 +1,171 @@
+"""Thread counts: the documented maximum, thread-creation failure as an exception, the
+OpenMP wait policy, and the rule by which default-thread calls adapt to foreign load."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ssm
+from conftest import child_process_kwargs, make_labels, make_logits
+from ssm import _cpu, _threads
+
+MAX = _threads.MAX_THREADS
+
+
+def test_maximum_is_documented_and_generous():
+    assert MAX >= 64
+    with open(_threads.__file__) as f:
+        assert "MAX_THREADS = max(64, 4 * _CPUS)" in f.read()
+
+
+@pytest.mark.parametrize("n", [MAX + 1, 10**6, 2**31, 2**63, 10**30])
+def test_above_maximum_is_a_value_error(rng, n):
+    x = make_logits(rng, (2, 3, 4), np.float32)
+    y = make_labels(rng, (2, 4), 3)
+    for call in (lambda: ssm.softmax(x, threads=n),
+                 lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, threads=n)):
+        with pytest.raises(ValueError, match=rf"^threads: {n} threads is more than ssm's "
+                                             rf"maximum of {MAX} .*expected 1 to {MAX}"):
+            call()
+    old = ssm.get_num_threads()
+    with pytest.raises(ValueError, match=rf"^n: {n} threads is more than"):
+        ssm.set_num_threads(n)
+    assert ssm.get_num_threads() == old
+    ssm.softmax(x)  # the default still works
+
+
+def test_maximum_is_accepted(rng):
+    x = make_logits(rng, (2, 3, 4), np.float32)
+    np.testing.assert_array_equal(ssm.softmax(x, threads=MAX), ssm.softmax(x, threads=1))
+
+
+_CHILD = r"""
+import os, resource, sys
+import numpy as np
+import ssm
+x = np.ones((4, 21, 256, 256), np.float32)  # big enough for a team of 60 (grain, tiles)
+status = [l for l in open("/proc/self/status") if l.startswith("VmSize")][0]
+vm = int(status.split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (200 << 20), resource.RLIM_INFINITY))
+try:
+    ssm.softmax(x, threads=60)  # 59 stacks of 8 MiB do not fit in 200 MiB
+    print("RAN")
+except OSError as e:
+    print("OSERROR", e)
+print("ALIVE", float(ssm.softmax(x, threads=2)[0, 0, 0, 0]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and pthreads")
+def test_thread_creation_failure_raises_and_the_process_lives(tmp_path):
+    # libgomp ends the process ("Thread creation failed") when it cannot start a team
+    import resource
+    if resource.getrlimit(resource.RLIMIT_STACK)[0] < (4 << 20):
+        pytest.skip("thread stacks smaller than 4 MiB: 59 of them fit")
+    r = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True,
+                       timeout=120, **child_process_kwargs(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "OSERROR" in out and "threads: could not start 60 threads" in out, out
+    assert "pass threads=" in out and "ALIVE 0.047619" in out, out
+
+
+def test_huge_openmp_default_is_capped(tmp_path):
+    kw = child_process_kwargs(tmp_path)
+    kw["env"]["OMP_NUM_THREADS"] = "100000"
+    r = subprocess.run([sys.executable, "-c", "import ssm, numpy as np; "
+                        "print(ssm.get_num_threads()); print(ssm.softmax(np.ones((1, 2))))"],
+                       capture_output=True, text=True, timeout=60, **kw)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == str(MAX), r.stdout
+
+
+def test_openmp_stack_size_parsing():
+    parse = _cpu._openmp_stack_bytes
+    assert parse({}) == 0
+    assert parse({"OMP_STACKSIZE": "512"}) == 512 << 10  # K when no unit
+    assert parse({"OMP_STACKSIZE": "4m"}) == 4 << 20
+    assert parse({"OMP_STACKSIZE": "1G"}) == 1 << 30
+    assert parse({"OMP_STACKSIZE": "100B"}) == 100
+    assert parse({"GOMP_STACKSIZE": "2M"}) == 2 << 20
+    assert parse({"OMP_STACKSIZE": "lots"}) == 0
+
+
+@pytest.mark.parametrize("env,policy", [({}, "passive (set by ssm)"),
+                                        ({"OMP_WAIT_POLICY": "active"}, "active"),
+                                        ({"GOMP_SPINCOUNT": "1000"}, "GOMP_SPINCOUNT")])
+def test_wait_policy(tmp_path, env, policy):
+    # ssm asks its OpenMP runtime for passive waiting unless the user chose, and leaves
+    # the environment that other libraries and child processes see as it was
+    kw = child_process_kwargs(tmp_path)
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        kw["env"].pop(k, None)
+    kw["env"].update(env)
+    code = ("import os, ssm; from ssm import _config; print(_config.config()['openmp wait "
+            "policy']); print(os.environ.get('OMP_WAIT_POLICY'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, **kw)
+    assert r.returncode == 0, r.stderr
+    got_policy, env_after = r.stdout.splitlines()
+    assert got_policy == policy
+    assert env_after == str(env.get("OMP_WAIT_POLICY"))
+
+
+# ---- the foreign-load rule (ssm/_cpu.pyx: _plan, _learn) ----------------------------
+
+
+@pytest.fixture
+def rule():
+    _cpu.reset_busy_state()
+    yield
+    _cpu.reset_busy_state()
+
+
+def test_on_time_team_keeps_every_thread(rule):
+    t0 = _cpu.wtime()
+    _cpu.learn(4, False, [t0 + 1e-3, t0 + 1.02e-3, t0 + 0.99e-3, t0 + 1.01e-3], t0, t0 + 1.03e-3)
+    assert _cpu.plan(4, True) == 4
+    assert _cpu.busy_state()[2] == pytest.approx(0.02)
+
+
+def test_late_threads_are_dropped_for_a_while(rule):
+    t0 = _cpu.wtime() - 6e-3  # the call ends now
+    # two of four threads finished 5 ms after the others, in a 6 ms call
+    _cpu.learn(4, False, [t0 + 1e-3, t0 + 6e-3, t0 + 1e-3, t0 + 6e-3], t0, t0 + 6e-3)
+    cap, left, hold = _cpu.busy_state()
+    assert cap == 2 and 0 < left <= 0.02 and hold == pytest.approx(0.04)
+    assert _cpu.plan(4, True) == 2
+    assert _cpu.plan(4, False) == 4  # an explicit threads=k is honoured
+    assert _cpu.plan(1, True) == 1
+    # late again at full size: the hold doubles, up to a second
+    for expect in (0.08, 0.16, 0.32, 0.64, 1.0, 1.0):
+        _cpu.learn(4, False, [t0 + 1e-3, t0 + 6e-3, t0 + 1e-3, t0 + 6e-3], t0, t0 + 6e-3)
+        assert _cpu.busy_state()[2] == pytest.approx(expect)
+    # a capped call that was on time keeps the cap; a full one that was resets the rule
+    _cpu.learn(2, True, [t0 + 1e-3, t0 + 1e-3], t0, t0 + 1.1e-3)
+    assert _cpu.busy_state()[0] == 2
+    _cpu.learn(4, False, [t0 + 1e-3] * 4, t0, t0 + 1.1e-3)
+    assert _cpu.busy_state()[0] > MAX and _cpu.busy_state()[2] == pytest.approx(0.02)
+
+
+def test_late_caller_drops_one_thread(rule):
+    # every thread on time, but the call returned 4 ms after they finished: the caller
+    # slept at the closing barrier and had lost its core
+    t0 = _cpu.wtime()
+    _cpu.learn(2, False, [t0 + 1e-3, t0 + 1e-3], t0, t0 + 5e-3)
+    assert _cpu.busy_state()[0] == 1 and _cpu.plan(2, True) == 1
+
+
+def test_small_differences_are_not_late(rule):
+    # within LATE_MIN (200 us) or a quarter of the call: jitter, not foreign load
+    t0 = _cpu.wtime()
+    _cpu.learn(2, False, [t0 + 50e-6, t0 + 200e-6], t0, t0 + 300e-6)
+    _cpu.learn(2, False, [t0 + 4e-3, t0 + 4.9e-3], t0, t0 + 5e-3)
+    assert _cpu.plan(2, True) == 2
+
+
+def test_cap_expires(rule):
+    t0 = _cpu.wtime() - 1.0  # a late call that ended a second ago: its 20 ms are over
+    _cpu.learn(2, False, [t0 + 1e-3, t0 + 9e-3], t0, t0 + 9e-3)
+    assert _cpu.plan(2, True) == 2
