@@ -154,8 +154,9 @@ cdef int _start_team(int team) except -1:
 # first one did (it had lost its core), or when the call returned that long after the
 # last thread finished (the caller, asleep at the closing barrier, had lost its core).
 # Then the next calls use only the threads that were on time (one fewer when the caller
-# was late), for _hold seconds; _hold doubles while full-size calls keep being late
-# (HOLD_MIN to HOLD_MAX) and is reset by one that is not. When idle, a team's threads
+# was late), for _hold seconds; _hold doubles each time a full-size call is late and
+# halves each time one is not (HOLD_MIN to HOLD_MAX): under steady load one call in
+# about a second tries the full team; a lucky one does not bring back frequent tries. When idle, a team's threads
 # finish within one chunk (1/16 of a share) of each other and the caller wakes within
 # microseconds. Races between Python threads on these variables only shift the next
 # call's team size.
@@ -196,7 +197,7 @@ cdef void _learn(int team, bint capped, const double *ends, double t0,
         if not capped:
             _hold = 2 * _hold if 2 * _hold < HOLD_MAX else HOLD_MAX
     elif not capped:
-        _hold = HOLD_MIN
+        _hold = _hold / 2 if _hold / 2 > HOLD_MIN else HOLD_MIN
         _busy_cap = 1 << 30
 
 

@@ -1058,6 +1058,10 @@ def parse_args(argv=None):
     p.add_argument("--plot", metavar="FILE.png", help="thread scaling and ssm vs peers "
                                                       "(needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--busy", action="store_true",
+                   help="instead: the fused pass with default threads vs threads=1 on four "
+                        "sizes, quiet and beside one spinning process per core (--budget "
+                        "seconds per size and phase; --json and --plot apply)")
     args = p.parse_args(argv)
     if args.shape is not None and args.workload is not None:
         p.error("give --workload or --shape, not both")
@@ -1095,9 +1099,30 @@ def workload_of(args):
     return name, shape
 
 
+def main_busy(ssm, args, argv):
+    from . import _bench_busy
+    t0 = time.perf_counter()
+    rows, lines = _bench_busy.run_busy(ssm, usable_cores(), args.budget, quiet=args.quiet)
+    for line in lines:
+        print(line)
+    wall = time.perf_counter() - t0
+    print(f"Wall time {wall:.1f} s.")
+    if args.json:
+        write_json(args.json, {
+            "tool": "ssm.bench --busy",
+            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "argv": sys.argv[1:] if argv is None else list(argv), "rows": rows,
+            "machine": machine_info(), "versions": versions(), "wall_s": wall})
+    if args.plot:
+        _bench_busy.plot_busy(args.plot, rows, lines[0][:110])
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     import ssm
+    if args.busy:
+        return main_busy(ssm, args, argv)
     t0 = time.perf_counter()
     name, shape = workload_of(args)
     runner = run_gpu if args.device == "cuda" else run_cpu

@@ -142,11 +142,13 @@ def test_late_threads_are_dropped_for_a_while(rule):
     for expect in (0.08, 0.16, 0.32, 0.64, 1.0, 1.0):
         _cpu.learn(4, False, [t0 + 1e-3, t0 + 6e-3, t0 + 1e-3, t0 + 6e-3], t0, t0 + 6e-3)
         assert _cpu.busy_state()[2] == pytest.approx(expect)
-    # a capped call that was on time keeps the cap; a full one that was resets the rule
+    # a capped call that was on time keeps the cap; a full one that was lifts it and
+    # halves the hold
     _cpu.learn(2, True, [t0 + 1e-3, t0 + 1e-3], t0, t0 + 1.1e-3)
     assert _cpu.busy_state()[0] == 2
-    _cpu.learn(4, False, [t0 + 1e-3] * 4, t0, t0 + 1.1e-3)
-    assert _cpu.busy_state()[0] > MAX and _cpu.busy_state()[2] == pytest.approx(0.02)
+    for expect in (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.02, 0.02):
+        _cpu.learn(4, False, [t0 + 1e-3] * 4, t0, t0 + 1.1e-3)
+        assert _cpu.busy_state()[0] > MAX and _cpu.busy_state()[2] == pytest.approx(expect)
 
 
 def test_late_caller_drops_one_thread(rule):
