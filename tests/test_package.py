@@ -6,6 +6,7 @@ from importlib.metadata import version
 import pytest
 
 import ssm
+from conftest import child_process_kwargs
 from ssm import _config, _cpu
 from ssm._version import __version__
 
@@ -57,7 +58,7 @@ def test_show_config_prints(capsys):
 def _fresh(tmp_path, code):
     """Run `code` in a fresh interpreter (this process has imported ssm.ops already)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, cwd=tmp_path).stdout
+                          check=True, **child_process_kwargs(tmp_path)).stdout
 
 
 def _public_submodules():
