@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import NamedTuple
 
 import numpy as np
@@ -305,3 +306,98 @@ def bad_label_error(target: np.ndarray, flat_index: int, C: int, ignore_index: i
     value = int(target.reshape(-1)[flat_index])
     return ValueError(f"target: label {value} at index {index} is outside [0, {C}) and is not "
                       f"ignore_index ({ignore_index})")
+
+
+# ---- the Caffe2 operator surface (ssm.ops) ----------------------------------------
+# Checks on shapes and dtypes alone, so that ops.infer (which has no arrays) and ops.run
+# raise the same errors for the same inputs.
+
+# Every float dtype some device accepts: what ops.infer can be asked about.
+ANY_FLOAT_DTYPES = tuple(sorted(set().union(*FLOAT_DTYPES.values()), key=lambda d: d.itemsize))
+CAFFE2_ORDERS = ("NCHW", "nchw")  # Caffe2's StringToStorageOrder; only NCHW is implemented
+
+
+def _float_dtypes_by_device():
+    cpu = FLOAT_DTYPES["cpu"]
+    return ", ".join(f"{d}" if d in cpu else f"{d} (GPU only)" for d in ANY_FLOAT_DTYPES)
+
+
+def as_dtype(dtype, name: str) -> np.dtype:
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name}: {dtype!r} is not a dtype") from None
+
+
+def as_shape(shape, name: str) -> tuple:
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"{name}: {shape!r} is not a shape; expected a sequence of ints") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{name}: shape {dims} has a negative dimension")
+    return dims
+
+
+def check_any_float_dtype(dtype: np.dtype, name: str) -> None:
+    if dtype not in ANY_FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {dtype} is not supported; expected one of "
+                        f"{_float_dtypes_by_device()}")
+
+
+def check_ndim(shape: tuple, name: str, ndim: int, expected: str) -> None:
+    if len(shape) != ndim:
+        raise ValueError(f"{name}: shape {shape} is not {ndim}-D; expected {expected}")
+
+
+def check_shape_matches(shape: tuple, name: str, expected: tuple, ref_name: str,
+                        ref_shape: tuple) -> None:
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"{name}: shape {tuple(shape)} does not match {ref_name}'s "
+                         f"{tuple(ref_shape)}; expected {tuple(expected)}")
+
+
+def check_dtype_matches(dtype: np.dtype, name: str, ref_dtype: np.dtype, ref_name: str) -> None:
+    if dtype != ref_dtype:
+        raise TypeError(f"{name}: dtype {dtype} differs from {ref_name}'s {ref_dtype}; "
+                        f"expected {ref_dtype}")
+
+
+def check_caffe2_labels_dtype(dtype: np.dtype, name: str) -> None:
+    if dtype != np.int32:
+        raise TypeError(f"{name}: dtype {dtype} is not supported; expected int32 labels "
+                        f"(Caffe2's; -1 is ignored)")
+
+
+def check_caffe2_classes(shape: tuple, name: str) -> None:
+    if shape[1] == 0:
+        raise ValueError(f"{name}: shape {shape} has an empty class axis; expected C >= 1")
+
+
+def check_caffe2_grad_output(shape: tuple, dtype: np.dtype, name: str) -> None:
+    """The gradient of the loss: Caffe2 reads the first element of a float tensor."""
+    if dtype.kind != "f":
+        raise TypeError(f"{name}: dtype {dtype} is not a float dtype; expected the gradient "
+                        f"of the loss, a float array whose first element is used")
+    if math.prod(shape) < 1:
+        raise ValueError(f"{name}: shape {shape} is empty; expected at least one element "
+                         f"(Caffe2 reads the first)")
+
+
+def check_scale(value, name: str = "scale") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number >= 0, got {type_name(value)}")
+    s = float(value)
+    if not (math.isfinite(s) and s >= 0):
+        raise ValueError(f"{name}: {value!r} is not a finite number >= 0; Caffe2 requires "
+                         f"scale >= 0")
+    return s
+
+
+def check_order(value, name: str = "order") -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a string, got {type_name(value)}")
+    if value not in CAFFE2_ORDERS:
+        raise ValueError(f"{name}: {value!r} is not supported; expected 'NCHW' (Caffe2's "
+                         f"operator implements only NCHW)")
+    return "NCHW"
