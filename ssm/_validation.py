@@ -158,23 +158,32 @@ def check_same(a: np.ndarray, name: str, ref: np.ndarray, ref_name: str) -> np.n
     return a
 
 
+def _target_kinds(geom: Geometry, logits: np.ndarray) -> str:
+    return (f"expected integer labels ({_dtype_names(LABEL_KINDS)}) of shape {geom.pixel_shape}, "
+            f"or soft targets of the logits' shape {geom.shape} and dtype {logits.dtype}")
+
+
 def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
     """Return (target array, kernel kind): integer labels or a soft target map."""
     t = as_array(target, "target")
+    kinds = _target_kinds(geom, logits)
     if t.dtype.kind == "f":
-        if t.dtype != logits.dtype:
-            raise TypeError(f"target: soft targets must have {logits_name}'s dtype {logits.dtype}, "
-                            f"got {t.dtype}")
-        if t.shape != geom.shape:
-            raise ValueError(f"target: soft-target shape {t.shape} differs from {logits_name}'s "
-                             f"{geom.shape}; labels would have shape {geom.pixel_shape}")
-        return contiguous(t), SOFT_KIND
+        if t.shape == geom.shape:
+            if t.dtype != logits.dtype:
+                raise TypeError(f"target: soft targets of dtype {t.dtype} differ from "
+                                f"{logits_name}'s dtype {logits.dtype}; {kinds}")
+            return contiguous(t), SOFT_KIND
+        if t.shape == geom.pixel_shape:
+            raise TypeError(f"target: a {t.dtype} array of shape {t.shape} has the labels' "
+                            f"shape, but labels must be integers (target.astype(np.int64)); "
+                            f"{kinds}")
+        raise ValueError(f"target: a {t.dtype} array of shape {t.shape} is neither labels nor "
+                         f"soft targets; {kinds}")
     if t.dtype not in LABEL_KINDS:
-        raise TypeError(f"target: dtype {t.dtype} is not supported; expected integer labels "
-                        f"({_dtype_names(LABEL_KINDS)}) or soft targets of dtype {logits.dtype}")
+        raise TypeError(f"target: dtype {t.dtype} is not supported; {kinds}")
     if t.shape != geom.pixel_shape:
-        raise ValueError(f"target: label shape {t.shape} does not match {logits_name} {geom.shape}; "
-                         f"expected {geom.pixel_shape}")
+        raise ValueError(f"target: {t.dtype} labels of shape {t.shape} do not match "
+                         f"{logits_name} {geom.shape}; {kinds}")
     return contiguous(t), LABEL_KINDS[t.dtype]
 
 

@@ -400,3 +400,45 @@ def test_out_of_range_label_lowest_index_across_tiles(name, threads):
         if flat != 20011:
             assert not _mentions_index(msg, flat, y.shape), msg
     assert np.all(out == -4.5)
+
+
+# ---------------------------------------------------------------- what target may be
+
+
+TARGET_KINDS = (r"expected integer labels \(uint8, int32, int64\) of shape \(2, 3, 4\), or soft "
+                r"targets of the logits' shape \(2, 5, 3, 4\) and dtype float32")
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_float_labels_are_told_to_be_integers(data, name):
+    # A float array of the labels' shape: the message says labels are integers, and
+    # what target may be.
+    x, y = data
+    for dtype in (np.float32, np.float64):
+        with pytest.raises(TypeError, match=rf"^target: a {np.dtype(dtype).name} array of "
+                                            r"shape \(2, 3, 4\) .*labels must be integers"):
+            _call(name, x, y.astype(dtype))
+        with pytest.raises(TypeError, match=TARGET_KINDS):
+            _call(name, x, y.astype(dtype))
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_target_messages_say_what_target_may_be(data, name):
+    x, y = data
+    cases = [(np.zeros((N, H), np.float32), ValueError, r"a float32 array of shape \(2, 3\)"),
+             (np.zeros((N, H, W + 1), np.int32), ValueError, r"int32 labels of shape \(2, 3, 5\)"),
+             (np.zeros((N, C, H, W), np.float64), TypeError,
+              r"soft targets of dtype float64 .*float32"),
+             (y.astype(np.int16), TypeError, r"dtype int16 is not supported")]
+    for t, exc, what in cases:
+        with pytest.raises(exc, match=rf"^target: {what}.*; {TARGET_KINDS}"):
+            _call(name, x, t)
+
+
+def test_target_kinds_follow_the_layout(data):
+    x, y = data
+    xh = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    with pytest.raises(TypeError, match=r"integer labels .* of shape \(2, 3, 4\), or soft "
+                                        r"targets of the logits' shape \(2, 3, 4, 5\)"):
+        ssm.spatial_softmax_with_loss(xh, y.astype(np.float32), layout="NHWC")
+
