@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -67,10 +68,35 @@ def device_of(a) -> str:
     return "cuda" if is_cupy_array(a) else "cpu"
 
 
+# How to express what a mask means, per argument; a masked array is never accepted.
+_MASK_HINTS = {
+    "target": "for labels, pass target.filled(ignore_index) to ignore the masked pixels",
+    "T": "for labels, pass T.filled(-1) to ignore the masked pixels",
+    "weights": "pass weights.filled(0) to give the masked pixels no weight",
+    "W": "pass W.filled(0) to give the masked pixels no weight",
+    "d_loss": "pass d_loss.filled(0) to give the masked pixels no gradient",
+}
+
+
+def is_masked_array(a) -> bool:
+    """True for a numpy.ma.MaskedArray (none can exist until numpy.ma is imported)."""
+    ma = sys.modules.get("numpy.ma")
+    return ma is not None and isinstance(a, ma.MaskedArray)
+
+
+def masked_error(name: str) -> TypeError:
+    hint = _MASK_HINTS.get(name, "to leave pixels out of the loss, give them ignore_index "
+                                 "labels or zero weights")
+    return TypeError(f"{name}: a masked array (numpy.ma.MaskedArray) is not accepted: its mask "
+                     f"would be ignored; {hint}, or np.asarray({name}) to drop the mask")
+
+
 def as_array(a, name: str):
     """The array itself (NumPy or CuPy), or a NumPy array from a nested sequence or a
-    number; TypeError otherwise."""
+    number; TypeError otherwise (masked arrays included: their mask would be lost)."""
     if isinstance(a, np.ndarray) or is_cupy_array(a):
+        if is_masked_array(a):
+            raise masked_error(name)
         return a
     if isinstance(a, (list, tuple, numbers.Number, np.generic)) and not isinstance(a, bool):
         return np.asarray(a)
@@ -291,6 +317,8 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
         return None
     if not isinstance(out, np.ndarray) and not is_cupy_array(out):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type_name(out)}")
+    if is_masked_array(out):
+        raise masked_error(name)
     if out.dtype != dtype:
         raise ValueError(f"{name}: dtype {out.dtype} does not match; expected {dtype}")
     if out.shape != shape:

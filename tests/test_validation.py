@@ -442,3 +442,56 @@ def test_target_kinds_follow_the_layout(data):
                                         r"targets of the logits' shape \(2, 3, 4, 5\)"):
         ssm.spatial_softmax_with_loss(xh, y.astype(np.float32), layout="NHWC")
 
+
+# ---------------------------------------------------------------- masked arrays
+
+
+MASKED = r"a masked array \(numpy\.ma\.MaskedArray\) is not accepted: its mask would be ignored"
+
+
+def _masked(a):
+    m = np.zeros(a.shape, bool)
+    m.flat[0] = True
+    return np.ma.masked_array(a, mask=m)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_masked_arrays_rejected(data, name):
+    x, y = data
+    w = np.ones(y.shape, x.dtype)
+    arg = _first_arg(name)
+    with pytest.raises(TypeError, match=rf"^{arg}: {MASKED}; .*np\.asarray\({arg}\)"):
+        _call(name, _masked(x), y)
+    with pytest.raises(TypeError, match=rf"^target: {MASKED}; for labels, pass "
+                                        r"target\.filled\(ignore_index\)"):
+        _call(name, x, _masked(y))
+    with pytest.raises(TypeError, match=rf"^weights: {MASKED}; pass weights\.filled\(0\)"):
+        _call(name, x, y, _masked(w))
+    with pytest.raises(TypeError, match=rf"^class_weights: {MASKED}"):
+        _call(name, x, y, class_weights=_masked(np.ones(C)))
+    with pytest.raises(TypeError, match=rf"^lens: {MASKED}"):
+        _call(name, x, y, lens=_masked(np.eye(C)))
+    with pytest.raises(TypeError, match=rf"^out: {MASKED}"):
+        _call(name, x, y, out=_masked(np.empty_like(x)))
+    if name != "spatial_softmax_with_loss":
+        with pytest.raises(TypeError, match=rf"^d_loss: {MASKED}; pass d_loss\.filled\(0\)"):
+            _call(name, x, y, None, _masked(np.ones(y.shape, x.dtype)), reduction="none")
+
+
+def test_masked_arrays_rejected_softmax_family(data):
+    x, _ = data
+    for fn in (ssm.softmax, ssm.log_softmax):
+        with pytest.raises(TypeError, match=rf"^x: {MASKED}"):
+            fn(_masked(x))
+    with pytest.raises(TypeError, match=rf"^dprob: {MASKED}"):
+        ssm.softmax_grad(x, _masked(x))
+
+
+def test_masked_arrays_rejected_by_ops(rng):
+    X = rng.random((2, 3, 4, 5)).astype(np.float32)
+    T = np.zeros((2, 4, 5), np.int32)
+    with pytest.raises(TypeError, match=rf"^T: {MASKED}; for labels, pass T\.filled\(-1\)"):
+        ssm.ops.run("SpatialSoftmaxWithLoss", [X, _masked(T)])
+    with pytest.raises(TypeError, match=rf"^W: {MASKED}; pass W\.filled\(0\)"):
+        ssm.ops.run("SpatialSoftmaxWithLoss", [X, T, _masked(np.ones(T.shape, np.float32))])
+
