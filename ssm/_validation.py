@@ -76,6 +76,8 @@ _MASK_HINTS = {
     "W": "pass W.filled(0) to give the masked pixels no weight",
     "d_loss": "pass d_loss.filled(0) to give the masked pixels no gradient",
 }
+# DLPack device types (dlpack.h): the CPU, CUDA pinned host memory; CUDA, CUDA managed.
+_DLPACK_HOST, _DLPACK_CUDA = (1, 3), (2, 13)
 
 
 def is_masked_array(a) -> bool:
@@ -91,6 +93,27 @@ def masked_error(name: str) -> TypeError:
                      f"would be ignored; {hint}, or np.asarray({name}) to drop the mask")
 
 
+def _conversion_hint(a, name: str) -> str:
+    """How to turn a foreign array (a torch tensor, a JAX array, ...) into one ssm takes."""
+    cpu = f"np.from_dlpack({name}) or np.asarray({name})"
+    gpu = f"cupy.from_dlpack({name})"
+    if hasattr(a, "__dlpack__"):
+        try:
+            device = a.__dlpack_device__()[0]
+        except Exception:  # no __dlpack_device__, or it failed: say both
+            device = None
+        if device in _DLPACK_HOST:
+            return f" Convert it first: {cpu}"
+        if device in _DLPACK_CUDA:
+            return f" Convert it first: {gpu}"
+        return f" Convert it first: np.from_dlpack({name}) for a CPU array, {gpu} for a GPU one"
+    if hasattr(a, "__cuda_array_interface__"):
+        return f" Convert it first: cupy.asarray({name})"
+    if hasattr(a, "__array__"):
+        return f" Convert it first: np.asarray({name})"
+    return ""
+
+
 def as_array(a, name: str):
     """The array itself (NumPy or CuPy), or a NumPy array from a nested sequence or a
     number; TypeError otherwise (masked arrays included: their mask would be lost)."""
@@ -100,7 +123,10 @@ def as_array(a, name: str):
         return a
     if isinstance(a, (list, tuple, numbers.Number, np.generic)) and not isinstance(a, bool):
         return np.asarray(a)
-    raise TypeError(f"{name}: expected a numpy.ndarray, got {type_name(a)}")
+    hint = _conversion_hint(a, name)
+    raise TypeError(f"{name}: expected a NumPy array, a number or a nested list or tuple of "
+                    f"numbers (CPU), or a CuPy array (GPU); got {type_name(a)}"
+                    + (f".{hint}" if hint else ""))
 
 
 def contiguous(a, dtype=None):
@@ -316,7 +342,8 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
     if out is None:
         return None
     if not isinstance(out, np.ndarray) and not is_cupy_array(out):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {type_name(out)}")
+        raise TypeError(f"{name}: expected a NumPy array (CPU) or a CuPy array (GPU); "
+                        f"got {type_name(out)}")
     if is_masked_array(out):
         raise masked_error(name)
     if out.dtype != dtype:

@@ -495,3 +495,66 @@ def test_masked_arrays_rejected_by_ops(rng):
     with pytest.raises(TypeError, match=rf"^W: {MASKED}; pass W\.filled\(0\)"):
         ssm.ops.run("SpatialSoftmaxWithLoss", [X, T, _masked(np.ones(T.shape, np.float32))])
 
+
+# ---------------------------------------------------------------- what is accepted
+
+
+ACCEPTED = (r"expected a NumPy array, a number or a nested list or tuple of numbers \(CPU\), "
+            r"or a CuPy array \(GPU\)")
+
+
+class _FakeTensor:
+    """Like a torch.Tensor: __dlpack__ and __dlpack_device__ (DLPack device type 1 = CPU,
+    2 = CUDA), and __array__ where it is on the CPU."""
+
+    def __init__(self, device_type):
+        self.device_type = device_type
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("ssm must not convert")
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+
+class _OnlyDLPack:
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("ssm must not convert")
+
+
+class _OnlyArray:
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("ssm must not convert")
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS + ["softmax", "log_softmax"])
+def test_foreign_arrays_get_a_conversion_hint(data, name):
+    x, y = data
+    arg = "x" if name in ("softmax", "log_softmax") else _first_arg(name)
+
+    def call(bad):
+        if name in ("softmax", "log_softmax"):
+            return getattr(ssm, name)(bad)
+        return getattr(ssm, name)(bad, y)
+
+    cases = [(_FakeTensor(1), rf"np\.from_dlpack\({arg}\) or np\.asarray\({arg}\)$"),
+             (_FakeTensor(2), rf"cupy\.from_dlpack\({arg}\)$"),
+             (_OnlyDLPack(), rf"np\.from_dlpack\({arg}\) for a CPU array, "
+                             rf"cupy\.from_dlpack\({arg}\) for a GPU one$"),
+             (_OnlyArray(), rf"np\.asarray\({arg}\)$")]
+    for bad, hint in cases:
+        with pytest.raises(TypeError, match=rf"^{arg}: {ACCEPTED}; got test_validation\."
+                                            rf"{type(bad).__name__}\. Convert it first: {hint}"):
+            call(bad)
+    for bad, got in [(object(), "object"), ("logits", "str"), (None, "NoneType")]:
+        with pytest.raises(TypeError, match=rf"^{arg}: {ACCEPTED}; got {got}$"):
+            call(bad)
+    # lists are accepted, as the message says
+    call(x.tolist())
+
+
+def test_out_says_what_is_accepted(data):
+    x, y = data
+    with pytest.raises(TypeError, match=r"^out: expected a NumPy array \(CPU\) or a CuPy array "
+                                        r"\(GPU\); got list"):
+        ssm.softmax(x, out=x.tolist())
