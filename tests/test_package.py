@@ -98,3 +98,14 @@ def test_unknown_attribute(tmp_path):
     # a submodule that is not installed (or not written yet) is a missing attribute too
     out = _fresh(tmp_path, "import ssm; print(hasattr(ssm, 'nonexistent'))")
     assert out.strip() == "False"
+
+
+def test_bench_extra_installs_the_light_peers():
+    # `pip install "ssm[bench]"` brings what ssm.bench compares with (scikit-learn's
+    # HalfMultinomialLoss) and plots with; PyTorch, a large download, is left to the user.
+    import re
+    from importlib.metadata import requires
+    bench = {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower()
+             for r in requires("ssm") or () if re.search(r"""extra\s*==\s*["']bench["']""", r)}
+    assert {"scikit-learn", "matplotlib", "threadpoolctl"} <= bench
+    assert "torch" not in bench
