@@ -69,7 +69,11 @@ class OpSchema:
         if unknown:
             raise ValueError(f"{unknown[0]}: not an argument of {self.name}; expected "
                              f"{', '.join(sorted(known))}")
-        return {a.name: a.check(given.get(a.name, a.default), a.name) for a in self.arguments}
+        out = {}
+        for a in self.arguments:
+            value = given.get(a.name, a.default)
+            out[a.name] = a.check(value, a.name) if a.check is not None else value
+        return out
 
 
 _REF = re.compile(r"^(I|O|GO)\((\d+)\)$")
