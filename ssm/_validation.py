@@ -144,12 +144,17 @@ def check_choice(value, name: str, choices) -> str:
     return value
 
 
-def check_float_array(a, name: str):
-    a = as_array(a, name)
+def check_float_dtype(a, name: str) -> None:
+    """`a`'s dtype must be a float dtype its device computes in."""
     device = device_of(a)
     if a.dtype not in FLOAT_DTYPES[device]:
         raise TypeError(f"{name}: dtype {a.dtype} is not supported on the {device}; "
                         f"expected one of {_dtype_names(FLOAT_DTYPES[device])}")
+
+
+def check_float_array(a, name: str):
+    a = as_array(a, name)
+    check_float_dtype(a, name)
     return contiguous(a)
 
 

@@ -190,7 +190,7 @@ def _arrays(inputs, schema, check):
         names.remove("W")
     arrays = [V.as_array(a, n) for a, n in zip(inputs, names)]
     check([a.shape for a in arrays], [a.dtype for a in arrays])
-    V.check_float_array(arrays[0], "X")
+    V.check_float_dtype(arrays[0], "X")
     return arrays
 
 
