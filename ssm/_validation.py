@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -66,14 +68,65 @@ def device_of(a) -> str:
     return "cuda" if is_cupy_array(a) else "cpu"
 
 
+# How to express what a mask means, per argument; a masked array is never accepted.
+_MASK_HINTS = {
+    "target": "for labels, pass target.filled(ignore_index) to ignore the masked pixels",
+    "T": "for labels, pass T.filled(-1) to ignore the masked pixels",
+    "weights": "pass weights.filled(0) to give the masked pixels no weight",
+    "W": "pass W.filled(0) to give the masked pixels no weight",
+    "d_loss": "pass d_loss.filled(0) to give the masked pixels no gradient",
+}
+# DLPack device types (dlpack.h): the CPU, CUDA pinned host memory; CUDA, CUDA managed.
+_DLPACK_HOST, _DLPACK_CUDA = (1, 3), (2, 13)
+
+
+def is_masked_array(a) -> bool:
+    """True for a numpy.ma.MaskedArray (none can exist until numpy.ma is imported)."""
+    ma = sys.modules.get("numpy.ma")
+    return ma is not None and isinstance(a, ma.MaskedArray)
+
+
+def masked_error(name: str) -> TypeError:
+    hint = _MASK_HINTS.get(name, "to leave pixels out of the loss, give them ignore_index "
+                                 "labels or zero weights")
+    return TypeError(f"{name}: a masked array (numpy.ma.MaskedArray) is not accepted: its mask "
+                     f"would be ignored; {hint}, or np.asarray({name}) to drop the mask")
+
+
+def _conversion_hint(a, name: str) -> str:
+    """How to turn a foreign array (a torch tensor, a JAX array, ...) into one ssm takes."""
+    cpu = f"np.from_dlpack({name}) or np.asarray({name})"
+    gpu = f"cupy.from_dlpack({name})"
+    if hasattr(a, "__dlpack__"):
+        try:
+            device = a.__dlpack_device__()[0]
+        except Exception:  # no __dlpack_device__, or it failed: say both
+            device = None
+        if device in _DLPACK_HOST:
+            return f" Convert it first: {cpu}"
+        if device in _DLPACK_CUDA:
+            return f" Convert it first: {gpu}"
+        return f" Convert it first: np.from_dlpack({name}) for a CPU array, {gpu} for a GPU one"
+    if hasattr(a, "__cuda_array_interface__"):
+        return f" Convert it first: cupy.asarray({name})"
+    if hasattr(a, "__array__"):
+        return f" Convert it first: np.asarray({name})"
+    return ""
+
+
 def as_array(a, name: str):
     """The array itself (NumPy or CuPy), or a NumPy array from a nested sequence or a
-    number; TypeError otherwise."""
+    number; TypeError otherwise (masked arrays included: their mask would be lost)."""
     if isinstance(a, np.ndarray) or is_cupy_array(a):
+        if is_masked_array(a):
+            raise masked_error(name)
         return a
     if isinstance(a, (list, tuple, numbers.Number, np.generic)) and not isinstance(a, bool):
         return np.asarray(a)
-    raise TypeError(f"{name}: expected a numpy.ndarray, got {type_name(a)}")
+    hint = _conversion_hint(a, name)
+    raise TypeError(f"{name}: expected a NumPy array, a number or a nested list or tuple of "
+                    f"numbers (CPU), or a CuPy array (GPU); got {type_name(a)}"
+                    + (f".{hint}" if hint else ""))
 
 
 def contiguous(a, dtype=None):
@@ -91,12 +144,17 @@ def check_choice(value, name: str, choices) -> str:
     return value
 
 
-def check_float_array(a, name: str):
-    a = as_array(a, name)
+def check_float_dtype(a, name: str) -> None:
+    """`a`'s dtype must be a float dtype its device computes in."""
     device = device_of(a)
     if a.dtype not in FLOAT_DTYPES[device]:
         raise TypeError(f"{name}: dtype {a.dtype} is not supported on the {device}; "
                         f"expected one of {_dtype_names(FLOAT_DTYPES[device])}")
+
+
+def check_float_array(a, name: str):
+    a = as_array(a, name)
+    check_float_dtype(a, name)
     return contiguous(a)
 
 
@@ -157,23 +215,32 @@ def check_same(a: np.ndarray, name: str, ref: np.ndarray, ref_name: str) -> np.n
     return a
 
 
+def _target_kinds(geom: Geometry, logits: np.ndarray) -> str:
+    return (f"expected integer labels ({_dtype_names(LABEL_KINDS)}) of shape {geom.pixel_shape}, "
+            f"or soft targets of the logits' shape {geom.shape} and dtype {logits.dtype}")
+
+
 def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
     """Return (target array, kernel kind): integer labels or a soft target map."""
     t = as_array(target, "target")
+    kinds = _target_kinds(geom, logits)
     if t.dtype.kind == "f":
-        if t.dtype != logits.dtype:
-            raise TypeError(f"target: soft targets must have {logits_name}'s dtype {logits.dtype}, "
-                            f"got {t.dtype}")
-        if t.shape != geom.shape:
-            raise ValueError(f"target: soft-target shape {t.shape} differs from {logits_name}'s "
-                             f"{geom.shape}; labels would have shape {geom.pixel_shape}")
-        return contiguous(t), SOFT_KIND
+        if t.shape == geom.shape:
+            if t.dtype != logits.dtype:
+                raise TypeError(f"target: soft targets of dtype {t.dtype} differ from "
+                                f"{logits_name}'s dtype {logits.dtype}; {kinds}")
+            return contiguous(t), SOFT_KIND
+        if t.shape == geom.pixel_shape:
+            raise TypeError(f"target: a {t.dtype} array of shape {t.shape} has the labels' "
+                            f"shape, but labels must be integers (target.astype(np.int64)); "
+                            f"{kinds}")
+        raise ValueError(f"target: a {t.dtype} array of shape {t.shape} is neither labels nor "
+                         f"soft targets; {kinds}")
     if t.dtype not in LABEL_KINDS:
-        raise TypeError(f"target: dtype {t.dtype} is not supported; expected integer labels "
-                        f"({_dtype_names(LABEL_KINDS)}) or soft targets of dtype {logits.dtype}")
+        raise TypeError(f"target: dtype {t.dtype} is not supported; {kinds}")
     if t.shape != geom.pixel_shape:
-        raise ValueError(f"target: label shape {t.shape} does not match {logits_name} {geom.shape}; "
-                         f"expected {geom.pixel_shape}")
+        raise ValueError(f"target: {t.dtype} labels of shape {t.shape} do not match "
+                         f"{logits_name} {geom.shape}; {kinds}")
     return contiguous(t), LABEL_KINDS[t.dtype]
 
 
@@ -281,7 +348,10 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
     if out is None:
         return None
     if not isinstance(out, np.ndarray) and not is_cupy_array(out):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {type_name(out)}")
+        raise TypeError(f"{name}: expected a NumPy array (CPU) or a CuPy array (GPU); "
+                        f"got {type_name(out)}")
+    if is_masked_array(out):
+        raise masked_error(name)
     if out.dtype != dtype:
         raise ValueError(f"{name}: dtype {out.dtype} does not match; expected {dtype}")
     if out.shape != shape:
@@ -307,3 +377,98 @@ def bad_label_error(target: np.ndarray, flat_index: int, C: int, ignore_index: i
     value = int(target.reshape(-1)[flat_index])
     return ValueError(f"target: label {value} at index {index} is outside [0, {C}) and is not "
                       f"ignore_index ({ignore_index})")
+
+
+# ---- the Caffe2 operator surface (ssm.ops) ----------------------------------------
+# Checks on shapes and dtypes alone, so that ops.infer (which has no arrays) and ops.run
+# raise the same errors for the same inputs.
+
+# Every float dtype some device accepts: what ops.infer can be asked about.
+ANY_FLOAT_DTYPES = tuple(sorted(set().union(*FLOAT_DTYPES.values()), key=lambda d: d.itemsize))
+CAFFE2_ORDERS = ("NCHW", "nchw")  # Caffe2's StringToStorageOrder; only NCHW is implemented
+
+
+def _float_dtypes_by_device():
+    cpu = FLOAT_DTYPES["cpu"]
+    return ", ".join(f"{d}" if d in cpu else f"{d} (GPU only)" for d in ANY_FLOAT_DTYPES)
+
+
+def as_dtype(dtype, name: str) -> np.dtype:
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name}: {dtype!r} is not a dtype") from None
+
+
+def as_shape(shape, name: str) -> tuple:
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"{name}: {shape!r} is not a shape; expected a sequence of ints") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{name}: shape {dims} has a negative dimension")
+    return dims
+
+
+def check_any_float_dtype(dtype: np.dtype, name: str) -> None:
+    if dtype not in ANY_FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {dtype} is not supported; expected one of "
+                        f"{_float_dtypes_by_device()}")
+
+
+def check_ndim(shape: tuple, name: str, ndim: int, expected: str) -> None:
+    if len(shape) != ndim:
+        raise ValueError(f"{name}: shape {shape} is not {ndim}-D; expected {expected}")
+
+
+def check_shape_matches(shape: tuple, name: str, expected: tuple, ref_name: str,
+                        ref_shape: tuple) -> None:
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"{name}: shape {tuple(shape)} does not match {ref_name}'s "
+                         f"{tuple(ref_shape)}; expected {tuple(expected)}")
+
+
+def check_dtype_matches(dtype: np.dtype, name: str, ref_dtype: np.dtype, ref_name: str) -> None:
+    if dtype != ref_dtype:
+        raise TypeError(f"{name}: dtype {dtype} differs from {ref_name}'s {ref_dtype}; "
+                        f"expected {ref_dtype}")
+
+
+def check_caffe2_labels_dtype(dtype: np.dtype, name: str) -> None:
+    if dtype != np.int32:
+        raise TypeError(f"{name}: dtype {dtype} is not supported; expected int32 labels "
+                        f"(Caffe2's; -1 is ignored)")
+
+
+def check_caffe2_classes(shape: tuple, name: str) -> None:
+    if shape[1] == 0:
+        raise ValueError(f"{name}: shape {shape} has an empty class axis; expected C >= 1")
+
+
+def check_caffe2_grad_output(shape: tuple, dtype: np.dtype, name: str) -> None:
+    """The gradient of the loss: Caffe2 reads the first element of a float tensor."""
+    if dtype.kind != "f":
+        raise TypeError(f"{name}: dtype {dtype} is not a float dtype; expected the gradient "
+                        f"of the loss, a float array whose first element is used")
+    if math.prod(shape) < 1:
+        raise ValueError(f"{name}: shape {shape} is empty; expected at least one element "
+                         f"(Caffe2 reads the first)")
+
+
+def check_scale(value, name: str = "scale") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number >= 0, got {type_name(value)}")
+    s = float(value)
+    if not (math.isfinite(s) and s >= 0):
+        raise ValueError(f"{name}: {value!r} is not a finite number >= 0; Caffe2 requires "
+                         f"scale >= 0")
+    return s
+
+
+def check_order(value, name: str = "order") -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a string, got {type_name(value)}")
+    if value not in CAFFE2_ORDERS:
+        raise ValueError(f"{name}: {value!r} is not supported; expected 'NCHW' (Caffe2's "
+                         f"operator implements only NCHW)")
+    return "NCHW"

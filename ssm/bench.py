@@ -441,12 +441,14 @@ def import_peers(with_torch, with_sklearn):
         try:
             import torch
         except ImportError as e:
-            notes.append(f"PyTorch skipped: not importable ({e}).")
+            notes.append(f"PyTorch skipped: not importable ({e}). To compare with it, "
+                         "`pip install torch` (not in the [bench] extra: a large download).")
     if with_sklearn:
         try:
             from sklearn._loss.loss import HalfMultinomialLoss as loss_cls
         except ImportError as e:
-            notes.append(f"scikit-learn skipped: not importable ({e}).")
+            notes.append(f"scikit-learn skipped: not importable ({e}); "
+                         "`pip install scikit-learn` (or the [bench] extra) adds it.")
     return torch, loss_cls, notes
 
 

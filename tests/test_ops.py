@@ -6,6 +6,7 @@ import pytest
 import _reference as ref
 import ssm
 from conftest import assert_close
+from ssm import _validation as V
 from ssm import ops
 
 FWD = "SpatialSoftmaxWithLoss"
@@ -224,11 +225,12 @@ def test_zero_total_weight(rng, case):
 def test_out_of_range_labels_rejected(rng, bad, weighted):
     inputs = caffe2_inputs(rng, D=5, weighted=weighted)
     inputs[1][1, 2, 3] = bad
-    with pytest.raises(ValueError, match=r"^(T|target): "):
+    message = rf"^T: label {bad} at index \(1, 2, 3\) is outside \[0, 5\)"
+    with pytest.raises(ValueError, match=message):
         ops.run(FWD, inputs)
     # the gradient operator checks too (Caffe2 would write out of bounds)
     P = np.full(inputs[0].shape, 0.2, F32)
-    with pytest.raises(ValueError, match=r"^(T|target): "):
+    with pytest.raises(ValueError, match=message):
         ops.run(GRAD, inputs + [P, np.ones(1, F32)])
 
 
@@ -251,3 +253,175 @@ def test_run_argument_errors(rng):
         ops.run(FWD, [X])
     with pytest.raises(ValueError, match=r"^inputs: "):
         ops.run(GRAD, [X, T, P])
+
+
+# ---------------------------------------------------------------- what Caffe2 enforces
+
+
+def _inputs_of(shapes, dtypes):
+    """Arrays of the given shapes and dtypes: X of ones, labels 0, weights 1, d_loss 1."""
+    return [np.ones(s, d) for s, d in zip(shapes, dtypes)]
+
+
+def _shapes_dtypes(name, dtype=F32, weighted=True, n=2, D=5, H=6, W=7):
+    x, t = (n, D, H, W), (n, H, W)
+    shapes, dtypes = [x, t], [dtype, np.int32]
+    if weighted:
+        shapes.append(t)
+        dtypes.append(dtype)
+    if name == GRAD:
+        shapes += [x, (1,)]
+        dtypes += [dtype, dtype]
+    return shapes, dtypes
+
+
+@pytest.mark.parametrize("scale", [-1.0, -1e-30, -np.inf, np.inf, np.nan, np.float32(-2)])
+@pytest.mark.parametrize("name", [FWD, GRAD])
+def test_scale_must_be_finite_and_non_negative(name, scale):
+    # Caffe2's constructors: CAFFE_ENFORCE(scale_ >= 0), in the forward operator too.
+    shapes, dtypes = _shapes_dtypes(name)
+    with pytest.raises(ValueError, match=r"^scale: .* is not a finite number >= 0"):
+        ops.run(name, _inputs_of(shapes, dtypes), scale=scale)
+    with pytest.raises(ValueError, match=r"^scale: .* is not a finite number >= 0"):
+        ops.infer(name, shapes, dtypes, scale=scale)
+
+
+@pytest.mark.parametrize("scale", ["2", None, True, 1j])
+@pytest.mark.parametrize("name", [FWD, GRAD])
+def test_scale_must_be_a_number(name, scale):
+    shapes, dtypes = _shapes_dtypes(name)
+    with pytest.raises(TypeError, match=r"^scale: expected a number >= 0, got "):
+        ops.run(name, _inputs_of(shapes, dtypes), scale=scale)
+    with pytest.raises(TypeError, match=r"^scale: expected a number >= 0, got "):
+        ops.infer(name, shapes, dtypes, scale=scale)
+
+
+@pytest.mark.parametrize("name", [FWD, GRAD])
+def test_order(rng, name):
+    shapes, dtypes = _shapes_dtypes(name)
+    inputs = _inputs_of(shapes, dtypes)
+    for order in ("NHWC", "nhwc", "CHW", ""):
+        with pytest.raises(ValueError, match=rf"^order: '{order}' is not supported; "
+                                             r"expected 'NCHW'"):
+            ops.run(name, inputs, order=order)
+        with pytest.raises(ValueError, match=r"^order: "):
+            ops.infer(name, shapes, dtypes, order=order)
+    with pytest.raises(TypeError, match=r"^order: expected a string, got int"):
+        ops.run(name, inputs, order=2)
+    # Caffe2's StringToStorageOrder also reads the lower-case spelling
+    lower, upper = ops.run(name, inputs, order="nchw"), ops.run(name, inputs, order="NCHW")
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(lower, upper))
+
+
+def _infer_vs_run(inputs_fwd, dtype):
+    outputs = ops.run(FWD, inputs_fwd)
+    inferred = ops.infer(FWD, [a.shape for a in inputs_fwd], [a.dtype for a in inputs_fwd])
+    assert [(tuple(s), np.dtype(d)) for s, d in inferred] == [(o.shape, o.dtype) for o in outputs]
+    assert [np.dtype(d) for _, d in inferred] == [dtype, dtype]
+    g = ops.gradient(FWD)
+    ginputs = g.inputs_for(inputs_fwd, outputs, {1: outputs[1]})
+    ginferred = ops.infer(g.op, [a.shape for a in ginputs], [a.dtype for a in ginputs])
+    (dX,) = ops.run(g.op, ginputs)
+    assert [(tuple(s), np.dtype(d)) for s, d in ginferred] == [(dX.shape, dX.dtype)]
+    assert dX.dtype == dtype
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", V.FLOAT_DTYPES["cpu"], ids=str)
+def test_infer_matches_run_every_dtype(rng, dtype, weighted):
+    # Both operators, every dtype the CPU accepts: the loss has X's dtype in both.
+    inputs = [a.astype(dtype) if a.dtype.kind == "f" else a
+              for a in caffe2_inputs(rng, n=2, D=3, H=4, W=5, weighted=weighted)]
+    _infer_vs_run(inputs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", V.FLOAT_DTYPES["cuda"], ids=str)
+def test_infer_matches_run_every_dtype_gpu(rng, dtype, weighted):
+    import cupy
+    inputs = [cupy.asarray(a.astype(dtype) if a.dtype.kind == "f" else a)
+              for a in caffe2_inputs(rng, n=2, D=3, H=4, W=5, weighted=weighted)]
+    _infer_vs_run(inputs, dtype)
+
+
+def test_float16_is_gpu_only():
+    shapes, _ = _shapes_dtypes(FWD, weighted=False)
+    dtypes = [np.float16, np.int32]
+    assert [np.dtype(d) for _, d in ops.infer(FWD, shapes, dtypes)] == [np.float16] * 2
+    with pytest.raises(TypeError, match=r"^X: dtype float16 is not supported on the cpu"):
+        ops.run(FWD, _inputs_of(shapes, dtypes))
+
+
+def _bad(name, k, shape=None, dtype=None):
+    """The valid inputs of `name` with input k's shape or dtype replaced."""
+    shapes, dtypes = _shapes_dtypes(name, weighted=True)
+    if shape is not None:
+        shapes[k] = shape
+    if dtype is not None:
+        dtypes[k] = dtype
+    return shapes, dtypes
+
+
+X_SHAPE = r"\(2, 5, 6, 7\)"
+BAD_INPUTS = [
+    # (operator, (shapes, dtypes), exception, message)
+    (FWD, _bad(FWD, 0, shape=(2, 5, 6)), ValueError, r"^X: shape \(2, 5, 6\) is not 4-D"),
+    (FWD, _bad(FWD, 0, shape=(2, 5, 6, 7, 1)), ValueError, r"^X: shape .* is not 4-D"),
+    (FWD, _bad(FWD, 0, shape=(2, 0, 6, 7)), ValueError, r"^X: .*empty class axis"),
+    (FWD, _bad(FWD, 0, dtype=np.int32), TypeError, r"^X: dtype int32 is not supported; "
+                                                   r"expected one of float16 \(GPU only\)"),
+    (FWD, _bad(FWD, 1, shape=(2, 6, 7, 1)), ValueError, r"^T: shape \(2, 6, 7, 1\) is not 3-D"),
+    # Caffe2: CAFFE_ENFORCE_EQ(T.dim32(0), N); ssm also checks H and W
+    (FWD, _bad(FWD, 1, shape=(3, 6, 7)), ValueError,
+     rf"^T: shape \(3, 6, 7\) does not match X's {X_SHAPE}; expected \(2, 6, 7\)"),
+    (FWD, _bad(FWD, 1, shape=(2, 7, 6)), ValueError, r"^T: shape \(2, 7, 6\) does not match"),
+    (FWD, _bad(FWD, 1, dtype=np.int64), TypeError, r"^T: dtype int64 is not supported; "
+                                                   r"expected int32 labels"),
+    (FWD, _bad(FWD, 1, dtype=F32), TypeError, r"^T: dtype float32 is not supported; "
+                                              r"expected int32 labels"),
+    (FWD, _bad(FWD, 2, dtype=np.float64), TypeError, r"^W: dtype float64 differs from X's "
+                                                     r"float32"),
+    (FWD, _bad(FWD, 2, shape=(2, 6)), ValueError, r"^W: shape \(2, 6\) does not match X's"),
+    (GRAD, _bad(GRAD, 0, shape=(2, 5, 42)), ValueError, r"^X: shape \(2, 5, 42\) is not 4-D"),
+    (GRAD, _bad(GRAD, 1, dtype=np.uint8), TypeError, r"^T: dtype uint8 is not supported"),
+    (GRAD, _bad(GRAD, 2, shape=(2, 6, 8)), ValueError, r"^W: shape \(2, 6, 8\) does not match"),
+    (GRAD, _bad(GRAD, 3, shape=(2, 5, 6, 8)), ValueError,
+     rf"^P: shape \(2, 5, 6, 8\) does not match X's {X_SHAPE}"),
+    (GRAD, _bad(GRAD, 3, dtype=np.float64), TypeError, r"^P: dtype float64 differs from X's"),
+    (GRAD, _bad(GRAD, 4, shape=(0,)), ValueError, r"^d_loss: shape \(0,\) is empty"),
+    (GRAD, _bad(GRAD, 4, dtype=np.int32), TypeError, r"^d_loss: dtype int32 is not a float"),
+]
+
+
+@pytest.mark.parametrize("name, shapes_dtypes, exc, message", BAD_INPUTS,
+                         ids=[f"{n[-8:]}-{m[1:20]}" for n, _, _, m in BAD_INPUTS])
+def test_infer_and_run_raise_the_same_errors(name, shapes_dtypes, exc, message):
+    shapes, dtypes = shapes_dtypes
+    with pytest.raises(exc, match=message):
+        ops.infer(name, shapes, dtypes)
+    with pytest.raises(exc, match=message):
+        ops.run(name, _inputs_of(shapes, dtypes))
+
+
+def test_infer_argument_types():
+    with pytest.raises(TypeError, match=r"^input_shapes: 7 is not a shape"):
+        ops.infer(FWD, [(2, 5, 6, 7), 7], [F32, np.int32])
+    with pytest.raises(ValueError, match=r"^input_shapes: shape \(2, -5, 6, 7\) has a negative"):
+        ops.infer(FWD, [(2, -5, 6, 7), (2, 6, 7)], [F32, np.int32])
+    with pytest.raises(TypeError, match=r"^input_dtypes: 'float33' is not a dtype"):
+        ops.infer(FWD, [(2, 5, 6, 7), (2, 6, 7)], ["float33", np.int32])
+    with pytest.raises(ValueError, match=r"^label_prob: not an argument"):
+        ops.infer(FWD, [(2, 5, 6, 7), (2, 6, 7)], [F32, np.int32], label_prob=1)
+    # dtype names and numpy scalar types are as good as dtypes
+    assert ops.infer(FWD, [[2, 5, 6, 7], [2, 6, 7]], ["float64", "int32"]) == \
+        [((2, 5, 6, 7), np.float64), ((), np.float64)]
+
+
+def test_run_inputs_must_be_a_list(rng):
+    X, T, W = caffe2_inputs(rng)
+    with pytest.raises(TypeError, match=r"^inputs: expected a list of the input arrays, got "
+                                        r"numpy.ndarray"):
+        ops.run(FWD, X)
+    P, loss = ops.run(FWD, (X, T))  # a tuple is a list
+    assert P.shape == X.shape

@@ -3,7 +3,10 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+import pytest
+
 import ssm
+from conftest import child_process_kwargs
 from ssm import _config, _cpu
 from ssm._version import __version__
 
@@ -98,3 +101,62 @@ def test_console_script_runs_from_a_source_tree(tmp_path):
                         "--no-sklearn", "--quiet"], capture_output=True, text=True, cwd=root)
     assert r.returncode == 0, r.stderr
     assert "fused" in r.stdout, r.stdout
+
+
+# ---------------------------------------------------------------- lazy submodules
+
+
+def _fresh(tmp_path, code):
+    """Run `code` in a fresh interpreter (this process has imported ssm.ops already)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, **child_process_kwargs(tmp_path)).stdout
+
+
+def _public_submodules():
+    import pkgutil
+    return sorted(m.name for m in pkgutil.iter_modules(ssm.__path__) if not m.name.startswith("_"))
+
+
+def test_import_ssm_stays_light(tmp_path):
+    out = _fresh(tmp_path, "import sys, ssm; print(' '.join(sorted(sys.modules)))").split()
+    for name in ("ssm.ops", "ssm.bench", "ssm.testing", "matplotlib", "cupy", "torch"):
+        assert name not in out
+
+
+def test_submodules_are_attributes(tmp_path):
+    # README's `ssm.ops.run(...)` after a plain `import ssm`, in a process that has not
+    # imported the submodules: each resolves to the module `import ssm.<name>` gives.
+    names = _public_submodules()
+    assert {"ops", "bench"} <= set(names)
+    code = ("import importlib, ssm\n"
+            f"for name in {names!r}:\n"
+            "    assert name in dir(ssm), name\n"
+            "    assert getattr(ssm, name) is importlib.import_module('ssm.' + name), name\n"
+            "print(ssm.ops.names())\n")
+    assert "SpatialSoftmaxWithLoss" in _fresh(tmp_path, code)
+
+
+def test_dir_lists_submodules_and_public_names():
+    listed = dir(ssm)
+    for name in _public_submodules() + ssm.__all__:
+        assert name in listed
+
+
+def test_unknown_attribute(tmp_path):
+    with pytest.raises(AttributeError, match=r"^module 'ssm' has no attribute 'no_such_thing'$"):
+        ssm.no_such_thing
+    assert not hasattr(ssm, "no_such_thing")
+    # a submodule that is not installed (or not written yet) is a missing attribute too
+    out = _fresh(tmp_path, "import ssm; print(hasattr(ssm, 'nonexistent'))")
+    assert out.strip() == "False"
+
+
+def test_bench_extra_installs_the_light_peers():
+    # `pip install "ssm[bench]"` brings what ssm.bench compares with (scikit-learn's
+    # HalfMultinomialLoss) and plots with; PyTorch, a large download, is left to the user.
+    import re
+    from importlib.metadata import requires
+    bench = {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower()
+             for r in requires("ssm") or () if re.search(r"""extra\s*==\s*["']bench["']""", r)}
+    assert {"scikit-learn", "matplotlib", "threadpoolctl"} <= bench
+    assert "torch" not in bench

@@ -435,3 +435,161 @@ def test_out_of_range_label_lowest_index_across_tiles(name, threads):
         if flat != 20011:
             assert not _mentions_index(msg, flat, y.shape), msg
     assert np.all(out == -4.5)
+
+
+# ---------------------------------------------------------------- what target may be
+
+
+TARGET_KINDS = (r"expected integer labels \(uint8, int32, int64\) of shape \(2, 3, 4\), or soft "
+                r"targets of the logits' shape \(2, 5, 3, 4\) and dtype float32")
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_float_labels_are_told_to_be_integers(data, name):
+    # A float array of the labels' shape: the message says labels are integers, and
+    # what target may be.
+    x, y = data
+    for dtype in (np.float32, np.float64):
+        with pytest.raises(TypeError, match=rf"^target: a {np.dtype(dtype).name} array of "
+                                            r"shape \(2, 3, 4\) .*labels must be integers"):
+            _call(name, x, y.astype(dtype))
+        with pytest.raises(TypeError, match=TARGET_KINDS):
+            _call(name, x, y.astype(dtype))
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_target_messages_say_what_target_may_be(data, name):
+    x, y = data
+    cases = [(np.zeros((N, H), np.float32), ValueError, r"a float32 array of shape \(2, 3\)"),
+             (np.zeros((N, H, W + 1), np.int32), ValueError, r"int32 labels of shape \(2, 3, 5\)"),
+             (np.zeros((N, C, H, W), np.float64), TypeError,
+              r"soft targets of dtype float64 .*float32"),
+             (y.astype(np.int16), TypeError, r"dtype int16 is not supported")]
+    for t, exc, what in cases:
+        with pytest.raises(exc, match=rf"^target: {what}.*; {TARGET_KINDS}"):
+            _call(name, x, t)
+
+
+def test_target_kinds_follow_the_layout(data):
+    x, y = data
+    xh = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    with pytest.raises(TypeError, match=r"integer labels .* of shape \(2, 3, 4\), or soft "
+                                        r"targets of the logits' shape \(2, 3, 4, 5\)"):
+        ssm.spatial_softmax_with_loss(xh, y.astype(np.float32), layout="NHWC")
+
+
+# ---------------------------------------------------------------- masked arrays
+
+
+MASKED = r"a masked array \(numpy\.ma\.MaskedArray\) is not accepted: its mask would be ignored"
+
+
+def _masked(a):
+    m = np.zeros(a.shape, bool)
+    m.flat[0] = True
+    return np.ma.masked_array(a, mask=m)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS)
+def test_masked_arrays_rejected(data, name):
+    x, y = data
+    w = np.ones(y.shape, x.dtype)
+    arg = _first_arg(name)
+    with pytest.raises(TypeError, match=rf"^{arg}: {MASKED}; .*np\.asarray\({arg}\)"):
+        _call(name, _masked(x), y)
+    with pytest.raises(TypeError, match=rf"^target: {MASKED}; for labels, pass "
+                                        r"target\.filled\(ignore_index\)"):
+        _call(name, x, _masked(y))
+    with pytest.raises(TypeError, match=rf"^weights: {MASKED}; pass weights\.filled\(0\)"):
+        _call(name, x, y, _masked(w))
+    with pytest.raises(TypeError, match=rf"^class_weights: {MASKED}"):
+        _call(name, x, y, class_weights=_masked(np.ones(C)))
+    with pytest.raises(TypeError, match=rf"^lens: {MASKED}"):
+        _call(name, x, y, lens=_masked(np.eye(C)))
+    with pytest.raises(TypeError, match=rf"^out: {MASKED}"):
+        _call(name, x, y, out=_masked(np.empty_like(x)))
+    if name != "spatial_softmax_with_loss":
+        with pytest.raises(TypeError, match=rf"^d_loss: {MASKED}; pass d_loss\.filled\(0\)"):
+            _call(name, x, y, None, _masked(np.ones(y.shape, x.dtype)), reduction="none")
+
+
+def test_masked_arrays_rejected_softmax_family(data):
+    x, _ = data
+    for fn in (ssm.softmax, ssm.log_softmax):
+        with pytest.raises(TypeError, match=rf"^x: {MASKED}"):
+            fn(_masked(x))
+    with pytest.raises(TypeError, match=rf"^dprob: {MASKED}"):
+        ssm.softmax_grad(x, _masked(x))
+
+
+def test_masked_arrays_rejected_by_ops(rng):
+    X = rng.random((2, 3, 4, 5)).astype(np.float32)
+    T = np.zeros((2, 4, 5), np.int32)
+    with pytest.raises(TypeError, match=rf"^T: {MASKED}; for labels, pass T\.filled\(-1\)"):
+        ssm.ops.run("SpatialSoftmaxWithLoss", [X, _masked(T)])
+    with pytest.raises(TypeError, match=rf"^W: {MASKED}; pass W\.filled\(0\)"):
+        ssm.ops.run("SpatialSoftmaxWithLoss", [X, T, _masked(np.ones(T.shape, np.float32))])
+
+
+# ---------------------------------------------------------------- what is accepted
+
+
+ACCEPTED = (r"expected a NumPy array, a number or a nested list or tuple of numbers \(CPU\), "
+            r"or a CuPy array \(GPU\)")
+
+
+class _FakeTensor:
+    """Like a torch.Tensor: __dlpack__ and __dlpack_device__ (DLPack device type 1 = CPU,
+    2 = CUDA), and __array__ where it is on the CPU."""
+
+    def __init__(self, device_type):
+        self.device_type = device_type
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("ssm must not convert")
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+
+class _OnlyDLPack:
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("ssm must not convert")
+
+
+class _OnlyArray:
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("ssm must not convert")
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS + ["softmax", "log_softmax"])
+def test_foreign_arrays_get_a_conversion_hint(data, name):
+    x, y = data
+    arg = "x" if name in ("softmax", "log_softmax") else _first_arg(name)
+
+    def call(bad):
+        if name in ("softmax", "log_softmax"):
+            return getattr(ssm, name)(bad)
+        return getattr(ssm, name)(bad, y)
+
+    cases = [(_FakeTensor(1), rf"np\.from_dlpack\({arg}\) or np\.asarray\({arg}\)$"),
+             (_FakeTensor(2), rf"cupy\.from_dlpack\({arg}\)$"),
+             (_OnlyDLPack(), rf"np\.from_dlpack\({arg}\) for a CPU array, "
+                             rf"cupy\.from_dlpack\({arg}\) for a GPU one$"),
+             (_OnlyArray(), rf"np\.asarray\({arg}\)$")]
+    for bad, hint in cases:
+        with pytest.raises(TypeError, match=rf"^{arg}: {ACCEPTED}; got test_validation\."
+                                            rf"{type(bad).__name__}\. Convert it first: {hint}"):
+            call(bad)
+    for bad, got in [(object(), "object"), ("logits", "str"), (None, "NoneType")]:
+        with pytest.raises(TypeError, match=rf"^{arg}: {ACCEPTED}; got {got}$"):
+            call(bad)
+    # lists are accepted, as the message says
+    call(x.tolist())
+
+
+def test_out_says_what_is_accepted(data):
+    x, y = data
+    with pytest.raises(TypeError, match=r"^out: expected a NumPy array \(CPU\) or a CuPy array "
+                                        r"\(GPU\); got list"):
+        ssm.softmax(x, out=x.tolist())

@@ -20,6 +20,7 @@ Example
 """
 from __future__ import annotations
 
+from .. import _validation as V
 from ._registry import GradientDef, OpSchema, Arg, Input
 from ._registry import REGISTRY as _REGISTRY
 
@@ -42,13 +43,20 @@ def schema(name: str) -> OpSchema:
     return _lookup(name).schema
 
 
-def infer(name: str, input_shapes, input_dtypes) -> list:
-    """Tensor inference: ``[(shape, dtype), ...]`` of the outputs, without running."""
+def infer(name: str, input_shapes, input_dtypes, **args) -> list:
+    """Tensor inference: ``[(shape, dtype), ...]`` of the outputs, without running.
+
+    Checks the shapes, dtypes and arguments as `run` checks its inputs, and raises the
+    same errors. A dtype that only the GPU accepts (float16) is accepted here.
+    """
     op = _lookup(name)
     op.schema.check_input_count(len(input_shapes))
     if len(input_dtypes) != len(input_shapes):
         raise ValueError(f"input_dtypes: {len(input_dtypes)} dtypes for {len(input_shapes)} shapes")
-    return op.infer([tuple(s) for s in input_shapes], list(input_dtypes))
+    op.schema.arguments_from(args)
+    shapes = [V.as_shape(s, "input_shapes") for s in input_shapes]
+    dtypes = [V.as_dtype(d, "input_dtypes") for d in input_dtypes]
+    return op.infer(shapes, dtypes)
 
 
 def gradient(name: str) -> GradientDef:
@@ -67,9 +75,10 @@ def devices(name: str) -> frozenset:
 def run(name: str, inputs, **args) -> list:
     """Run operator `name` on `inputs` with Caffe2 arguments; returns its outputs."""
     op = _lookup(name)
-    inputs = list(inputs)
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"inputs: expected a list of the input arrays, got {V.type_name(inputs)}")
     op.schema.check_input_count(len(inputs))
-    return op.run(inputs, op.schema.arguments_from(args))
+    return op.run(list(inputs), op.schema.arguments_from(args))
 
 
 __all__ = ["Arg", "GradientDef", "Input", "OpSchema", "devices", "gradient", "infer", "names",

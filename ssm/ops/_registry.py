@@ -5,8 +5,8 @@ TensorInferenceFunction, GetSoftmaxWithLossGradient and REGISTER_*_OPERATOR.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,10 +29,13 @@ class Input:
 
 @dataclass(frozen=True)
 class Arg:
+    """A Caffe2 argument; ``check(value, name)`` validates a given value and returns it."""
+
     name: str
     type: type
     default: object
     doc: str
+    check: Callable = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class OpSchema:
                              f"({', '.join(i.name for i in self.inputs)}), got {n}")
 
     def arguments_from(self, given: dict) -> dict:
-        """Caffe2 arguments with defaults filled in; unknown names are a ValueError."""
+        """Caffe2 arguments with defaults filled in and checked as the operator's
+        constructor does (``CAFFE_ENFORCE``); unknown names are a ValueError."""
         known = {a.name: a for a in self.arguments}
         unknown = sorted(set(given) - set(known))
         if unknown:
@@ -68,9 +72,7 @@ class OpSchema:
         out = {}
         for a in self.arguments:
             value = given.get(a.name, a.default)
-            if a.type is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-                raise TypeError(f"{a.name}: expected a number, got {value!r}")
-            out[a.name] = a.type(value)
+            out[a.name] = a.check(value, a.name) if a.check is not None else value
         return out
 
 
@@ -123,72 +125,102 @@ class OpDef:
 
 
 # ---- SpatialSoftmaxWithLoss ------------------------------------------------------
+# What Caffe2 enforces (spatial_softmax_with_loss_op.{h,cc}): scale >= 0 and order NCHW
+# in both constructors; X 4-D, T 3-D with T's N equal to X's; a label in [0, D) unless
+# it is -1 (the forward only; its gradient writes out of bounds, ssm's rejects it too).
+# ssm also checks what Caffe2 takes on trust: T and W are (N, H, W), P is X's shape,
+# W, P and the outputs have X's dtype (Caffe2: float throughout; ssm: float32 and
+# float64 on the CPU, also float16 on the GPU), d_loss is a non-empty float array.
+# infer and run call the same checks on (shape, dtype) pairs, so they agree.
 
 _ARGS = (
-    Arg("scale", float, 1.0, "multiplies the gradient (Caffe2's CPU operator: not the loss)"),
-    Arg("order", str, "NCHW", "storage order; only NCHW"),
+    Arg("scale", float, 1.0, "multiplies the gradient (Caffe2's CPU operator: not the loss); "
+        ">= 0", check=V.check_scale),
+    Arg("order", str, "NCHW", "storage order; only NCHW", check=V.check_order),
 )
 
 _SSWL_DOC = """Softmax over the channels of a 4-D NCHW input and the weighted mean of the
 per-pixel cross entropy -log(max(P[n, T[n,h,w], h, w], 1e-20)) * W[n,h,w] over the
 pixels whose label is not -1 (0 if their total weight is 0)."""
 
-
-def _check_order(args):
-    if args["order"] != "NCHW":
-        raise ValueError(f"order: {args['order']!r} is not supported; only 'NCHW' is")
-
-
-def _check_caffe2_shapes(x_shape, t_shape):
-    if len(x_shape) != 4:
-        raise ValueError(f"X: shape {tuple(x_shape)} is not 4-D; expected (N, C, H, W)")
-    if len(t_shape) != 3:
-        raise ValueError(f"T: shape {tuple(t_shape)} is not 3-D; expected (N, H, W)")
+# ssm's public functions name their parameters; errors they raise (a label outside
+# [0, C), a NumPy array beside a CuPy one) are re-raised with the Caffe2 input's name.
+_CAFFE2_NAMES = {"logits": "X", "prob": "P", "target": "T", "weights": "W"}
 
 
-def _check_labels(t):
-    t = V.as_array(t, "T")
-    if t.dtype != np.int32:
-        raise TypeError(f"T: dtype {t.dtype} is not supported; Caffe2 labels are int32")
-    return t
+@contextlib.contextmanager
+def _caffe2_names():
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        name, sep, rest = str(e).partition(": ")
+        if not sep or name not in _CAFFE2_NAMES:
+            raise
+        raise type(e)(f"{_CAFFE2_NAMES[name]}: {rest}") from None
+
+
+def _check_sswl(shapes, dtypes):
+    """X (N, C, H, W) float, T (N, H, W) int32, optional W (N, H, W) of X's dtype."""
+    x, t = shapes[0], shapes[1]
+    V.check_any_float_dtype(dtypes[0], "X")
+    V.check_ndim(x, "X", 4, "(N, C, H, W)")
+    V.check_caffe2_classes(x, "X")
+    V.check_caffe2_labels_dtype(dtypes[1], "T")
+    V.check_ndim(t, "T", 3, "(N, H, W)")
+    pixels = (x[0], x[2], x[3])
+    V.check_shape_matches(t, "T", pixels, "X", x)
+    if len(shapes) > 2:
+        V.check_dtype_matches(dtypes[2], "W", dtypes[0], "X")
+        V.check_shape_matches(shapes[2], "W", pixels, "X", x)
+
+
+def _check_sswl_grad(shapes, dtypes):
+    """X, T, [W] as in the forward; P of X's shape and dtype; d_loss a non-empty float array."""
+    _check_sswl(shapes[:-2], dtypes[:-2])
+    V.check_dtype_matches(dtypes[-2], "P", dtypes[0], "X")
+    V.check_shape_matches(shapes[-2], "P", shapes[0], "X", shapes[0])
+    V.check_caffe2_grad_output(shapes[-1], dtypes[-1], "d_loss")
+
+
+def _arrays(inputs, schema, check):
+    """The inputs as arrays named by the schema (W omitted when absent), checked as
+    ``check`` checks shapes and dtypes, X's dtype against its device."""
+    names = [i.name for i in schema.inputs]
+    if len(inputs) < len(names):
+        names.remove("W")
+    arrays = [V.as_array(a, n) for a, n in zip(inputs, names)]
+    check([a.shape for a in arrays], [a.dtype for a in arrays])
+    V.check_float_dtype(arrays[0], "X")
+    return arrays
 
 
 def _infer_sswl(shapes, dtypes):
-    x_shape, t_shape = shapes[0], shapes[1]
-    _check_caffe2_shapes(x_shape, t_shape)
-    return [(tuple(x_shape), np.dtype(dtypes[0])), ((), np.dtype(np.float32))]
+    _check_sswl(shapes, dtypes)
+    return [(shapes[0], dtypes[0]), ((), dtypes[0])]
 
 
 def _run_sswl(inputs, args):
-    _check_order(args)
-    x, t = V.as_array(inputs[0], "X"), _check_labels(inputs[1])
-    _check_caffe2_shapes(x.shape, t.shape)
-    w = inputs[2] if len(inputs) > 2 else None
-    prob, loss = _api._sswl_forward(x, t, w, ignore_index=-1, reduction="mean",
-                                    loss_cap=CAFFE2_LOSS_CAP)
+    x, t, *w = _arrays(inputs, REGISTRY["SpatialSoftmaxWithLoss"].schema, _check_sswl)
+    with _caffe2_names():
+        prob, loss = _api._sswl_forward(x, t, w[0] if w else None, ignore_index=-1,
+                                        reduction="mean", loss_cap=CAFFE2_LOSS_CAP)
     return [prob, loss]
 
 
 def _infer_sswl_grad(shapes, dtypes):
-    _check_caffe2_shapes(shapes[0], shapes[1])
-    return [(tuple(shapes[0]), np.dtype(dtypes[0]))]
+    _check_sswl_grad(shapes, dtypes)
+    return [(shapes[0], dtypes[0])]
 
 
 def _run_sswl_grad(inputs, args):
-    _check_order(args)
-    x, t = V.as_array(inputs[0], "X"), _check_labels(inputs[1])
-    _check_caffe2_shapes(x.shape, t.shape)
-    w = inputs[2] if len(inputs) == 5 else None
-    prob, d_loss = V.as_array(inputs[-2], "P"), V.as_array(inputs[-1], "d_loss")
-    if prob.shape != x.shape:
-        raise ValueError(f"P: shape {prob.shape} differs from X's {x.shape}")
-    if d_loss.size < 1:
-        raise ValueError("d_loss: empty; Caffe2 reads its first element")
-    scale = args["scale"]
-    if scale < 0:
-        raise ValueError(f"scale: {scale} < 0; Caffe2 requires scale >= 0")
-    d = float(d_loss.reshape(-1)[0]) * scale
-    return [_api.spatial_softmax_with_loss_grad(prob, t, w, d, ignore_index=-1, reduction="mean")]
+    x, t, *w, prob, d_loss = _arrays(inputs, REGISTRY["SpatialSoftmaxWithLossGradient"].schema,
+                                     _check_sswl_grad)
+    # Caffe2 multiplies by d_loss's first element (in float64 here); a CuPy one stays on
+    # its device.
+    d = d_loss.reshape(-1)[:1].astype(np.float64) * args["scale"]
+    with _caffe2_names():
+        return [_api.spatial_softmax_with_loss_grad(prob, t, w[0] if w else None, d,
+                                                    ignore_index=-1, reduction="mean")]
 
 
 REGISTRY = {
