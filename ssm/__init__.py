@@ -11,16 +11,23 @@ use (PEP 562), so that ``import ssm`` loads only the functions above.
 """
 
 
-def _no_extension(exc: ImportError) -> ImportError:
-    """What to say when the compiled extension ssm._cpu cannot be imported."""
+def _extension_files():
     import os
     from importlib.machinery import EXTENSION_SUFFIXES
     here = os.path.dirname(os.path.abspath(__file__))
-    built = [s for s in EXTENSION_SUFFIXES if os.path.exists(os.path.join(here, "_cpu" + s))]
+    return [os.path.join(here, "_cpu" + s) for s in EXTENSION_SUFFIXES
+            if os.path.exists(os.path.join(here, "_cpu" + s))]
+
+
+def _no_extension(exc: ImportError) -> ImportError:
+    """What to say when the compiled extension ssm._cpu cannot be imported."""
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    built = _extension_files()
     if built:
-        return ImportError(f"ssm: its compiled extension {os.path.join(here, '_cpu' + built[0])} "
-                           f"exists but could not be loaded ({exc}); reinstall ssm, or report "
-                           "this with the output of `pip show -f ssm`")
+        return ImportError(f"ssm: its compiled extension {built[0]} exists but could not be "
+                           f"loaded ({exc}); reinstall ssm, or report this with the output "
+                           "of `pip show -f ssm`")
     if os.path.exists(os.path.join(os.path.dirname(here), "setup.py")):
         return ImportError(
             f"ssm: this is the source tree of ssm ({here}), which has no compiled extension, "
@@ -32,19 +39,37 @@ def _no_extension(exc: ImportError) -> ImportError:
                        f"reinstall ssm ({exc})")
 
 
+def _openmp_runtimes():
+    """Paths of the OpenMP runtimes mapped into this process (None where unknown)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f
+                    if any(k in line for k in ("libgomp", "libomp", "libiomp"))}
+    except OSError:
+        return None
+
+
 def _load_extension():
     """Import ssm._cpu, with its OpenMP runtime's threads sleeping when they wait.
 
-    libgomp reads OMP_WAIT_POLICY once, when it loads (with the extension, unless
-    something loaded the same library before; the wheel bundles a copy of its own). By
-    default its idle threads spin: on a machine where another process holds a core, a
-    waiting thread then keeps its core busy while the thread it waits for has none
-    (a (2, 21, 64, 64) fused call beside one busy process: 0.26 ms on one thread, 7 ms
-    median on two spinning, 0.13 ms on two passive). So ssm asks for PASSIVE unless the
-    user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT), and restores the environment
-    at once, so that other libraries and child processes see the user's."""
+    An OpenMP runtime reads OMP_WAIT_POLICY once, when it loads. By default libgomp's
+    idle threads spin: on a machine where another process holds a core, a waiting thread
+    then keeps its core busy while the thread it waits for has none (a (2, 21, 64, 64)
+    fused call beside one busy process: 0.26 ms on one thread, 7 ms median on two
+    spinning, 0.13 ms on two passive). So ssm asks for PASSIVE as it loads its runtime,
+    unless the user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT), and restores the
+    environment at once, for child processes and for runtimes loaded later. NumPy is
+    imported first, so that a BLAS it brings keeps the user's setting. The wheel bundles
+    a runtime of its own; a source build shares the system's libgomp, and then the
+    policy applies to whatever uses it, or, if it was loaded before ssm, does not apply
+    (``wait_policy`` says which)."""
     import os
+
+    if not _extension_files():  # say so before anything else can fail
+        raise _no_extension(ModuleNotFoundError("No module named 'ssm._cpu'"))
+    import numpy  # noqa: F401  (before the window below)
     chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    before = _openmp_runtimes()
     if not chosen:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
@@ -54,8 +79,16 @@ def _load_extension():
     finally:
         if not chosen:
             del os.environ["OMP_WAIT_POLICY"]
-    _cpu.wait_policy = (os.environ.get("OMP_WAIT_POLICY") or "GOMP_SPINCOUNT") if chosen \
-        else "passive (set by ssm)"
+    after = _openmp_runtimes()
+    if chosen:
+        policy = f"as the environment sets it (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')!r}, " \
+                 f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')!r})"
+    elif before is not None and after is not None and not after - before:
+        policy = ("the runtime's default (spinning): the OpenMP runtime was loaded before ssm; "
+                  "set OMP_WAIT_POLICY=passive before starting Python for ssm's")
+    else:
+        policy = "passive (set by ssm)"
+    _cpu.wait_policy = policy
 
 
 _load_extension()

@@ -30,7 +30,8 @@ class Load:
     def __init__(self, cores: int, seconds: float):
         self.procs = [subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=seconds)])
                       for _ in range(cores)]
-        time.sleep(0.2)  # let them start spinning
+        if self.procs:
+            time.sleep(0.2)  # let them start spinning
 
     def __enter__(self):
         return self

@@ -153,33 +153,33 @@ cdef int _start_team(int team) except -1:
 # share more than LATE_SHARE of the call's time (and at least LATE_MIN seconds) after the
 # first one did (it had lost its core), or when the call returned that long after the
 # last thread finished (the caller, asleep at the closing barrier, had lost its core).
-# Then the next calls use only the threads that were on time (one fewer when the caller
-# was late), for _hold seconds; _hold doubles each time a full-size call is late and
-# halves each time one is not (HOLD_MIN to HOLD_MAX): under steady load one call in
-# about a second tries the full team; a lucky one does not bring back frequent tries. When idle, a team's threads
-# finish within one chunk (1/16 of a share) of each other and the caller wakes within
-# microseconds. Races between Python threads on these variables only shift the next
-# call's team size.
+# Then the next calls leave out as many threads as were late (one when the caller was),
+# for _hold seconds; _hold doubles each time a full-size call is late and halves each
+# time one is not (HOLD_MIN to HOLD_MAX): under steady load about one call a second
+# tries the full team, and a lucky one does not bring back frequent tries. When idle, a
+# team's threads finish within one chunk (1/16 of a share) of each other and the caller
+# wakes within microseconds. Races between Python threads on these variables only shift
+# the next call's team size.
 cdef double LATE_SHARE = 0.25
 cdef double LATE_MIN = 200e-6
 cdef double HOLD_MIN = 0.02
 cdef double HOLD_MAX = 1.0
-cdef double _busy_until = -1.0  # omp_get_wtime() until which the cap holds
+cdef double _busy_until = -1.0  # omp_get_wtime() until which threads are left out
 cdef double _hold = HOLD_MIN
-cdef int _busy_cap = 1 << 30
+cdef int _busy_drop = 0         # how many
 
 
 cdef inline int _plan(int team, bint adaptive) noexcept nogil:
-    """The team a call runs with: capped while foreign load was seen recently."""
-    if adaptive and team > _busy_cap and openmp.omp_get_wtime() < _busy_until:
-        return _busy_cap
+    """The team a call runs with: smaller while foreign load was seen recently."""
+    if adaptive and _busy_drop > 0 and team > 1 and openmp.omp_get_wtime() < _busy_until:
+        return team - _busy_drop if team > _busy_drop else 1
     return team
 
 
 cdef void _learn(int team, bint capped, const double *ends, double t0,
                  double t1) noexcept nogil:
-    """Update the cap from a call of `team` threads that finished at ``ends[i]``."""
-    global _busy_until, _hold, _busy_cap
+    """Update the rule from a call whose `team` threads finished at ``ends[i]``."""
+    global _busy_until, _hold, _busy_drop
     cdef double first = ends[0], last = ends[0], slack
     cdef int i, late = 0
     for i in range(1, team):
@@ -192,25 +192,25 @@ cdef void _learn(int team, bint capped, const double *ends, double t0,
     if late == 0 and t1 > last + slack:
         late = 1
     if late:
-        _busy_cap = team - late
+        _busy_drop = late + (_busy_drop if capped else 0)  # a smaller team late too: fewer
         _busy_until = t1 + _hold
         if not capped:
             _hold = 2 * _hold if 2 * _hold < HOLD_MAX else HOLD_MAX
     elif not capped:
         _hold = _hold / 2 if _hold / 2 > HOLD_MIN else HOLD_MIN
-        _busy_cap = 1 << 30
+        _busy_drop = 0
 
 
 # The foreign-load rule from Python, for tests.
 
 def busy_state():
-    """(team cap, seconds it still holds, hold)."""
-    return _busy_cap, _busy_until - openmp.omp_get_wtime(), _hold
+    """(threads left out, seconds that still holds, hold)."""
+    return _busy_drop, _busy_until - openmp.omp_get_wtime(), _hold
 
 
 def reset_busy_state():
-    global _busy_until, _hold, _busy_cap
-    _busy_until, _hold, _busy_cap = -1.0, HOLD_MIN, 1 << 30
+    global _busy_until, _hold, _busy_drop
+    _busy_until, _hold, _busy_drop = -1.0, HOLD_MIN, 0
 
 
 def plan(int team, bint adaptive):
@@ -239,11 +239,15 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads, bint 
     cdef Py_ssize_t chunk = _chunk(ntiles, n_threads)
     cdef double *ends = NULL
     cdef double t0 = 0.0
+    cdef int started = 0  # the team OpenMP gave (OMP_THREAD_LIMIT, nesting: maybe fewer)
+    cdef int *started_p = &started
     if adaptive and n_threads > 1:
         ends = <double *>malloc(n_threads * sizeof(double))
         t0 = openmp.omp_get_wtime()
     with parallel(num_threads=n_threads):
         tid = openmp.omp_get_thread_num()
+        if tid == 0:
+            started_p[0] = openmp.omp_get_num_threads()
         buf = <char *>malloc(nbytes)
         if buf == NULL:
             failed_p[0] = 1
@@ -254,7 +258,8 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads, bint 
             ends[tid] = openmp.omp_get_wtime()
         free(buf)
     if ends != NULL:
-        _learn(n_threads, capped, ends, t0, openmp.omp_get_wtime())
+        if started > 1:
+            _learn(started, capped, ends, t0, openmp.omp_get_wtime())
         free(ends)
     return failed
 
@@ -334,7 +339,9 @@ def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t 
         return 0.0, -1
     partial = np.empty(ntiles, dtype=np.float64)
     bads = np.empty(ntiles, dtype=np.intp)
-    n_threads = _team(threads, ntiles, P.outer * P.inner, &capped)
+    # the team of the call's main pass (its elements, not the labels'): one team size per
+    # call, so libgomp does not end and recreate threads between the passes
+    n_threads = _team(threads, ntiles, P.outer * P.C * P.inner, &capped)
     chunk = _chunk(ntiles, n_threads)
     with nogil:
         for t in prange(ntiles, schedule="dynamic", chunksize=chunk, num_threads=n_threads):

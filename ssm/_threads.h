@@ -7,9 +7,11 @@
    will give them, and joins them again; if that fails, the call raises instead.
 
    libgomp keeps the threads of a team for the next region of the same calling thread
-   (one pool per calling thread), so the mark of the largest team shown to start is
-   thread-local: a second Python thread has a pool of its own to create. On platforms
-   without POSIX threads (Windows) nothing is probed. */
+   (one pool per calling thread), and ends the extra ones when a smaller team of more
+   than one thread follows; so the mark is the size of the calling thread's last team of
+   more than one thread, thread-local, and a team that grows past it is probed again
+   (ssm gives every pass of one call the same team, so calls do not shrink and regrow
+   their pool). On platforms without POSIX threads (Windows) nothing is probed. */
 #ifndef SSM_THREADS_H
 #define SSM_THREADS_H
 
@@ -30,7 +32,7 @@ static int ssm_team_can_start(int n, size_t stack_bytes, int *err)
 #include <pthread.h>
 #include <stdlib.h>
 
-static _Thread_local int ssm_team_started = 1; /* largest team this thread has started */
+static _Thread_local int ssm_team_started = 1; /* this thread's last team of 2 or more */
 
 static void *ssm_probe_thread(void *arg)
 {
@@ -47,16 +49,23 @@ static int ssm_team_can_start(int n, size_t stack_bytes, int *err)
     int started = 0, i;
 
     *err = 0;
-    if (n <= ssm_team_started)
+    if (n <= ssm_team_started || n == 1) {
+        if (n > 1)
+            ssm_team_started = n;
         return n;
+    }
     ids = (pthread_t *)malloc(sizeof(pthread_t) * (size_t)(n - 1));
     if (ids == NULL) {
         *err = ENOMEM;
         return 1;
     }
     pthread_attr_init(&attr);
-    if (stack_bytes != 0)
-        *err = pthread_attr_setstacksize(&attr, stack_bytes);
+    if (stack_bytes != 0 && pthread_attr_setstacksize(&attr, stack_bytes) != 0) {
+        /* below PTHREAD_STACK_MIN, or not a page multiple: libgomp warns and uses the
+           default stack, and so does the probe */
+        pthread_attr_destroy(&attr);
+        pthread_attr_init(&attr);
+    }
     while (*err == 0 && started < n - 1) {
         *err = pthread_create(&ids[started], &attr, ssm_probe_thread, NULL);
         if (*err == 0)

@@ -1062,8 +1062,9 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--busy", action="store_true",
                    help="instead: the fused pass with default threads vs threads=1 on four "
-                        "sizes, quiet and beside one spinning process per core (--budget "
-                        "seconds per size and phase; --json and --plot apply)")
+                        "sizes (or --shape), quiet and beside one spinning process per core "
+                        "(--budget seconds per size and phase; --json and --plot apply; "
+                        "--threads does not)")
     args = p.parse_args(argv)
     if args.shape is not None and args.workload is not None:
         p.error("give --workload or --shape, not both")
@@ -1104,7 +1105,8 @@ def workload_of(args):
 def main_busy(ssm, args, argv):
     from . import _bench_busy
     t0 = time.perf_counter()
-    rows, lines = _bench_busy.run_busy(ssm, usable_cores(), args.budget, quiet=args.quiet)
+    shapes = _bench_busy.SHAPES if args.shape is None else (tuple(args.shape),)
+    rows, lines = _bench_busy.run_busy(ssm, usable_cores(), args.budget, shapes, args.quiet)
     for line in lines:
         print(line)
     wall = time.perf_counter() - t0
