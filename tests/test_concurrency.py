@@ -173,6 +173,8 @@ def _other_thread_progress(call, seconds):
         t.join()
 
 
+@pytest.mark.skipif(not getattr(sys, "_is_gil_enabled", lambda: True)(),
+                    reason="free-threaded CPython: there is no GIL to release")
 def test_gil_is_released_during_kernels():
     """Another Python thread makes progress while an ssm call runs (the GIL is released
     around the kernels), and none while Python code holds the GIL (the negative control:

@@ -81,10 +81,20 @@ def test_import_from_source_tree_says_so(tmp_path):
 
 
 def _console_script(name):
+    """Where pip put the script: beside this Python (a venv), in the scheme's or the user
+    scheme's scripts folder, or on PATH."""
     import os
     import shutil
-    here = os.path.join(os.path.dirname(sys.executable), name)
-    return here if os.path.exists(here) else shutil.which(name)
+    import sysconfig
+    folders = [os.path.dirname(sys.executable), sysconfig.get_path("scripts")]
+    try:
+        folders.append(sysconfig.get_path("scripts", sysconfig.get_preferred_scheme("user")))
+    except (AttributeError, KeyError):
+        pass
+    for folder in folders:
+        if folder and os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return shutil.which(name)
 
 
 def test_console_script_runs_from_a_source_tree(tmp_path):
