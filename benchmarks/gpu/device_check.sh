@@ -126,10 +126,11 @@ for tool in memcheck racecheck initcheck synccheck; do
     fi
 done
 
-bench() {  # bench NAME ARGS...: ssm-bench with JSON and plot into the logs
-    local name=$1
+bench() {  # bench NAME ARGS...: ssm-bench with JSON (and a plot, with matplotlib) into the logs
+    local name=$1 plot=()
     shift
-    cd "$logs" && "$py" -m ssm.bench "$@" --json "$name.json" --plot "$name.png" --quiet
+    "$py" -c "import matplotlib" 2> /dev/null && plot=(--plot "$name.png")
+    cd "$logs" && "$py" -m ssm.bench "$@" --json "$name.json" "${plot[@]}" --quiet
 }
 export -f bench
 if [ $dry = 1 ]; then
