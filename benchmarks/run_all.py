@@ -6,8 +6,9 @@ For each workload it writes ``<workload>.txt`` (the printed tables),
 ``<workload>.json`` (every figure, the machine and the library versions) and
 ``<workload>.png`` (thread scaling, ssm vs peers) into
 ``benchmarks/results/<date>-<machine>/``, plus ``summary.md``, a one-screen digest of
-the fused loss+grad rows. The workload table and the method live in ssm/bench.py;
-options after ``--`` are passed on to it (e.g. ``-- --budget 1.5 --threads 1,2``).
+the fused loss+grad rows. The workload table (ssm/bench/workloads.py) and the method
+(the docstring of ssm/bench/__init__.py) live in ssm.bench; options after ``--`` are
+passed on to it (e.g. ``-- --budget 1.5 --threads 1,2``).
 """
 from __future__ import annotations
 

@@ -9,14 +9,13 @@ is never much slower than one thread (median and p90), busy or not.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from . import _cpu
+from .. import _cpu
 
 SHAPES = ((2, 21, 64, 64), (4, 21, 128, 128), (8, 21, 128, 128), (8, 21, 256, 256))
 MIN_CALLS = 30           # timed calls per (shape, phase, threads), at least
@@ -107,28 +106,3 @@ def run_busy(ssm, cores: int, budget: float, shapes=SHAPES, quiet=False):
                  f"({'x'.join(map(str, worst['shape']))}, {worst['phase']}); below 1 the "
                  f"default is faster. OpenMP wait policy: {_cpu.wait_policy}.")
     return rows, lines
-
-
-def plot_busy(path, rows, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = sorted({"x".join(map(str, r["shape"])) for r in rows},
-                    key=lambda s: np.prod([int(v) for v in s.split("x")]))
-    width = 0.2
-    for k, (phase, stat) in enumerate([("quiet", "median"), ("quiet", "p90"),
-                                       ("busy", "median"), ("busy", "p90")]):
-        vals = [next(r[f"ratio_{stat}"] for r in rows if r["phase"] == phase
-                     and "x".join(map(str, r["shape"])) == lab) for lab in labels]
-        ax.bar(np.arange(len(labels)) + (k - 1.5) * width, vals, width,
-               label=f"{phase}, {stat}")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(1.5, color="r", lw=0.8, ls="--", label="1.5x: the limit")
-    ax.set_xticks(np.arange(len(labels)), labels)
-    ax.set_ylabel("time(default threads) / time(threads=1)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
