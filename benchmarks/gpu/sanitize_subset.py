@@ -28,11 +28,13 @@ def device(dry_run):
         return np.asarray, "cpu (no CUDA simulator installed)"
 
 
-def calls(asarray, dtypes):
+SHAPES = [((3, 5, 7, 9), "NCHW"), ((3, 7, 9, 5), "NHWC"), ((37, 1), "NCHW"),
+          ((5, 70, 13), "NCHW"), ((13, 300), "NCHW")]
+
+
+def calls(asarray, dtypes, labels=("u8", "i64", "soft")):
     rng = np.random.default_rng(7)
-    for dtype, (shape, layout), label in itertools.product(
-            dtypes, [((3, 5, 7, 9), "NCHW"), ((3, 7, 9, 5), "NHWC"), ((37, 1), "NCHW"),
-                     ((5, 70, 13), "NCHW"), ((13, 300), "NCHW")], ("u8", "i64", "soft")):
+    for dtype, (shape, layout), label in itertools.product(dtypes, SHAPES, labels):
         C = shape[1] if layout == "NCHW" else shape[-1]
         pix = (shape[0],) + (shape[2:] if layout == "NCHW" else shape[1:-1])
         x = asarray((3 * rng.standard_normal(shape)).astype(dtype))
@@ -63,12 +65,17 @@ def calls(asarray, dtypes):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="float32 only, int64 labels and soft targets (for the slower tools)")
     args = p.parse_args(argv)
     asarray, name = device(args.dry_run)
     dtypes = ["float32", "float64"] if name.startswith("cpu") else ["float16", "float32",
                                                                      "float64"]
+    labels = ("u8", "i64", "soft")
+    if args.quick:
+        dtypes, labels = ["float32"], ("i64", "soft")
     n = 0
-    for call in calls(asarray, dtypes):
+    for call in calls(asarray, dtypes, labels):
         call()
         n += 1
     if name == "cuda":
