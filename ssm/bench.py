@@ -43,6 +43,12 @@ Noise
     cores: busy time from /proc/stat minus this process's CPU time, over the wall
     time). Rows with other > ``BUSY_CORES`` are flagged ``!``, rows whose
     (max - min) / median exceeds ``WIDE_SPREAD`` are flagged ``~``.
+Traffic (``--device cudasim``)
+    No timing: the three workloads, scaled down (N <= 2, spatial dims / 16), in both
+    layouts, run on the CUDA simulator (ssm.testing.cudasim) built to count memory
+    traffic. Per op: the sector efficiency of the kernel that walks the logits and of
+    all of the op's launches (useful bytes / bytes in the 32-byte sectors a GPU would
+    move, per warp-wide request), and the sectors' bytes against the op's byte model.
 GPU (``--device cuda``)
     CuPy arrays, CUDA events around each call on the current stream, rotating sets
     above twice the device's L2; a device-to-device copy of the same bytes is the
@@ -1039,8 +1045,9 @@ def parse_args(argv=None):
                         f"usable cores, here {','.join(map(str, default_threads()))})")
     p.add_argument("--ops", type=_op_list, default=tuple(OPS),
                    help=f"comma-separated subset of {','.join(OPS)} (default: all)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu (NumPy arrays) or cuda (CuPy arrays, CUDA events)")
+    p.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu",
+                   help="cpu (NumPy arrays), cuda (CuPy arrays, CUDA events) or cudasim "
+                        "(the memory-traffic table of the CUDA kernels, simulated)")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                    help=f"seconds of timed calls per row (default {DEFAULT_BUDGET_S})")
     p.add_argument("--min-reps", type=int, default=DEFAULT_MIN_REPS,
@@ -1094,9 +1101,57 @@ def workload_of(args):
     return name, shape
 
 
+TRAFFIC_SCALE = 16  # spatial dims divided by this for --device cudasim
+
+
+def traffic_lines(ssm, dtype=np.float32):
+    """The --device cudasim table: per workload (scaled down), layout and op, the sector
+    efficiency of the logits kernel and of all launches, and traffic against the model."""
+    from ssm.testing import cudasim
+
+    rng = np.random.default_rng(SEED)
+    lines = ["ssm.bench: memory traffic of the CUDA kernels on the simulator "
+             f"({np.dtype(dtype)}, int64 labels; sectors of 32 bytes per warp-wide request)",
+             "(traffic counts every request: re-reads of a pixel's logits, which L1/L2 serve "
+             "on a GPU, included)",
+             f"{'workload':32s} {'layout':6s} {'op':9s} {'kernel':27s} {'kernel eff':>10s} "
+             f"{'all eff':>8s} {'traffic/model':>13s}"]
+    for key, (title, (N, C, *spatial)) in WORKLOADS.items():
+        N, spatial = min(N, 2), [max(1, d // TRAFFIC_SCALE) for d in spatial]
+        x = (2.0 * rng.standard_normal((N, C, *spatial))).astype(dtype)
+        y = rng.integers(0, C, (N, *spatial))
+        for layout in ("NCHW", "NHWC"):
+            xl = x if layout == "NCHW" else np.ascontiguousarray(np.moveaxis(x, 1, -1))
+            xd, yd = cudasim.asarray(xl), cudasim.asarray(y)
+            prob = ssm.softmax(xd, layout=layout)
+            calls = {"softmax": lambda: ssm.softmax(xd, layout=layout),
+                     "forward": lambda: ssm.spatial_softmax_with_loss(
+                         xd, yd, layout=layout, validate=False),
+                     "backward": lambda: ssm.spatial_softmax_with_loss_grad(
+                         prob, yd, layout=layout, validate=False),
+                     "fused": lambda: ssm.spatial_softmax_with_loss_and_grad(
+                         xd, yd, layout=layout, validate=False)}
+            for op, call in calls.items():
+                with cudasim.traffic() as log:
+                    call()
+                main = max(log, key=lambda r: r.sector_bytes)
+                useful = sum(r.useful_bytes for r in log)
+                moved = sum(r.sector_bytes for r in log)
+                _, kx, kl = OPS[op]
+                model = kx * x.nbytes + kl * y.nbytes
+                lines.append(f"{title + ' ' + str((N, C, *spatial)):32s} {layout:6s} {op:9s} "
+                             f"{main.name:27s} {main.sector_efficiency:10.1%} "
+                             f"{useful / moved:8.1%} {moved / model:13.2f}")
+    return lines
+
+
 def main(argv=None):
     args = parse_args(argv)
     import ssm
+    if args.device == "cudasim":
+        for line in traffic_lines(ssm, np.dtype(args.dtype)):
+            print(line)
+        return 0
     t0 = time.perf_counter()
     name, shape = workload_of(args)
     runner = run_gpu if args.device == "cuda" else run_cpu

@@ -121,6 +121,18 @@ __global__ void params(const double* p, long long n, int k, double d, float* out
     out[threadIdx.x] = (float)(p[0] * n + k + d);
 }
 
+/* thread i copies x[i]: a warp reads 128 contiguous bytes, 4 sectors */
+__global__ void copy_coalesced(const float* x, float* y)
+{
+    y[threadIdx.x] = x[threadIdx.x];
+}
+
+/* thread i copies x[32 i]: every lane of a warp reads its own sector */
+__global__ void copy_strided(const float* x, float* y)
+{
+    y[threadIdx.x] = x[32 * threadIdx.x];
+}
+
 /* the half conversions of common.cuh, element-wise */
 __global__ void half_conversions(const unsigned short* h, float* h_to_f, const float* f,
                                  ssm_half* f_to_h, const double* d, ssm_half* d_to_h, long long n)
@@ -138,7 +150,8 @@ __global__ void half_conversions(const unsigned short* h, float* h_to_f, const f
 
 NAMES = ["barrier_divergent", "barrier_split", "shuffle_missing_lanes", "shuffle_outside_mask",
          "shuffle_ok", "shared_race", "shared_ok", "shared_uninitialised", "read_past_end",
-         "write_past_end", "write_before_start", "add_scratch", "params", "half_conversions"]
+         "write_past_end", "write_before_start", "add_scratch", "params", "copy_coalesced",
+         "copy_strided", "half_conversions"]
 
 
 @pytest.fixture(scope="module")
@@ -374,6 +387,35 @@ def test_no_compiler_is_a_clear_error(monkeypatch):
 def test_unknown_name_expression(module):
     with pytest.raises(SimulatorError, match=r"^name: 'nope' is not one of the module's"):
         module.get_function("nope")
+
+
+def test_traffic_counts_sectors_per_warp_request(module):
+    # the traffic model's controls: coalesced loads use every byte of their sectors,
+    # a stride of 32 floats uses 4 bytes of each
+    x, y = cudasim.zeros(64 * 32, np.float32), cudasim.zeros(64, np.float32)
+    with cudasim.traffic() as log:
+        launch(module, "copy_coalesced", x, y)
+        launch(module, "copy_strided", x, y)
+    coalesced, strided = log
+    assert (coalesced.load_requests, coalesced.load_bytes, coalesced.load_sectors) == (2, 256, 8)
+    assert (coalesced.store_requests, coalesced.store_sectors) == (2, 8)
+    assert coalesced.sector_efficiency == 1.0
+    assert (strided.load_requests, strided.load_bytes, strided.load_sectors) == (2, 256, 64)
+    assert strided.sector_efficiency == pytest.approx((256 + 256) / (32 * (64 + 8)))
+
+
+def test_traffic_of_ssm_kernels_is_coalesced(rng):
+    # strided channels (NCHW) and rows of 64 classes: at least 90% of every moved sector used
+    cases = [((2, 21, 8, 16), "NCHW", (2, 8, 16)), ((256, 64), "NHWC", (256,))]
+    for shape, layout, pix in cases:
+        x = cudasim.asarray(make_logits(rng, shape, np.float32))
+        y = cudasim.asarray(make_labels(rng, pix, shape[1 if layout == "NCHW" else -1]))
+        with cudasim.traffic() as log:
+            ssm.softmax(x, layout=layout)
+            ssm.spatial_softmax_with_loss_and_grad(x, y, layout=layout, validate=False)
+        for r in log:
+            if r.name.startswith(("softmax", "sswl")):
+                assert r.sector_efficiency >= 0.9, (layout, r)
 
 
 # ---- what the simulator models ---------------------------------------------------------

@@ -31,12 +31,12 @@ from ._array import _empty, ndarray
 from ._device import (DEVICE_COUNT, Device, SimulatorError, Stream, SynchronizationError,
                       forbid_synchronize, record_launches, sync_count)
 from ._memory import poison
-from ._module import RawModule, fp_contract
+from ._module import KernelTraffic, RawModule, fp_contract, traffic
 
-__all__ = ["DEVICE_COUNT", "Device", "RawModule", "SimulatorError", "Stream",
+__all__ = ["DEVICE_COUNT", "Device", "KernelTraffic", "RawModule", "SimulatorError", "Stream",
            "SynchronizationError", "asarray", "asnumpy", "ascontiguousarray", "cuda", "empty",
            "empty_like", "forbid_synchronize", "fp_contract", "full", "may_share_memory",
-           "ndarray", "ones", "poison", "record_launches", "sync_count", "zeros"]
+           "ndarray", "ones", "poison", "record_launches", "sync_count", "traffic", "zeros"]
 
 ndarray.__module__ = __name__  # the public name, in messages ("a ssm.testing.cudasim.ndarray")
 

@@ -12,6 +12,10 @@ Compile settings (part of the hash): ``SSM_CUDASIM_FP_CONTRACT`` (``fast``, the 
 as nvcc's --fmad=true, or ``off``; see ``fp_contract``), ``SSM_CUDASIM_CFLAGS`` (extra
 flags, e.g. -fsanitize=address,undefined in the CI's sanitizer stage), ``CXX``.
 
+Inside ``with traffic() as log:`` kernels run from a build instrumented to count memory
+traffic (see ssm_cudasim.h, e): each launch appends a ``KernelTraffic`` record of the warp-
+wide requests it made to the allocations it was given, and the 32-byte sectors they touch.
+
 A launch checks its arguments as cuLaunchKernel receives them: their number, and for each
 the size and kind (pointer, signed or unsigned integer, floating point) of the kernel
 parameter; pointers must be simulated device arrays on the current device. Then the
@@ -29,6 +33,7 @@ import subprocess
 import tempfile
 import threading
 from importlib import resources
+from typing import NamedTuple
 
 import numpy as np
 
@@ -81,6 +86,49 @@ def fp_contract(mode: str):
         yield
     finally:
         _state.fp_contract = old
+
+
+class KernelTraffic(NamedTuple):
+    """What one launch moved: warp-wide requests, the bytes its lanes asked for, and the
+    32-byte sectors those bytes lie in (what a GPU's memory system moves), loads and stores."""
+
+    name: str
+    load_requests: int
+    load_bytes: int
+    load_sectors: int
+    store_requests: int
+    store_bytes: int
+    store_sectors: int
+
+    @property
+    def useful_bytes(self) -> int:
+        return self.load_bytes + self.store_bytes
+
+    @property
+    def sector_bytes(self) -> int:
+        return 32 * (self.load_sectors + self.store_sectors)
+
+    @property
+    def sector_efficiency(self) -> float:
+        """Useful bytes / bytes in the touched sectors (1.0: perfectly coalesced)."""
+        return self.useful_bytes / self.sector_bytes if self.sector_bytes else 1.0
+
+
+def _traffic_log():
+    return getattr(_state, "traffic", None)
+
+
+@contextlib.contextmanager
+def traffic():
+    """Count the memory traffic of the launches inside the block: ``with traffic() as log:``
+    gives a list of KernelTraffic records, one per launch (kernels built with GCC's
+    access instrumentation; slower than plain simulation)."""
+    old = _traffic_log()
+    _state.traffic = []
+    try:
+        yield _state.traffic
+    finally:
+        _state.traffic = old
 
 
 def find_compiler() -> str:
@@ -148,6 +196,10 @@ def _compile_flags() -> list:
     else:
         flags += ["-ffp-contract=off"]
     flags += os.environ.get("SSM_CUDASIM_CFLAGS", "").split()
+    if _traffic_log() is not None:  # every access calls a hook (ssm_cudasim.h, e)
+        flags += ["-DSSM_SIM_TRAFFIC=1", "-fsanitize=kernel-address",
+                  "--param", "asan-instrumentation-with-call-threshold=0",
+                  "--param", "asan-stack=0", "--param", "asan-globals=0"]
     return flags
 
 
@@ -214,7 +266,8 @@ class RawModule:
         self._libraries = {}
 
     def _library(self) -> _Library:
-        key = (current_fp_contract(), os.environ.get("SSM_CUDASIM_CFLAGS", ""))
+        key = (current_fp_contract(), os.environ.get("SSM_CUDASIM_CFLAGS", ""),
+               _traffic_log() is not None)
         with _lock:
             if key not in self._libraries:
                 self._libraries[key] = build(self.code, self.name_expressions, self.filename)
@@ -294,10 +347,19 @@ class Function:
         addr, write = ctypes.c_void_p(0), ctypes.c_int(0)
         ftz = int("-ftz=true" in self.module.options and _computes_in_float(self.name))
         stream = _device.get_current_stream()
+        log = _traffic_log()
         with _lock:
+            if log is not None:
+                ranges = [v for a in allocations for v in (a.ptr, a.ptr + a.nbytes)]
+                lib.lib.ssm_sim_traffic_start(
+                    (ctypes.c_ulonglong * max(1, len(ranges)))(*ranges), len(allocations))
             rc = lib.lib.ssm_sim_launch(index, (ctypes.c_uint * 3)(*grid),
                                         (ctypes.c_uint * 3)(*block), params_arr, ftz, msg,
                                         len(msg), ctypes.byref(addr), ctypes.byref(write))
+            if log is not None and rc == 0:
+                totals = (ctypes.c_ulonglong * 6)()
+                lib.lib.ssm_sim_traffic_totals(totals)
+                log.append(KernelTraffic(self.name, *totals))
         _device.record(_device.Launch((self.name, grid, block, _device.get_device_id(), stream)))
         if rc == 2:
             raise SimulatorError(f"{msg.value.decode()} ({describe_address(addr.value or 0)})")

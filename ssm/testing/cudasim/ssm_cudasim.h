@@ -4,7 +4,7 @@
  *
  * Design
  * ------
- * a) ssm/testing/cudasim/_compile.py builds one shared library per module from the exact
+ * a) ssm/testing/cudasim/_module.py builds one shared library per module from the exact
  *    text ssm._gpu hands to NVRTC: this header, then the .cu text (with its `__shared__`
  *    arrays declared as race-checked `shared_array`s and its PTX half conversions as calls
  *    below: the only rewrites), then a table of the module's instantiations (its
@@ -26,6 +26,12 @@
  *    float, as -ftz=true does on the GPU; x86 has a single flush mode, so the double
  *    arithmetic of those kernels (partial sums) flushes too. FMA contraction follows the
  *    compile options (-ffp-contract, with -mfma where the CPU has it).
+ * e) Traffic (the build with SSM_SIM_TRAFFIC=1, compiled with -fsanitize=kernel-address and
+ *    outlined checks, whose hooks are defined below): every load and store of a kernel
+ *    that falls in a device allocation passed to the launch is attributed to a warp-wide
+ *    request, keyed by (warp, instruction, sync interval, n-th execution by the lane since
+ *    the lane's last warp op or barrier); a request touches the 32-byte sectors its lanes'
+ *    bytes fall in, as a GPU's memory system would move them.
  */
 #ifndef SSM_CUDASIM_H
 #define SSM_CUDASIM_H
@@ -53,7 +59,12 @@
 #include <ucontext.h>
 #define SSM_SIM_ASM_SWITCH 0
 #endif
-#if defined(__SANITIZE_ADDRESS__)
+#ifndef SSM_SIM_TRAFFIC
+#define SSM_SIM_TRAFFIC 0
+#endif
+/* The traffic build (see below) uses GCC's kernel-address instrumentation as a hook on
+   every memory access, which also defines __SANITIZE_ADDRESS__: it is not ASan. */
+#if defined(__SANITIZE_ADDRESS__) && !SSM_SIM_TRAFFIC
 #define SSM_SIM_ASAN 1
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer)
@@ -164,6 +175,7 @@ struct Thread {
     int linear;
     State state;
     int site;                       /* source line of the barrier or warp op it waits at */
+    unsigned sync_epoch;            /* warp ops and barriers passed (traffic grouping) */
     WarpOp op;
     unsigned mask;
     int arg, width;
@@ -343,6 +355,7 @@ inline void syncthreads(int line)
     t->state = AT_BARRIER;
     t->site = line;
     switch_from(t);
+    ++t->sync_epoch;
 }
 
 template <typename V>
@@ -362,6 +375,7 @@ inline V warp_op(WarpOp op, int line, unsigned mask, V v, int arg, int width = 3
     t->value = 0;
     std::memcpy(&t->value, &v, sizeof(V));
     switch_from(t);
+    ++t->sync_epoch;
     V out;
     std::memcpy(&out, &t->result, sizeof(V));
     return out;
@@ -519,6 +533,113 @@ using ssm_sim::atomicMax;
 using ssm_sim::atomicMin;
 
 
+
+/* ---- memory traffic (the SSM_SIM_TRAFFIC build) --------------------------------------- */
+
+#if SSM_SIM_TRAFFIC
+#include <algorithm>
+#include <unordered_map>
+#include <vector>
+
+namespace ssm_sim {
+
+struct Traffic {
+    struct Request {
+        bool store;
+        unsigned long long bytes;                  /* distinct bytes: a broadcast counts once */
+        std::vector<uintptr_t> addresses;
+        std::vector<unsigned long long> sectors;
+    };
+    std::vector<std::pair<uintptr_t, uintptr_t>> ranges;   /* the launch's allocations */
+    std::unordered_map<unsigned long long, unsigned> executions;  /* (thread, pc, epoch) */
+    std::unordered_map<unsigned long long, Request> requests;      /* (warp, pc, epoch, n) */
+    unsigned long long totals[6];  /* load requests, bytes, sectors; store the same */
+    bool busy;
+};
+inline Traffic traffic;
+
+inline unsigned long long mix(unsigned long long h, unsigned long long v)
+{
+    return (h ^ v) * 0x100000001b3ULL + (v >> 29);
+}
+
+__attribute__((no_sanitize_address)) inline void on_access(uintptr_t a, size_t n, void* pc,
+                                                           bool store)
+{
+    Traffic& tr = traffic;
+    Thread* t = g.cur;
+    if (!t || tr.busy || !g.kernel)
+        return;
+    tr.busy = true;  /* the containers below are instrumented too */
+    bool ours = false;
+    for (const auto& r : tr.ranges)
+        ours = ours || (a >= r.first && a < r.second);
+    if (!ours) {
+        tr.busy = false;
+        return;
+    }
+    const unsigned long long site = mix(mix((uintptr_t)pc, t->sync_epoch), store);
+    const unsigned nth = tr.executions[mix(site, (unsigned long long)t->linear << 1 | 1)]++;
+    Traffic::Request& r = tr.requests[mix(mix(site, (unsigned long long)(t->linear / 32)), nth)];
+    r.store = store;
+    if (std::find(r.addresses.begin(), r.addresses.end(), a) == r.addresses.end()) {
+        r.addresses.push_back(a);
+        r.bytes += n;
+    }
+    for (unsigned long long s = a >> 5; s <= (a + n - 1) >> 5; ++s)
+        if (std::find(r.sectors.begin(), r.sectors.end(), s) == r.sectors.end())
+            r.sectors.push_back(s);
+    tr.busy = false;
+}
+
+/* A block is done: add its requests to the totals. */
+__attribute__((no_sanitize_address)) inline void traffic_block_done()
+{
+    Traffic& tr = traffic;
+    tr.busy = true;
+    for (const auto& kv : tr.requests) {
+        unsigned long long* t = tr.totals + (kv.second.store ? 3 : 0);
+        t[0] += 1;
+        t[1] += kv.second.bytes;
+        t[2] += kv.second.sectors.size();
+    }
+    tr.requests.clear();
+    tr.executions.clear();
+    tr.busy = false;
+}
+
+}  // namespace ssm_sim
+
+#define SSM_SIM_HOOKS(n)                                                                      \
+    extern "C" __attribute__((no_sanitize_address)) void __asan_load##n##_noabort(uintptr_t a) \
+    {                                                                                         \
+        ssm_sim::on_access(a, n, __builtin_return_address(0), false);                         \
+    }                                                                                         \
+    extern "C" __attribute__((no_sanitize_address)) void __asan_store##n##_noabort(uintptr_t a)\
+    {                                                                                         \
+        ssm_sim::on_access(a, n, __builtin_return_address(0), true);                          \
+    }
+SSM_SIM_HOOKS(1)
+SSM_SIM_HOOKS(2)
+SSM_SIM_HOOKS(4)
+SSM_SIM_HOOKS(8)
+SSM_SIM_HOOKS(16)
+extern "C" __attribute__((no_sanitize_address)) void __asan_loadN_noabort(uintptr_t a, size_t n)
+{
+    ssm_sim::on_access(a, n, __builtin_return_address(0), false);
+}
+extern "C" __attribute__((no_sanitize_address)) void __asan_storeN_noabort(uintptr_t a, size_t n)
+{
+    ssm_sim::on_access(a, n, __builtin_return_address(0), true);
+}
+extern "C" void __asan_handle_no_return() {}
+extern "C" void __asan_before_dynamic_init(const char*) {}
+extern "C" void __asan_after_dynamic_init() {}
+#define SSM_SIM_TRAFFIC_BLOCK_DONE() ssm_sim::traffic_block_done()
+#else
+#define SSM_SIM_TRAFFIC_BLOCK_DONE()
+#endif
+
 /* ---- the launcher ------------------------------------------------------------------- */
 
 namespace ssm_sim {
@@ -617,6 +738,7 @@ inline bool run_block()
         t.idx = uint3{(unsigned)(i % g.block.x), (unsigned)(i / g.block.x % g.block.y),
                       (unsigned)(i / (g.block.x * g.block.y))};
         t.state = RUNNABLE;
+        t.sync_epoch = 0;
         t.stack = g.stacks + (size_t)i * g.stack_size;
         fiber_start(&t);
     }
@@ -639,8 +761,10 @@ inline bool run_block()
         for (int i = 0; i < g.nthreads && !waiting; ++i)
             if (g.threads[i].state == AT_BARRIER)
                 waiting = &g.threads[i];
-        if (!waiting)
+        if (!waiting) {
+            SSM_SIM_TRAFFIC_BLOCK_DONE();
             return true;  /* every thread has exited */
+        }
         for (int i = 0; i < g.nthreads; ++i) {
             const Thread& t = g.threads[i];
             if (t.state != AT_BARRIER || t.site != waiting->site) {
@@ -719,6 +843,22 @@ SSM_SIM_EXPORT int ssm_sim_kernel_count() { return ssm_sim_table_size; }
 SSM_SIM_EXPORT const char* ssm_sim_kernel_name(int i) { return ssm_sim_table[i].name; }
 SSM_SIM_EXPORT const char* ssm_sim_kernel_signature(int i) { return ssm_sim_table[i].signature; }
 SSM_SIM_EXPORT int ssm_sim_asan() { return SSM_SIM_ASAN; }
+
+#if SSM_SIM_TRAFFIC
+/* Count the accesses of the next launches to these n [lo, hi) address ranges, from 0. */
+SSM_SIM_EXPORT void ssm_sim_traffic_start(const unsigned long long* lohi, int n)
+{
+    ssm_sim::traffic.ranges.clear();
+    for (int i = 0; i < n; ++i)
+        ssm_sim::traffic.ranges.emplace_back(lohi[2 * i], lohi[2 * i + 1]);
+    std::fill(ssm_sim::traffic.totals, ssm_sim::traffic.totals + 6, 0ULL);
+}
+/* load requests, bytes, sectors; store requests, bytes, sectors */
+SSM_SIM_EXPORT void ssm_sim_traffic_totals(unsigned long long* out)
+{
+    std::copy(ssm_sim::traffic.totals, ssm_sim::traffic.totals + 6, out);
+}
+#endif
 
 /* Launch kernel i on grid x block with the arguments params[j] (pointers to each argument,
    as cuLaunchKernel takes them; the driver has checked their sizes). Returns 0, 1 after a
