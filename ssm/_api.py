@@ -1,7 +1,8 @@
 """The public functions of ssm: validate, normalise, allocate, dispatch.
 
 Each function picks its backend once from its array arguments (``_backend``: NumPy
-arrays run on the CPU through ``_cpu``, CuPy arrays on their GPU through ``_gpu``;
+arrays run on the CPU through ``_cpu``, CuPy arrays (or simulated ones) on their GPU
+through ``_gpu``;
 both modules have the same ``run``, ``stats`` and ``loss_value``), validates all of
 its arguments through ``_validation`` before any kernel runs (so an error never leaves
 an ``out=`` buffer half written), views the logits as ``(outer, C, inner)`` (see
@@ -27,19 +28,24 @@ _LOSS_CAP_NONE = math.inf
 def _backend(*named):
     """(backend module, device context) of one call, from its (name, argument) pairs.
 
-    Any CuPy array makes it the GPU of that array; a NumPy array (or a list) beside it
-    is a TypeError naming that argument, as are CuPy arrays on different devices.
+    Any device array (CuPy, or simulated: ssm.testing.cudasim) makes it the GPU of that
+    array; a NumPy array (or a list) beside it is a TypeError naming that argument, as is a
+    device array of the other library; device arrays on different devices are a ValueError.
     """
-    gpu = [(name, a) for name, a in named if V.is_cupy_array(a)]
+    gpu = [(name, a) for name, a in named if V.is_device_array(a)]
     if not gpu:
         return _cpu, contextlib.nullcontext()
+    first, xp = gpu[0], V.array_module(gpu[0][1])
     for name, a in named:
-        if a is not None and not V.is_cupy_array(a) and not isinstance(a, numbers.Number):
-            raise TypeError(f"{name}: a {V.type_name(a)} on the host cannot be mixed with "
-                            f"{gpu[0][0]}, a cupy.ndarray; pass CuPy arrays on one device")
+        if a is not None and not isinstance(a, numbers.Number) and (
+                not V.is_device_array(a) or V.array_module(a) is not xp):
+            where = "on the host" if not V.is_device_array(a) else "of another library"
+            raise TypeError(f"{name}: a {V.type_name(a)} {where} cannot be mixed with "
+                            f"{first[0]}, a {V.type_name(first[1])}; pass arrays of one "
+                            f"library on one device")
     devices = {a.device.id for _, a in gpu}
     if len(devices) > 1:
-        raise ValueError(f"{gpu[-1][0]}: the CuPy arrays are on devices {sorted(devices)}; "
+        raise ValueError(f"{gpu[-1][0]}: the device arrays are on devices {sorted(devices)}; "
                          f"expected one device")
     from . import _gpu
     return _gpu, gpu[0][1].device

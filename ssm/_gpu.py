@@ -1,17 +1,25 @@
 """GPU backend of ssm: the CUDA kernels of ssm/cuda/*.cu, loaded as CuPy RawModules.
 
+One backend, two drivers: everything here (launch configuration, argument packing, module
+and instantiation names, final passes, no host synchronisation) runs unchanged on CuPy and
+on the simulator, ssm.testing.cudasim. The driver is the array module of the arrays
+(``_validation.array_module``: ``cupy``, or ``cudasim`` for simulated arrays, which offers
+the same ``RawModule``, ``cuda.Device``, ``empty``, ``zeros``, ``full`` and ``asarray``):
+only allocation, compilation, launch and reading back differ.
+
 Design
 ------
 - Python (ssm/_api.py) has validated and normalised everything: arrays are C-contiguous
-  CuPy arrays on one device, of the right dtype and shape, outputs allocated, and the
-  shape is given as (outer, C, inner). Nothing here checks; nothing here raises.
+  device arrays of one library on one device, of the right dtype and shape, outputs
+  allocated, and the shape is given as (outer, C, inner). Nothing here checks; nothing here raises.
 - The same entry points as the CPU backend (ssm/_cpu.pyx): ``run`` (every kernel that
   walks the logits) and ``stats`` (the label pre-pass), plus ``loss_value`` (the reduced
   loss as a 0-d array of the logits' dtype). ``tile``, ``n_threads`` and ``stream`` are
   CPU notions, accepted and ignored.
-- Modules: ``cupy.RawModule`` objects memoised per (.cu file, dtypes, device), compiled by
+- Modules: ``RawModule`` objects memoised per (driver, .cu file, dtypes, device), compiled by
   NVRTC on first use (and cached on disk by CuPy), with the C++ template instantiations
-  named by ``name_expressions``, generated from the dtype tables of ssm/_validation.py.
+  named by ``name_expressions``, generated from the dtype tables of ssm/_validation.py
+  (the simulator compiles the same text and names with the host compiler).
   A module holds one dtype combination's kernels (``module_names``): a first call
   compiles a handful of kernels, not all 80. common.cuh is inlined into the source
   text, so CuPy's cache keys on all of it.
@@ -116,38 +124,30 @@ def name_expressions(filename: str) -> list:
 # ---- modules ----------------------------------------------------------------------------
 
 
-def _cupy():
-    import cupy
-
-    return cupy
+@functools.lru_cache(maxsize=None)
+def _module(xp, filename: str, float_ctype, target_ctype, device_id: int):
+    """One RawModule of driver `xp` for one device (compiled on its first launch)."""
+    with xp.cuda.Device(device_id):
+        return xp.RawModule(code=source(filename), options=OPTIONS,
+                            name_expressions=module_names(filename, float_ctype, target_ctype))
 
 
 @functools.lru_cache(maxsize=None)
-def _module(filename: str, float_ctype, target_ctype, device_id: int):
-    """One RawModule for one device (compiled by NVRTC on its first launch)."""
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=source(filename), options=OPTIONS,
-                              name_expressions=module_names(filename, float_ctype, target_ctype))
+def _function(xp, filename: str, float_ctype, target_ctype, name: str, device_id: int):
+    with xp.cuda.Device(device_id):
+        return _module(xp, filename, float_ctype, target_ctype, device_id).get_function(name)
 
 
-@functools.lru_cache(maxsize=None)
-def _function(filename: str, float_ctype, target_ctype, name: str, device_id: int):
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        return _module(filename, float_ctype, target_ctype, device_id).get_function(name)
-
-
-def _launch(module, name, grid, args, device_id):
+def _launch(xp, module, name, grid, args, device_id):
     """Launch kernel `name` of `module` (filename, float type, target type) with `grid`
     blocks of BLOCK threads on the current stream."""
-    _function(*module, name, device_id)((grid,), (BLOCK,), args)
+    _function(xp, *module, name, device_id)((grid,), (BLOCK,), args)
 
 
-def _final_sum(partials, n, div, div_ptr, out, device_id):
+def _final_sum(xp, partials, n, div, div_ptr, out, device_id):
     """out[()] = sum(partials[:n]) / divisor (0 when it is 0): the fixed-order final pass."""
     t = FLOAT_CTYPES[out.dtype]
-    _launch(_FINAL, f"reduce_partials<{t}>", 1, (partials, np.int64(n), div, div_ptr, out),
+    _launch(xp, _FINAL, f"reduce_partials<{t}>", 1, (partials, np.int64(n), div, div_ptr, out),
             device_id)
 
 
@@ -190,13 +190,12 @@ def _target_ctype(target, target_kind, float_ctype):
 
 
 @functools.lru_cache(maxsize=64)
-def _small_on_device(data: bytes, dtype: str, shape: tuple, device_id: int):
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        return cupy.asarray(np.frombuffer(data, dtype=dtype).reshape(shape))
+def _small_on_device(xp, data: bytes, dtype: str, shape: tuple, device_id: int):
+    with xp.cuda.Device(device_id):
+        return xp.asarray(np.frombuffer(data, dtype=dtype).reshape(shape))
 
 
-def small_array(a, device_id: int):
+def small_array(xp, a, device_id: int):
     """A small host parameter array (class weights, lens) on the device.
 
     Memoised by value: the host-to-device copy (which waits for the stream) happens the
@@ -204,7 +203,7 @@ def small_array(a, device_id: int):
     """
     if a is None or not isinstance(a, np.ndarray):
         return a
-    return _small_on_device(a.tobytes(), a.dtype.str, a.shape, device_id)
+    return _small_on_device(xp, a.tobytes(), a.dtype.str, a.shape, device_id)
 
 
 # ---- entry points ---------------------------------------------------------------------------
@@ -216,47 +215,49 @@ def run(op, x, out, outer, C, inner, tile, n_threads, *, x2=None, target=None,
         stream=False):
     """Run kernel `op` over the (outer, C, inner) problem on x's device and current stream.
 
-    Same arguments as ``ssm._cpu.run`` (CuPy arrays in place of NumPy ones; ``tile``,
+    Same arguments as ``ssm._cpu.run`` (device arrays in place of NumPy ones; ``tile``,
     ``n_threads`` and ``stream`` are ignored), plus ``g_norm``: the gradient scale is
     ``g_scale / g_norm`` (0 when ``g_norm`` is 0), where ``g_scale`` and ``g_norm`` may each
     be a number or a 0-d float64 device array (d_loss and the "mean" normaliser need
     never come to the host). Returns the loss sum as a 0-d float64 device array for
     SSWL_FWD and SSWL_FWD_BWD, 0.0 for the other ops (as the CPU backend).
     """
-    cupy = _cupy()
+    xp = V.array_module(x)
     with x.device:
         dev = x.device.id
         n_pixels = outer * inner
         has_loss = op in (SSWL_FWD, SSWL_FWD_BWD)
         if n_pixels == 0:
-            return cupy.zeros((), np.float64) if has_loss else 0.0
+            return xp.zeros((), np.float64) if has_loss else 0.0
         group, grid = launch_config(n_pixels, C, inner)
         t = FLOAT_CTYPES[x.dtype]
         shape = (np.int64(outer), np.int32(C), np.int64(inner), np.int32(group))
         if op in (SOFTMAX, LOG_SOFTMAX):
-            _launch(("softmax.cu", t, None), f"softmax_fwd<{t}>", grid,
+            _launch(xp, ("softmax.cu", t, None), f"softmax_fwd<{t}>", grid,
                     (x, out, *shape, np.int32(op == LOG_SOFTMAX)), dev)
             return 0.0
         if op == SOFTMAX_BWD:
-            _launch(("softmax.cu", t, None), f"softmax_bwd<{t}>", grid, (x, x2, out, *shape), dev)
+            _launch(xp, ("softmax.cu", t, None), f"softmax_bwd<{t}>", grid, (x, x2, out, *shape),
+                    dev)
             return 0.0
 
         lab = _target_ctype(target, target_kind, t)
         module = ("sswl.cu", t, lab)
         g_val, g_ptr = _scalar_or_ptr(g_scale, 1.0)
         div_val, div_ptr = _scalar_or_ptr(g_norm, 1.0)
-        common = (x, target, _p(w), _p(small_array(cw, dev)), _p(small_array(lens, dev)), _p(g),
+        common = (x, target, _p(w), _p(small_array(xp, cw, dev)), _p(small_array(xp, lens, dev)),
+                  _p(g),
                   *shape, np.int64(ignore_index), np.float64(smoothing))
         grad = (g_val, g_ptr, div_val, div_ptr)
         if op == SSWL_BWD:
-            _launch(module, f"sswl_bwd<{t}, {lab}>", grid, (*common, *grad, out), dev)
+            _launch(xp, module, f"sswl_bwd<{t}, {lab}>", grid, (*common, *grad, out), dev)
             return 0.0
-        partials = cupy.empty(grid, np.float64)
-        _launch(module, f"sswl_fwd<{t}, {lab}>", grid,
+        partials = xp.empty(grid, np.float64)
+        _launch(xp, module, f"sswl_fwd<{t}, {lab}>", grid,
                 (*common, np.float64(loss_cap), np.int32(op == SSWL_FWD_BWD), *grad, out,
                  _p(out2), _p(loss_map), partials), dev)
-        total = cupy.empty((), np.float64)
-        _final_sum(partials, grid, np.float64(1.0), _NULL, total, dev)
+        total = xp.empty((), np.float64)
+        _final_sum(xp, partials, grid, np.float64(1.0), _NULL, total, dev)
         return total
 
 
@@ -266,24 +267,24 @@ def stats(x, target, target_kind, ignore_index, w, cw, outer, C, inner, tile, n_
     Both are 0-d device arrays (float64, int64); nothing is read to the host. Reading the
     index (``int(bad)``) is the one synchronisation, for the caller to do when validating.
     """
-    cupy = _cupy()
+    xp = V.array_module(x)
     with x.device:
         dev = x.device.id
         n_pixels = outer * inner
         if n_pixels == 0:
-            return cupy.zeros((), np.float64), cupy.full((), -1, np.int64)
+            return xp.zeros((), np.float64), xp.full((), -1, np.int64)
         _, grid = launch_config(n_pixels, C, inner, logits=False)
         t = FLOAT_CTYPES[x.dtype]
         lab = _target_ctype(target, target_kind, t)
-        norm_partials = cupy.empty(grid, np.float64)
-        bad_partials = cupy.empty(grid, np.int64)
-        _launch(("sswl.cu", t, lab), f"sswl_stats<{t}, {lab}>", grid,
-                (target, _p(w), _p(small_array(cw, dev)), np.int64(n_pixels), np.int32(C),
+        norm_partials = xp.empty(grid, np.float64)
+        bad_partials = xp.empty(grid, np.int64)
+        _launch(xp, ("sswl.cu", t, lab), f"sswl_stats<{t}, {lab}>", grid,
+                (target, _p(w), _p(small_array(xp, cw, dev)), np.int64(n_pixels), np.int32(C),
                  np.int64(ignore_index), norm_partials, bad_partials), dev)
-        norm = cupy.empty((), np.float64)
-        bad = cupy.empty((), np.int64)
-        _final_sum(norm_partials, grid, np.float64(1.0), _NULL, norm, dev)
-        _launch(_FINAL, "reduce_first_bad", 1, (bad_partials, np.int64(grid), bad), dev)
+        norm = xp.empty((), np.float64)
+        bad = xp.empty((), np.int64)
+        _final_sum(xp, norm_partials, grid, np.float64(1.0), _NULL, norm, dev)
+        _launch(xp, _FINAL, "reduce_first_bad", 1, (bad_partials, np.int64(grid), bad), dev)
         return norm, bad
 
 
@@ -295,9 +296,9 @@ def loss_value(total, divisor, dtype):
     the same rule and the same single rounding as the CPU path's
     ``np.asarray(total / divisor if divisor != 0 else 0.0, dtype)``.
     """
-    cupy = _cupy()
+    xp = V.array_module(total)
     with total.device:
-        out = cupy.empty((), dtype)
+        out = xp.empty((), dtype)
         div_val, div_ptr = _scalar_or_ptr(divisor, 1.0)
-        _final_sum(total, 1, div_val, div_ptr, out, total.device.id)
+        _final_sum(xp, total, 1, div_val, div_ptr, out, total.device.id)
         return out

@@ -51,21 +51,32 @@ def type_name(obj):
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def is_cupy_array(a) -> bool:
-    """True for a cupy.ndarray, without importing CuPy."""
-    return type(a).__module__.startswith("cupy") and hasattr(a, "__cuda_array_interface__")
+def _is_simulated(a) -> bool:
+    return hasattr(type(a), "__ssm_cudasim_interface__")
+
+
+def is_device_array(a) -> bool:
+    """True for a GPU array: a cupy.ndarray, or a simulated one (ssm.testing.cudasim.ndarray,
+    which runs the same GPU backend), without importing either library."""
+    t = type(a)
+    return (t.__module__.startswith("cupy") and hasattr(a, "__cuda_array_interface__")) \
+        or _is_simulated(a)
 
 
 def array_module(a):
-    """cupy for a cupy.ndarray, else numpy."""
-    if is_cupy_array(a):
+    """The array's library: cupy for a cupy.ndarray, ssm.testing.cudasim (CuPy's interface,
+    simulated) for a simulated array, else numpy."""
+    if _is_simulated(a):
+        from .testing import cudasim
+        return cudasim
+    if is_device_array(a):
         import cupy
         return cupy
     return np
 
 
 def device_of(a) -> str:
-    return "cuda" if is_cupy_array(a) else "cpu"
+    return "cuda" if is_device_array(a) else "cpu"
 
 
 # How to express what a mask means, per argument; a masked array is never accepted.
@@ -115,9 +126,9 @@ def _conversion_hint(a, name: str) -> str:
 
 
 def as_array(a, name: str):
-    """The array itself (NumPy or CuPy), or a NumPy array from a nested sequence or a
+    """The array itself (NumPy, CuPy or simulated), or a NumPy array from a nested sequence or a
     number; TypeError otherwise (masked arrays included: their mask would be lost)."""
-    if isinstance(a, np.ndarray) or is_cupy_array(a):
+    if isinstance(a, np.ndarray) or is_device_array(a):
         if is_masked_array(a):
             raise masked_error(name)
         return a
@@ -258,9 +269,9 @@ def check_weights(weights, geom: Geometry, dtype: np.dtype):
 
 def _small_float(value, name: str, shape: tuple) -> np.ndarray:
     """A small parameter array (class weights, lens): any real array-like, on the host in
-    float64 (a CuPy one is copied over once; the GPU backend keeps a device copy)."""
+    float64 (a device one is copied over once; the GPU backend keeps a device copy)."""
     a = as_array(value, name)
-    if is_cupy_array(a):
+    if is_device_array(a):
         a = a.get()
     if a.dtype.kind not in "biuf" or a.dtype == np.bool_:
         raise TypeError(f"{name}: dtype {a.dtype} is not a real number type")
@@ -347,7 +358,7 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
     no memory with any of ``inputs``, the call's (name, array) pairs (None entries skipped)."""
     if out is None:
         return None
-    if not isinstance(out, np.ndarray) and not is_cupy_array(out):
+    if not isinstance(out, np.ndarray) and not is_device_array(out):
         raise TypeError(f"{name}: expected a NumPy array (CPU) or a CuPy array (GPU); "
                         f"got {type_name(out)}")
     if is_masked_array(out):

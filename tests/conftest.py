@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers: seeded inputs, tolerances, the GPU skip hook."""
+"""Shared fixtures and helpers: seeded inputs, tolerances, the GPU and simulator skip hooks."""
 
 import os
 import zlib
@@ -10,7 +10,7 @@ FLOAT_DTYPES = (np.float32, np.float64)
 LABEL_DTYPES = (np.uint8, np.int32, np.int64)
 
 
-# ---------------------------------------------------------------- GPU skip hook
+# ---------------------------------------------------------------- GPU and simulator skip hooks
 
 
 def _gpu_unavailable_reason():
@@ -27,16 +27,38 @@ def _gpu_unavailable_reason():
     return None
 
 
+def _cudasim_unavailable_reason():
+    from ssm.testing.cudasim import SimulatorError, _module
+    try:
+        _module.find_compiler()
+    except SimulatorError as exc:
+        return str(exc)
+    return None
+
+
+# CI sets SSM_REQUIRE_CUDASIM=1: there a simulator case that skips (no compiler, or a skip
+# inside the test) is a failure, so the GPU path can never silently go untested.
+REQUIRE_CUDASIM = os.environ.get("SSM_REQUIRE_CUDASIM") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
-    if not gpu_items:
-        return
-    reason = _gpu_unavailable_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=reason)
-    for item in gpu_items:
-        item.add_marker(skip)
+    for marker, why in (("gpu", _gpu_unavailable_reason), ("cudasim", _cudasim_unavailable_reason)):
+        marked = [item for item in items if item.get_closest_marker(marker)]
+        reason = why() if marked and not (marker == "cudasim" and REQUIRE_CUDASIM) else None
+        if reason is None:
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in marked:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_CUDASIM and report.skipped and item.get_closest_marker("cudasim"):
+        report.outcome = "failed"
+        report.longrepr = f"a simulator case skipped under SSM_REQUIRE_CUDASIM=1: {report.longrepr}"
 
 
 # ---------------------------------------------------------------- randomness

@@ -53,6 +53,12 @@ Noise
     cores: busy time from /proc/stat minus this process's CPU time, over the wall
     time). Rows with other > ``BUSY_CORES`` are flagged ``!``, rows whose
     (max - min) / median exceeds ``WIDE_SPREAD`` are flagged ``~``.
+Traffic (``--device cudasim``)
+    No timing: the three workloads, scaled down (N <= 2, spatial dims / 16), in both
+    layouts, run on the CUDA simulator (ssm.testing.cudasim) built to count memory
+    traffic. Per op: the sector efficiency of the kernel that walks the logits and of
+    all of the op's launches (useful bytes / bytes in the 32-byte sectors a GPU would
+    move, per warp-wide request), and the sectors' bytes against the op's byte model.
 GPU (``--device cuda``)
     The CPU's data (drawn on the host) in CuPy arrays, CUDA events around each call on
     the current stream, rotating sets above twice the device's L2; a device-to-device

@@ -5,6 +5,8 @@ import argparse
 import sys
 import time
 
+import numpy as np
+
 from . import busy
 from .cpu import run_cpu
 from .gpu import run_gpu
@@ -37,8 +39,9 @@ def parse_args(argv=None):
                         f"usable cores, here {','.join(map(str, default_threads()))})")
     p.add_argument("--ops", type=_op_list, default=tuple(OPS),
                    help=f"comma-separated subset of {','.join(OPS)} (default: all)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu (NumPy arrays) or cuda (CuPy arrays, CUDA events)")
+    p.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu",
+                   help="cpu (NumPy arrays), cuda (CuPy arrays, CUDA events) or cudasim "
+                        "(the memory-traffic table of the CUDA kernels, simulated)")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                    help=f"seconds of timed calls per row (default {DEFAULT_BUDGET_S})")
     p.add_argument("--min-reps", type=int, default=DEFAULT_MIN_REPS,
@@ -117,6 +120,11 @@ def main(argv=None):
     """``ssm-bench``: parse ``argv`` (default ``sys.argv[1:]``), run, print; returns 0."""
     args = parse_args(argv)
     import ssm
+    if args.device == "cudasim":
+        from .traffic import traffic_lines
+        for line in traffic_lines(ssm, np.dtype(args.dtype)):
+            print(line)
+        return 0
     if args.busy:
         return main_busy(ssm, args, argv)
     t0 = time.perf_counter()

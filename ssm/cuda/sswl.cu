@@ -168,26 +168,32 @@ sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restr
             const double nll = (double)m - (double)xy + (double)ls;
             lp = a == 0 ? 0.0 : (double)a * (nll > loss_cap ? loss_cap : nll);  /* NaN stays NaN */
             r = (A)1 / s;
-            f = want_grad ? g * a * r : (A)0;  /* g a / s */
+            /* g a / s, exactly 0 for an inactive pixel (a == 0) even where s is not finite
+               (NaN or +inf logits): its gradient row is 0, as on the CPU */
+            f = want_grad && a != 0 ? g * a * r : (A)0;
             ga = g * a;
         } else {
-            A s = 0, asum = 0, ax = 0;
+            /* sum_c a_c x_c in double, as on the CPU: in float its rounding error (~1e-7
+               relative to the terms) would not cancel against A (m + log s), and a loss that
+               is exactly 0 (C = 1) would come out as ~1e-7 */
+            A s = 0, asum = 0;
+            double ax = 0.0;
             for (int c = lane; c < C; c += group) {
                 const A v = to_acc(xr[c * inner]);
                 const A ac = class_target(target, cw, lens, base + c * inner, c, C, cls, wv, keep,
                                           spread);
                 s += ssm_exp(v - m);
                 asum += ac;
-                ax += ac != 0 ? ac * v : (A)0;  /* 0 log 0 = 0 */
+                ax += ac != 0 ? (double)ac * (double)v : 0.0;  /* 0 log 0 = 0 */
             }
             s = group_reduce(s, op_sum(), group);
             asum = group_reduce(asum, op_sum(), group);
             ax = group_reduce(ax, op_sum(), group);
             const A ls = ssm_log(s);
-            const double l = (double)asum * ((double)m + (double)ls) - (double)ax;
+            const double l = (double)asum * ((double)m + (double)ls) - ax;
             lp = a == 0 ? 0.0 : (double)a * l;
             r = (A)1 / s;
-            f = want_grad ? g * a * asum * r : (A)0;
+            f = want_grad && a != 0 ? g * a * asum * r : (A)0;  /* 0 when inactive, as above */
         }
 
         /* sweep 3: the epilogue; rows of inactive pixels (f == 0) are exactly 0 */
