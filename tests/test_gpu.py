@@ -680,10 +680,10 @@ def test_non_zero_device(rng):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_loss_bits_identical_run_to_run(rng, dtype, layout, reduction):
     # Large enough for a full grid of per-block partials and grid-stride loops: more than
-    # MAX_GRID * BLOCK pixels. On the simulator (which runs one block at a time, so its
-    # order is fixed anyway) with C = 3: a thread per pixel in both layouts, a tenth of the
-    # work, and one repetition.
-    C, spatial = (3, (520, 1024)) if _simulated() else (19, (300, 1100))
+    # MAX_GRID * BLOCK pixels (the precondition failed on an H200 with (300, 1100) here).
+    # On the simulator (which runs one block at a time, so its order is fixed anyway) with
+    # C = 3: a thread per pixel in both layouts, a sixth of the work, and one repetition.
+    C, spatial = (3, (520, 1024)) if _simulated() else (19, (520, 1024))
     assert 2 * math.prod(spatial) > _gpu.MAX_GRID * _gpu.BLOCK
     x = gpu(make_logits(rng, logits_shape(2, C, spatial, layout), dtype))
     y = gpu(make_labels(rng, (2, *spatial), C, np.int64))

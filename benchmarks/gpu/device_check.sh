@@ -131,10 +131,9 @@ fi
 
 sanitize() {  # sanitize TOOL: the subset under compute-sanitizer; any reported error fails
     # memcheck sees every call; the slower racecheck, initcheck and synccheck a quick subset
-    local subset=(benchmarks/gpu/sanitize_subset.py) opts=()
+    local subset=(benchmarks/gpu/sanitize_subset.py)
     [ "$1" = memcheck ] || subset+=(--quick)
-    [ "$1" = initcheck ] && opts=(--track-unused-memory no)
-    local cmd=(compute-sanitizer --tool "$1" "${opts[@]}" --error-exitcode 3 "$py" "${subset[@]}")
+    local cmd=(compute-sanitizer --tool "$1" --error-exitcode 3 "$py" "${subset[@]}")
     if [ $dry = 1 ]; then
         echo "would run: ${cmd[*]}"
         "$py" "${subset[@]}" --dry-run
