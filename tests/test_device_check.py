@@ -29,7 +29,7 @@ def test_dry_run(tmp_path):
     assert "(dry run)" in summary and "every step that ran passed" in summary, summary
     for step in ("machine", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
                  "compute-sanitizer initcheck", "compute-sanitizer synccheck",
-                 "GPU benchmark", "CPU thread sweep"):
+                 "Nsight Compute profile", "GPU benchmark", "CPU thread sweep"):
         assert f"| {step}" in summary, (step, summary)
     assert "FAILED" not in summary and "TIMED OUT" not in summary, summary
     names = tarfile.open(out / "device_check.tar.gz").getnames()

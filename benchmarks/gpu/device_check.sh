@@ -15,7 +15,9 @@
 #      benchmarks/gpu/sanitize_subset.py (every kernel, every dtype, small shapes);
 #   5. the GPU benchmark on the three workloads (ssm vs a device-to-device copy of the
 #      same bytes and vs PyTorch, CUDA events);
-#   6. the CPU thread sweep to 16 threads on the VOC-like workload.
+#   6. an Nsight Compute profile (speed of light, memory, occupancy) of one call of each
+#      op (benchmarks/gpu/profile_ops.py), where ncu is installed;
+#   7. the CPU thread sweep to 16 threads on the VOC-like workload.
 # DEADLINE (seconds, default 480) bounds the whole: a step gets at most what is left of it
 # (less 20 s to pack the results), and steps that no longer fit are skipped, so the
 # results always come back inside the device tool's time. Everything goes to $OUT as summary.md (one line per step: passed, failed or skipped,
@@ -150,6 +152,24 @@ for tool in memcheck racecheck initcheck synccheck; do
         failed=1
     fi
 done
+
+profile() {  # Nsight Compute over one call of each op (VOC-like, both layouts)
+    local cmd=(ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
+               --section LaunchStats -k "regex:softmax_fwd|sswl_fwd|sswl_bwd" -c 16
+               "$py" benchmarks/gpu/profile_ops.py)
+    if [ $dry = 1 ]; then
+        echo "would run: ${cmd[*]}"
+        "$py" benchmarks/gpu/profile_ops.py --dry-run
+    else
+        "${cmd[@]}"
+    fi
+}
+export -f profile
+if [ $dry = 1 ] || command -v ncu > /dev/null; then
+    step "Nsight Compute profile of the kernels" 90 ncu_profile.txt profile
+else
+    skip "Nsight Compute profile of the kernels" "ncu is not on PATH"
+fi
 
 bench() {  # bench NAME ARGS...: ssm-bench with JSON (and a plot, with matplotlib) into the logs
     local name=$1 plot=()
