@@ -166,14 +166,14 @@ SSM_INLINE void ssm_tile_geom(const ssm_problem *P, ptrdiff_t t, ptrdiff_t *base
 static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 
 /* Per-tile scratch, in bytes, for elements of `rsize` bytes. Layout (see
-   ssm_scratch_carve): 7 per-pixel arrays of R, one of int32, one of double, and
+   ssm_scratch_carve): 7 per-pixel arrays of R, one of int32, three of double, and
    4 [C][tile] blocks (rows in, rows out, rows out2, dense target), each starting
    on a 64-byte boundary, plus 64 for aligning the start of an unaligned buffer. */
 static inline size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
 {
     size_t T = (size_t)P->tile, CT = (size_t)P->C * T;
     return 64 + 7 * ssm_round64(T * rsize) + ssm_round64(T * sizeof(int32_t))
-         + ssm_round64(T * sizeof(double)) + 4 * ssm_round64(CT * rsize);
+         + 3 * ssm_round64(T * sizeof(double)) + 4 * ssm_round64(CT * rsize);
 }
 
 /* ---- rows <-> channel-major blocks, for rows (NHWC, (N, C)) ---------------------
