@@ -28,6 +28,11 @@
  *    lenses, smoothing). A label outside [0, C) is never used as an index.
  * f) Threads live in the Cython caller (prange over tiles); these functions are
  *    pure, nogil, allocation-free, and get their per-thread scratch passed in.
+ * g) Precision: elementwise math runs in the storage type R. Per-pixel class sums (sum
+ *    of exp, sum_c p dp, sum_c a_c) are summed in R over blocks of SSM_SUM_BLOCK (32)
+ *    channel rows, the block sums in double (ssm_sum_block_end): within a few ulps of
+ *    float64 at any C, and the plain float sum, bit for bit, for C <= 32. Per-pixel
+ *    losses and every loss reduction are double.
  *
  * Vector exp/log without -ffast-math: glibc only declares the SIMD variants of expf,
  * exp, logf and log under __FAST_MATH__, so we declare them ourselves with
