@@ -36,12 +36,15 @@ SSM_INLINE SSM_SFX(ssm_scratch) SSM_SFX(ssm_scratch_carve)(const ssm_problem *P,
     S.xy = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
     S.cls = (int32_t *)p; p = SSM_SFX(ssm_align)(p + T * sizeof(int32_t));
     S.lp = (double *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(double));
-    S.hi = (double *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(double));
-    S.lo = (double *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(double));
     S.X = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
     S.O = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
     S.O2 = (R *)p;  p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
-    S.A = (R *)p;
+    S.A = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
+    S.hi = S.lo = NULL;  /* only sums over more than one block use them */
+    if (P->C > SSM_SUM_BLOCK) {
+        S.hi = (double *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(double));
+        S.lo = (double *)p;
+    }
     return S;
 }
 
@@ -164,7 +167,6 @@ SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, int on)
  * roundoff for same-signed terms and in practice 1-2, plus one final rounding, at any
  * C. With C <= SSM_SUM_BLOCK there is one block and the sum is the plain one, bit for
  * bit (every segmentation class count). Blocks are fixed by C: deterministic. */
-#define SSM_SUM_BLOCK 32  /* even: the row sweeps take rows in pairs */
 
 /* End of channel block [c0, c1) of a sum whose block partial is `part` (which the
    caller zeroes at each block start). After the last block, `part` is the whole sum. */
@@ -208,23 +210,91 @@ SSM_INLINE ptrdiff_t SSM_SFX(ssm_block_stop)(ptrdiff_t c0, ptrdiff_t C)
 
 /* ---- shared row helper: max and sum of exp over C ----------------------------- */
 
+/* s[j] += sum of exp(x[c, j] - m[j]) over rows c0 <= c < c1, stored in e as well if
+   e != NULL. Rows go two per pass over j, so s is loaded and stored half as often.
+   pf: x is the array itself (strided channels): prefetch rows two tiles ahead. */
+SSM_INLINE void SSM_SFX(ssm_sumexp_rows)(const R *restrict x, ptrdiff_t sx, R *restrict e,
+                                         ptrdiff_t se, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t n,
+                                         const R *restrict m, R *restrict s, int pf)
+{
+    ptrdiff_t c, j;
+    for (c = c0; c + 1 < c1; c += 2) {
+        const R *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;
+        SSM_SFX(ssm_prefetch_next)(x0, n, pf);
+        SSM_SFX(ssm_prefetch_next)(x1, n, pf);
+        if (e) {
+            R *restrict e0 = e + c * se, *restrict e1 = e0 + se;
+#pragma omp simd
+            for (j = 0; j < n; j++) {
+                R v0 = SSM_EXP(x0[j] - m[j]), v1 = SSM_EXP(x1[j] - m[j]);
+                e0[j] = v0;
+                e1[j] = v1;
+                s[j] = s[j] + v0 + v1;  /* (s + v0) + v1: the order of one row at a time */
+            }
+        } else {
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                s[j] = s[j] + SSM_EXP(x0[j] - m[j]) + SSM_EXP(x1[j] - m[j]);
+        }
+    }
+    if (c < c1) {  /* the last row of an odd block */
+        const R *restrict xc = x + c * sx;
+        SSM_SFX(ssm_prefetch_next)(xc, n, pf);
+        if (e) {
+            R *restrict ec = e + c * se;
+#pragma omp simd
+            for (j = 0; j < n; j++) {
+                R v = SSM_EXP(xc[j] - m[j]);
+                ec[j] = v;
+                s[j] += v;
+            }
+        } else {
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                s[j] += SSM_EXP(xc[j] - m[j]);
+        }
+    }
+}
+
+/* s[j] = sum_c exp(x[c, j] - m[j]) for C > SSM_SUM_BLOCK, in blocks (s starts at 0).
+   Out of line: the tile drivers, and the register allocation of their hot loops, stay
+   as they are for the class counts of one block (VOC fused lost 3% to a reload). */
+SSM_NOINLINE SSM_CLONES void SSM_SFX(ssm_sumexp_blocks)(
+    const R *restrict x, ptrdiff_t sx, R *restrict e, ptrdiff_t se, ptrdiff_t C, ptrdiff_t n,
+    const R *restrict m, R *restrict s, double *restrict hi, double *restrict lo, int pf)
+{
+    ptrdiff_t c0, c1, j;
+    for (c0 = 0; c0 < C; c0 = c1) {  /* see ssm_sum_block_end */
+        c1 = SSM_SFX(ssm_block_stop)(c0, C);
+        if (c0 > 0) {
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                s[j] = 0;
+        }
+        SSM_SFX(ssm_sumexp_rows)(x, sx, e, se, c0, c1, n, m, s, pf);
+        SSM_SFX(ssm_sum_block_end)(s, hi, lo, n, c0, c1, C);
+    }
+}
+
 /* m[j] = max_c x[c, j]; if e != NULL, e[c, j] = exp(x - m) is stored as well;
-   s[j] = sum_c exp(x[c, j] - m[j]) (in channel order, in blocks: see
-   ssm_sum_block_end, whose accumulators are hi and lo). A NaN logit makes that
-   pixel's sum NaN. If cls != NULL, also xy[j] = x[cls[j], j] (0 where cls[j] < 0): a select per element in the max sweep costs less than a scalar gather per
-   pixel. Both sweeps take two rows per pass over j, so the per-pixel m, s, xy are
-   loaded and stored half as often. pf: x is the array itself (strided channels),
-   so the exp sweep prefetches the rows two tiles ahead. */
+   s[j] = sum_c exp(x[c, j] - m[j]) (in channel order; over C > SSM_SUM_BLOCK in
+   blocks, with hi and lo as the accumulators: see ssm_sum_block_end). A NaN logit
+   makes that pixel's sum NaN. If cls != NULL, also xy[j] = x[cls[j], j] (0 where
+   cls[j] < 0): a select per element in the max sweep costs less than a scalar
+   gather per pixel. Both sweeps take two rows per pass over j, so the per-pixel
+   m, s, xy are loaded and stored half as often. */
 SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *restrict e,
                                         ptrdiff_t se, ptrdiff_t C, ptrdiff_t n,
                                         R *restrict m, R *restrict s,
                                         double *restrict hi, double *restrict lo,
                                         const int32_t *restrict cls, R *restrict xy, int pf)
 {
-    ptrdiff_t c, c0, c1, j;
+    ptrdiff_t c, j;
 #pragma omp simd
-    for (j = 0; j < n; j++)
+    for (j = 0; j < n; j++) {
         m[j] = x[j];
+        s[j] = 0;
+    }
     if (cls) {
 #pragma omp simd
         for (j = 0; j < n; j++)
@@ -263,49 +333,10 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
                 m[j] = xc[j] > m[j] ? xc[j] : m[j];
         }
     }
-    for (c0 = 0; c0 < C; c0 = c1) {  /* the sum in blocks: see ssm_sum_block_end */
-        c1 = SSM_SFX(ssm_block_stop)(c0, C);
-#pragma omp simd
-        for (j = 0; j < n; j++)
-            s[j] = 0;
-        for (c = c0; c + 1 < c1; c += 2) {
-            const R *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;
-            SSM_SFX(ssm_prefetch_next)(x0, n, pf);
-            SSM_SFX(ssm_prefetch_next)(x1, n, pf);
-            if (e) {
-                R *restrict e0 = e + c * se, *restrict e1 = e0 + se;
-#pragma omp simd
-                for (j = 0; j < n; j++) {
-                    R v0 = SSM_EXP(x0[j] - m[j]), v1 = SSM_EXP(x1[j] - m[j]);
-                    e0[j] = v0;
-                    e1[j] = v1;
-                    s[j] = s[j] + v0 + v1;  /* (s + v0) + v1: the order of one row at a time */
-                }
-            } else {
-#pragma omp simd
-                for (j = 0; j < n; j++)
-                    s[j] = s[j] + SSM_EXP(x0[j] - m[j]) + SSM_EXP(x1[j] - m[j]);
-            }
-        }
-        if (c < c1) {  /* the last row of an odd block */
-            const R *restrict xc = x + c * sx;
-            SSM_SFX(ssm_prefetch_next)(xc, n, pf);
-            if (e) {
-                R *restrict ec = e + c * se;
-#pragma omp simd
-                for (j = 0; j < n; j++) {
-                    R v = SSM_EXP(xc[j] - m[j]);
-                    ec[j] = v;
-                    s[j] += v;
-                }
-            } else {
-#pragma omp simd
-                for (j = 0; j < n; j++)
-                    s[j] += SSM_EXP(xc[j] - m[j]);
-            }
-        }
-        SSM_SFX(ssm_sum_block_end)(s, hi, lo, n, c0, c1, C);
-    }
+    if (C <= SSM_SUM_BLOCK)
+        SSM_SFX(ssm_sumexp_rows)(x, sx, e, se, 0, C, n, m, s, pf);
+    else
+        SSM_SFX(ssm_sumexp_blocks)(x, sx, e, se, C, n, m, s, hi, lo, pf);
 }
 
 /* ---- softmax_fwd / log_softmax_fwd -------------------------------------------- */
@@ -535,6 +566,41 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
     return 1;
 }
 
+/* Dense targets: Asum[j] = sum_c A[c, j] (in blocks: see ssm_sum_block_end) and, if
+   x != NULL, ax[j] = sum_c A[c, j] x[c, j] in double (0 where A is 0: 0 log 0 = 0).
+   Out of line, as ssm_sumexp_blocks, so the label path of the drivers is unchanged. */
+SSM_NOINLINE SSM_CLONES void SSM_SFX(ssm_dense_sums)(
+    const R *restrict A, ptrdiff_t T, const R *restrict x, ptrdiff_t sx, ptrdiff_t C,
+    ptrdiff_t n, R *restrict Asum, double *restrict ax, double *restrict hi,
+    double *restrict lo)
+{
+    ptrdiff_t c, c0, c1, j;
+    if (x)
+        for (j = 0; j < n; j++)
+            ax[j] = 0.0;
+    for (c0 = 0; c0 < C; c0 = c1) {
+        c1 = SSM_SFX(ssm_block_stop)(c0, C);
+        for (j = 0; j < n; j++)
+            Asum[j] = 0;
+        for (c = c0; c < c1; c++) {
+            const R *restrict Ac = A + c * T;
+            if (x) {
+                const R *restrict xc = x + c * sx;
+#pragma omp simd
+                for (j = 0; j < n; j++) {
+                    Asum[j] += Ac[j];
+                    ax[j] += Ac[j] != 0 ? (double)Ac[j] * (double)xc[j] : 0.0;
+                }
+            } else {
+#pragma omp simd
+                for (j = 0; j < n; j++)
+                    Asum[j] += Ac[j];
+            }
+        }
+        SSM_SFX(ssm_sum_block_end)(Asum, hi, lo, n, c0, c1, C);
+    }
+}
+
 /* One class row of the gradient dx_c = g (A q_c - a_c), from f = g A and e = q_c
    (or exp(x_c - m) with f = g A / s): sparse targets subtract g a at the label
    (ga = g a, cls), dense ones g A_c (gA = g, Ac). Rows of inactive pixels (f == 0)
@@ -582,7 +648,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
                                          int want_grad)
 {
     SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
-    ptrdiff_t base, pix, n, sx, so, so2 = 0, c, c0, c1, j, C = P->C, T = P->tile;
+    ptrdiff_t base, pix, n, sx, so, so2 = 0, c, j, C = P->C, T = P->tile;
     const R *x;
     R *o, *o2 = NULL;
     int dense;
@@ -622,22 +688,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
     } else {
         R *Asum = S.wv;
         double *ax = S.lp;
-        for (j = 0; j < n; j++)
-            ax[j] = 0.0;
-        for (c0 = 0; c0 < C; c0 = c1) {  /* Asum in blocks: see ssm_sum_block_end */
-            c1 = SSM_SFX(ssm_block_stop)(c0, C);
-            for (j = 0; j < n; j++)
-                Asum[j] = 0;
-            for (c = c0; c < c1; c++) {
-                const R *restrict Ac = S.A + c * T, *restrict xc = x + c * sx;
-#pragma omp simd
-                for (j = 0; j < n; j++) {
-                    Asum[j] += Ac[j];
-                    ax[j] += Ac[j] != 0 ? (double)Ac[j] * (double)xc[j] : 0.0;  /* 0 log 0 = 0 */
-                }
-            }
-            SSM_SFX(ssm_sum_block_end)(Asum, S.hi, S.lo, n, c0, c1, C);
-        }
+        SSM_SFX(ssm_dense_sums)(S.A, T, x, sx, C, n, Asum, ax, S.hi, S.lo);
 #pragma omp simd
         for (j = 0; j < n; j++) {
             double l = (double)Asum[j] * ((double)S.m[j] + (double)S.ls[j]) - ax[j];
@@ -682,7 +733,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
 SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf)
 {
     SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
-    ptrdiff_t base, pix, n, sq, so, c, c0, c1, j, C = P->C, T = P->tile;
+    ptrdiff_t base, pix, n, sq, so, c, j, C = P->C, T = P->tile;
     const R *q;
     R *o, *f = S.wv;
     int dense;
@@ -692,18 +743,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, 
     o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
     if (dense) {
         R *Asum = S.m;
-        for (c0 = 0; c0 < C; c0 = c1) {  /* in blocks: see ssm_sum_block_end */
-            c1 = SSM_SFX(ssm_block_stop)(c0, C);
-            for (j = 0; j < n; j++)
-                Asum[j] = 0;
-            for (c = c0; c < c1; c++) {
-                const R *restrict Ac = S.A + c * T;
-#pragma omp simd
-                for (j = 0; j < n; j++)
-                    Asum[j] += Ac[j];
-            }
-            SSM_SFX(ssm_sum_block_end)(Asum, S.hi, S.lo, n, c0, c1, C);
-        }
+        SSM_SFX(ssm_dense_sums)(S.A, T, NULL, 0, C, n, Asum, NULL, S.hi, S.lo);
         for (j = 0; j < n; j++)
             f[j] = S.g[j] * S.a[j] * Asum[j];
     } else {
