@@ -157,16 +157,17 @@ SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, int on)
 }
 
 /* ---- per-pixel class sums --------------------------------------------------------
- * A sum over C classes (sum of exp, sum_c p dp, sum_c A_c) added up in R, one row at a
- * time, loses about C/2 ulps in float when the terms are alike (near-uniform logits:
- * 4e-3 relative at C = 2^20). Instead each block of SSM_SUM_BLOCK rows is summed in R
- * (the cheap, vectorised row sweeps stay as they are) and the block sums go into a
- * per-pixel double accumulator: plain for float (a float block sum is exact in double
- * and 2^20 of them lose ~1e-11), a compensated pair hi + lo (TwoSum) for double. The
- * error of the sum is then at most that of one block, (SSM_SUM_BLOCK - 1) units of
- * roundoff for same-signed terms and in practice 1-2, plus one final rounding, at any
- * C. With C <= SSM_SUM_BLOCK there is one block and the sum is the plain one, bit for
- * bit (every segmentation class count). Blocks are fixed by C: deterministic. */
+ * A sum over C classes (sum of exp, sum_c p dp, sum_c A_c) added up in R one row at a
+ * time loses up to C - 1 units of roundoff; in float, with near-uniform logits, 4e-3
+ * relative (36000 ulps) at C = 2^20. Instead each block of SSM_SUM_BLOCK rows is summed
+ * in R by the same vectorised row sweeps, and the block sums go into a per-pixel double
+ * accumulator: plain for float (each block sum is exact in double; the C/32 additions
+ * lose at most C/32 * 2^-53), a compensated pair hi + lo (TwoSum) for double. The sum's
+ * error is then that of one block, at most SSM_SUM_BLOCK - 1 units of roundoff for
+ * terms of one sign and 1-2 in practice, plus one final rounding, whatever C. With
+ * C <= SSM_SUM_BLOCK there is one block: the plain sum, bit for bit, in the code the
+ * drivers had before (every segmentation class count). Blocks are fixed by C, so the
+ * result stays deterministic. */
 
 /* End of channel block [c0, c1) of a sum whose block partial is `part` (which the
    caller zeroes at each block start). After the last block, `part` is the whole sum. */
