@@ -28,6 +28,11 @@
  *    lenses, smoothing). A label outside [0, C) is never used as an index.
  * f) Threads live in the Cython caller (prange over tiles); these functions are
  *    pure, nogil, allocation-free, and get their per-thread scratch passed in.
+ * g) Precision: elementwise math runs in the storage type R. Per-pixel class sums (sum
+ *    of exp, sum_c p dp, sum_c a_c) are summed in R over blocks of SSM_SUM_BLOCK (32)
+ *    channel rows, the block sums in double (ssm_sum_block_end): within a few ulps of
+ *    float64 at any C, and the plain float sum, bit for bit, for C <= 32. Per-pixel
+ *    losses and every loss reduction are double.
  *
  * Vector exp/log without -ffast-math: glibc only declares the SIMD variants of expf,
  * exp, logf and log under __FAST_MATH__, so we declare them ourselves with
@@ -63,9 +68,11 @@ extern double log(double);
 
 #if defined(_MSC_VER)
 #define SSM_INLINE static __forceinline
+#define SSM_NOINLINE static __declspec(noinline)
 #define restrict __restrict
 #else
 #define SSM_INLINE static inline __attribute__((always_inline))
+#define SSM_NOINLINE static __attribute__((noinline))
 #endif
 
 /* exp(x) for float x <= 0 (or NaN), the only arguments softmax gives it (x - max).
@@ -165,15 +172,21 @@ SSM_INLINE void ssm_tile_geom(const ssm_problem *P, ptrdiff_t t, ptrdiff_t *base
 
 static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 
+/* Per-pixel class sums over more than this many channels are summed in blocks of it
+   (see ssm_sum_block_end in _kernels_impl.h). Even: the row sweeps take rows in pairs. */
+#define SSM_SUM_BLOCK 32
+
 /* Per-tile scratch, in bytes, for elements of `rsize` bytes. Layout (see
-   ssm_scratch_carve): 7 per-pixel arrays of R, one of int32, one of double, and
-   4 [C][tile] blocks (rows in, rows out, rows out2, dense target), each starting
-   on a 64-byte boundary, plus 64 for aligning the start of an unaligned buffer. */
+   ssm_scratch_carve): 7 per-pixel arrays of R, one of int32, one of double,
+   4 [C][tile] blocks (rows in, rows out, rows out2, dense target) and, for
+   C > SSM_SUM_BLOCK, 2 per-pixel arrays of double, each starting on a 64-byte
+   boundary, plus 64 for aligning the start of an unaligned buffer. */
 static inline size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
 {
     size_t T = (size_t)P->tile, CT = (size_t)P->C * T;
+    size_t nd = P->C > SSM_SUM_BLOCK ? 3 : 1;
     return 64 + 7 * ssm_round64(T * rsize) + ssm_round64(T * sizeof(int32_t))
-         + ssm_round64(T * sizeof(double)) + 4 * ssm_round64(CT * rsize);
+         + nd * ssm_round64(T * sizeof(double)) + 4 * ssm_round64(CT * rsize);
 }
 
 /* ---- rows <-> channel-major blocks, for rows (NHWC, (N, C)) ---------------------
