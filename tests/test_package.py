@@ -119,7 +119,8 @@ def _public_submodules():
 
 def test_import_ssm_stays_light(tmp_path):
     out = _fresh(tmp_path, "import sys, ssm; print(' '.join(sorted(sys.modules)))").split()
-    for name in ("ssm.ops", "ssm.bench", "ssm.testing", "matplotlib", "cupy", "torch"):
+    for name in ("ssm.ops", "ssm.bench", "ssm.testing", "ssm.torch", "ssm.jax", "matplotlib",
+                 "cupy", "torch", "jax"):
         assert name not in out
 
 
