@@ -140,7 +140,7 @@ def test_submodules_are_attributes(tmp_path):
     assert "SpatialSoftmaxWithLoss" in _fresh(tmp_path, code)
 
 
-@pytest.mark.parametrize("name, extra", [("torch", "torch")])
+@pytest.mark.parametrize("name, extra", [("torch", "torch"), ("jax", "jax")])
 def test_framework_submodule_without_its_framework(tmp_path, name, extra):
     # sys.modules[name] = None: `import name` fails as where it is not installed
     code = (f"import sys; sys.modules[{name!r}] = None\n"
