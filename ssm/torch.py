@@ -106,6 +106,9 @@ def _(input, target, weight, pixel_weights, lens, ignore_index, reduction, label
 
 def _setup_context(ctx, inputs, output):
     ctx.options = inputs[5:]
+    # The gradient output is never differentiated: without this, autograd would fill a
+    # logits-sized tensor of zeros as its incoming gradient in every backward.
+    ctx.set_materialize_grads(False)
     if torch.compiler.is_compiling():  # traced: the saved gradient, scaled in backward
         ctx.grad = None
         ctx.save_for_backward(output[1])
@@ -128,6 +131,8 @@ def _saved_grad(ctx):
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:  # the loss was not used
+        return None, None, None, None, None, None, None, None
     grad = _saved_grad(ctx)
     if ctx.options[1] == "none":
         d = grad * grad_loss.unsqueeze(1)
