@@ -128,6 +128,27 @@ def _check_one_device(named):
                         f"a {V.type_name(ga)} on a CUDA device; pass arrays on one device")
 
 
+def _call(func, named, first, out=None):
+    """``func(native)`` with the foreign values of ``named`` ((name, value) pairs) imported,
+    its results (an array, or a tuple or list of them) handed back in ``first``'s library
+    and the native ``out`` buffer as the caller's object."""
+    _check_one_device(named)
+    native = {n: (to_native(a, n) if is_foreign(a) else a) for n, a in named}
+    result = func(native)
+    convert = _from_dlpack_of(first) if is_foreign(first) else None
+
+    def back(r):
+        if out is not None and r is native.get("out"):
+            return out  # the caller's buffer, as the caller passed it
+        if convert is not None and _is_native_array(r):
+            return convert(r)
+        return r
+
+    if isinstance(result, (tuple, list)):
+        return type(result)(back(r) for r in result)
+    return back(result)
+
+
 def accepts_dlpack(func):
     """Wrap a public function: foreign arguments in through DLPack, results out in the
     first argument's library (see the module docstring)."""
@@ -137,22 +158,19 @@ def accepts_dlpack(func):
     def wrapper(*args, **kwargs):
         if not any(map(is_foreign, args)) and not any(map(is_foreign, kwargs.values())):
             return func(*args, **kwargs)
-        named = list(zip(names, args)) + list(kwargs.items())
-        _check_one_device(named)
-        native = {n: (to_native(a, n) if is_foreign(a) else a) for n, a in named}
-        first = args[0] if args else kwargs.get(names[0])
-        out = kwargs.get("out")
-        result = func(*(native[n] for n in names[:len(args)]),
-                      **{n: native[n] for n in kwargs})
-        convert = _from_dlpack_of(first) if is_foreign(first) else None
-
-        def back(r):
-            if out is not None and r is native.get("out"):
-                return out  # the caller's buffer, as the caller passed it
-            if convert is not None and _is_native_array(r):
-                return convert(r)
-            return r
-
-        return tuple(back(r) for r in result) if isinstance(result, tuple) else back(result)
+        positional = names[:len(args)]
+        return _call(lambda native: func(*(native[n] for n in positional),
+                                         **{n: native[n] for n in kwargs}),
+                     list(zip(positional, args)) + list(kwargs.items()),
+                     args[0] if args else kwargs.get(names[0]), kwargs.get("out"))
 
     return wrapper
+
+
+def call_on_list(func, items, names):
+    """``func(list)`` for a list of arguments named ``names`` (``ssm.ops.run``'s inputs),
+    foreign ones imported, the list of results handed back in the first item's library."""
+    if not any(map(is_foreign, items)):
+        return func(list(items))
+    named = list(zip(names, items))
+    return _call(lambda native: func([native[n] for n, _ in named]), named, items[0])

@@ -176,3 +176,17 @@ def test_jax_in_jax_out(rng):
             np.testing.assert_array_equal(np.asarray(got), want)
     with pytest.raises(ValueError, match=r"^out: the buffer is read-only"):  # JAX is immutable
         ssm.softmax(jnp.asarray(x), out=jnp.zeros(SHAPE, jnp.float32))
+
+
+def test_ops_run_takes_torch_tensors(rng, torch):
+    X = make_logits(rng, SHAPE, np.float32)
+    T = make_labels(rng, (2, 3, 4), 5, np.int32)
+    W = rng.random((2, 3, 4)).astype(np.float32)
+    for inputs in ([X, T], [X, T, W]):
+        want = ssm.ops.run("SpatialSoftmaxWithLoss", inputs)
+        got = ssm.ops.run("SpatialSoftmaxWithLoss", [torch.from_numpy(a) for a in inputs])
+        assert isinstance(got, list) and all(isinstance(g, torch.Tensor) for g in got)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.numpy(), w)
+    with pytest.raises(TypeError, match=r"^T: dtype int64 is not supported; expected int32"):
+        ssm.ops.run("SpatialSoftmaxWithLoss", [torch.from_numpy(X), torch.zeros(2, 3, 4).long()])
