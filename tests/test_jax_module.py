@@ -95,3 +95,20 @@ def test_training_loop_matches_plain_jax(rng):
             losses[name].append(float(loss))
     assert losses["jax"][-1] < losses["jax"][0]  # it learns (random labels: a little)
     np.testing.assert_allclose(losses["ssm"], losses["jax"], rtol=1e-5)
+
+
+def test_pure_callback_fallback(rng, monkeypatch):
+    # JAX without buffer_callback (or a non-CPU backend): pure_callback, the same results
+    x = jnp.asarray(make_logits(rng, SHAPE, np.float32))
+    y = jnp.asarray(make_labels(rng, PIX, C, np.int32))
+    d = jnp.asarray(rng.random(PIX).astype(np.float32))
+
+    def run():
+        loss, vjp = jax.vjp(lambda a: sj.cross_entropy(a, y, reduction="none"), x)
+        g_mean = jax.jit(jax.grad(lambda a: 3.0 * sj.cross_entropy(a, y)))(x)
+        return loss, vjp(d)[0], g_mean, jax.grad(lambda a: (sj.softmax(a) * x).sum())(x)
+
+    fast = run()
+    monkeypatch.setattr(sj, "_buffer_callback", None)
+    for got, want in zip(run(), fast):
+        np.testing.assert_array_equal(got, want)
