@@ -56,51 +56,58 @@ def _stream_of(t: torch.Tensor):
                                     t.device.index)
 
 
-def _pixel_shape(input: torch.Tensor) -> tuple:
-    return (input.shape[0], *input.shape[2:])
+def _pixel_shape(input: torch.Tensor, layout: str) -> tuple:
+    return (input.shape[0], *input.shape[2:]) if layout == "NCHW" else tuple(input.shape[:-1])
 
 
-def _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index):
+def _classes(input: torch.Tensor, layout: str) -> int:
+    return input.shape[1] if layout == "NCHW" else input.shape[-1]
+
+
+def _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index, layout):
     """PyTorch's "mean" over no weight is NaN where ssm's is 0: the loss, made NaN where the
     normaliser is 0. On the CPU the normaliser is counted only when the loss is 0."""
     if input.device.type == "cpu" and float(loss) != 0.0:
         return loss
+    C = _classes(input, layout)
     if target.is_floating_point():
         norm = (pixel_weights.sum() if pixel_weights is not None
-                else torch.tensor(float(target.numel() // max(input.shape[1], 1))))
+                else torch.tensor(float(target.numel() // max(C, 1))))
     else:
         n = (target != ignore_index).to(input.dtype)
         if weight is not None:
-            n = n * weight[target.long().clamp(0, input.shape[1] - 1)]
+            n = n * weight[target.long().clamp(0, C - 1)]
         if pixel_weights is not None:
             n = n * pixel_weights
         norm = n.sum()
     return torch.where(norm.to(loss.device) == 0, torch.full_like(loss, float("nan")), loss)
 
 
-def _ssm_options(weight, ignore_index, reduction, label_smoothing, lens):
+def _ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout):
     return dict(class_weights=weight, lens=lens, ignore_index=ignore_index,
-                reduction=reduction, label_smoothing=label_smoothing)
+                reduction=reduction, label_smoothing=label_smoothing, layout=layout)
 
 
 @torch.library.custom_op("ssm::cross_entropy_fwd_bwd", mutates_args=())
 def _cross_entropy_fwd_bwd(input: torch.Tensor, target: torch.Tensor,
                            weight: Optional[torch.Tensor], pixel_weights: Optional[torch.Tensor],
                            lens: Optional[torch.Tensor], ignore_index: int, reduction: str,
-                           label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           label_smoothing: float, layout: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss and its gradient with respect to ``input`` (for ``d_loss = 1``), one pass."""
     with _stream_of(input):
         loss, grad = ssm.spatial_softmax_with_loss_and_grad(
             input.detach(), target, pixel_weights, 1.0,
-            **_ssm_options(weight, ignore_index, reduction, label_smoothing, lens))
+            **_ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout))
     if reduction == "mean":
-        loss = _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index)
+        loss = _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index, layout)
     return loss, grad
 
 
 @_cross_entropy_fwd_bwd.register_fake
-def _(input, target, weight, pixel_weights, lens, ignore_index, reduction, label_smoothing):
-    loss = input.new_empty(_pixel_shape(input) if reduction == "none" else ())
+def _(input, target, weight, pixel_weights, lens, ignore_index, reduction, label_smoothing,
+      layout):
+    loss = input.new_empty(_pixel_shape(input, layout) if reduction == "none" else ())
     return loss, torch.empty_like(input)
 
 
@@ -132,17 +139,17 @@ def _saved_grad(ctx):
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:  # the loss was not used
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     grad = _saved_grad(ctx)
-    if ctx.options[1] == "none":
-        d = grad * grad_loss.unsqueeze(1)
+    if ctx.options[1] == "none":  # options: ignore_index, reduction, smoothing, layout
+        d = grad * grad_loss.unsqueeze(1 if ctx.options[3] == "NCHW" else -1)
     elif (ctx.grad is not None and type(grad_loss) is torch.Tensor
           and grad_loss.device.type == "cpu" and not torch.is_grad_enabled()
           and grad_loss.item() == 1.0):
         d, ctx.grad = grad, None  # loss.backward(): the gradient is the saved one, handed on
     else:
         d = grad * grad_loss
-    return d, None, None, None, None, None, None, None
+    return (d,) + (None,) * 8
 
 
 _cross_entropy_fwd_bwd.register_autograd(_backward, setup_context=_setup_context)
@@ -152,20 +159,21 @@ _cross_entropy_fwd_bwd.register_autograd(_backward, setup_context=_setup_context
 def _cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor,
                        weight: Optional[torch.Tensor], pixel_weights: Optional[torch.Tensor],
                        lens: Optional[torch.Tensor], ignore_index: int, reduction: str,
-                       label_smoothing: float) -> torch.Tensor:
+                       label_smoothing: float, layout: str) -> torch.Tensor:
     """The loss alone (no gradient work)."""
     with _stream_of(input):
         _, loss = ssm.spatial_softmax_with_loss(
             input.detach(), target, pixel_weights,
-            **_ssm_options(weight, ignore_index, reduction, label_smoothing, lens))
+            **_ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout))
     if reduction == "mean":
-        loss = _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index)
+        loss = _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index, layout)
     return loss
 
 
 @_cross_entropy_fwd.register_fake
-def _(input, target, weight, pixel_weights, lens, ignore_index, reduction, label_smoothing):
-    return input.new_empty(_pixel_shape(input) if reduction == "none" else ())
+def _(input, target, weight, pixel_weights, lens, ignore_index, reduction, label_smoothing,
+      layout):
+    return input.new_empty(_pixel_shape(input, layout) if reduction == "none" else ())
 
 
 def _as_param(value, name, dtype, device):
@@ -226,11 +234,18 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     x = input if input.dtype in _COMPUTED else input.float()
     if soft:
         target = target.to(x.dtype)
+    layout = "NCHW"
+    if x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
+        # channels last in memory (torch.channels_last): ssm's NHWC layout reads it in
+        # place, and the gradient comes back in the same memory format
+        x, layout = x.movedim(1, -1), "NHWC"
+        if soft:
+            target = target.movedim(1, -1)
     weight = _as_param(weight, "weight", x.dtype, x.device)
     pixel_weights = _as_param(pixel_weights, "pixel_weights", x.dtype, x.device)
     lens = _as_param(lens, "lens", x.dtype, x.device)
     args = (x, target.detach(), weight, pixel_weights, lens, int(ignore_index), reduction,
-            float(label_smoothing))
+            float(label_smoothing), layout)
     if torch.is_grad_enabled() and x.requires_grad:
         loss, _ = _cross_entropy_fwd_bwd(*args)
     else:

@@ -280,3 +280,23 @@ def test_errors():
         st.cross_entropy(x, torch.full((2, 4), 7))
     with pytest.raises(ValueError, match=r"^target: int64 labels of shape \(2, 5\)"):
         st.cross_entropy(x, torch.zeros(2, 5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
+def test_channels_last_is_read_in_place(rng, monkeypatch, reduction, soft):
+    x = torch.tensor(make_logits(rng, (2, 5, 3, 4))).to(memory_format=torch.channels_last)
+    t = (torch.tensor(make_soft_targets(rng, (2, 5, 3, 4))) if soft
+         else torch.tensor(make_labels(rng, (2, 3, 4), 5, ignore_index=-100)))
+    seen = []
+    fused = ssm.spatial_softmax_with_loss_and_grad
+    monkeypatch.setattr(ssm, "spatial_softmax_with_loss_and_grad",
+                        lambda *a, **k: seen.append((a[0], k["layout"])) or fused(*a, **k))
+    d = torch.tensor(rng.random((2, 3, 4)) if reduction == "none" else 0.5)
+    loss, grad = _loss_and_grad(st.cross_entropy, x, t, d, reduction=reduction)
+    assert seen[0][0].is_contiguous()  # the (N, H, W, C) view of x's memory, not a copy
+    assert [layout for _, layout in seen] == ["NHWC"]
+    want_loss, want_grad = _loss_and_grad(F.cross_entropy, x, t, d, reduction=reduction)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
