@@ -1,7 +1,7 @@
 """ssm for PyTorch: ``cross_entropy``, ``softmax`` and ``log_softmax`` on torch tensors.
 
 ``ssm.torch.cross_entropy`` has ``torch.nn.functional.cross_entropy``'s signature,
-defaults and results (see docs/semantics.md, "PyTorch"), plus ssm's per-pixel weights
+defaults and results (see docs/semantics.md, "PyTorch and JAX"), plus ssm's per-pixel weights
 and confusion lens, and runs ssm's fused kernel:
 
 - Forward with autograd recording (``torch.is_grad_enabled()`` and ``input.requires_grad``)
