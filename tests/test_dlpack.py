@@ -190,3 +190,21 @@ def test_ops_run_takes_torch_tensors(rng, torch):
             np.testing.assert_array_equal(g.numpy(), w)
     with pytest.raises(TypeError, match=r"^T: dtype int64 is not supported; expected int32"):
         ssm.ops.run("SpatialSoftmaxWithLoss", [torch.from_numpy(X), torch.zeros(2, 3, 4).long()])
+
+
+def test_torch_no_allocation_beyond_the_outputs(rng, torch):
+    # NumPy reports its buffers to tracemalloc: a torch tensor in, a torch tensor out, and
+    # the only large buffer allocated is the result itself (no copy of the input, none out).
+    import tracemalloc
+    x = torch.from_numpy(make_logits(rng, (4, 5, 64, 64), np.float32))
+    y = torch.from_numpy(make_labels(rng, (4, 64, 64), 5, np.int64))
+    ssm.spatial_softmax_with_loss_and_grad(x, y)  # warm
+    for call, outputs in ((lambda: ssm.softmax(x), x.nbytes),
+                          (lambda: ssm.spatial_softmax_with_loss_and_grad(x, y), x.nbytes),
+                          (lambda: ssm.softmax(x, out=torch.empty_like(x)), 0)):
+        tracemalloc.start()
+        result = call()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert outputs <= peak < outputs + 64 * 1024, (peak, outputs)
+        del result
