@@ -300,3 +300,22 @@ def test_channels_last_is_read_in_place(rng, monkeypatch, reduction, soft):
     torch.testing.assert_close(loss, want_loss)
     torch.testing.assert_close(grad, want_grad)
     assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_step_allocates_the_gradient_once(rng):
+    # NumPy buffers are traced by tracemalloc: forward allocates the gradient (and nothing
+    # else of the logits' size), backward hands it on without a copy.
+    import tracemalloc
+    x = torch.tensor(make_logits(rng, (4, 5, 64, 64), np.float32), requires_grad=True)
+    y = torch.tensor(make_labels(rng, (4, 64, 64), 5, ignore_index=-100))
+    st.cross_entropy(x, y).backward()  # warm
+    x.grad = None
+    tracemalloc.start()
+    loss = st.cross_entropy(x, y)
+    _, forward_peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    loss.backward()
+    _, backward_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert x.nbytes <= forward_peak < x.nbytes + 64 * 1024
+    assert backward_peak < x.nbytes + 64 * 1024  # the gradient, still held; no new copy
