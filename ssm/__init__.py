@@ -123,7 +123,7 @@ __all__ = [
 
 # Public submodules, imported on first attribute access; a name whose module is absent
 # (``testing`` before it exists) is simply a missing attribute.
-_SUBMODULES = ("bench", "ops", "testing")
+_SUBMODULES = ("bench", "jax", "ops", "testing", "torch")
 
 
 def __getattr__(name):

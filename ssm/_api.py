@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from . import _cpu, _threads
 from . import _validation as V
+from ._interop import accepts_dlpack
 
 _LOSS_CAP_NONE = math.inf
 
@@ -67,6 +68,7 @@ def _softmax(x, layout, out, threads, op):
         return out
 
 
+@accepts_dlpack
 def softmax(x, *, layout="NCHW", out=None, threads=None):
     """Softmax over the class axis.
 
@@ -89,6 +91,7 @@ def softmax(x, *, layout="NCHW", out=None, threads=None):
     return _softmax(x, layout, out, threads, _cpu.SOFTMAX)
 
 
+@accepts_dlpack
 def log_softmax(x, *, layout="NCHW", out=None, threads=None):
     """Log-softmax over the class axis: ``x - m - log(sum_k exp(x_k - m))``.
 
@@ -97,6 +100,7 @@ def log_softmax(x, *, layout="NCHW", out=None, threads=None):
     return _softmax(x, layout, out, threads, _cpu.LOG_SOFTMAX)
 
 
+@accepts_dlpack
 def softmax_grad(prob, dprob, *, layout="NCHW", out=None, threads=None):
     """Gradient of softmax: ``dx = prob * (dprob - sum_c prob * dprob)``.
 
@@ -228,6 +232,7 @@ def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weight
         return prob, _reduce(L, total, divisor, loss_map)
 
 
+@accepts_dlpack
 def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,
                               class_weights=None, lens=None, label_smoothing=0.0,
                               reduction="mean", layout="NCHW", validate=True, out=None,
@@ -278,6 +283,7 @@ def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,
                          validate=validate, out=out, threads=threads)
 
 
+@accepts_dlpack
 def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ignore_index=-1,
                                    class_weights=None, lens=None, label_smoothing=0.0,
                                    reduction="mean", layout="NCHW", validate=True, out=None,
@@ -315,6 +321,7 @@ def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ig
         return dx
 
 
+@accepts_dlpack
 def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0, *,
                                        ignore_index=-1, class_weights=None, lens=None,
                                        label_smoothing=0.0, reduction="mean", layout="NCHW",

@@ -129,21 +129,38 @@ def _public_submodules():
 
 def test_import_ssm_stays_light(tmp_path):
     out = _fresh(tmp_path, "import sys, ssm; print(' '.join(sorted(sys.modules)))").split()
-    for name in ("ssm.ops", "ssm.bench", "ssm.testing", "matplotlib", "cupy", "torch"):
+    for name in ("ssm.ops", "ssm.bench", "ssm.testing", "ssm.torch", "ssm.jax", "matplotlib",
+                 "cupy", "torch", "jax"):
         assert name not in out
 
 
 def test_submodules_are_attributes(tmp_path):
     # README's `ssm.ops.run(...)` after a plain `import ssm`, in a process that has not
     # imported the submodules: each resolves to the module `import ssm.<name>` gives.
+    import importlib.util
     names = _public_submodules()
     assert {"ops", "bench"} <= set(names)
+    # ssm.torch and ssm.jax import their library: checked where it is installed
+    names = [n for n in names if n not in ("torch", "jax") or importlib.util.find_spec(n)]
     code = ("import importlib, ssm\n"
             f"for name in {names!r}:\n"
             "    assert name in dir(ssm), name\n"
             "    assert getattr(ssm, name) is importlib.import_module('ssm.' + name), name\n"
             "print(ssm.ops.names())\n")
     assert "SpatialSoftmaxWithLoss" in _fresh(tmp_path, code)
+
+
+@pytest.mark.parametrize("name, extra", [("torch", "torch"), ("jax", "jax")])
+def test_framework_submodule_without_its_framework(tmp_path, name, extra):
+    # sys.modules[name] = None: `import name` fails as where it is not installed
+    code = (f"import sys; sys.modules[{name!r}] = None\n"
+            "import ssm\n"
+            "try:\n"
+            f"    ssm.{name}\n"
+            "except ImportError as e:\n"
+            "    print(type(e).__name__, e)\n")
+    out = _fresh(tmp_path, code).strip()
+    assert out.startswith(f"ImportError ssm.{name} needs ") and f"ssm[{extra}]" in out, out
 
 
 def test_dir_lists_submodules_and_public_names():

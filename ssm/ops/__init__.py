@@ -20,6 +20,7 @@ Example
 """
 from __future__ import annotations
 
+from .. import _interop
 from .. import _validation as V
 from ._registry import GradientDef, OpSchema, Arg, Input
 from ._registry import REGISTRY as _REGISTRY
@@ -78,7 +79,10 @@ def run(name: str, inputs, **args) -> list:
     if not isinstance(inputs, (list, tuple)):
         raise TypeError(f"inputs: expected a list of the input arrays, got {V.type_name(inputs)}")
     op.schema.check_input_count(len(inputs))
-    return op.run(list(inputs), op.schema.arguments_from(args))
+    arguments = op.schema.arguments_from(args)
+    full = len(inputs) == len(op.schema.inputs)  # else W, the optional input, is absent
+    names = [i.name for i in op.schema.inputs if full or i.name != "W"]
+    return _interop.call_on_list(lambda arrays: op.run(arrays, arguments), inputs, names)
 
 
 __all__ = ["Arg", "GradientDef", "Input", "OpSchema", "devices", "gradient", "infer", "names",

@@ -1,0 +1,331 @@
+"""ssm for PyTorch: ``cross_entropy``, ``softmax`` and ``log_softmax`` on torch tensors.
+
+``ssm.torch.cross_entropy`` has ``torch.nn.functional.cross_entropy``'s signature,
+defaults and results (see docs/semantics.md, "PyTorch and JAX"), plus ssm's per-pixel weights
+and confusion lens, and runs ssm's fused kernel:
+
+- Forward with autograd recording (``torch.is_grad_enabled()`` and ``input.requires_grad``)
+  is one call of ``ssm.spatial_softmax_with_loss_and_grad`` with ``d_loss=1``: the logits
+  are read once, the gradient of the loss is written once and kept for backward. Backward
+  only scales it by the incoming gradient: a scalar for the reduced losses (skipped when
+  it is 1, in eager mode on the CPU: then the saved gradient is handed on as it is, and
+  recomputed should a retained graph be run backward again), the
+  ``(N, *spatial)`` map for ``reduction="none"`` (broadcast over the class axis). The
+  alternative for "none", keeping ``prob`` and calling ``spatial_softmax_with_loss_grad``
+  with the map in backward, reads and writes as much (prob in, dlogits out, versus the
+  saved gradient in, dlogits out) and also re-reads the labels, so the saved gradient wins.
+- Without autograd (``torch.no_grad``, inference, inputs that need no gradient) it is the
+  forward-only ``ssm.spatial_softmax_with_loss``: no gradient is computed.
+
+Both are ``torch.library`` custom ops (``ssm::cross_entropy_fwd_bwd`` with its autograd
+formula registered, ``ssm::cross_entropy``), with fake implementations, so that
+``torch.compile`` keeps them as single opaque nodes: no graph break, no tracing into NumPy.
+
+Tensors reach ssm through DLPack without a copy (a CPU tensor as a NumPy array; a CUDA
+tensor as a CuPy array, launched on PyTorch's current stream) and the results come back
+as tensors on the input's device. float16 and bfloat16 logits are computed in float32
+(the gradient is returned in the logits' dtype; the loss too, except under autocast, where
+it is float32 as ``F.cross_entropy``'s is). Importing ``ssm`` does not import this module
+or torch; ``ssm.torch`` does.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+try:
+    import torch
+except ImportError as exc:
+    raise ImportError(f"ssm.torch needs PyTorch, which is not importable ({exc}); install it "
+                      "with pip install 'ssm[torch]' (or PyTorch's own instructions)") from exc
+
+import ssm
+
+__all__ = ["cross_entropy", "log_softmax", "softmax"]
+
+_COMPUTED = (torch.float32, torch.float64)  # dtypes ssm computes in on every device
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _stream_of(t: torch.Tensor):
+    """A context in which CuPy launches on PyTorch's current stream of ``t``'s device."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    import cupy
+    return cupy.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream,
+                                    t.device.index)
+
+
+def _pixel_shape(input: torch.Tensor, layout: str) -> tuple:
+    return (input.shape[0], *input.shape[2:]) if layout == "NCHW" else tuple(input.shape[:-1])
+
+
+def _classes(input: torch.Tensor, layout: str) -> int:
+    return input.shape[1] if layout == "NCHW" else input.shape[-1]
+
+
+def _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index, layout):
+    """PyTorch's "mean" over no weight is NaN where ssm's is 0: the loss, made NaN where the
+    normaliser is 0. On the CPU the normaliser is counted only when the loss is 0."""
+    if input.device.type == "cpu" and float(loss) != 0.0:
+        return loss
+    C = _classes(input, layout)
+    if target.is_floating_point():
+        norm = (pixel_weights.sum() if pixel_weights is not None
+                else torch.tensor(float(target.numel() // max(C, 1))))
+    else:
+        n = (target != ignore_index).to(input.dtype)
+        if weight is not None:
+            n = n * weight[target.long().clamp(0, C - 1)]
+        if pixel_weights is not None:
+            n = n * pixel_weights
+        norm = n.sum()
+    return torch.where(norm.to(loss.device) == 0, torch.full_like(loss, float("nan")), loss)
+
+
+def _ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout):
+    return dict(class_weights=weight, lens=lens, ignore_index=ignore_index,
+                reduction=reduction, label_smoothing=label_smoothing, layout=layout)
+
+
+@torch.library.custom_op("ssm::cross_entropy_fwd_bwd", mutates_args=())
+def _cross_entropy_fwd_bwd(input: torch.Tensor, target: torch.Tensor,
+                           weight: Optional[torch.Tensor], pixel_weights: Optional[torch.Tensor],
+                           lens: Optional[torch.Tensor], ignore_index: int, reduction: str,
+                           label_smoothing: float, layout: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and its gradient with respect to ``input`` (for ``d_loss = 1``), one pass."""
+    with _stream_of(input):
+        loss, grad = ssm.spatial_softmax_with_loss_and_grad(
+            input.detach(), target, pixel_weights, 1.0,
+            **_ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout))
+    if reduction == "mean":
+        loss = _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index, layout)
+    return loss, grad
+
+
+@_cross_entropy_fwd_bwd.register_fake
+def _(input, target, weight, pixel_weights, lens, ignore_index, reduction, label_smoothing,
+      layout):
+    loss = input.new_empty(_pixel_shape(input, layout) if reduction == "none" else ())
+    return loss, torch.empty_like(input)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.options = inputs[5:]
+    # The gradient output is never differentiated: without this, autograd would fill a
+    # logits-sized tensor of zeros as its incoming gradient in every backward.
+    ctx.set_materialize_grads(False)
+    if torch.compiler.is_compiling():  # traced: the saved gradient, scaled in backward
+        ctx.grad = None
+        ctx.save_for_backward(output[1])
+        return
+    # Eager: the gradient is held as a plain attribute, so that backward can hand it on as
+    # it is (autograd may then adopt it as a leaf's .grad and accumulate into it in place);
+    # the inputs, saved as usual, recompute it in the rare backward through a retained
+    # graph after it was handed on.
+    ctx.grad = output[1]
+    ctx.save_for_backward(*inputs[:5])
+
+
+def _saved_grad(ctx):
+    if ctx.grad is not None:
+        return ctx.grad
+    saved = ctx.saved_tensors
+    if len(saved) == 1:
+        return saved[0]
+    return _cross_entropy_fwd_bwd(*saved, *ctx.options)[1]  # handed on before: recompute
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:  # the loss was not used
+        return (None,) * 9
+    grad = _saved_grad(ctx)
+    if ctx.options[1] == "none":  # options: ignore_index, reduction, smoothing, layout
+        d = grad * grad_loss.unsqueeze(1 if ctx.options[3] == "NCHW" else -1)
+    elif (ctx.grad is not None and type(grad_loss) is torch.Tensor
+          and grad_loss.device.type == "cpu" and not torch.is_grad_enabled()
+          and grad_loss.item() == 1.0):
+        d, ctx.grad = grad, None  # loss.backward(): the gradient is the saved one, handed on
+    else:
+        d = grad * grad_loss
+    return (d,) + (None,) * 8
+
+
+_cross_entropy_fwd_bwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("ssm::cross_entropy", mutates_args=())
+def _cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor,
+                       weight: Optional[torch.Tensor], pixel_weights: Optional[torch.Tensor],
+                       lens: Optional[torch.Tensor], ignore_index: int, reduction: str,
+                       label_smoothing: float, layout: str) -> torch.Tensor:
+    """The loss alone (no gradient work)."""
+    with _stream_of(input):
+        _, loss = ssm.spatial_softmax_with_loss(
+            input.detach(), target, pixel_weights,
+            **_ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout))
+    if reduction == "mean":
+        loss = _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index, layout)
+    return loss
+
+
+@_cross_entropy_fwd.register_fake
+def _(input, target, weight, pixel_weights, lens, ignore_index, reduction, label_smoothing,
+      layout):
+    return input.new_empty(_pixel_shape(input, layout) if reduction == "none" else ())
+
+
+def _as_param(value, name, dtype, device):
+    """An optional small or per-pixel tensor in the computed dtype, on the logits' device."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise ValueError(f"{name}: a tensor that requires grad; ssm.torch computes no "
+                             f"gradient for {name}: pass {name}.detach()")
+        return value.to(device=device, dtype=dtype)
+    return torch.as_tensor(value, dtype=dtype, device=device)
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, *, pixel_weights=None, lens=None):
+    """``torch.nn.functional.cross_entropy`` computed by ssm's fused kernel.
+
+    Parameters
+    ----------
+    input : Tensor ``(N, C, *spatial)``, ``(N, C)`` or ``(C,)``, float32 or float64
+        (float16 and bfloat16 are computed in float32).
+    target : Tensor
+        Class indices ``(N, *spatial)`` (int64, int32 or uint8), or class probabilities of
+        ``input``'s shape.
+    weight : Tensor ``(C,)``, optional
+        Class weights, PyTorch's rule (also for smoothing and probability targets).
+    ignore_index : int
+        Pixels with this label add no loss, no gradient and nothing to the "mean" divisor.
+    reduction : {"mean", "sum", "none"}
+        "mean": the summed loss over ``sum(weight[target] * pixel_weights)`` for class
+        indices (NaN when that is 0, as PyTorch), over the pixel count (``sum(pixel_weights)``
+        when given) for probabilities.
+    label_smoothing : float in [0, 1]
+    pixel_weights : Tensor ``(N, *spatial)``, optional (ssm)
+        Per-pixel weights: multiply the pixel's loss and its share of the "mean" divisor.
+    lens : Tensor or array-like ``(C, C)``, optional (ssm)
+        Confusion lens: the label ``y``'s target distribution is ``lens[y]``.
+
+    Returns
+    -------
+    Tensor: the 0-d loss, or the ``(N, *spatial)`` loss map for "none", on input's device.
+    """
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        bad, name = (input, "input") if not isinstance(input, torch.Tensor) else (target, "target")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(bad).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: {reduction!r} is not one of 'mean', 'sum', 'none'")
+    if input.dim() == 0:
+        raise ValueError("input: a 0-d tensor; expected (C,), (N, C) or (N, C, *spatial)")
+    unbatched = input.dim() == 1
+    if unbatched:  # (C,) with a 0-d index or a (C,) distribution, as PyTorch allows
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    soft = target.is_floating_point()
+    if soft and target.requires_grad:
+        raise ValueError("target: probability targets that require grad; ssm.torch computes "
+                         "no gradient for the target: pass target.detach()")
+    x = input if input.dtype in _COMPUTED else input.float()
+    if soft:
+        target = target.to(x.dtype)
+    layout = "NCHW"
+    if x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
+        # channels last in memory (torch.channels_last): ssm's NHWC layout reads it in
+        # place, and the gradient comes back in the same memory format
+        x, layout = x.movedim(1, -1), "NHWC"
+        if soft:
+            target = target.movedim(1, -1)
+    weight = _as_param(weight, "weight", x.dtype, x.device)
+    pixel_weights = _as_param(pixel_weights, "pixel_weights", x.dtype, x.device)
+    lens = _as_param(lens, "lens", x.dtype, x.device)
+    args = (x, target.detach(), weight, pixel_weights, lens, int(ignore_index), reduction,
+            float(label_smoothing), layout)
+    if torch.is_grad_enabled() and x.requires_grad:
+        loss, _ = _cross_entropy_fwd_bwd(*args)
+    else:
+        loss = _cross_entropy_fwd(*args)
+    if input.dtype not in _COMPUTED and not torch.is_autocast_enabled(input.device.type):
+        loss = loss.to(input.dtype)
+    return loss.squeeze(0) if unbatched and reduction == "none" else loss
+
+
+# ---- softmax and log-softmax ------------------------------------------------------
+
+def _layout(input: torch.Tensor, dim: int) -> str:
+    nd = input.dim()
+    if nd < 2:
+        raise ValueError(f"input: shape {tuple(input.shape)}; expected at least 2 dimensions")
+    d = dim + nd if dim < 0 else dim
+    if d == 1:
+        return "NCHW"
+    if d == nd - 1:
+        return "NHWC"
+    raise ValueError(f"dim: {dim} is neither 1 nor the last dimension of a {nd}-D input; "
+                     f"ssm computes softmax over the class axis, one of those")
+
+
+@torch.library.custom_op("ssm::softmax", mutates_args=())
+def _softmax(input: torch.Tensor, layout: str, log: bool) -> torch.Tensor:
+    with _stream_of(input):
+        f = ssm.log_softmax if log else ssm.softmax
+        return f(input.detach(), layout=layout)
+
+
+@_softmax.register_fake
+def _(input, layout, log):
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("ssm::softmax_backward", mutates_args=())
+def _softmax_backward(prob: torch.Tensor, dprob: torch.Tensor, layout: str) -> torch.Tensor:
+    with _stream_of(prob):
+        return ssm.softmax_grad(prob.detach(), dprob.detach(), layout=layout)
+
+
+@_softmax_backward.register_fake
+def _(prob, dprob, layout):
+    return torch.empty_like(prob)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.layout, ctx.log = inputs[1], inputs[2]
+    ctx.save_for_backward(output)
+
+
+def _softmax_bwd(ctx, grad):
+    (out,) = ctx.saved_tensors
+    if ctx.log:  # d/dx log_softmax: g - softmax * sum(g) over the class axis
+        dim = 1 if ctx.layout == "NCHW" else -1
+        return grad - torch.exp(out) * grad.sum(dim, keepdim=True), None, None
+    return _softmax_backward(out, grad.contiguous().to(out.dtype), ctx.layout), None, None
+
+
+_softmax.register_autograd(_softmax_bwd, setup_context=_softmax_setup)
+
+
+def _softmax_call(input, dim, dtype, log):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+    layout = _layout(input, dim)
+    if dtype is not None:
+        input = input.to(dtype)
+    x = input if input.dtype in _COMPUTED else input.float()
+    out = _softmax(x, layout, log)
+    return out if out.dtype == input.dtype else out.to(input.dtype)
+
+
+def softmax(input, dim=1, *, dtype=None):
+    """``torch.softmax(input, dim)`` by ssm, for ``dim`` the class axis: 1 (NCHW) or the last
+    (channels last). Differentiable; float16/bfloat16 computed in float32."""
+    return _softmax_call(input, dim, dtype, False)
+
+
+def log_softmax(input, dim=1, *, dtype=None):
+    """``torch.log_softmax(input, dim)`` by ssm; ``dim`` as in :func:`softmax`."""
+    return _softmax_call(input, dim, dtype, True)

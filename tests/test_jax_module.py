@@ -1,0 +1,148 @@
+"""ssm.jax: custom-VJP functions under jit, grad and vmap, against plain JAX (float32)."""
+
+import numpy as np
+import pytest
+
+import _reference as ref
+from conftest import (make_class_weights, make_labels, make_lens, make_logits, make_soft_targets,
+                      make_weights)
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+sj = pytest.importorskip("ssm.jax")
+
+SHAPE, PIX, C = (2, 5, 3, 4), (2, 3, 4), 5
+
+
+def _plain_jax(x, y, ignore_index=-1):
+    """The integer-label "mean" loss written with jax.nn (optax's rule plus ignore_index)."""
+    logp = jax.nn.log_softmax(x, axis=1)
+    keep = y != ignore_index
+    picked = jnp.take_along_axis(logp, jnp.where(keep, y, 0)[:, None], axis=1)[:, 0]
+    return -jnp.sum(jnp.where(keep, picked, 0.0)) / jnp.maximum(keep.sum(), 1)
+
+
+def test_loss_and_grad_match_plain_jax(rng):
+    x = jnp.asarray(make_logits(rng, SHAPE, np.float32))
+    y = jnp.asarray(make_labels(rng, PIX, C, np.int32))
+    loss, g = jax.jit(jax.value_and_grad(sj.cross_entropy))(x, y)
+    want, want_g = jax.value_and_grad(_plain_jax)(x, y)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
+    assert float(sj.cross_entropy(x, y)) == float(loss)  # without grad: forward only
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batch", "none"])
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
+def test_every_option_against_the_reference(rng, reduction, soft):
+    x = make_logits(rng, SHAPE, np.float32)
+    t = make_soft_targets(rng, SHAPE, np.float32) if soft else make_labels(rng, PIX, C, np.int64)
+    w = make_weights(rng, PIX, np.float32)
+    opts = dict(class_weights=make_class_weights(rng, C), label_smoothing=0.1,
+                lens=None if soft else make_lens(rng, C), reduction=reduction)
+    d_loss = rng.random(PIX).astype(np.float32) if reduction == "none" else np.float32(0.7)
+    prob, want = ref.sswl_loss(x, t, w, **opts)
+    want_g = ref.sswl_grad(prob, t, w, d_loss, **opts)
+
+    def f(a):
+        return sj.cross_entropy(a, jnp.asarray(t), jnp.asarray(w), **opts)
+
+    loss, vjp = jax.vjp(jax.jit(f), jnp.asarray(x))
+    (g,) = vjp(jnp.asarray(d_loss))
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_and_vmap(rng):
+    x = make_logits(rng, SHAPE, np.float32)
+    y = make_labels(rng, PIX, C, np.int32)
+    nhwc = jnp.asarray(np.moveaxis(x, 1, -1))
+    g_nchw = jax.grad(lambda a: sj.cross_entropy(a, y, reduction="none").sum())(jnp.asarray(x))
+    g_nhwc = jax.grad(lambda a: sj.cross_entropy(a, y, reduction="none",
+                                                 layout="NHWC").sum())(nhwc)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(g_nhwc), -1, 1), g_nchw, rtol=1e-6)
+    per_image = jax.vmap(lambda a, b: sj.cross_entropy(a[None], b[None], reduction="sum"))(
+        jnp.asarray(x), jnp.asarray(y))
+    np.testing.assert_allclose(per_image.sum(), sj.cross_entropy(x, y, reduction="sum"),
+                               rtol=1e-6)
+
+
+def test_softmax_and_log_softmax(rng):
+    x = jnp.asarray(make_logits(rng, SHAPE, np.float32))
+    d = jnp.asarray(rng.standard_normal(SHAPE).astype(np.float32))
+    for ours, theirs in ((sj.softmax, jax.nn.softmax), (sj.log_softmax, jax.nn.log_softmax)):
+        np.testing.assert_allclose(jax.jit(ours)(x), theirs(x, axis=1), rtol=1e-5, atol=1e-6)
+        g = jax.grad(lambda a: (ours(a) * d).sum())(x)
+        want = jax.grad(lambda a: (theirs(a, axis=1) * d).sum())(x)
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)
+
+
+def test_training_loop_matches_plain_jax(rng):
+    # 20 SGD steps of a 1x1-convolution head: the same losses with either loss function.
+    feats = jnp.asarray(make_logits(rng, (4, 8, 16, 16), np.float32))
+    y = jnp.asarray(make_labels(rng, (4, 16, 16), 6, np.int32))
+    w0 = jnp.asarray(0.1 * rng.standard_normal((6, 8)).astype(np.float32))
+    losses = {}
+    for name, loss_fn in (("jax", _plain_jax), ("ssm", sj.cross_entropy)):
+        @jax.jit
+        def step(w, loss_fn=loss_fn):
+            loss, g = jax.value_and_grad(
+                lambda w: loss_fn(jnp.einsum("oc,nchw->nohw", w, feats), y))(w)
+            return w - 0.5 * g, loss
+        w, losses[name] = w0, []
+        for _ in range(20):
+            w, loss = step(w)
+            losses[name].append(float(loss))
+    assert losses["jax"][-1] < losses["jax"][0]  # it learns (random labels: a little)
+    np.testing.assert_allclose(losses["ssm"], losses["jax"], rtol=1e-5)
+
+
+def test_pure_callback_fallback(rng, monkeypatch):
+    # JAX without buffer_callback (or a non-CPU backend): pure_callback, the same results
+    x = jnp.asarray(make_logits(rng, SHAPE, np.float32))
+    y = jnp.asarray(make_labels(rng, PIX, C, np.int32))
+    d = jnp.asarray(rng.random(PIX).astype(np.float32))
+
+    def run():
+        loss, vjp = jax.vjp(lambda a: sj.cross_entropy(a, y, reduction="none"), x)
+        g_mean = jax.jit(jax.grad(lambda a: 3.0 * sj.cross_entropy(a, y)))(x)
+        return loss, vjp(d)[0], g_mean, jax.grad(lambda a: (sj.softmax(a) * x).sum())(x)
+
+    fast = run()
+    monkeypatch.setattr(sj, "_buffer_callback", None)
+    for got, want in zip(run(), fast):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_training_loop_matches_optax(rng):
+    # The issue's check: 20 steps of a small segmentation head, optax's SGD, the same
+    # losses with ssm.jax.cross_entropy as with optax's integer-label cross-entropy.
+    optax = pytest.importorskip("optax")
+    feats = jnp.asarray(make_logits(rng, (4, 8, 16, 16), np.float32))
+    y = jnp.asarray(make_labels(rng, (4, 16, 16), 6, np.int32, ignore_frac=0))
+
+    def optax_loss(logits, t):  # optax's loss is over the last axis
+        return optax.softmax_cross_entropy_with_integer_labels(
+            jnp.moveaxis(logits, 1, -1), t).mean()
+
+    params0 = {"w": jnp.asarray(0.3 * rng.standard_normal((6, 8)).astype(np.float32)),
+               "b": jnp.zeros((6,), jnp.float32)}
+    losses = {}
+    for name, loss_fn in (("optax", optax_loss), ("ssm", sj.cross_entropy)):
+        opt = optax.sgd(0.5, momentum=0.9)
+
+        @jax.jit
+        def step(params, state, loss_fn=loss_fn, opt=opt):
+            def f(p):
+                logits = jnp.einsum("oc,nchw->nohw", p["w"], feats) + p["b"][:, None, None]
+                return loss_fn(logits, y)
+            loss, g = jax.value_and_grad(f)(params)
+            updates, state = opt.update(g, state)
+            return optax.apply_updates(params, updates), state, loss
+
+        params, state, losses[name] = params0, opt.init(params0), []
+        for _ in range(20):
+            params, state, loss = step(params, state)
+            losses[name].append(float(loss))
+    assert losses["optax"][-1] < losses["optax"][0]
+    np.testing.assert_allclose(losses["ssm"], losses["optax"], rtol=1e-5)
