@@ -49,20 +49,28 @@ def _openmp_runtimes():
         return None
 
 
-def _load_extension():
-    """Import ssm._cpu, with its OpenMP runtime's threads sleeping when they wait.
+# Spin iterations of a waiting libgomp thread before it sleeps (GOMP_SPINCOUNT): about
+# 0.1-0.5 ms (a `pause` is 40-140 cycles), against libgomp's 300000 (milliseconds).
+SPIN_COUNT = 10000
 
-    An OpenMP runtime reads OMP_WAIT_POLICY once, when it loads. By default libgomp's
-    idle threads spin: on a machine where another process holds a core, a waiting thread
-    then keeps its core busy while the thread it waits for has none (a (2, 21, 64, 64)
-    fused call beside one busy process: 0.26 ms on one thread, 7 ms median on two
-    spinning, 0.13 ms on two passive). So ssm asks for PASSIVE as it loads its runtime,
-    unless the user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT), and restores the
+
+def _load_extension():
+    """Import ssm._cpu, with its OpenMP runtime's threads spinning briefly when they wait.
+
+    libgomp reads its wait settings once, when it loads. By default a waiting thread
+    spins 300000 times (milliseconds) before it sleeps: on a machine where another
+    process holds a core, it keeps its core busy while the thread it waits for has none
+    (a (2, 21, 64, 64) fused call beside one busy process: 0.26 ms on one thread, 7 ms
+    median on two). Sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a wake-up per
+    parallel region instead (quiet machine, 2 threads: 0.085 -> 0.18 ms at that size,
+    0.60 -> 0.84 ms at (4, 21, 128, 128)); GOMP_SPINCOUNT=10000 keeps the quiet times
+    (0.09, 0.57 ms) and spins well under a millisecond. So ssm sets it as it loads its
+    runtime, unless the user chose (OMP_WAIT_POLICY or GOMP_SPINCOUNT), and restores the
     environment at once, for child processes and for runtimes loaded later. NumPy is
     imported first, so that a BLAS it brings keeps the user's setting. The wheel bundles
     a runtime of its own; a source build shares the system's libgomp, and then the
-    policy applies to whatever uses it, or, if it was loaded before ssm, does not apply
-    (``wait_policy`` says which)."""
+    setting applies to whatever uses it, or, if it was loaded before ssm, does not apply
+    (``wait_policy`` says which). Other OpenMP runtimes keep their defaults."""
     import os
 
     if not _extension_files():  # say so before anything else can fail
@@ -71,23 +79,24 @@ def _load_extension():
     chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
     before = _openmp_runtimes()
     if not chosen:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     try:
         from . import _cpu
     except ImportError as exc:
         raise _no_extension(exc) from exc
     finally:
         if not chosen:
-            del os.environ["OMP_WAIT_POLICY"]
+            del os.environ["GOMP_SPINCOUNT"]
     after = _openmp_runtimes()
     if chosen:
-        policy = f"as the environment sets it (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')!r}, " \
-                 f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')!r})"
+        policy = (f"as the environment sets it (OMP_WAIT_POLICY="
+                  f"{os.environ.get('OMP_WAIT_POLICY')!r}, "
+                  f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')!r})")
     elif before is not None and after is not None and not after - before:
-        policy = ("the runtime's default (spinning): the OpenMP runtime was loaded before ssm; "
-                  "set OMP_WAIT_POLICY=passive before starting Python for ssm's")
+        policy = ("the runtime's default (long spins): the OpenMP runtime was loaded before "
+                  f"ssm; set GOMP_SPINCOUNT={SPIN_COUNT} before starting Python for ssm's")
     else:
-        policy = "passive (set by ssm)"
+        policy = f"spin {SPIN_COUNT} times, then sleep (GOMP_SPINCOUNT, set by ssm)"
     _cpu.wait_policy = policy
 
 

@@ -104,11 +104,11 @@ def _from_dlpack_of(like):
 
 
 def _is_native_array(a) -> bool:
-    return isinstance(a, np.ndarray) or V.is_cupy_array(a)
+    return isinstance(a, np.ndarray) or V.is_device_array(a)
 
 
 def _on_gpu(a) -> bool:
-    if V.is_cupy_array(a):
+    if V.is_device_array(a):
         return True
     if is_foreign(a):
         dev = dlpack_device(a)

@@ -59,6 +59,8 @@ def is_device_array(a) -> bool:
     """True for a GPU array: a cupy.ndarray, or a simulated one (ssm.testing.cudasim.ndarray,
     which runs the same GPU backend), without importing either library."""
     t = type(a)
+    if t is np.ndarray:  # the common case, first: this runs several times per call
+        return False
     return (t.__module__.startswith("cupy") and hasattr(a, "__cuda_array_interface__")) \
         or _is_simulated(a)
 
@@ -66,6 +68,8 @@ def is_device_array(a) -> bool:
 def array_module(a):
     """The array's library: cupy for a cupy.ndarray, ssm.testing.cudasim (CuPy's interface,
     simulated) for a simulated array, else numpy."""
+    if type(a) is np.ndarray:
+        return np
     if _is_simulated(a):
         from .testing import cudasim
         return cudasim
@@ -234,6 +238,8 @@ def _target_kinds(geom: Geometry, logits: np.ndarray) -> str:
 def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
     """Return (target array, kernel kind): integer labels or a soft target map."""
     t = as_array(target, "target")
+    if t.dtype in LABEL_KINDS and t.shape == geom.pixel_shape:  # the common case: no message
+        return contiguous(t), LABEL_KINDS[t.dtype]
     kinds = _target_kinds(geom, logits)
     if t.dtype.kind == "f":
         if t.shape == geom.shape:

@@ -100,32 +100,33 @@ def test_openmp_stack_size_parsing():
 
 
 @pytest.mark.parametrize("env,policy", [
-    ({}, "passive (set by ssm)"),
+    ({}, "spin 10000 times, then sleep (GOMP_SPINCOUNT, set by ssm)"),
     ({"OMP_WAIT_POLICY": "active"}, "as the environment sets it (OMP_WAIT_POLICY='active', "
                                     "GOMP_SPINCOUNT=None)"),
     ({"GOMP_SPINCOUNT": "1000"}, "as the environment sets it (OMP_WAIT_POLICY=None, "
                                  "GOMP_SPINCOUNT='1000')")])
 def test_wait_policy(tmp_path, env, policy):
-    # ssm asks its OpenMP runtime for passive waiting unless the user chose, and leaves
+    # ssm asks its OpenMP runtime for short spins unless the user chose, and leaves
     # the environment that other libraries and child processes see as it was
     kw = child_process_kwargs(tmp_path)
     for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         kw["env"].pop(k, None)
     kw["env"].update(env)
     code = ("import os, ssm; from ssm import _config; print(_config.config()['openmp wait "
-            "policy']); print(os.environ.get('OMP_WAIT_POLICY'))")
+            "policy']); print(os.environ.get('OMP_WAIT_POLICY'), "
+            "os.environ.get('GOMP_SPINCOUNT'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60, **kw)
     assert r.returncode == 0, r.stderr
     got_policy, env_after = r.stdout.splitlines()
     assert got_policy == policy
-    assert env_after == str(env.get("OMP_WAIT_POLICY"))
+    assert env_after == f"{env.get('OMP_WAIT_POLICY')} {env.get('GOMP_SPINCOUNT')}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps")
 def test_wait_policy_when_the_runtime_was_loaded_first(tmp_path):
     # a source build shares the system libgomp: loaded before ssm, it keeps its default,
-    # and ssm must say so rather than claim passive waiting
+    # and ssm must say so rather than claim short spins
     import os
     if os.path.isdir(os.path.join(os.path.dirname(ssm.__file__), os.pardir, "ssm.libs")):
         pytest.skip("ssm's libgomp is private to it (the wheel's bundled copy)")
@@ -137,7 +138,7 @@ def test_wait_policy_when_the_runtime_was_loaded_first(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60, **kw)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("the runtime's default (spinning): the OpenMP runtime was "
+    assert r.stdout.startswith("the runtime's default (long spins): the OpenMP runtime was "
                                "loaded before ssm"), r.stdout
 
 
