@@ -524,7 +524,7 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
                 Ac[j] = wv[j] * cwc * (keep * tc[j] + spread);
         }
         for (j = 0; j < n; j++) {
-            S->a[j] = 1;
+            S->a[j] = S->wv[j] != 0 ? (R)1 : (R)0;  /* zero weight: inactive, exactly 0 */
             S->cls[j] = -1;
         }
         return 1;
@@ -540,7 +540,9 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
             for (j = 0; j < n; j++) {
                 long long y = (long long)lab_[j];
                 int ok = y >= 0 && y < C;
-                R aj = dense ? (R)1 : wv[j] * (cw ? cw[ok ? y : 0] : (R)1);
+                /* dense: a is the pixel's activity; a zero-weight pixel is inactive, so its
+                   loss and gradient are exactly 0 even where its logits are not finite */
+                R aj = dense ? (wv[j] != 0 ? (R)1 : (R)0) : wv[j] * (cw ? cw[ok ? y : 0] : (R)1);
                 cls[j] = ok && y != ign ? (int32_t)y : -1;
                 a[j] = y == ign ? (R)0 : ok ? aj : (R)NAN;
             })

@@ -400,6 +400,33 @@ def test_ignored_pixel_with_nonfinite_logits_fused_gradient_is_zero(rng, layout,
     assert np.all(_row(grad, pix, layout) == 0)
 
 
+@pytest.mark.parametrize("target", ["smoothing", "lens", "soft"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_zero_weight_pixel_with_nonfinite_logits_dense_targets_is_zero(rng, layout, bad, target):
+    # Dense targets weight each class (a_c = w t_c): a zero-weight pixel is inactive, its loss
+    # and gradient exactly 0 whatever its logits (they were 0 * NaN = NaN).
+    x, y = _problem(rng, np.float32, (2, 5, (9, 11)), layout)
+    pix = _pixel_index(y, 40)
+    y[pix] = 1
+    w = np.ones(y.shape, np.float32)
+    w[pix] = 0
+    _set_entry(x, pix, 2, layout, bad)
+    opts = {"layout": layout}
+    if target == "soft":
+        t = ref.from_nchw(np.full(ref.to_nchw(x, layout).shape, 0.2, np.float32), layout)
+    else:
+        t = y
+        opts.update({"label_smoothing": 0.1} if target == "smoothing" else
+                    {"lens": np.full((5, 5), 0.2)})
+    prob, lmap = ssm.spatial_softmax_with_loss(x, t, w, reduction="none", **opts)
+    assert lmap[pix] == 0
+    loss, grad = ssm.spatial_softmax_with_loss_and_grad(x, t, w, **opts)
+    assert np.isfinite(loss)
+    assert np.all(_row(grad, pix, layout) == 0)
+    assert np.all(_row(ssm.spatial_softmax_with_loss_grad(prob, t, w, **opts), pix, layout) == 0)
+
+
 # ---------------------------------------------------------------- buffers
 
 

@@ -44,7 +44,8 @@ __device__ __forceinline__ double grad_scale(double g_scale, const double* __res
 
 /* Stage pixel p's target (ssm_stage on the CPU). Sparse form: cls = label or -1,
    a = w * cw[y] (0 if ignored, NaN if out of range). Dense form: a is the pixel's activity
-   (1, 0 if ignored, NaN if out of range); the class weights come from class_target.
+   (1; 0 if ignored or of zero weight, so that its loss and gradient are exactly 0 whatever
+   its logits; NaN if out of range); the class weights come from class_target.
    wv = the pixel weight. */
 template <typename T, typename L>
 __device__ __forceinline__ void stage_pixel(const L* __restrict__ target, const T* __restrict__ w,
@@ -55,12 +56,13 @@ __device__ __forceinline__ void stage_pixel(const L* __restrict__ target, const 
     typedef acc_t<T> A;
     wv = w != nullptr ? to_acc(w[p]) : (A)1;
     if constexpr (same_type<T, L>::value) {
-        a = 1;
+        a = wv != 0 ? (A)1 : (A)0;
         cls = -1;
     } else {
         const long long y = label_at(target, p);
         const bool ok = y >= 0 && y < C;
-        const A aj = dense ? (A)1 : wv * (cw != nullptr ? to_acc(cw[ok ? y : 0]) : (A)1);
+        const A aj = dense ? (wv != 0 ? (A)1 : (A)0)
+                           : wv * (cw != nullptr ? to_acc(cw[ok ? y : 0]) : (A)1);
         cls = ok && y != ignore_index ? (int)y : -1;
         a = y == ignore_index ? (A)0 : ok ? aj : ssm_nan<A>();
     }
