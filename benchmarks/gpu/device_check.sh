@@ -86,7 +86,7 @@ machine() {
     nvcc --version || true
     command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"
     "$py" -c 'import sys, platform; print(sys.version, platform.platform())'
-    "$py" -m pip list 2>/dev/null | grep -iE '^(numpy|cupy|torch|cython|setuptools|pytest) ' || true
+    "$py" -m pip list 2>/dev/null | grep -iE '^(numpy|cupy[-a-z0-9]*|torch|cython|setuptools|pytest) ' || true
     nproc
 }
 
