@@ -38,7 +38,9 @@ __all__ = ["DEVICE_COUNT", "Device", "KernelTraffic", "RawModule", "SimulatorErr
            "empty_like", "forbid_synchronize", "fp_contract", "full", "may_share_memory",
            "ndarray", "ones", "poison", "record_launches", "sync_count", "traffic", "zeros"]
 
-ndarray.__module__ = __name__  # the public name, in messages ("a ssm.testing.cudasim.ndarray")
+# the public names, in messages and tracebacks ("a ssm.testing.cudasim.ndarray")
+for _public in (ndarray, SimulatorError, SynchronizationError, KernelTraffic):
+    _public.__module__ = __name__
 
 # cupy.cuda's spelling of devices and streams
 cuda = SimpleNamespace(Device=Device, Stream=Stream, runtime=_device.runtime,

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from importlib import resources
@@ -132,7 +133,11 @@ def traffic():
 
 
 def find_compiler() -> str:
-    """The host C++ compiler: $CXX, else c++, g++ or clang++ on PATH."""
+    """The host C++ compiler: $CXX, else c++, g++ or clang++ on PATH (POSIX systems only:
+    the simulator maps memory with guard pages and catches faults with signals)."""
+    if os.name != "posix":
+        raise SimulatorError(f"ssm.testing.cudasim needs a POSIX system (Linux, macOS); this "
+                             f"is {sys.platform}")
     candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
     for name in candidates:
         path = shutil.which(name)

@@ -51,7 +51,7 @@
 #include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__ELF__)  /* the switch below is SysV x86-64, ELF */
 #include <ucontext.h>
 #include <xmmintrin.h>
 #define SSM_SIM_ASM_SWITCH 1
@@ -908,7 +908,7 @@ SSM_SIM_EXPORT int ssm_sim_launch(int i, const unsigned* grid, const unsigned* b
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &g.old_segv);
     sigaction(SIGBUS, &sa, &g.old_bus);
-#if defined(__x86_64__)
+#if SSM_SIM_ASM_SWITCH
     const unsigned csr = _mm_getcsr();
     _mm_setcsr(ftz ? (csr | 0x8040u) : (csr & ~0x8040u));
 #endif
@@ -953,7 +953,7 @@ SSM_SIM_EXPORT int ssm_sim_launch(int i, const unsigned* grid, const unsigned* b
     }
     g.in_launch = 0;
     unpoison_stacks();
-#if defined(__x86_64__)
+#if SSM_SIM_ASM_SWITCH
     _mm_setcsr(csr);
 #endif
     sigaction(SIGSEGV, &g.old_segv, nullptr);
