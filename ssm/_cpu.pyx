@@ -41,7 +41,7 @@ import numpy as np
 cnp.import_array()
 
 cdef extern from "_threads.h" nogil:
-    int ssm_team_can_start(int n, size_t stack_bytes, int *err)
+    int ssm_team_can_start(int n, size_t stack_bytes, int *err, int *grew)
 
 # kernel selectors; the public names below are what ssm/_api.py passes as `op`
 cdef enum:
@@ -140,9 +140,12 @@ cdef size_t STACK_BYTES = _openmp_stack_bytes()
 
 cdef int _start_team(int team) except -1:
     """Raise OSError (not a libgomp abort) if this thread cannot start a team of `team`."""
-    cdef int err = 0, ok
+    global _settle
+    cdef int err = 0, ok, grew = 0
     with nogil:
-        ok = ssm_team_can_start(team, STACK_BYTES, &err)
+        ok = ssm_team_can_start(team, STACK_BYTES, &err, &grew)
+    if grew:
+        _settle = SETTLE_CALLS
     if ok < team:
         raise OSError(err, f"threads: could not start {team} threads ({os.strerror(err)}); "
                            f"{ok} could start in this process: pass threads={ok} or fewer")
@@ -153,7 +156,9 @@ cdef int _start_team(int team) except -1:
 # share more than LATE_SHARE of the call's time (and at least LATE_MIN seconds) after the
 # first one did (it had lost its core), or when the call returned that long after the
 # last thread finished (the caller, asleep at the closing barrier, had lost its core).
-# Then the next calls leave out as many threads as were late (one when the caller was),
+# Two such calls in a row (one alone may be a page fault or an interrupt; sustained load
+# gives two at once), or one while threads are already left out, and the next calls
+# leave out as many threads as were late (one when the caller was),
 # for _hold seconds; _hold doubles each time a full-size call is late and halves each
 # time one is not (HOLD_MIN to HOLD_MAX): under steady load about one call a second
 # tries the full team, and a lucky one does not bring back frequent tries. When idle, a
@@ -164,9 +169,15 @@ cdef double LATE_SHARE = 0.25
 cdef double LATE_MIN = 200e-6
 cdef double HOLD_MIN = 0.02
 cdef double HOLD_MAX = 1.0
+# A team that has just grown is late for reasons of its own (threads starting, their
+# first scratch allocations): the next SETTLE_CALLS passes after a growth are not learnt
+# from (without this, a new process's first call left a thread out for 20 ms).
+cdef int SETTLE_CALLS = 3
+cdef int _settle = 0
 cdef double _busy_until = -1.0  # omp_get_wtime() until which threads are left out
 cdef double _hold = HOLD_MIN
 cdef int _busy_drop = 0         # how many
+cdef int _late_calls = 0        # full-size late calls in a row
 
 
 cdef inline int _plan(int team, bint adaptive) noexcept nogil:
@@ -179,7 +190,7 @@ cdef inline int _plan(int team, bint adaptive) noexcept nogil:
 cdef void _learn(int team, bint capped, const double *ends, double t0,
                  double t1) noexcept nogil:
     """Update the rule from a call whose `team` threads finished at ``ends[i]``."""
-    global _busy_until, _hold, _busy_drop
+    global _busy_until, _hold, _busy_drop, _late_calls
     cdef double first = ends[0], last = ends[0], slack
     cdef int i, late = 0
     for i in range(1, team):
@@ -191,6 +202,10 @@ cdef void _learn(int team, bint capped, const double *ends, double t0,
             late += 1
     if late == 0 and t1 > last + slack:
         late = 1
+    if late and not capped:
+        _late_calls += 1
+        if _late_calls < 2:
+            return
     if late:
         _busy_drop = late + (_busy_drop if capped else 0)  # a smaller team late too: fewer
         _busy_until = t1 + _hold
@@ -199,6 +214,7 @@ cdef void _learn(int team, bint capped, const double *ends, double t0,
     elif not capped:
         _hold = _hold / 2 if _hold / 2 > HOLD_MIN else HOLD_MIN
         _busy_drop = 0
+        _late_calls = 0
 
 
 # The foreign-load rule from Python, for tests.
@@ -209,8 +225,8 @@ def busy_state():
 
 
 def reset_busy_state():
-    global _busy_until, _hold, _busy_drop
-    _busy_until, _hold, _busy_drop = -1.0, HOLD_MIN, 0
+    global _busy_until, _hold, _busy_drop, _settle, _late_calls
+    _busy_until, _hold, _busy_drop, _settle, _late_calls = -1.0, HOLD_MIN, 0, 0, 0
 
 
 def plan(int team, bint adaptive):
@@ -231,6 +247,7 @@ def wtime():
 cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads, bint capped,
                     bint adaptive, double *partial) noexcept nogil:
     """Run `op` over every tile; returns 1 if a thread could not get its scratch."""
+    global _settle
     cdef Py_ssize_t ntiles = ssm_num_tiles(P), t
     cdef size_t nbytes = ssm_scratch_bytes(P, 8 if dbl else 4)
     cdef char *buf = NULL
@@ -258,7 +275,9 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads, bint 
             ends[tid] = openmp.omp_get_wtime()
         free(buf)
     if ends != NULL:
-        if started > 1:
+        if _settle > 0:
+            _settle -= 1
+        elif started > 1:
             _learn(started, capped, ends, t0, openmp.omp_get_wtime())
         free(ends)
     return failed

@@ -19,10 +19,11 @@
 
 #if defined(_WIN32)
 
-static int ssm_team_can_start(int n, size_t stack_bytes, int *err)
+static int ssm_team_can_start(int n, size_t stack_bytes, int *err, int *grew)
 {
     (void)stack_bytes;
     *err = 0;
+    *grew = 0;
     return n;
 }
 
@@ -40,15 +41,17 @@ static void *ssm_probe_thread(void *arg)
 }
 
 /* Returns n if a team of n can start (the caller plus n - 1 threads), else how many of
-   the team could, with the pthread_create error in *err. stack_bytes 0: the default
-   stack, as libgomp uses when OMP_STACKSIZE and GOMP_STACKSIZE are unset. */
-static int ssm_team_can_start(int n, size_t stack_bytes, int *err)
+   the team could, with the pthread_create error in *err; *grew is 1 when the team is
+   larger than this thread's last one (libgomp will create threads for it). stack_bytes
+   0: the default stack, as libgomp uses when OMP_STACKSIZE and GOMP_STACKSIZE are unset. */
+static int ssm_team_can_start(int n, size_t stack_bytes, int *err, int *grew)
 {
     pthread_t *ids;
     pthread_attr_t attr;
     int started = 0, i;
 
     *err = 0;
+    *grew = n > ssm_team_started;
     if (n <= ssm_team_started || n == 1) {
         if (n > 1)
             ssm_team_started = n;
