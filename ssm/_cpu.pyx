@@ -158,12 +158,12 @@ cdef int _start_team(int team) except -1:
 # last thread finished (the caller, asleep at the closing barrier, had lost its core).
 # Two such calls in a row (one alone may be a page fault or an interrupt; sustained load
 # gives two at once), or one while threads are already left out, and the next calls
-# leave out as many threads as were late (one when the caller was),
-# for _hold seconds; _hold doubles each time a full-size call is late and halves each
-# time one is not (HOLD_MIN to HOLD_MAX): under steady load about one call a second
-# tries the full team, and a lucky one does not bring back frequent tries. When idle, a
-# team's threads finish within one chunk (1/16 of a share) of each other and the caller
-# wakes within microseconds. Races between Python threads on these variables only shift
+# leave out as many threads as were late (one when the caller was), for _hold seconds;
+# _hold doubles each time a full-size call is late and halves each time one is not
+# (HOLD_MIN to HOLD_MAX): under steady load about one call a second tries the full team,
+# and a lucky one does not bring back frequent tries. When idle, a team's threads finish
+# within one chunk (1/16 of a share) of each other and the caller wakes within
+# microseconds. Races between Python threads on these variables only shift
 # the next call's team size.
 cdef double LATE_SHARE = 0.25
 cdef double LATE_MIN = 200e-6
