@@ -1,4 +1,4 @@
-"""ssm: a fast, exact SpatialSoftmaxWithLoss for NumPy (and, later, CuPy) arrays.
+"""ssm: a fast, exact SpatialSoftmaxWithLoss for NumPy and CuPy arrays (and DLPack ones).
 
 Softmax over the class axis of ``(N, C, *spatial)`` logits, cross-entropy against
 per-pixel labels or soft target maps, and the gradient, with Caffe2's

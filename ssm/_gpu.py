@@ -21,7 +21,7 @@ Design
   named by ``name_expressions``, generated from the dtype tables of ssm/_validation.py
   (the simulator compiles the same text and names with the host compiler).
   A module holds one dtype combination's kernels (``module_names``): a first call
-  compiles a handful of kernels, not all 80. common.cuh is inlined into the source
+  compiles a handful of kernels, not all 46. common.cuh is inlined into the source
   text, so CuPy's cache keys on all of it.
 - Launches: on the device that holds ``x`` and on that device's current CuPy stream;
   launch sizes are chosen in ``launch_config`` only, from the shape only, so per-block
