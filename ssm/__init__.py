@@ -6,8 +6,9 @@ per-pixel labels or soft target maps, and the gradient, with Caffe2's
 ``help(ssm.spatial_softmax_with_loss)`` and README.md.
 
 The public submodules (``ssm.ops``, the Caffe2 operator surface; ``ssm.bench``, the
-benchmark; ``ssm.testing`` where installed) are attributes of ``ssm`` imported on first
-use (PEP 562), so that ``import ssm`` loads only the functions above.
+benchmark; ``ssm.testing``, the CUDA simulator; ``ssm.torch`` and ``ssm.jax``, the
+framework adaptors) are attributes of ``ssm`` imported on first use (PEP 562), so that
+``import ssm`` loads only the functions above.
 """
 
 
@@ -77,7 +78,7 @@ def _load_extension():
         raise _no_extension(ModuleNotFoundError("No module named 'ssm._cpu'"))
     import numpy  # noqa: F401  (before the window below)
     chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
-    before = _openmp_runtimes()
+    before = None if chosen else _openmp_runtimes()
     if not chosen:
         os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     try:
@@ -87,7 +88,7 @@ def _load_extension():
     finally:
         if not chosen:
             del os.environ["GOMP_SPINCOUNT"]
-    after = _openmp_runtimes()
+    after = _openmp_runtimes() if before else None  # nothing loaded before: ours applies
     if chosen:
         policy = (f"as the environment sets it (OMP_WAIT_POLICY="
                   f"{os.environ.get('OMP_WAIT_POLICY')!r}, "
@@ -130,9 +131,11 @@ __all__ = [
     "spatial_softmax_with_loss_grad",
 ]
 
-# Public submodules, imported on first attribute access; a name whose module is absent
-# (``testing`` before it exists) is simply a missing attribute.
+# Public submodules, imported on first attribute access. ``dir(ssm)`` leaves out the
+# adaptors to optional frameworks: listing them would import PyTorch and JAX (help(ssm)
+# took 1.4 s) or fail where they are not installed.
 _SUBMODULES = ("bench", "jax", "ops", "testing", "torch")
+_OPTIONAL = ("jax", "torch")
 
 
 def __getattr__(name):
@@ -146,5 +149,6 @@ def __getattr__(name):
 
 
 def __dir__():
-    present = [m for m in _SUBMODULES if _importlib_util.find_spec(f"{__name__}.{m}") is not None]
+    present = [m for m in _SUBMODULES if m not in _OPTIONAL
+               and _importlib_util.find_spec(f"{__name__}.{m}") is not None]
     return sorted(set(globals()) | set(present))

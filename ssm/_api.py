@@ -2,8 +2,8 @@
 
 Each function picks its backend once from its array arguments (``_backend``: NumPy
 arrays run on the CPU through ``_cpu``, CuPy arrays (or simulated ones) on their GPU
-through ``_gpu``;
-both modules have the same ``run``, ``stats`` and ``loss_value``), validates all of
+through ``_gpu``; both modules have the same ``run``, ``stats`` and ``loss_value``),
+validates all of
 its arguments through ``_validation`` before any kernel runs (so an error never leaves
 an ``out=`` buffer half written), views the logits as ``(outer, C, inner)`` (see
 ``_validation.geometry``), allocates missing outputs and calls one kernel pass

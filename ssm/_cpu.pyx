@@ -140,11 +140,12 @@ cdef size_t STACK_BYTES = _openmp_stack_bytes()
 
 cdef int _start_team(int team) except -1:
     """Raise OSError (not a libgomp abort) if this thread cannot start a team of `team`."""
-    global _settle
+    global _settle, _largest_team
     cdef int err = 0, ok, grew = 0
     with nogil:
         ok = ssm_team_can_start(team, STACK_BYTES, &err, &grew)
-    if grew:
+    if grew and team > _largest_team:  # new threads; not a team coming back after a cap
+        _largest_team = team
         _settle = SETTLE_CALLS
     if ok < team:
         raise OSError(err, f"threads: could not start {team} threads ({os.strerror(err)}); "
@@ -169,11 +170,12 @@ cdef double LATE_SHARE = 0.25
 cdef double LATE_MIN = 200e-6
 cdef double HOLD_MIN = 0.02
 cdef double HOLD_MAX = 1.0
-# A team that has just grown is late for reasons of its own (threads starting, their
-# first scratch allocations): the next SETTLE_CALLS passes after a growth are not learnt
-# from (without this, a new process's first call left a thread out for 20 ms).
+# A team larger than any before is late for reasons of its own (threads starting, their
+# first scratch allocations): the next SETTLE_CALLS passes after it are not learnt from
+# (without this, a new process's first call left a thread out for 20 ms).
 cdef int SETTLE_CALLS = 3
 cdef int _settle = 0
+cdef int _largest_team = 1
 cdef double _busy_until = -1.0  # omp_get_wtime() until which threads are left out
 cdef double _hold = HOLD_MIN
 cdef int _busy_drop = 0         # how many

@@ -42,7 +42,8 @@ _ANY_DEVICE = ("class_weights", "lens")
 def is_foreign(a) -> bool:
     """True for an array of another library that implements ``__dlpack__``."""
     t = type(a)
-    if t is np.ndarray or a is None or t in (int, float, list, tuple, str):
+    if t is np.ndarray or a is None or t in (int, float, list, tuple, str) \
+            or isinstance(a, np.ndarray):  # a subclass from any module is NumPy's too
         return False
     return hasattr(t, "__dlpack__") and t.__module__.partition(".")[0] not in _NATIVE
 

@@ -140,7 +140,8 @@ def as_array(a, name: str):
         return np.asarray(a)
     hint = _conversion_hint(a, name)
     raise TypeError(f"{name}: expected a NumPy array, a number or a nested list or tuple of "
-                    f"numbers (CPU), or a CuPy array (GPU); got {type_name(a)}"
+                    f"numbers (CPU), a CuPy array (GPU), or an array of another library "
+                    f"with __dlpack__; got {type_name(a)}"
                     + (f".{hint}" if hint else ""))
 
 
@@ -365,7 +366,8 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
     if out is None:
         return None
     if not isinstance(out, np.ndarray) and not is_device_array(out):
-        raise TypeError(f"{name}: expected a NumPy array (CPU) or a CuPy array (GPU); "
+        raise TypeError(f"{name}: expected a NumPy array (CPU), a CuPy array (GPU), or a "
+                        f"writeable array of another library with __dlpack__; "
                         f"got {type_name(out)}")
     if is_masked_array(out):
         raise masked_error(name)
@@ -383,7 +385,9 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
         raise ValueError(f"{name}: the buffer is read-only")
     xp = array_module(out)
     for input_name, a in inputs:
-        if a is not None and xp.may_share_memory(out, a):
+        # an input of another library (class weights and lenses stay NumPy copies on the
+        # GPU) cannot alias out=; CuPy's may_share_memory takes CuPy arrays only
+        if a is not None and array_module(a) is xp and xp.may_share_memory(out, a):
             raise ValueError(f"{name}: the buffer overlaps {input_name}; expected memory "
                              f"separate from every input")
     return out

@@ -720,3 +720,21 @@ def test_no_host_synchronisation_with_validate_false(rng):
             ssm.log_softmax(x)
     # the last reduction is "none": loss maps, read whole (float() takes only a size-1 array)
     assert all(np.all(np.isfinite(host(loss))) for loss in losses)
+
+
+def test_out_with_class_weights_and_lens(rng):
+    # class weights and lenses stay NumPy copies on the device path: the out= overlap
+    # check must not hand them to CuPy's may_share_memory, which takes CuPy arrays only
+    # (the simulator's refuses mixed arguments the same way)
+    C = 5
+    x = gpu(make_logits(rng, (2, C, 3, 4), np.float32))
+    y = gpu(make_labels(rng, (2, 3, 4), C, np.int64))
+    out = _cp().empty_like(x)
+    cw = make_class_weights(rng, C, np.float32)
+    lens = np.eye(C) * 0.8 + 0.2 / C
+    loss, dx = ssm.spatial_softmax_with_loss_and_grad(x, y, class_weights=cw, lens=lens, out=out)
+    want_loss, want_dx = ssm.spatial_softmax_with_loss_and_grad(
+        host(x), host(y), class_weights=cw, lens=lens)
+    assert dx is out
+    close(dx, want_dx, np.float32, scale=10)
+    close(loss, want_loss, np.float32, scale=10)

@@ -535,7 +535,7 @@ def test_masked_arrays_rejected_by_ops(rng):
 
 
 ACCEPTED = (r"expected a NumPy array, a number or a nested list or tuple of numbers \(CPU\), "
-            r"or a CuPy array \(GPU\)")
+            r"a CuPy array \(GPU\), or an array of another library with __dlpack__")
 
 
 class _FakeTensor:
@@ -602,6 +602,7 @@ def test_foreign_arrays_get_a_conversion_hint(data, name):
 
 def test_out_says_what_is_accepted(data):
     x, y = data
-    with pytest.raises(TypeError, match=r"^out: expected a NumPy array \(CPU\) or a CuPy array "
-                                        r"\(GPU\); got list"):
+    with pytest.raises(TypeError, match=r"^out: expected a NumPy array \(CPU\), a CuPy array "
+                                        r"\(GPU\), or a writeable array of another library "
+                                        r"with __dlpack__; got list"):
         ssm.softmax(x, out=x.tolist())

@@ -96,6 +96,7 @@ def ascontiguousarray(a, dtype=None) -> ndarray:
 
 
 def may_share_memory(a, b) -> bool:
-    if isinstance(a, ndarray) and isinstance(b, ndarray):
-        return bool(np.may_share_memory(a._h, b._h))
-    return False
+    if not (isinstance(a, ndarray) and isinstance(b, ndarray)):  # as CuPy's (typed) one
+        raise TypeError(f"may_share_memory: expected two simulated arrays, got "
+                        f"{type(a).__name__} and {type(b).__name__}")
+    return bool(np.may_share_memory(a._h, b._h))
