@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _validation as V
 
-# DLPack device types (dlpack.h), as in _validation: the CPU, CUDA pinned host memory;
+# DLPack device types (dlpack.h): the CPU, CUDA pinned host memory;
 # CUDA, CUDA managed memory.
 _HOST, _CUDA = (1, 3), (2, 13)
 _DEVICE_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA host", 4: "OpenCL", 7: "Vulkan", 8: "Metal",

@@ -91,8 +91,6 @@ _MASK_HINTS = {
     "W": "pass W.filled(0) to give the masked pixels no weight",
     "d_loss": "pass d_loss.filled(0) to give the masked pixels no gradient",
 }
-# DLPack device types (dlpack.h): the CPU, CUDA pinned host memory; CUDA, CUDA managed.
-_DLPACK_HOST, _DLPACK_CUDA = (1, 3), (2, 13)
 
 
 def is_masked_array(a) -> bool:
@@ -109,19 +107,8 @@ def masked_error(name: str) -> TypeError:
 
 
 def _conversion_hint(a, name: str) -> str:
-    """How to turn a foreign array (a torch tensor, a JAX array, ...) into one ssm takes."""
-    cpu = f"np.from_dlpack({name}) or np.asarray({name})"
-    gpu = f"cupy.from_dlpack({name})"
-    if hasattr(a, "__dlpack__"):
-        try:
-            device = a.__dlpack_device__()[0]
-        except Exception:  # no __dlpack_device__, or it failed: say both
-            device = None
-        if device in _DLPACK_HOST:
-            return f" Convert it first: {cpu}"
-        if device in _DLPACK_CUDA:
-            return f" Convert it first: {gpu}"
-        return f" Convert it first: np.from_dlpack({name}) for a CPU array, {gpu} for a GPU one"
+    """How to turn an array ssm does not take into one it does. (Objects with __dlpack__
+    never get here: ssm/_interop.py imports them, or says why it cannot.)"""
     if hasattr(a, "__cuda_array_interface__"):
         return f" Convert it first: cupy.asarray({name})"
     if hasattr(a, "__array__"):
