@@ -21,7 +21,7 @@ import pytest
 import ssm
 from conftest import child_process_kwargs
 from ssm import bench
-from ssm.bench import busy, cli, gpu, peers, report, timing, workloads
+from ssm.bench import busy, cli, gpu, peers, report, timing, training, workloads
 from ssm.bench.report import derive, format_row, format_tables, summary_lines
 from ssm.bench.timing import BUSY_CORES, MAX_REPS, WARMUP, Row
 
@@ -319,6 +319,7 @@ def test_cuda_modules_without_cupy_says_what_to_do():
     (["--budget", "-1"], r"--budget and --max-wait must be >= 0 and --min-reps >= 1"),
     (["--min-reps", "0"], r"--min-reps >= 1"),
     (["--device", "tpu"], r"--device: invalid choice"),
+    (["--busy", "--training-step"], r"give --busy or --training-step, not both"),
 ])
 def test_parser_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -448,3 +449,42 @@ def test_busy_mode(tmp_path, monkeypatch, capsys):
                                    "ratio_p90"}
     if png is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_step_lines_from_synthetic_rows():
+    rows = [{"case": c, "threads": t, "rounds": 7, "median_s": m, "min_s": m, "max_s": m}
+            for t in (1, 2)
+            for c, m in ((training.RAW_CASE, 0.005), ("ssm.torch eager", 0.010),
+                         ("F.cross_entropy eager", 0.080), ("F.cross_entropy compiled", 0.030),
+                         ("ssm.jax jit(value_and_grad)", 0.020),
+                         ("jax.nn jit(value_and_grad)", 0.050))]
+    lines = training.format_lines(rows, (8, 21, 256, 256))
+    assert lines[0].startswith("Training step: loss + gradient") and "8x21x256x256" in lines[0]
+    assert lines[2].split()[-4:] == ["1", "5.00", "5.00-5.00", "7"]
+    (one,) = [line for line in lines if line.startswith("1 thread(s): ")]
+    assert one == ("1 thread(s): ssm.torch vs F.cross_entropy eager: 8.00x; ssm.torch vs "
+                   "F.cross_entropy compiled: 3.00x; ssm.jax vs jax.nn, both "
+                   "jit(value_and_grad): 2.50x; ssm.torch's cost over the NumPy call: 2.00x")
+    only_raw = training.format_lines(rows[:1], (1, 3, 4), use_torch=False, use_jax=False)
+    assert only_raw[-2:] == [
+        "PyTorch is not installed: no PyTorch rows (pip install 'ssm[torch]').",
+        "JAX is not installed: no JAX rows (pip install 'ssm[jax]')."]
+
+
+def test_training_step_mode(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "MIN_ROUNDS", 2)
+    threads_before = ssm.get_num_threads()
+    path = tmp_path / "training.json"
+    argv = ["--training-step", "--shape", "2", "3", "4", "4", "--threads", "1", "--budget", "0",
+            "--no-compile", "--quiet", "--json", str(path)]
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Training step: loss + gradient") and "2x3x4x4" in lines[0]
+    rep = json.loads(path.read_text())
+    assert rep["tool"] == "ssm.bench --training-step" and rep["argv"] == argv
+    cases = [r["case"] for r in rep["rows"]]
+    assert cases[0] == training.RAW_CASE and all(r["rounds"] >= 2 for r in rep["rows"])
+    if importlib.util.find_spec("torch") is not None:
+        assert {"ssm.torch eager", "F.cross_entropy eager"} <= set(cases)
+        assert "ssm.torch compiled" not in cases
+    assert ssm.get_num_threads() == threads_before  # restored
