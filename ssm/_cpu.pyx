@@ -447,3 +447,51 @@ def stats(problem, threads):
 def loss_value(double total, double divisor, dtype):
     """``total / divisor`` (0 when the divisor is 0) as a 0-d array of ``dtype``."""
     return np.asarray(total / divisor if divisor != 0 else 0.0, dtype=dtype)
+
+
+# ---- the memory floors of ssm-bench (ssm/_floors.h) ----------------------------------------
+
+cdef extern from "_floors.h" nogil:
+    void ssm_floor_stream(char *dst, const char *src, size_t n)
+    unsigned long long ssm_floor_read(const char *src, size_t n)
+
+cdef Py_ssize_t FLOOR_CHUNK = 1 << 20  # bytes per scheduled chunk (a multiple of 64)
+
+
+def _floor_bytes(a, name):
+    if not (isinstance(a, np.ndarray) and a.flags.c_contiguous):
+        raise TypeError(f"{name}: expected a C-contiguous NumPy array")
+    return a.nbytes
+
+
+def floor_stream(dst, src, int threads):
+    """Copy ``src`` into ``dst`` (C-contiguous NumPy arrays of equal byte size) with the
+    kernels' non-temporal stores, on ``threads`` threads: the write floor of ssm-bench."""
+    cdef Py_ssize_t n = _floor_bytes(src, "src"), chunks, c, lo, hi
+    if _floor_bytes(dst, "dst") != n or not dst.flags.writeable:
+        raise ValueError("dst: expected a writeable array of src's size in bytes")
+    cdef char *d = <char *>cnp.PyArray_DATA(<cnp.ndarray>dst)
+    cdef const char *s = <const char *>cnp.PyArray_DATA(<cnp.ndarray>src)
+    chunks = (n + FLOOR_CHUNK - 1) // FLOOR_CHUNK
+    _start_team(threads)
+    with nogil:
+        for c in prange(chunks, schedule="static", num_threads=threads):
+            lo = c * FLOOR_CHUNK
+            hi = lo + FLOOR_CHUNK if lo + FLOOR_CHUNK < n else n
+            ssm_floor_stream(d + lo, s + lo, <size_t>(hi - lo))
+
+
+def floor_read(src, int threads):
+    """Read every byte of ``src`` (a C-contiguous NumPy array) on ``threads`` threads and
+    return the wrapping sum of its 64-bit words: the read floor of ssm-bench."""
+    cdef Py_ssize_t n = _floor_bytes(src, "src"), chunks, c, lo, hi
+    cdef const char *s = <const char *>cnp.PyArray_DATA(<cnp.ndarray>src)
+    cdef unsigned long long total = 0
+    chunks = (n + FLOOR_CHUNK - 1) // FLOOR_CHUNK
+    _start_team(threads)
+    with nogil:
+        for c in prange(chunks, schedule="static", num_threads=threads):
+            lo = c * FLOOR_CHUNK
+            hi = lo + FLOOR_CHUNK if lo + FLOOR_CHUNK < n else n
+            total += ssm_floor_read(s + lo, <size_t>(hi - lo))
+    return total

@@ -31,7 +31,8 @@ TINY = ["--shape", "2", "3", "8", "8", "--threads", "1", "--budget", "0.01", "--
 
 def _row(op, impl, threads, ms, other=None, nbytes=None):
     """A row whose times (ns) are ``ms`` (a list: median, min, max are known)."""
-    nbytes = nbytes or (2 * X_BYTES if op in ("copy", "softmax") else 2 * X_BYTES + L_BYTES)
+    nbytes = nbytes or (2 * X_BYTES if op in ("copy", "softmax") else X_BYTES if op == "read"
+                        else 2 * X_BYTES + L_BYTES)
     return Row(op, impl, threads, nbytes, [int(round(m * 1e6)) for m in ms], other)
 
 
@@ -115,6 +116,40 @@ def test_derive_without_copy_rows_and_on_the_gpu():
     assert t["vs_ssm"] == pytest.approx(2.5)
 
 
+def test_derive_floor_is_the_streaming_copy_where_timed(cpu_rows):
+    rows = cpu_rows + [_row("copy", "stream", 2, [0.4]), _row("read", "read", 2, [0.15])]
+    d = derive(rows)
+    s1, s2 = _pick(d, "fused", "ssm", 1), _pick(d, "fused", "ssm", 2)
+    assert s1["floor"] == "copy" and s1["floor_ms"] == pytest.approx(1.0 * 2.1 / 2.0)
+    assert s2["floor"] == "stream" and s2["floor_ms"] == pytest.approx(0.4 * 2.1 / 2.0)
+    assert s2["x_floor"] == pytest.approx(1.0 / 0.42)
+    assert _pick(d, "copy", "copy", 2)["x_floor"] == pytest.approx(0.5 / 0.4)  # copyto vs stream
+    r = _pick(d, "read", "read", 2)
+    assert r["floor"] == "read" and r["x_floor"] == pytest.approx(1.0)
+    (cols,) = [line for line in _summary(d) if line.startswith("Columns:")]
+    assert cols.startswith("Columns: floor = the streaming copy, else the copy at the same")
+    (cols,) = [line for line in _summary(derive(cpu_rows)) if line.startswith("Columns:")]
+    assert cols.startswith("Columns: floor = the copy at the same threads")
+
+
+def test_floor_kernels():
+    from ssm import _cpu
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 63, 64, 1000, (1 << 20) + 77, 3 << 20):
+        src = rng.integers(0, 256, n, dtype=np.uint8)
+        dst = np.zeros(n + 1, np.uint8)[1:]               # an unaligned destination
+        _cpu.floor_stream(dst, src, 2)
+        np.testing.assert_array_equal(dst, src)
+        words = n // 64 * 64  # whole lines as 64-bit words, per 1 MiB chunk; the rest by byte
+        want = int(np.frombuffer(src[:words].tobytes(), np.uint64).sum(dtype=np.uint64)) \
+            + int(src[words:].sum())
+        assert _cpu.floor_read(src, 2) == want % 2**64
+    with pytest.raises(ValueError, match="dst: expected a writeable array of src's size"):
+        _cpu.floor_stream(np.zeros(3, np.uint8), np.zeros(4, np.uint8), 1)
+    with pytest.raises(TypeError, match="src: expected a C-contiguous NumPy array"):
+        _cpu.floor_read(np.zeros((4, 4))[:, 1], 1)
+
+
 # ---------------------------------------------------------------- formatting
 
 
@@ -148,8 +183,8 @@ def test_format_tables_titles_models_and_order(cpu_rows):
     pb = types.SimpleNamespace(x_bytes=X_BYTES, label_bytes=L_BYTES)
     rows = list(reversed(cpu_rows))                                # the order must not matter
     lines = format_tables(derive(rows), pb)
-    assert lines[:3] == ["", "copy floor (np.copyto into a preallocated buffer): 2X = 2.0 MB",
-                         report.HEADER]
+    assert lines[:3] == ["", "copy floors into a preallocated buffer (copy: np.copyto; stream: "
+                             "non-temporal stores): 2X = 2.0 MB", report.HEADER]
     fused = lines.index("fused loss+grad (X, y -> loss, dX): 2X+L = 2.1 MB")
     body = [line.split()[:2] for line in lines[fused + 2:]]
     assert body == [["ssm", "1"], ["ssm", "2"], ["torch", "1"], ["torch", "2"], ["numpy", "1"]]
@@ -364,10 +399,10 @@ def test_cli_run_prints_the_tables(tiny_run):
     lines, _, _ = tiny_run
     assert lines[0].startswith("ssm.bench: 2x3x8x8 float32 logits, int64 labels (5% = -1)")
     assert "(small: data stays in cache)" in lines[0]
-    for title in ("copy floor (np.copyto", "softmax (X -> P)", "loss forward",
+    for title in ("copy floors into", "read floor", "softmax (X -> P)", "loss forward",
                   "loss backward", "fused loss+grad"):
         assert any(line.startswith(title) for line in lines), title
-    assert lines.count(report.HEADER) == 5
+    assert lines.count(report.HEADER) == 6
     assert any(line.startswith("Checked once: every loss agrees") for line in lines)
     assert lines[-1].startswith("Wall time ")
 
@@ -380,16 +415,17 @@ def test_cli_json_report(tiny_run):
     w = rep["workload"]
     assert w["shape"] == [2, 3, 8, 8] and w["dtype"] == "float32" and w["labels"] == "int64"
     assert w["op_bytes"]["fused"] == 2 * w["x_bytes"] + w["label_bytes"]
-    assert set(w["op_bytes"]) == {"copy", "softmax", "forward", "backward", "fused"}
+    assert set(w["op_bytes"]) == {"copy", "read", "softmax", "forward", "backward", "fused"}
     m = rep["method"]
     assert (m["budget_s"], m["min_reps"], m["threads"], m["max_reps"]) == (0.01, 1, [1], MAX_REPS)
     assert set(rep["foreign_load_cores"]) == {"before", "during"}
     impls = {(r["op"], r["impl"]) for r in rep["rows"]}
-    assert {("copy", "copy"), ("fused", "ssm"), ("softmax", "numpy")} <= impls
+    assert {("copy", "copy"), ("copy", "stream"), ("read", "read"), ("fused", "ssm"),
+            ("softmax", "numpy")} <= impls
     assert all(r["threads"] == 1 and r["reps"] >= 1 for r in rep["rows"])
     assert set(rep["rows"][0]) == {
         "op", "impl", "threads", "bytes", "reps", "median_ms", "min_ms", "max_ms", "iqr_ms",
-        "gbps", "other_cores", "spread", "times_ms", "floor_ms", "x_floor", "speedup",
+        "gbps", "other_cores", "spread", "times_ms", "floor", "floor_ms", "x_floor", "speedup",
         "efficiency", "vs_ssm", "flags"}
     assert rep["checks"] and all(c["ok"] for c in rep["checks"])
     assert {"cpu", "cores", "memory_bytes"} <= set(rep["machine"])
