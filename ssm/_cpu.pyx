@@ -333,21 +333,15 @@ def kernel_codes():
 
 # Problem's fields by position, from its own field list: _fill reads the tuple directly
 # (17 attribute lookups cost about a microsecond per call).
-cdef Py_ssize_t F_GEOM = Problem._fields.index("geom"), F_X = Problem._fields.index("x")
-cdef Py_ssize_t F_DPROB = Problem._fields.index("dprob")
-cdef Py_ssize_t F_TARGET = Problem._fields.index("target"), F_KIND = Problem._fields.index("kind")
-cdef Py_ssize_t F_WEIGHTS = Problem._fields.index("weights")
-cdef Py_ssize_t F_CLASS_WEIGHTS = Problem._fields.index("class_weights")
-cdef Py_ssize_t F_LENS = Problem._fields.index("lens")
-cdef Py_ssize_t F_SMOOTHING = Problem._fields.index("smoothing")
-cdef Py_ssize_t F_IGNORE_INDEX = Problem._fields.index("ignore_index")
-cdef Py_ssize_t F_OUT = Problem._fields.index("out")
-cdef Py_ssize_t F_LOSS_CAP = Problem._fields.index("loss_cap")
-cdef Py_ssize_t F_D_LOSS = Problem._fields.index("d_loss")
-cdef Py_ssize_t F_D_LOSS_MAP = Problem._fields.index("d_loss_map")
-cdef Py_ssize_t F_DIVISOR = Problem._fields.index("divisor")
-cdef Py_ssize_t F_PROB_OUT = Problem._fields.index("prob_out")
-cdef Py_ssize_t F_LOSS_MAP = Problem._fields.index("loss_map")
+cdef Py_ssize_t F_GEOM, F_X, F_DPROB, F_TARGET, F_KIND, F_WEIGHTS, F_CLASS_WEIGHTS, F_LENS
+cdef Py_ssize_t F_SMOOTHING, F_IGNORE_INDEX, F_OUT, F_LOSS_CAP, F_D_LOSS, F_D_LOSS_MAP
+cdef Py_ssize_t F_DIVISOR, F_PROB_OUT, F_LOSS_MAP
+(F_GEOM, F_X, F_DPROB, F_TARGET, F_KIND, F_WEIGHTS, F_CLASS_WEIGHTS, F_LENS, F_SMOOTHING,
+ F_IGNORE_INDEX, F_OUT, F_LOSS_CAP, F_D_LOSS, F_D_LOSS_MAP, F_DIVISOR, F_PROB_OUT,
+ F_LOSS_MAP) = [Problem._fields.index(name) for name in (
+    "geom", "x", "dprob", "target", "kind", "weights", "class_weights", "lens", "smoothing",
+    "ignore_index", "out", "loss_cap", "d_loss", "d_loss_map", "divisor", "prob_out",
+    "loss_map")]
 
 
 cdef int _fill(ssm_problem *P, object problem_obj) except -1:
