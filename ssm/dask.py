@@ -310,13 +310,13 @@ def _fused(c: _Call, op, return_prob=False):
         layer[(lname,)] = (functools.partial(_finish_loss, dtype=G.dtype), tkeys, dkey)
     deps = [x, c.target] + [a for a in (c.weights, c.dmap) if a is not None] + deps
     deps = list({id(d): d for d in deps}.values())
-    graph = HighLevelGraph.from_collections(pname, layer, dependencies=deps)
+    graph = _with_outputs(HighLevelGraph.from_collections(pname, layer, dependencies=deps),
+                          pname, (oname, prname, tname, lname))
     meta = _meta(x)
     out = da.Array(graph, oname, x.chunks, meta=meta)
     prob = da.Array(graph, prname, x.chunks, meta=meta) if return_prob else None
     if want_map:
-        loss = da.Array(graph, lname, G.pixel_chunks, meta=meta.reshape(meta.shape[:-1])
-                        if meta.ndim else meta)
+        loss = da.Array(graph, lname, G.pixel_chunks, meta=_meta0(meta, G.g.pixel_shape))
     elif op != Op.SSWL_BWD:
         loss = da.Array(graph, lname, (), meta=_meta0(meta))
     else:
@@ -324,9 +324,27 @@ def _fused(c: _Call, op, return_prob=False):
     return loss, out, prob
 
 
-def _meta0(meta):
+def _with_outputs(graph, pname, names):
+    """The graph with the keys of each output name moved out of layer ``pname`` into a
+    layer of that name (a Dask array's name must be a layer of its graph)."""
+    layers, deps = dict(graph.layers), dict(graph.dependencies)
+    tasks = dict(layers[pname])
+    for name in names:
+        mine = {k: v for k, v in tasks.items() if k[0] == name}
+        if mine:
+            for k in mine:
+                del tasks[k]
+            layers[name] = mine
+            deps[name] = {pname} | ({names[2]} if name == names[3] and
+                                    any(k[0] == names[2] for k in layers.get(names[2], {}))
+                                    else set())
+    layers[pname] = tasks
+    return HighLevelGraph(layers, deps)
+
+
+def _meta0(meta, shape=()):
     xp = V.array_module(meta) if V.is_device_array(meta) else np
-    return xp.empty((), meta.dtype)
+    return xp.empty((0,) * len(shape), meta.dtype)
 
 
 def _divisor_array(c: _Call):
@@ -429,6 +447,13 @@ def _sharded_target(c: _Call):
     return a, active, bad
 
 
+def _quotient(a, b):
+    """``a / b``, 0 when ``b`` is 0 (the single call's rule for its gradient scale and loss)."""
+    xp = V.array_module(b) if V.is_device_array(b) else np
+    b = xp.asarray(b, np.float64)
+    return xp.where(b != 0, xp.asarray(a, np.float64) / xp.where(b != 0, b, 1.0), 0.0)
+
+
 def _sharded(c: _Call, op, return_prob=False):
     """The class-sharded path: (loss, out, prob) as Dask arrays (see the module docstring)."""
     G = c.G
@@ -448,14 +473,15 @@ def _sharded(c: _Call, op, return_prob=False):
             loss = _after(lmap.astype(G.dtype), divisor)
         else:
             total = lmap.sum()
-            loss = da.where(divisor != 0, total / divisor, 0.0).astype(G.dtype)
+            loss = da.map_blocks(_quotient, total, divisor, dtype=np.float64,
+                                 meta=_meta0(_meta(x64))).astype(G.dtype)
     else:
         q = x64
     out = prob = None
     if op == Op.SSWL_FWD:
         out = _after(q.astype(G.dtype), divisor)
     else:
-        g = da.where(divisor != 0, c.d / divisor, 0.0)
+        g = da.map_blocks(_quotient, c.d, divisor, dtype=np.float64, meta=_meta0(_meta(x64)))
         if c.dmap is not None:
             g = g * _class_view(G, c.dmap.astype(np.float64))
         dx = g * (A * q - a)
@@ -533,7 +559,13 @@ def loss_normalizer(logits, target, weights=None, *, class_weights=None, ignore_
     opts = dict(ignore_index=ignore_index, class_weights=class_weights, lens=None,
                 label_smoothing=0.0, layout=layout)
     c = _Call(logits, "logits", target, weights, None, opts, "mean", validate, threads)
-    return _divisor_array(c)
+    norm = _divisor_array(c)
+    return norm.map_blocks(_as_float64, dtype=np.float64, meta=_meta(norm))
+
+
+def _as_float64(a):
+    xp = V.array_module(a) if V.is_device_array(a) else np
+    return xp.asarray(a, np.float64)
 
 
 def _softmax_like(x, layout, threads, fn, sharded):
