@@ -5,7 +5,8 @@
 The recipe (README.md, "Larger than one machine"): add the ranks' normalisers
 (ssm.loss_normalizer) and loss sums (reduction="sum") separately, and compute each rank's
 gradient with d_loss = 1 / global normaliser. --check: each rank compares its gradient
-with its slice of one call over the whole batch (bit for bit).
+with its slice of one call over the whole batch (bit for bit: the ranks' normalisers, counts of quarter weights here, add up exactly; with
+arbitrary float weights the float64 sum in another order may differ in its last bit).
 """
 import sys
 
@@ -22,7 +23,7 @@ def whole_batch(seed=0):
     x = rng.standard_normal((N, C, H, W)).astype(np.float32)
     y = rng.integers(0, C, (N, H, W))
     y[rng.random((N, H, W)) < 0.2] = -1
-    w = rng.random((N, H, W)).astype(np.float32)
+    w = (rng.integers(0, 5, (N, H, W)) / 4).astype(np.float32)   # pixel weights 0 to 1
     return x, y, w
 
 

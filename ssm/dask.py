@@ -14,15 +14,18 @@ Two paths, chosen by the chunks of the class axis:
   normalisers in chunk order into the global one, then runs every chunk's fused pass with
   that divisor, as the single call hands its own to the kernel, and adds the chunks'
   float64 loss sums in chunk order. A pixel's gradient depends only on that pixel and
-  ``d_loss / divisor``, so the gradient equals the single call's whenever the global
-  normaliser does (always for unweighted labels: a count; the two float64 sums differ
-  only in their order otherwise), bit for bit in float32; in float64 a pixel's ``exp`` may
-  take the kernel's scalar remainder path in one partition and the vector one in the
-  other (glibc's libm vs libmvec: at most a few ulps). The loss differs from the single
-  call's only by the rounding of the float64 sums (per-pixel values are identical): at
-  most ``(k - 1) * 2**-53 * sum_p |l_p|`` between two orders of ``k`` partial sums, before
-  the final rounding to the logits' dtype. For a given chunking every result is
-  bit-identical run to run (fixed graph, fixed orders, no atomics).
+  ``d_loss / divisor``, so the gradient is the single call's whenever the global
+  normaliser is (always for unweighted labels and for "sum", "batch" and "none": a count
+  or no normaliser; with float weights the two float64 sums differ only in their order,
+  a relative ``k * 2**-53`` at most for ``k`` partial sums), bit for bit in float32, and
+  so are the probabilities. The exceptions are the kernels' loop remainders: at a chunk's
+  edge a pixel may take the scalar path where the single call took the vector one, and
+  glibc's scalar ``exp``/``log`` (double) differ from libmvec's by an ulp or so: float64
+  gradients and probabilities, the float32 loss map and log-softmax are then within a few
+  ulps. The reduced loss differs from the single call's only by the order of the float64
+  sums (per-pixel values are those above): at most ``(k - 1) * 2**-53 * sum_p |l_p|``
+  apart before the one final rounding to the logits' dtype. For a given chunking every
+  result is bit-identical run to run (a fixed graph, sums in chunk order, no atomics).
 * **C split over several chunks** (vocabulary-sized class counts, Megatron-LM's
   vocabulary-parallel cross-entropy): an exact two-pass log-sum-exp. Pass one reduces
   every chunk to its per-pixel ``lse_j = m_j + log(sum exp(x - m_j))`` in float64 and
@@ -39,7 +42,6 @@ is computed: every output depends on the label check.
 from __future__ import annotations
 
 import functools
-import math
 import operator
 
 import numpy as np

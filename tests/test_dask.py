@@ -239,6 +239,7 @@ def test_bit_identical_run_to_run(client, rng):
 
 def test_threaded_scheduler_and_chunked_labels(rng):
     x, y, w, opts = _problem(rng, weights=True)
+    w = np.round(4 * w) / 4   # quarters: the normaliser is exact in any order
     xd = da.from_array(x, chunks=(2, 7, 4, 13))
     yd = da.from_array(y, chunks=(1, 3, 13))      # rechunked to the logits' pixel chunks
     wd = da.from_array(w, chunks=(3, 11, 5))
@@ -246,7 +247,6 @@ def test_threaded_scheduler_and_chunked_labels(rng):
     Ld, dxd = dask.compute(*sdask.spatial_softmax_with_loss_and_grad(xd, yd, wd, threads=1,
                                                                      **opts),
                            scheduler="threads")
-    assert dxd.chunks if hasattr(dxd, "chunks") else True
     np.testing.assert_array_equal(dxd, dx)
     _loss_check(Ld, L, np.float32, False)
     lazy = sdask.spatial_softmax_with_loss_and_grad(xd, yd, wd, **opts)[1]
@@ -316,6 +316,7 @@ def test_shard_recipe_gives_the_single_call_gradient(rng):
     """README's recipe: shards' normalisers added, each shard's gradient with reduction="sum"
     and d_loss = 1 / norm: the single call's gradient, bit for bit (float32)."""
     x, y, w, opts = _problem(rng, shape_nc=(4, 21), spatial=(16, 16), weights=True, cw=True)
+    w, opts["class_weights"] = np.round(4 * w) / 4, np.round(4 * opts["class_weights"]) / 4
     L, dx = ssm.spatial_softmax_with_loss_and_grad(x, y, w, **opts)
     shards = [slice(0, 1), slice(1, 4)]
     cw = opts["class_weights"]
