@@ -188,7 +188,10 @@ def _block_stats(y, w, *, C, cax, dtype, block, offset, shape, opts, validate, t
     count their weights only: a stand-in of their shape is passed."""
     xp = V.array_module(y if y is not None else w)
     full = block[:cax] + (C,) + block[cax:]
-    stand_in = xp.broadcast_to(xp.zeros((), dtype), full)
+    # the logits' shape and dtype, not their values (never read; the simulator has no
+    # broadcast_to: an allocation there)
+    stand_in = xp.broadcast_to(xp.zeros((), dtype), full) if hasattr(xp, "broadcast_to") \
+        else xp.empty(full, dtype)
     if y is None:
         y = xp.zeros(full, dtype)
     L, device = normalizer_call(stand_in, y, w, class_weights=opts["class_weights"],

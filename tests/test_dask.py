@@ -333,3 +333,41 @@ def test_import_ssm_does_not_import_dask(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          **child_process_kwargs(tmp_path))
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# ---- device chunks (the CUDA simulator runs the GPU backend; CuPy chunks take the same path)
+
+def _blocks(arr, cudasim, *extra):
+    """Compute ``extra`` and every block of ``arr`` (device chunks: Dask cannot concatenate
+    simulated arrays) and assemble the blocks on the host."""
+    blocks = arr.to_delayed()
+    got = dask.compute(*extra, *blocks.ravel(), scheduler="sync")
+    out = np.empty(arr.shape, arr.dtype)
+    offs = [np.cumsum((0,) + c) for c in arr.chunks]
+    for n, idx in enumerate(np.ndindex(blocks.shape)):
+        out[tuple(slice(o[i], o[i + 1]) for o, i in zip(offs, idx))] = \
+            cudasim.asnumpy(got[len(extra) + n])
+    return [cudasim.asnumpy(g) for g in got[:len(extra)]], out
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("case", [dict(), dict(weights=True, cw=True), dict(target="soft")],
+                         ids=["plain", "weights", "soft"])
+def test_device_chunks_on_the_simulator(rng, case):
+    from ssm.testing import cudasim
+    x, y, w, opts = _problem(rng, spatial=(8, 8), **case)
+    if w is not None:
+        w = np.round(4 * w) / 4
+    xc, yc = cudasim.asarray(x), cudasim.asarray(y)
+    wc = cudasim.asarray(w) if w is not None else None
+    L, dx = ssm.spatial_softmax_with_loss_and_grad(xc, yc, wc, **opts)
+    xd = da.from_array(xc, chunks=(2, 7, 3, 8), asarray=False)
+    Ld, dxd = sdask.spatial_softmax_with_loss_and_grad(xd, yc, wc, **opts)
+    (loss,), grad = _blocks(dxd, cudasim, Ld)
+    np.testing.assert_array_equal(grad, cudasim.asnumpy(dx))
+    np.testing.assert_allclose(loss, cudasim.asnumpy(L), rtol=2 * eps(np.float32))
+    if case.get("target") != "soft":
+        y[2, 7, 1] = 7
+        with pytest.raises(ValueError, match=re.escape("label 7 at index (2, 7, 1)")):
+            sdask.spatial_softmax_with_loss(xd, cudasim.asarray(y), **opts)[1].compute(
+                scheduler="sync")
