@@ -360,7 +360,12 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
 
 def bad_label_error(target: np.ndarray, flat_index: int, C: int, ignore_index: int) -> ValueError:
     index = tuple(int(i) for i in np.unravel_index(flat_index, target.shape))
-    value = int(target.reshape(-1)[flat_index])
+    return label_error(int(target.reshape(-1)[flat_index]), index, C, ignore_index)
+
+
+def label_error(value: int, index: tuple, C: int, ignore_index: int) -> ValueError:
+    """The bad-label error for a label and its index (ssm.dask: the index in the whole
+    array, from a chunk's)."""
     return ValueError(f"target: label {value} at index {index} is outside [0, {C}) and is not "
                       f"ignore_index ({ignore_index})")
 

@@ -71,7 +71,18 @@ def parse_args(argv=None):
                         "sizes (or --shape), quiet and beside one spinning process per core "
                         "(--budget seconds per size and phase; --json and --plot apply; "
                         "--threads does not)")
+    p.add_argument("--dask", action="store_true",
+                   help="instead: the fused pass through ssm.dask (chunks of one image; "
+                        "threaded scheduler and LocalClusters) against one call, on "
+                        "--dask-scale times the workload's batch, at the largest --threads "
+                        "count (default 2)")
+    p.add_argument("--dask-scale", type=int, default=4, metavar="K",
+                   help="--dask: K times the workload's batch (default 4)")
+    p.add_argument("--dask-chunk", type=int, default=1, metavar="K",
+                   help="--dask: K images per chunk (default 1)")
     args = p.parse_args(argv)
+    if args.dask and args.threads is None:
+        args.threads = [2]
     if args.shape is not None and args.workload is not None:
         p.error("give --workload or --shape, not both")
     if args.shape is not None and (len(args.shape) < 2 or min(args.shape) < 1):
@@ -155,6 +166,14 @@ def main(argv=None):
         return main_busy(ssm, args, argv)
     if args.training_step:
         return main_training(ssm, args, argv)
+    if args.dask:
+        from .dask_bench import run_dask
+        t0 = time.perf_counter()
+        name, shape = workload_of(args)
+        for line in run_dask(ssm, args, name, shape, max(args.threads)):
+            print(line)
+        print(f"Wall time {time.perf_counter() - t0:.1f} s.")
+        return 0
     t0 = time.perf_counter()
     name, shape = workload_of(args)
     runner = run_gpu if args.device == "cuda" else run_cpu
