@@ -320,7 +320,7 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
     P.target_kind, P.ignore_index = target_kind, ignore_index
     P.w, P.cw, P.lens = _ptr(w), _ptr(cw), _ptr(lens)
     P.smoothing, P.loss_cap = smoothing, loss_cap
-    P.g, P.g_scale = _ptr(g), (g_scale / g_norm if g_norm != 0 else 0.0)
+    P.d_loss_map, P.grad_scale = _ptr(g), (g_scale / g_norm if g_norm != 0 else 0.0)
     P.out, P.out2, P.loss_map = <void *>_ptr(out), <void *>_ptr(out2), <void *>_ptr(loss_map)
     P.stream = stream
     ntiles = ssm_num_tiles(&P)

@@ -125,8 +125,8 @@ typedef struct {
     const void *lens;           /* (C, C) row-stochastic lens or NULL */
     double smoothing;           /* label smoothing e */
     double loss_cap;            /* per-unit-weight pixel loss cap (Caffe2 clamp); INFINITY if none */
-    const void *g;              /* d_loss map (outer*inner) or NULL */
-    double g_scale;             /* gradient scale: d_loss / norm */
+    const void *d_loss_map;     /* per-pixel d_loss (outer*inner) or NULL */
+    double grad_scale;          /* gradient factor: d_loss / divisor */
     void *out;                  /* prob, log-prob or dlogits */
     void *out2;                 /* prob, from the fused function, or NULL */
     void *loss_map;             /* per-pixel loss (outer*inner) or NULL */

@@ -498,8 +498,8 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
     R keep = (R)(1.0 - P->smoothing), spread = (R)(P->smoothing / (double)C);
 
     {
-        const R *gm = (const R *)P->g;
-        R gs = want_g ? (R)P->g_scale : (R)0;
+        const R *gm = (const R *)P->d_loss_map;
+        R gs = want_g ? (R)P->grad_scale : (R)0;
         if (gm && want_g) {
             for (j = 0; j < n; j++) S->g[j] = gs * gm[pix + j];
         } else {
