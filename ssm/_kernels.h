@@ -25,7 +25,9 @@
  *    and writes the gradient once.
  * e) Targets are staged per tile into a sparse form (class index + weight per pixel,
  *    for plain labels) or a dense [C][tile] block a_c = w * cw_c * t_c (soft targets,
- *    lenses, smoothing). A label outside [0, C) is never used as an index.
+ *    lenses, smoothing). A label outside [0, C) is never used as an index. The loops
+ *    that read labels are instantiated per label type (uint8, int32, int64) as the
+ *    kernels are per float type, and picked once per tile by a switch on target_kind.
  * f) Threads live in the Cython caller (prange over tiles); these functions are
  *    pure, nogil, allocation-free, and get their per-thread scratch passed in.
  * g) Precision: elementwise math runs in the storage type R. Per-pixel class sums (sum
@@ -161,14 +163,15 @@ SSM_INLINE void ssm_tile_geom(const ssm_problem *P, ptrdiff_t t, ptrdiff_t *base
     }
 }
 
-/* Run the body (the variadic argument) with `lab_` pointing at the labels of pixel `pix` in their storage type;
-   BODY's loops then vectorise for each type instead of switching per pixel. */
-#define SSM_WITH_LABELS(P, pix, ...)                                            \
-    switch ((P)->target_kind) {                                                  \
-    case SSM_U8: { const uint8_t *lab_ = (const uint8_t *)(P)->target + (pix); __VA_ARGS__ } break; \
-    case SSM_I32: { const int32_t *lab_ = (const int32_t *)(P)->target + (pix); __VA_ARGS__ } break; \
-    default: { const int64_t *lab_ = (const int64_t *)(P)->target + (pix); __VA_ARGS__ } break;     \
-    }
+/* A branch the callers never take (the target kind of a label function, say: the
+   kinds come from ssm/_validation.py). UBSan reports it if it is ever reached. */
+#if defined(__GNUC__) || defined(__clang__)
+#define SSM_UNREACHABLE() __builtin_unreachable()
+#elif defined(_MSC_VER)
+#define SSM_UNREACHABLE() __assume(0)
+#else
+#define SSM_UNREACHABLE() ((void)0)
+#endif
 
 static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 
@@ -366,7 +369,8 @@ static inline int ssm_cpu_has_avx(void)
 }
 #endif
 
-/* The per-dtype kernels: one template, instantiated for float and double. */
+/* The per-dtype kernels: one template, instantiated for float and double (each
+   instantiates the label loops of _labels_impl.h for the three label types). */
 #define R float
 #define SSM_SFX(name) name##_f
 #define SSM_EXP ssm_expf_nonpos

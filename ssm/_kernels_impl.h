@@ -1,6 +1,7 @@
 /*
  * ssm/_kernels_impl.h -- the per-dtype body of _kernels.h, included once per R
- * (float, double) with SSM_SFX, SSM_EXP and SSM_LOG defined. Not a standalone header.
+ * (float, double) with SSM_SFX, SSM_EXP and SSM_LOG defined; it includes
+ * _labels_impl.h once per label type. Not a standalone header.
  *
  * Core functions work on one tile of n pixels held channel-major: element (c, j) of
  * a block is at ptr[c * stride + j]. Pixels (j) are innermost so every loop over j
@@ -425,61 +426,65 @@ SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t 
     return 0.0;
 }
 
+/* ---- the label types -------------------------------------------------------------
+ * The loops that read integer labels, instantiated per label type (_labels_impl.h) as
+ * this file is per R; the callers pick one per tile with a switch on target_kind. */
+#define SSM_LABEL uint8_t
+#define SSM_LSFX(name) SSM_SFX(name##_u8)
+#include "_labels_impl.h"
+#undef SSM_LABEL
+#undef SSM_LSFX
+
+#define SSM_LABEL int32_t
+#define SSM_LSFX(name) SSM_SFX(name##_i32)
+#include "_labels_impl.h"
+#undef SSM_LABEL
+#undef SSM_LSFX
+
+#define SSM_LABEL int64_t
+#define SSM_LSFX(name) SSM_SFX(name##_i64)
+#include "_labels_impl.h"
+#undef SSM_LABEL
+#undef SSM_LSFX
+
 /* ---- sswl_stats: the label pre-pass of the loss functions ----------------------
  * The tile's share of the "mean" normaliser (sum of n_p, in double) and the lowest
  * flat index of a label that is neither in [0, C) nor ignore_index (-1 if none).
- * Reads labels and weights only; the first loop vectorises, and the scan for a bad
- * label runs only in a tile that has one. */
+ * Reads labels and weights only. */
 SSM_CLONES void SSM_SFX(ssm_sswl_stats)(const ssm_problem *P, ptrdiff_t t, double *norm,
                                         ptrdiff_t *bad)
 {
-    ptrdiff_t base, pix, n, j;
+    ptrdiff_t base, pix, n, j, first = -1;
     double acc = 0.0;
-    int any_bad = 0;
-    const R *w = (const R *)P->w, *cw = (const R *)P->cw;
+    const R *w = (const R *)P->w, *cw = (const R *)P->cw, *wt;
     const long long ign = P->ignore_index, C = P->C;
     ssm_tile_geom(P, t, &base, &pix, &n);
-    *bad = -1;
-    if (P->target_kind == SSM_SOFT) {
-        if (w == NULL)
+    wt = w ? w + pix : NULL;  /* the tile's weights */
+    switch (P->target_kind) {
+    case SSM_SOFT:
+        if (!wt)
             acc = (double)n;
         else
             for (j = 0; j < n; j++)
-                acc += (double)w[pix + j];
-        *norm = acc;
-        return;
+                acc += (double)wt[j];
+        break;
+    case SSM_U8:
+        acc = SSM_SFX(ssm_label_norm_u8)((const uint8_t *)P->target + pix, n, C, ign, wt, cw,
+                                         &first);
+        break;
+    case SSM_I32:
+        acc = SSM_SFX(ssm_label_norm_i32)((const int32_t *)P->target + pix, n, C, ign, wt, cw,
+                                          &first);
+        break;
+    case SSM_I64:
+        acc = SSM_SFX(ssm_label_norm_i64)((const int64_t *)P->target + pix, n, C, ign, wt, cw,
+                                          &first);
+        break;
+    default:
+        SSM_UNREACHABLE();
     }
-    SSM_WITH_LABELS(P, pix,
-        if (!w && !cw) {  /* unweighted: a count of the valid labels */
-            ptrdiff_t count = 0;
-            _Pragma("omp simd reduction(+:count) reduction(|:any_bad)")
-            for (j = 0; j < n; j++) {
-                long long y = (long long)lab_[j];
-                int in = y >= 0 && y < C;
-                count += in && y != ign;
-                any_bad |= !in && y != ign;
-            }
-            acc = (double)count;
-        } else {
-            _Pragma("omp simd reduction(+:acc) reduction(|:any_bad)")
-            for (j = 0; j < n; j++) {
-                long long y = (long long)lab_[j];
-                int ok = y >= 0 && y < C && y != ign;
-                double np_ = (w ? (double)w[pix + j] : 1.0) * (cw ? (double)cw[ok ? y : 0] : 1.0);
-                acc += ok ? np_ : 0.0;
-                any_bad |= !ok && y != ign;
-            }
-        }
-        if (any_bad) {
-            for (j = 0; j < n; j++) {
-                long long y = (long long)lab_[j];
-                if (y != ign && (y < 0 || y >= C)) {
-                    *bad = pix + j;
-                    break;
-                }
-            }
-        })
     *norm = acc;
+    *bad = first < 0 ? -1 : pix + first;
 }
 
 /* ---- target staging ------------------------------------------------------------ */
@@ -535,17 +540,22 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
         R *restrict a = S->a;
         const R *restrict wv = S->wv;
         const long long ign = P->ignore_index;
-        SSM_WITH_LABELS(P, pix,
-            _Pragma("omp simd")
-            for (j = 0; j < n; j++) {
-                long long y = (long long)lab_[j];
-                int ok = y >= 0 && y < C;
-                /* dense: a is the pixel's activity; a zero-weight pixel is inactive, so its
-                   loss and gradient are exactly 0 even where its logits are not finite */
-                R aj = dense ? (wv[j] != 0 ? (R)1 : (R)0) : wv[j] * (cw ? cw[ok ? y : 0] : (R)1);
-                cls[j] = ok && y != ign ? (int32_t)y : -1;
-                a[j] = y == ign ? (R)0 : ok ? aj : (R)NAN;
-            })
+        switch (P->target_kind) {
+        case SSM_U8:
+            SSM_SFX(ssm_stage_labels_u8)((const uint8_t *)P->target + pix, n, C, ign, dense,
+                                         wv, cw, cls, a);
+            break;
+        case SSM_I32:
+            SSM_SFX(ssm_stage_labels_i32)((const int32_t *)P->target + pix, n, C, ign, dense,
+                                          wv, cw, cls, a);
+            break;
+        case SSM_I64:
+            SSM_SFX(ssm_stage_labels_i64)((const int64_t *)P->target + pix, n, C, ign, dense,
+                                          wv, cw, cls, a);
+            break;
+        default:
+            SSM_UNREACHABLE();
+        }
     }
     if (!dense)
         return 0;
