@@ -179,17 +179,20 @@ static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)
    (see ssm_sum_block_end in _kernels_impl.h). Even: the row sweeps take rows in pairs. */
 #define SSM_SUM_BLOCK 32
 
-/* Per-tile scratch, in bytes, for elements of `rsize` bytes. Layout (see
-   ssm_scratch_carve): 7 per-pixel arrays of R, one of int32, one of double,
-   4 [C][tile] blocks (rows in, rows out, rows out2, dense target) and, for
-   C > SSM_SUM_BLOCK, 2 per-pixel arrays of double, each starting on a 64-byte
-   boundary, plus 64 for aligning the start of an unaligned buffer. */
+/* Per-tile scratch (the arrays of ssm_scratch in _kernels_impl.h, carved in this
+   order by ssm_scratch_carve; the counts must match it), in bytes, for elements of
+   `rsize` bytes: per-pixel arrays, [C][tile] blocks and, for C > SSM_SUM_BLOCK, the
+   two double accumulators of a class sum, each starting on a 64-byte boundary, plus
+   64 for aligning the start of an unaligned buffer. */
+#define SSM_SCRATCH_PIXEL_R 12      /* per-pixel arrays of R */
+#define SSM_SCRATCH_PIXEL_DOUBLE 2  /* per-pixel arrays of double */
+#define SSM_SCRATCH_BLOCKS 5        /* [C][tile] blocks of R */
 static inline size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
 {
     size_t T = (size_t)P->tile, CT = (size_t)P->C * T;
-    size_t nd = P->C > SSM_SUM_BLOCK ? 3 : 1;
-    return 64 + 7 * ssm_round64(T * rsize) + ssm_round64(T * sizeof(int32_t))
-         + nd * ssm_round64(T * sizeof(double)) + 4 * ssm_round64(CT * rsize);
+    size_t nd = SSM_SCRATCH_PIXEL_DOUBLE + (P->C > SSM_SUM_BLOCK ? 2 : 0);
+    return 64 + SSM_SCRATCH_PIXEL_R * ssm_round64(T * rsize) + ssm_round64(T * sizeof(int32_t))
+         + nd * ssm_round64(T * sizeof(double)) + SSM_SCRATCH_BLOCKS * ssm_round64(CT * rsize);
 }
 
 /* ---- rows <-> channel-major blocks, for rows (NHWC, (N, C)) ---------------------
