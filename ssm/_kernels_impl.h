@@ -724,21 +724,23 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
                                          ptrdiff_t C, ptrdiff_t n, ptrdiff_t T, int want_grad)
 {
     ptrdiff_t j;
-    const R *restrict a = S->act, *restrict m = S->xmax, *restrict ls = S->log_sum;
-    const R *restrict s = S->sumexp, *restrict g = S->gscale, *restrict Asum = S->asum;
-    const double *restrict ax = S->ax;
-    R *restrict r = S->inv_sum, *restrict f = S->gfactor;
-    double *restrict lp = S->loss;
     SSM_SFX(ssm_dense_sums)(S->A, T, x, sx, C, n, S->asum, S->ax, S->hi, S->lo);
+    {  /* restrict from here: asum and ax are written above through other pointers */
+        const R *restrict a = S->act, *restrict m = S->xmax, *restrict ls = S->log_sum;
+        const R *restrict s = S->sumexp, *restrict g = S->gscale, *restrict Asum = S->asum;
+        const double *restrict ax = S->ax;
+        R *restrict r = S->inv_sum, *restrict f = S->gfactor;
+        double *restrict lp = S->loss;
 #pragma omp simd
-    for (j = 0; j < n; j++) {
-        double l = (double)Asum[j] * ((double)m[j] + (double)ls[j]) - ax[j];
-        lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * l;
-    }
+        for (j = 0; j < n; j++) {
+            double l = (double)Asum[j] * ((double)m[j] + (double)ls[j]) - ax[j];
+            lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * l;
+        }
 #pragma omp simd
-    for (j = 0; j < n; j++) {
-        r[j] = (R)1 / s[j];
-        f[j] = want_grad && a[j] != 0 ? g[j] * a[j] * Asum[j] * r[j] : (R)0;
+        for (j = 0; j < n; j++) {
+            r[j] = (R)1 / s[j];
+            f[j] = want_grad && a[j] != 0 ? g[j] * a[j] * Asum[j] * r[j] : (R)0;
+        }
     }
 }
 
