@@ -20,8 +20,8 @@ cdef extern from "_kernels.h" nogil:
         const void *lens
         double smoothing
         double loss_cap
-        const void *g
-        double g_scale
+        const void *d_loss_map
+        double grad_scale
         void *out
         void *out2
         void *loss_map

@@ -360,7 +360,8 @@ cdef int _fill(ssm_problem *P, object problem_obj) except -1:
     P.w, P.cw = _ptr(problem[F_WEIGHTS]), _ptr(problem[F_CLASS_WEIGHTS])
     P.lens = _ptr(problem[F_LENS])
     P.smoothing, P.loss_cap = problem[F_SMOOTHING], problem[F_LOSS_CAP]
-    P.g, P.g_scale = _ptr(problem[F_D_LOSS_MAP]), (d_loss / divisor if divisor != 0 else 0.0)
+    P.d_loss_map = _ptr(problem[F_D_LOSS_MAP])
+    P.grad_scale = d_loss / divisor if divisor != 0 else 0.0
     P.out, P.out2 = <void *>_ptr(problem[F_OUT]), <void *>_ptr(problem[F_PROB_OUT])
     P.loss_map = <void *>_ptr(problem[F_LOSS_MAP])
     P.stream = x.nbytes >= STREAM_BYTES
@@ -414,7 +415,7 @@ def stats(problem, threads):
     cdef Py_ssize_t[::1] bads
     _fill(&P, problem)
     dbl = KERNEL_DOUBLE[problem.x.dtype]
-    P.x = P.x2 = P.lens = P.g = NULL  # the pre-pass reads labels and weights only
+    P.x = P.x2 = P.lens = P.d_loss_map = NULL  # the pre-pass reads labels and weights only
     P.out = P.out2 = P.loss_map = NULL
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:

@@ -25,7 +25,9 @@
  *    and writes the gradient once.
  * e) Targets are staged per tile into a sparse form (class index + weight per pixel,
  *    for plain labels) or a dense [C][tile] block a_c = w * cw_c * t_c (soft targets,
- *    lenses, smoothing). A label outside [0, C) is never used as an index.
+ *    lenses, smoothing). A label outside [0, C) is never used as an index. The loops
+ *    that read labels are instantiated per label type (uint8, int32, int64) as the
+ *    kernels are per float type, and picked once per tile by a switch on target_kind.
  * f) Threads live in the Cython caller (prange over tiles); these functions are
  *    pure, nogil, allocation-free, and get their per-thread scratch passed in.
  * g) Precision: elementwise math runs in the storage type R. Per-pixel class sums (sum
@@ -125,8 +127,8 @@ typedef struct {
     const void *lens;           /* (C, C) row-stochastic lens or NULL */
     double smoothing;           /* label smoothing e */
     double loss_cap;            /* per-unit-weight pixel loss cap (Caffe2 clamp); INFINITY if none */
-    const void *g;              /* d_loss map (outer*inner) or NULL */
-    double g_scale;             /* gradient scale: d_loss / norm */
+    const void *d_loss_map;     /* per-pixel d_loss (outer*inner) or NULL */
+    double grad_scale;          /* gradient factor: d_loss / divisor */
     void *out;                  /* prob, log-prob or dlogits */
     void *out2;                 /* prob, from the fused function, or NULL */
     void *loss_map;             /* per-pixel loss (outer*inner) or NULL */
@@ -161,14 +163,15 @@ SSM_INLINE void ssm_tile_geom(const ssm_problem *P, ptrdiff_t t, ptrdiff_t *base
     }
 }
 
-/* Run the body (the variadic argument) with `lab_` pointing at the labels of pixel `pix` in their storage type;
-   BODY's loops then vectorise for each type instead of switching per pixel. */
-#define SSM_WITH_LABELS(P, pix, ...)                                            \
-    switch ((P)->target_kind) {                                                  \
-    case SSM_U8: { const uint8_t *lab_ = (const uint8_t *)(P)->target + (pix); __VA_ARGS__ } break; \
-    case SSM_I32: { const int32_t *lab_ = (const int32_t *)(P)->target + (pix); __VA_ARGS__ } break; \
-    default: { const int64_t *lab_ = (const int64_t *)(P)->target + (pix); __VA_ARGS__ } break;     \
-    }
+/* A branch the callers never take (the target kind of a label function, say: the
+   kinds come from ssm/_validation.py). UBSan reports it if it is ever reached. */
+#if defined(__GNUC__) || defined(__clang__)
+#define SSM_UNREACHABLE() __builtin_unreachable()
+#elif defined(_MSC_VER)
+#define SSM_UNREACHABLE() __assume(0)
+#else
+#define SSM_UNREACHABLE() ((void)0)
+#endif
 
 static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 
@@ -176,17 +179,20 @@ static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)
    (see ssm_sum_block_end in _kernels_impl.h). Even: the row sweeps take rows in pairs. */
 #define SSM_SUM_BLOCK 32
 
-/* Per-tile scratch, in bytes, for elements of `rsize` bytes. Layout (see
-   ssm_scratch_carve): 7 per-pixel arrays of R, one of int32, one of double,
-   4 [C][tile] blocks (rows in, rows out, rows out2, dense target) and, for
-   C > SSM_SUM_BLOCK, 2 per-pixel arrays of double, each starting on a 64-byte
-   boundary, plus 64 for aligning the start of an unaligned buffer. */
+/* Per-tile scratch (the arrays of ssm_scratch in _kernels_impl.h, carved in this
+   order by ssm_scratch_carve; the counts must match it), in bytes, for elements of
+   `rsize` bytes: per-pixel arrays, [C][tile] blocks and, for C > SSM_SUM_BLOCK, the
+   two double accumulators of a class sum, each starting on a 64-byte boundary, plus
+   64 for aligning the start of an unaligned buffer. */
+#define SSM_SCRATCH_PIXEL_R 12      /* per-pixel arrays of R */
+#define SSM_SCRATCH_PIXEL_DOUBLE 2  /* per-pixel arrays of double */
+#define SSM_SCRATCH_BLOCKS 5        /* [C][tile] blocks of R */
 static inline size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
 {
     size_t T = (size_t)P->tile, CT = (size_t)P->C * T;
-    size_t nd = P->C > SSM_SUM_BLOCK ? 3 : 1;
-    return 64 + 7 * ssm_round64(T * rsize) + ssm_round64(T * sizeof(int32_t))
-         + nd * ssm_round64(T * sizeof(double)) + 4 * ssm_round64(CT * rsize);
+    size_t nd = SSM_SCRATCH_PIXEL_DOUBLE + (P->C > SSM_SUM_BLOCK ? 2 : 0);
+    return 64 + SSM_SCRATCH_PIXEL_R * ssm_round64(T * rsize) + ssm_round64(T * sizeof(int32_t))
+         + nd * ssm_round64(T * sizeof(double)) + SSM_SCRATCH_BLOCKS * ssm_round64(CT * rsize);
 }
 
 /* ---- rows <-> channel-major blocks, for rows (NHWC, (N, C)) ---------------------
@@ -366,7 +372,8 @@ static inline int ssm_cpu_has_avx(void)
 }
 #endif
 
-/* The per-dtype kernels: one template, instantiated for float and double. */
+/* The per-dtype kernels: one template, instantiated for float and double (each
+   instantiates the label loops of _labels_impl.h for the three label types). */
 #define R float
 #define SSM_SFX(name) name##_f
 #define SSM_EXP ssm_expf_nonpos

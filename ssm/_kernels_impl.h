@@ -1,6 +1,7 @@
 /*
  * ssm/_kernels_impl.h -- the per-dtype body of _kernels.h, included once per R
- * (float, double) with SSM_SFX, SSM_EXP and SSM_LOG defined. Not a standalone header.
+ * (float, double) with SSM_SFX, SSM_EXP and SSM_LOG defined; it includes
+ * _labels_impl.h once per label type. Not a standalone header.
  *
  * Core functions work on one tile of n pixels held channel-major: element (c, j) of
  * a block is at ptr[c * stride + j]. Pixels (j) are innermost so every loop over j
@@ -8,13 +9,31 @@
  * sweeps, so DRAM sees each input once and each output once.
  */
 
+/* One thread's scratch for one tile: every array has one meaning. Per pixel j < n: */
 typedef struct {
-    R *m, *s, *a, *g, *wv;  /* per pixel: max, sum (then 1/sum), weight/activity, grad scale, w */
-    R *ls, *xy;             /* per pixel: log of the sum, logit of the label */
-    int32_t *cls;           /* per pixel: class index, or -1 */
-    double *lp;             /* per pixel: loss */
-    double *hi, *lo;        /* per pixel: wide accumulator of a class sum (ssm_sum_block_end) */
-    R *X, *O, *O2, *A;      /* [C][tile] blocks: rows in, rows out, rows out2, dense target */
+    R *xmax;        /* max_c x[c, j] */
+    R *sumexp;      /* sum_c exp(x[c, j] - xmax[j]) */
+    R *inv_sum;     /* 1 / sumexp */
+    R *log_sum;     /* log(sumexp) */
+    R *xlabel;      /* x[cls[j], j], the logit of the label (0 without one) */
+    R *weight;      /* per-pixel weight w (1 without weights) */
+    R *act;         /* labels: w * cw[y]; dense targets: activity 1 or 0 (zero weight);
+                       0 where ignored, NaN where the label is out of range */
+    R *gscale;      /* gradient scale: grad_scale * d_loss_map (0 for a loss only) */
+    R *glabel;      /* labels: gscale * act, subtracted from the gradient at the label */
+    R *gfactor;     /* gradient factor f of dx_c = f e_c - ... (see ssm_grad_row) */
+    R *asum;        /* dense targets: sum_c A[c, j] */
+    R *dot;         /* softmax_bwd: sum_c p dp */
+    int32_t *cls;   /* class index, or -1 (ignored, out of range, dense targets) */
+    double *loss;   /* pixel loss */
+    double *ax;     /* dense targets: sum_c A[c, j] x[c, j] */
+    double *hi, *lo;  /* wide accumulator of a class sum (ssm_sum_block_end), C > 32 only */
+    /* [C][tile] blocks */
+    R *X;           /* rows tiles: the input (logits or prob), transposed */
+    R *X2;          /* rows tiles: the second input (dprob or soft targets), transposed */
+    R *O;           /* the output, where computed in scratch: rows, or streamed strided */
+    R *O2;          /* the second output (prob of the fused loss+gradient), as O */
+    R *A;           /* dense targets A[c, j] = w cw_c t_c */
 } SSM_SFX(ssm_scratch);
 
 SSM_INLINE char *SSM_SFX(ssm_align)(char *p)
@@ -22,29 +41,41 @@ SSM_INLINE char *SSM_SFX(ssm_align)(char *p)
     return (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
 }
 
+/* Cut `buf` (ssm_scratch_bytes long) into the arrays of S; the counts of each kind
+   must match ssm_scratch_bytes. */
 SSM_INLINE SSM_SFX(ssm_scratch) SSM_SFX(ssm_scratch_carve)(const ssm_problem *P, void *buf)
 {
     SSM_SFX(ssm_scratch) S;
     size_t T = (size_t)P->tile, CT = (size_t)P->C * T;
     char *p = SSM_SFX(ssm_align)((char *)buf);
-    S.m = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
-    S.s = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
-    S.a = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
-    S.g = (R *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(R));
-    S.wv = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
-    S.ls = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
-    S.xy = (R *)p;  p = SSM_SFX(ssm_align)(p + T * sizeof(R));
-    S.cls = (int32_t *)p; p = SSM_SFX(ssm_align)(p + T * sizeof(int32_t));
-    S.lp = (double *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(double));
-    S.X = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
-    S.O = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
-    S.O2 = (R *)p;  p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
-    S.A = (R *)p;   p = SSM_SFX(ssm_align)(p + CT * sizeof(R));
+#define SSM_TAKE(field, type, count) \
+    (S.field = (type *)p, p = SSM_SFX(ssm_align)(p + (count) * sizeof(type)))
+    SSM_TAKE(xmax, R, T);     /* SSM_SCRATCH_PIXEL_R = 12 arrays of R */
+    SSM_TAKE(sumexp, R, T);
+    SSM_TAKE(inv_sum, R, T);
+    SSM_TAKE(log_sum, R, T);
+    SSM_TAKE(xlabel, R, T);
+    SSM_TAKE(weight, R, T);
+    SSM_TAKE(act, R, T);
+    SSM_TAKE(gscale, R, T);
+    SSM_TAKE(glabel, R, T);
+    SSM_TAKE(gfactor, R, T);
+    SSM_TAKE(asum, R, T);
+    SSM_TAKE(dot, R, T);
+    SSM_TAKE(cls, int32_t, T);
+    SSM_TAKE(loss, double, T);  /* SSM_SCRATCH_PIXEL_DOUBLE = 2 arrays of double */
+    SSM_TAKE(ax, double, T);
+    SSM_TAKE(X, R, CT);         /* SSM_SCRATCH_BLOCKS = 5 blocks */
+    SSM_TAKE(X2, R, CT);
+    SSM_TAKE(O, R, CT);
+    SSM_TAKE(O2, R, CT);
+    SSM_TAKE(A, R, CT);
     S.hi = S.lo = NULL;  /* only sums over more than one block use them */
     if (P->C > SSM_SUM_BLOCK) {
-        S.hi = (double *)p;   p = SSM_SFX(ssm_align)(p + T * sizeof(double));
-        S.lo = (double *)p;
+        SSM_TAKE(hi, double, T);
+        SSM_TAKE(lo, double, T);
     }
+#undef SSM_TAKE
     return S;
 }
 
@@ -353,29 +384,29 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
     x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
     y = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &sy);
     if (!logspace) {
-        SSM_SFX(ssm_max_sumexp)(x, sx, y, sy, C, n, S.m, S.s, S.hi, S.lo, NULL, NULL,
+        SSM_SFX(ssm_max_sumexp)(x, sx, y, sy, C, n, S.xmax, S.sumexp, S.hi, S.lo, NULL, NULL,
                                 P->inner > 1);
 #pragma omp simd
         for (j = 0; j < n; j++)
-            S.s[j] = (R)1 / S.s[j];
+            S.inv_sum[j] = (R)1 / S.sumexp[j];
         for (c = 0; c < C; c++) {
             R *restrict yc = y + c * sy;
-            const R *restrict r = S.s;
+            const R *restrict r = S.inv_sum;
 #pragma omp simd
             for (j = 0; j < n; j++)
                 yc[j] *= r[j];
             SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, yc);
         }
     } else {
-        SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.m, S.s, S.hi, S.lo, NULL, NULL,
+        SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.xmax, S.sumexp, S.hi, S.lo, NULL, NULL,
                                 P->inner > 1);
 #pragma omp simd
         for (j = 0; j < n; j++)
-            S.s[j] = SSM_LOG(S.s[j]);
+            S.log_sum[j] = SSM_LOG(S.sumexp[j]);
         for (c = 0; c < C; c++) {
             const R *restrict xc = x + c * sx;
             R *restrict yc = y + c * sy;
-            const R *restrict m = S.m, *restrict ls = S.s;
+            const R *restrict m = S.xmax, *restrict ls = S.log_sum;
 #pragma omp simd
             for (j = 0; j < n; j++)
                 yc[j] = (xc[j] - m[j]) - ls[j];  /* x - m first: exact near the max */
@@ -393,10 +424,10 @@ SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t 
     SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
     ptrdiff_t base, pix, n, sp, sd, so, c, c0, c1, j, C = P->C;
     const R *p, *dp;
-    R *dx, *dot = S.s;
+    R *dx, *dot = S.dot;
     ssm_tile_geom(P, t, &base, &pix, &n);
     p = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sp);
-    dp = SSM_SFX(ssm_load)(P, (const R *)P->x2, base, n, S.O2, &sd);
+    dp = SSM_SFX(ssm_load)(P, (const R *)P->x2, base, n, S.X2, &sd);
     dx = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
     for (c0 = 0; c0 < C; c0 = c1) {  /* dot = sum_c p dp, in blocks: see ssm_sum_block_end */
         c1 = SSM_SFX(ssm_block_stop)(c0, C);
@@ -425,148 +456,159 @@ SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t 
     return 0.0;
 }
 
+/* ---- the label types -------------------------------------------------------------
+ * The loops that read integer labels, instantiated per label type (_labels_impl.h) as
+ * this file is per R; the callers pick one per tile with a switch on target_kind. */
+#define SSM_LABEL uint8_t
+#define SSM_LSFX(name) SSM_SFX(name##_u8)
+#include "_labels_impl.h"
+#undef SSM_LABEL
+#undef SSM_LSFX
+
+#define SSM_LABEL int32_t
+#define SSM_LSFX(name) SSM_SFX(name##_i32)
+#include "_labels_impl.h"
+#undef SSM_LABEL
+#undef SSM_LSFX
+
+#define SSM_LABEL int64_t
+#define SSM_LSFX(name) SSM_SFX(name##_i64)
+#include "_labels_impl.h"
+#undef SSM_LABEL
+#undef SSM_LSFX
+
 /* ---- sswl_stats: the label pre-pass of the loss functions ----------------------
  * The tile's share of the "mean" normaliser (sum of n_p, in double) and the lowest
  * flat index of a label that is neither in [0, C) nor ignore_index (-1 if none).
- * Reads labels and weights only; the first loop vectorises, and the scan for a bad
- * label runs only in a tile that has one. */
+ * Reads labels and weights only. */
 SSM_CLONES void SSM_SFX(ssm_sswl_stats)(const ssm_problem *P, ptrdiff_t t, double *norm,
                                         ptrdiff_t *bad)
 {
-    ptrdiff_t base, pix, n, j;
+    ptrdiff_t base, pix, n, j, first = -1;
     double acc = 0.0;
-    int any_bad = 0;
-    const R *w = (const R *)P->w, *cw = (const R *)P->cw;
+    const R *w = (const R *)P->w, *cw = (const R *)P->cw, *wt;
     const long long ign = P->ignore_index, C = P->C;
     ssm_tile_geom(P, t, &base, &pix, &n);
-    *bad = -1;
-    if (P->target_kind == SSM_SOFT) {
-        if (w == NULL)
+    wt = w ? w + pix : NULL;  /* the tile's weights */
+    switch (P->target_kind) {
+    case SSM_SOFT:
+        if (!wt)
             acc = (double)n;
         else
             for (j = 0; j < n; j++)
-                acc += (double)w[pix + j];
-        *norm = acc;
-        return;
+                acc += (double)wt[j];
+        break;
+    case SSM_U8:
+        acc = SSM_SFX(ssm_label_norm_u8)((const uint8_t *)P->target + pix, n, C, ign, wt, cw,
+                                         &first);
+        break;
+    case SSM_I32:
+        acc = SSM_SFX(ssm_label_norm_i32)((const int32_t *)P->target + pix, n, C, ign, wt, cw,
+                                          &first);
+        break;
+    case SSM_I64:
+        acc = SSM_SFX(ssm_label_norm_i64)((const int64_t *)P->target + pix, n, C, ign, wt, cw,
+                                          &first);
+        break;
+    default:
+        SSM_UNREACHABLE();
     }
-    SSM_WITH_LABELS(P, pix,
-        if (!w && !cw) {  /* unweighted: a count of the valid labels */
-            ptrdiff_t count = 0;
-            _Pragma("omp simd reduction(+:count) reduction(|:any_bad)")
-            for (j = 0; j < n; j++) {
-                long long y = (long long)lab_[j];
-                int in = y >= 0 && y < C;
-                count += in && y != ign;
-                any_bad |= !in && y != ign;
-            }
-            acc = (double)count;
-        } else {
-            _Pragma("omp simd reduction(+:acc) reduction(|:any_bad)")
-            for (j = 0; j < n; j++) {
-                long long y = (long long)lab_[j];
-                int ok = y >= 0 && y < C && y != ign;
-                double np_ = (w ? (double)w[pix + j] : 1.0) * (cw ? (double)cw[ok ? y : 0] : 1.0);
-                acc += ok ? np_ : 0.0;
-                any_bad |= !ok && y != ign;
-            }
-        }
-        if (any_bad) {
-            for (j = 0; j < n; j++) {
-                long long y = (long long)lab_[j];
-                if (y != ign && (y < 0 || y >= C)) {
-                    *bad = pix + j;
-                    break;
-                }
-            }
-        })
     *norm = acc;
+    *bad = first < 0 ? -1 : pix + first;
 }
 
 /* ---- target staging ------------------------------------------------------------ */
 
-/* Stage tile targets. Sparse form (returns 0): cls[j] = label or -1, a[j] = w*cw[y]
-   (0 if ignored, NaN if out of range). Dense form (returns 1): A[c][j] = w*cw_c*t_c
-   with t = (1-e)*base + e/C, base = soft target / lens row / one-hot; a[j] is the
-   pixel's activity (1, 0 if ignored, NaN if out of range). Also g[j], the gradient
-   scale (0 unless `want_g`). */
+/* Soft targets: A[c][j] = w cw_c ((1-e) t_c + e/C); every pixel is active unless its
+   weight is 0, and has no class index. */
+SSM_INLINE void SSM_SFX(ssm_stage_soft)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
+                                        ptrdiff_t base, ptrdiff_t n, R keep, R spread)
+{
+    ptrdiff_t C = P->C, T = P->tile, c, j, st;
+    const R *cw = (const R *)P->cw;
+    const R *tb = SSM_SFX(ssm_load)(P, (const R *)P->target, base, n, S->X2, &st);
+    for (c = 0; c < C; c++) {
+        R cwc = cw ? cw[c] : (R)1;
+        const R *restrict tc = tb + c * st;
+        R *restrict Ac = S->A + c * T;
+        const R *restrict wv = S->weight;
+#pragma omp simd
+        for (j = 0; j < n; j++)
+            Ac[j] = wv[j] * cwc * (keep * tc[j] + spread);
+    }
+    for (j = 0; j < n; j++) {
+        S->act[j] = S->weight[j] != 0 ? (R)1 : (R)0;  /* zero weight: inactive, exactly 0 */
+        S->cls[j] = -1;
+    }
+}
+
+/* Labels with a lens or smoothing, from cls: A[c][j] = w cw_c ((1-e) b_c + e/C), with
+   b = the lens row of the label, or its one-hot; 0 for a pixel without a class. */
+SSM_INLINE void SSM_SFX(ssm_stage_dense_labels)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
+                                                ptrdiff_t n, R keep, R spread)
+{
+    ptrdiff_t C = P->C, T = P->tile, c, j;
+    const R *cw = (const R *)P->cw, *lens = (const R *)P->lens;
+    for (c = 0; c < C; c++) {
+        R cwc = cw ? cw[c] : (R)1;
+        R *restrict Ac = S->A + c * T;
+        for (j = 0; j < n; j++) {
+            int32_t y = S->cls[j];
+            R b;
+            if (y < 0) {
+                Ac[j] = 0;
+                continue;
+            }
+            b = lens ? lens[(ptrdiff_t)y * C + c] : (R)(y == c);
+            Ac[j] = S->weight[j] * cwc * (keep * b + spread);
+        }
+    }
+}
+
+/* Stage tile targets. Sparse form (returns 0): cls and act of ssm_stage_labels. Dense
+   form (returns 1): the block A of ssm_stage_soft or ssm_stage_dense_labels and act,
+   the pixel's activity. Both fill weight, and gscale (0 unless `want_g`). */
 SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S, ptrdiff_t base,
                                   ptrdiff_t pix, ptrdiff_t n, int want_g)
 {
-    ptrdiff_t C = P->C, T = P->tile, c, j;
+    ptrdiff_t C = P->C, j;
     const R *w = (const R *)P->w, *cw = (const R *)P->cw;
+    const R *dmap = (const R *)P->d_loss_map;
+    const R gs = want_g ? (R)P->grad_scale : (R)0;
+    const long long ign = P->ignore_index;
     int dense = P->target_kind == SSM_SOFT || P->lens != NULL || P->smoothing != 0.0;
     R keep = (R)(1.0 - P->smoothing), spread = (R)(P->smoothing / (double)C);
 
-    {
-        const R *gm = (const R *)P->g;
-        R gs = want_g ? (R)P->g_scale : (R)0;
-        if (gm && want_g) {
-            for (j = 0; j < n; j++) S->g[j] = gs * gm[pix + j];
-        } else {
-            for (j = 0; j < n; j++) S->g[j] = gs;
-        }
+    if (dmap && want_g) {
+        for (j = 0; j < n; j++) S->gscale[j] = gs * dmap[pix + j];
+    } else {
+        for (j = 0; j < n; j++) S->gscale[j] = gs;
     }
     for (j = 0; j < n; j++)
-        S->wv[j] = w ? w[pix + j] : (R)1;
+        S->weight[j] = w ? w[pix + j] : (R)1;
 
-    if (P->target_kind == SSM_SOFT) {
-        const R *tb;
-        ptrdiff_t st;
-        /* rows: transposed into O2, which is free until the epilogue */
-        tb = SSM_SFX(ssm_load)(P, (const R *)P->target, base, n, S->O2, &st);
-        for (c = 0; c < C; c++) {
-            R cwc = cw ? cw[c] : (R)1;
-            const R *restrict tc = tb + c * st;
-            R *restrict Ac = S->A + c * T;
-            const R *restrict wv = S->wv;
-#pragma omp simd
-            for (j = 0; j < n; j++)
-                Ac[j] = wv[j] * cwc * (keep * tc[j] + spread);
-        }
-        for (j = 0; j < n; j++) {
-            S->a[j] = S->wv[j] != 0 ? (R)1 : (R)0;  /* zero weight: inactive, exactly 0 */
-            S->cls[j] = -1;
-        }
+    switch (P->target_kind) {
+    case SSM_SOFT:
+        SSM_SFX(ssm_stage_soft)(P, S, base, n, keep, spread);
         return 1;
+    case SSM_U8:
+        SSM_SFX(ssm_stage_labels_u8)((const uint8_t *)P->target + pix, n, C, ign, dense,
+                                     S->weight, cw, S->cls, S->act);
+        break;
+    case SSM_I32:
+        SSM_SFX(ssm_stage_labels_i32)((const int32_t *)P->target + pix, n, C, ign, dense,
+                                      S->weight, cw, S->cls, S->act);
+        break;
+    case SSM_I64:
+        SSM_SFX(ssm_stage_labels_i64)((const int64_t *)P->target + pix, n, C, ign, dense,
+                                      S->weight, cw, S->cls, S->act);
+        break;
+    default:
+        SSM_UNREACHABLE();
     }
-
-    {
-        int32_t *restrict cls = S->cls;
-        R *restrict a = S->a;
-        const R *restrict wv = S->wv;
-        const long long ign = P->ignore_index;
-        SSM_WITH_LABELS(P, pix,
-            _Pragma("omp simd")
-            for (j = 0; j < n; j++) {
-                long long y = (long long)lab_[j];
-                int ok = y >= 0 && y < C;
-                /* dense: a is the pixel's activity; a zero-weight pixel is inactive, so its
-                   loss and gradient are exactly 0 even where its logits are not finite */
-                R aj = dense ? (wv[j] != 0 ? (R)1 : (R)0) : wv[j] * (cw ? cw[ok ? y : 0] : (R)1);
-                cls[j] = ok && y != ign ? (int32_t)y : -1;
-                a[j] = y == ign ? (R)0 : ok ? aj : (R)NAN;
-            })
-    }
-    if (!dense)
-        return 0;
-    {
-        const R *lens = (const R *)P->lens;
-        for (c = 0; c < C; c++) {
-            R cwc = cw ? cw[c] : (R)1;
-            R *restrict Ac = S->A + c * T;
-            for (j = 0; j < n; j++) {
-                int32_t y = S->cls[j];
-                R b;
-                if (y < 0) {
-                    Ac[j] = 0;
-                    continue;
-                }
-                b = lens ? lens[(ptrdiff_t)y * C + c] : (R)(y == c);
-                Ac[j] = S->wv[j] * cwc * (keep * b + spread);
-            }
-        }
-    }
-    return 1;
+    if (dense)
+        SSM_SFX(ssm_stage_dense_labels)(P, S, n, keep, spread);
+    return dense;
 }
 
 /* Dense targets: Asum[j] = sum_c A[c, j] (in blocks: see ssm_sum_block_end) and, if
@@ -604,24 +646,25 @@ SSM_NOINLINE SSM_CLONES void SSM_SFX(ssm_dense_sums)(
     }
 }
 
-/* One class row of the gradient dx_c = g (A q_c - a_c), from f = g A and e = q_c
-   (or exp(x_c - m) with f = g A / s): sparse targets subtract g a at the label
-   (ga = g a, cls), dense ones g A_c (gA = g, Ac). Rows of inactive pixels (f == 0)
-   are exactly 0, even where e is not finite. */
+/* One class row of the gradient dx_c = g (A q_c - a_c), from the factor f = g A and
+   e = q_c (or e = exp(x_c - m) with f = g A / s): sparse targets subtract glabel = g a
+   at the label (cls), dense ones gscale A_c (Ac != NULL). Rows of inactive pixels
+   (f == 0) are exactly 0, even where e is not finite. */
 SSM_INLINE void SSM_SFX(ssm_grad_row)(R *oc, const R *ec, const R *restrict f,
-                                      const R *restrict g, const int32_t *restrict cls,
-                                      const R *restrict Ac, ptrdiff_t c, ptrdiff_t n)
+                                      const R *restrict glabel, const R *restrict gscale,
+                                      const int32_t *restrict cls, const R *restrict Ac,
+                                      ptrdiff_t c, ptrdiff_t n)
 {
     ptrdiff_t j;
     const int32_t c32 = (int32_t)c;  /* compare int32 with int32: full-width vectors */
     if (Ac) {
 #pragma omp simd
         for (j = 0; j < n; j++)
-            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - g[j] * Ac[j];
+            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - gscale[j] * Ac[j];
     } else {
 #pragma omp simd
         for (j = 0; j < n; j++)
-            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - (cls[j] == c32 ? g[j] : (R)0);
+            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - (cls[j] == c32 ? glabel[j] : (R)0);
     }
 }
 
@@ -646,7 +689,62 @@ SSM_INLINE double SSM_SFX(ssm_tile_loss)(const ssm_problem *P, const double *lp,
 /* ---- sswl_fwd and sswl_fwd_bwd: one pass over the logits ----------------------
  * pixel loss l = A (m + log s) - sum_c a_c x_c   (A = sum_c a_c)
  * gradient   dx_c = g (A q_c - a_c),  q_c = exp(x_c - m) / s
- * want_grad = 0: out = prob.  want_grad = 1: out = dlogits, out2 = prob if given. */
+ * After the sweeps over the logits (max, then sum of exp), the per-pixel terms of one
+ * target form (ssm_sparse_terms, ssm_dense_terms), then one sweep writes the output. */
+
+/* Labels (a = act at the label, A = a): loss = a min(m + log s - x_y, cap), 0 for an
+   inactive pixel (NaN stays NaN); inv_sum = 1/s; gfactor = g a / s, exactly 0 for an
+   inactive pixel even where s is not finite, and without a gradient; glabel = g a.
+   The log runs in its own float-only loop before (see ssm_sswl_tile). */
+SSM_INLINE void SSM_SFX(ssm_sparse_terms)(SSM_SFX(ssm_scratch) *S, ptrdiff_t n, double cap,
+                                          int want_grad)
+{
+    ptrdiff_t j;
+    const R *restrict a = S->act, *restrict m = S->xmax, *restrict ls = S->log_sum;
+    const R *restrict xy = S->xlabel, *restrict s = S->sumexp, *restrict g = S->gscale;
+    R *restrict r = S->inv_sum, *restrict f = S->gfactor, *restrict ga = S->glabel;
+    double *restrict lp = S->loss;
+#pragma omp simd
+    for (j = 0; j < n; j++) {
+        double nll = (double)m[j] - (double)xy[j] + (double)ls[j];
+        lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * (nll > cap ? cap : nll);  /* NaN stays NaN */
+    }
+#pragma omp simd
+    for (j = 0; j < n; j++) {
+        r[j] = (R)1 / s[j];
+        f[j] = want_grad && a[j] != 0 ? g[j] * a[j] * r[j] : (R)0;
+        ga[j] = g[j] * a[j];
+    }
+}
+
+/* Dense targets (a = act, the activity): asum = A = sum_c A_c and ax = sum_c A_c x_c
+   (ssm_dense_sums); loss = a (A (m + log s) - ax); inv_sum = 1/s; gfactor = g a A / s
+   (0 as for labels). */
+SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, ptrdiff_t sx,
+                                         ptrdiff_t C, ptrdiff_t n, ptrdiff_t T, int want_grad)
+{
+    ptrdiff_t j;
+    SSM_SFX(ssm_dense_sums)(S->A, T, x, sx, C, n, S->asum, S->ax, S->hi, S->lo);
+    {  /* restrict from here: asum and ax are written above through other pointers */
+        const R *restrict a = S->act, *restrict m = S->xmax, *restrict ls = S->log_sum;
+        const R *restrict s = S->sumexp, *restrict g = S->gscale, *restrict Asum = S->asum;
+        const double *restrict ax = S->ax;
+        R *restrict r = S->inv_sum, *restrict f = S->gfactor;
+        double *restrict lp = S->loss;
+#pragma omp simd
+        for (j = 0; j < n; j++) {
+            double l = (double)Asum[j] * ((double)m[j] + (double)ls[j]) - ax[j];
+            lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * l;
+        }
+#pragma omp simd
+        for (j = 0; j < n; j++) {
+            r[j] = (R)1 / s[j];
+            f[j] = want_grad && a[j] != 0 ? g[j] * a[j] * Asum[j] * r[j] : (R)0;
+        }
+    }
+}
+
+/* want_grad = 0: out = prob.  want_grad = 1: out = dlogits, out2 = prob if given. */
 SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void *buf,
                                          int want_grad)
 {
@@ -663,51 +761,24 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
         o2 = SSM_SFX(ssm_target_block)(P, (R *)P->out2, base, S.O2, &so2);
 
     /* sweeps 1-2: max (and the label's logit), then e = exp(x - m) into `o`, s = sum e */
-    SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.m, S.s, S.hi, S.lo, dense ? NULL : S.cls,
-                            S.xy, P->inner > 1);
+    SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.xmax, S.sumexp, S.hi, S.lo,
+                            dense ? NULL : S.cls, S.xlabel, P->inner > 1);
 
-    /* per pixel: log s, then loss, 1/s and the gradient factor (kept in S.s, S.wv).
-       log runs in a float-only loop: libmvec has no logf variant of the width a
-       loop mixing float and double would need, so the mixed loop stays scalar. */
+    /* per pixel: log s, in a float-only loop (libmvec has no logf variant of the width
+       a loop mixing float and double would need, so the mixed loop stays scalar); then
+       the loss and the gradient factors */
 #pragma omp simd
     for (j = 0; j < n; j++)
-        S.ls[j] = SSM_LOG(S.s[j]);
-    if (!dense) {
-        const double cap = P->loss_cap;
-        const R *restrict a = S.a, *restrict m = S.m, *restrict ls = S.ls, *restrict xy = S.xy;
-        double *restrict lp = S.lp;
-#pragma omp simd
-        for (j = 0; j < n; j++) {
-            double nll = (double)m[j] - (double)xy[j] + (double)ls[j];
-            lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * (nll > cap ? cap : nll);  /* NaN stays NaN */
-        }
-#pragma omp simd
-        for (j = 0; j < n; j++) {
-            S.s[j] = (R)1 / S.s[j];
-            /* f = g a / s, exactly 0 for an inactive pixel even where s is not finite */
-            S.wv[j] = want_grad && S.a[j] != 0 ? S.g[j] * S.a[j] * S.s[j] : (R)0;
-            S.g[j] *= S.a[j];                                          /* g a */
-        }
-    } else {
-        R *Asum = S.wv;
-        double *ax = S.lp;
-        SSM_SFX(ssm_dense_sums)(S.A, T, x, sx, C, n, Asum, ax, S.hi, S.lo);
-#pragma omp simd
-        for (j = 0; j < n; j++) {
-            double l = (double)Asum[j] * ((double)S.m[j] + (double)S.ls[j]) - ax[j];
-            S.lp[j] = S.a[j] == 0 ? 0.0 : (double)S.a[j] * l;
-        }
-#pragma omp simd
-        for (j = 0; j < n; j++) {
-            S.s[j] = (R)1 / S.s[j];
-            S.wv[j] = want_grad && S.a[j] != 0 ? S.g[j] * S.a[j] * Asum[j] * S.s[j] : (R)0;
-        }
-    }
+        S.log_sum[j] = SSM_LOG(S.sumexp[j]);
+    if (dense)
+        SSM_SFX(ssm_dense_terms)(&S, x, sx, C, n, T, want_grad);
+    else
+        SSM_SFX(ssm_sparse_terms)(&S, n, P->loss_cap, want_grad);
 
     /* sweep 3: the epilogue, each row streamed out as soon as it is final */
     for (c = 0; c < C; c++) {
         R *restrict oc = o + c * so;
-        const R *restrict r = S.s, *restrict f = S.wv;
+        const R *restrict r = S.inv_sum;
         if (!want_grad) {
 #pragma omp simd
             for (j = 0; j < n; j++)
@@ -722,13 +793,14 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
                 pc[j] = oc[j] * r[j];
             SSM_SFX(ssm_row_done)(P, (R *)P->out2, base, c, n, pc);
         }
-        SSM_SFX(ssm_grad_row)(oc, oc, f, S.g, S.cls, dense ? S.A + c * T : NULL, c, n);
+        SSM_SFX(ssm_grad_row)(oc, oc, S.gfactor, S.glabel, S.gscale, S.cls,
+                              dense ? S.A + c * T : NULL, c, n);
         SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, oc);
     }
     SSM_SFX(ssm_store)(P, (R *)P->out, base, n, o);
     if (o2)
         SSM_SFX(ssm_store)(P, (R *)P->out2, base, n, o2);
-    return SSM_SFX(ssm_tile_loss)(P, S.lp, pix, n);
+    return SSM_SFX(ssm_tile_loss)(P, S.loss, pix, n);
 }
 
 /* ---- sswl_bwd: dx_c = g (A q_c - a_c) from the probabilities q ---------------- */
@@ -738,27 +810,28 @@ SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, 
     SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
     ptrdiff_t base, pix, n, sq, so, c, j, C = P->C, T = P->tile;
     const R *q;
-    R *o, *f = S.wv;
+    R *o, *f = S.gfactor;
     int dense;
     ssm_tile_geom(P, t, &base, &pix, &n);
     dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, 1);
     q = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sq);
     o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
     if (dense) {
-        R *Asum = S.m;
-        SSM_SFX(ssm_dense_sums)(S.A, T, NULL, 0, C, n, Asum, NULL, S.hi, S.lo);
+        SSM_SFX(ssm_dense_sums)(S.A, T, NULL, 0, C, n, S.asum, NULL, S.hi, S.lo);
         for (j = 0; j < n; j++)
-            f[j] = S.g[j] * S.a[j] * Asum[j];
+            f[j] = S.gscale[j] * S.act[j] * S.asum[j];
     } else {
+        R *restrict ga = S.glabel;
+        const R *restrict g = S.gscale, *restrict a = S.act;
 #pragma omp simd
         for (j = 0; j < n; j++) {
-            f[j] = S.g[j] * S.a[j];
-            S.g[j] = f[j];  /* g a */
+            ga[j] = g[j] * a[j];
+            f[j] = ga[j];  /* q is normalised: the factor is g a */
         }
     }
     for (c = 0; c < C; c++) {
         SSM_SFX(ssm_prefetch_next)(q + c * sq, n, P->inner > 1);
-        SSM_SFX(ssm_grad_row)(o + c * so, q + c * sq, f, S.g, S.cls,
+        SSM_SFX(ssm_grad_row)(o + c * so, q + c * sq, f, S.glabel, S.gscale, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
         SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, o + c * so);
     }
