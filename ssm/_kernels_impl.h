@@ -528,12 +528,11 @@ SSM_CLONES void SSM_SFX(ssm_sswl_stats)(const ssm_problem *P, ptrdiff_t t, doubl
    log t'_c (t' the smoothed target; 0 where A is 0): the log in a loop of R alone, so
    that it vectorises (see ssm_sswl_tile), the products summed in double. */
 SSM_INLINE void SSM_SFX(ssm_stage_soft)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
-                                        ptrdiff_t base, ptrdiff_t n, R keep, R spread)
+                                        ptrdiff_t base, ptrdiff_t n, R keep, R spread, int kl)
 {
     ptrdiff_t C = P->C, T = P->tile, c, j, st;
     const R *cw = (const R *)P->cw;
     const R *tb = SSM_SFX(ssm_load)(P, (const R *)P->target, base, n, S->X2, &st);
-    const int kl = P->loss == SSM_KL;
     if (kl)
         for (j = 0; j < n; j++)
             S->ent[j] = 0.0;
@@ -565,7 +564,7 @@ SSM_INLINE void SSM_SFX(ssm_stage_soft)(const ssm_problem *P, SSM_SFX(ssm_scratc
 /* Labels with a lens or smoothing, from cls: A[c][j] = w cw_c ((1-e) b_c + e/C), with
    b = the lens row of the label, or its one-hot; 0 for a pixel without a class. */
 SSM_INLINE void SSM_SFX(ssm_stage_dense_labels)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
-                                                ptrdiff_t n, R keep, R spread)
+                                                ptrdiff_t n, R keep, R spread, int kl)
 {
     ptrdiff_t C = P->C, T = P->tile, c, j;
     const R *cw = (const R *)P->cw, *lens = (const R *)P->lens;
@@ -583,7 +582,7 @@ SSM_INLINE void SSM_SFX(ssm_stage_dense_labels)(const ssm_problem *P, SSM_SFX(ss
             Ac[j] = S->weight[j] * cwc * (keep * b + spread);
         }
     }
-    if (P->loss == SSM_KL) {  /* ent = w sum_c cw_c t_c log t_c: the label's table entry */
+    if (kl) {  /* ent = w sum_c cw_c t_c log t_c: the label's table entry */
         const double *K = P->label_terms;
         for (j = 0; j < n; j++)
             S->ent[j] = S->cls[j] >= 0 ? (double)S->weight[j] * K[S->cls[j]] : 0.0;
@@ -592,9 +591,10 @@ SSM_INLINE void SSM_SFX(ssm_stage_dense_labels)(const ssm_problem *P, SSM_SFX(ss
 
 /* Stage tile targets. Sparse form (returns 0): cls and act of ssm_stage_labels. Dense
    form (returns 1): the block A of ssm_stage_soft or ssm_stage_dense_labels and act,
-   the pixel's activity. Both fill weight, and gscale (0 unless `want_g`). */
+   the pixel's activity, and with `kl` (a loss pass of the KL divergence) ent. Both fill
+   weight, and gscale (0 unless `want_g`). */
 SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S, ptrdiff_t base,
-                                  ptrdiff_t pix, ptrdiff_t n, int want_g)
+                                  ptrdiff_t pix, ptrdiff_t n, int want_g, int kl)
 {
     ptrdiff_t C = P->C, j;
     const R *w = (const R *)P->w, *cw = (const R *)P->cw;
@@ -614,7 +614,7 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
 
     switch (P->target_kind) {
     case SSM_SOFT:
-        SSM_SFX(ssm_stage_soft)(P, S, base, n, keep, spread);
+        SSM_SFX(ssm_stage_soft)(P, S, base, n, keep, spread, kl);
         return 1;
     case SSM_U8:
         SSM_SFX(ssm_stage_labels_u8)((const uint8_t *)P->target + pix, n, C, ign, dense,
@@ -632,7 +632,7 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
         SSM_UNREACHABLE();
     }
     if (dense)
-        SSM_SFX(ssm_stage_dense_labels)(P, S, n, keep, spread);
+        SSM_SFX(ssm_stage_dense_labels)(P, S, n, keep, spread, kl);
     return dense;
 }
 
@@ -791,7 +791,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
     R *o = NULL, *o2 = NULL;
     int dense;
     ssm_tile_geom(P, t, &base, &pix, &n);
-    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, want_grad);
+    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, want_grad, P->loss == SSM_KL);
     x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
     if (want_grad || P->out)
         o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
@@ -854,7 +854,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, 
     R *o, *f = S.gfactor;
     int dense;
     ssm_tile_geom(P, t, &base, &pix, &n);
-    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, 1);
+    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, 1, 0);
     q = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sq);
     o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
     if (dense) {
