@@ -20,7 +20,8 @@
  *    back: the same math, no kernel per layout.
  * d) One core function per concept: softmax_fwd (log-softmax is its epilogue),
  *    softmax_bwd, sswl_fwd / sswl_fwd_bwd (one function: the epilogue writes either
- *    the probabilities or the gradient), sswl_bwd, and the label pre-pass sswl_stats.
+ *    the probabilities or the gradient; with no output, the loss alone, no epilogue
+ *    and no exp stored), sswl_bwd, and the label pre-pass sswl_stats.
  *    The fused loss+gradient reads the logits once, computes exp once per element
  *    and writes the gradient once.
  * e) Targets are staged per tile into a sparse form (class index + weight per pixel,
@@ -28,6 +29,9 @@
  *    lenses, smoothing). A label outside [0, C) is never used as an index. The loops
  *    that read labels are instantiated per label type (uint8, int32, int64) as the
  *    kernels are per float type, and picked once per tile by a switch on target_kind.
+ *    The KL divergence (loss SSM_KL) adds sum_c a_c log t_c to a dense target's pixel
+ *    loss: staged per pixel (ent), from a per-label table (label_terms, C values
+ *    computed once per call) or, for soft targets, a log per element.
  * f) Threads live in the Cython caller (prange over tiles); these functions are
  *    pure, nogil, allocation-free, and get their per-thread scratch passed in.
  * g) Precision: elementwise math runs in the storage type R. Per-pixel class sums (sum
