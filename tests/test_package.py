@@ -15,8 +15,12 @@ SIMD_PATHS = ("x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2)", "x86-64 baseline (SSE2)
 
 
 def test_one_version():
-    assert ssm.__version__ == __version__
-    assert version("ssm") == __version__  # the metadata: pyproject reads ssm/_version.py
+    # ssm/_version.py is the one place: a public PEP 440 version, which the installed
+    # metadata (pyproject reads the file) repeats
+    from packaging.version import Version
+    v = Version(__version__)
+    assert str(v) == __version__ and v.local is None, __version__
+    assert version("ssm") == __version__
 
 
 def _main(tmp_path, *args):
