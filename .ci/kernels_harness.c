@@ -1,10 +1,13 @@
 /*
  * .ci/kernels_harness.c -- the CPU tile kernels of ssm/_kernels.h, without Python.
  *
- * Built by .ci/aarch64 twice: natively (x86-64: the target_clones and AVX transposes)
- * and with Debian's aarch64 cross compiler, run under qemu-aarch64 (the portable
- * paths: no clones, scalar transposes, memcpy instead of streaming stores). Same
- * flags as setup.py, OpenMP on. It drives the tile entry points as ssm/_cpu.pyx
+ * Built by .ci/aarch64 twice, with setup.py's flags (OpenMP on) plus -Wall -Wextra
+ * -Werror: natively (x86-64: target_clones, AVX transposes, streaming stores), run as
+ * is and under qemu-x86_64 -cpu Haswell and -cpu Nehalem (the AVX2 and baseline clones);
+ * and with Debian's aarch64 cross compiler, run under qemu-aarch64 (the portable paths:
+ * no clones, scalar transposes, memcpy instead of streaming stores). The ssm_problem
+ * fields are set as _cpu.pyx sets them (the d_loss map and gradient scale: in one place,
+ * run_problem's target loop). It drives the tile entry points as ssm/_cpu.pyx
  * does (a parallel loop over tiles, per-thread scratch, per-tile partial sums added
  * in tile order) and checks every output against a naive double-precision
  * reference below, with the tolerances of the Python tests (64 eps of the storage
