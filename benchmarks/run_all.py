@@ -79,8 +79,9 @@ def summary(reports):
              f"{(m['memory_bytes'] or 0) / 2**30:.0f} GiB; Python {v['python']}, "
              f"numpy {v['numpy']}, torch {v.get('torch', '-')}, "
              f"scikit-learn {v.get('sklearn', '-')}, ssm {v.get('ssm', '-')}.", "",
-             "Fused loss+grad (X, y -> loss, dX), median ms (x floor = / copy of the same "
-             "bytes; x ssm = peer / ssm at the same threads; numpy runs 1 thread).", "",
+             "Fused loss+grad (X, y -> loss, dX), median ms (x floor = / streaming copy "
+             "(non-temporal stores) of the same bytes at the same threads; x ssm = peer / ssm "
+             "at the same threads; numpy runs 1 thread).", "",
              "| workload | threads | ssm | x floor | torch fwd+bwd | x ssm | numpy | x ssm "
              "| sklearn | x ssm | flagged rows |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -7,8 +7,10 @@ per-pixel labels or soft target maps, and the gradient, with Caffe2's
 
 The public submodules (``ssm.ops``, the Caffe2 operator surface; ``ssm.bench``, the
 benchmark; ``ssm.testing``, the CUDA simulator; ``ssm.torch`` and ``ssm.jax``, the
-framework adaptors) are attributes of ``ssm`` imported on first use (PEP 562), so that
-``import ssm`` loads only the functions above.
+framework adaptors; ``ssm.dask``, the functions on Dask arrays) are attributes of
+``ssm`` imported on first use (PEP 562), so that ``import ssm`` loads only the functions
+above. ``ssm.loss_normalizer`` is the "mean" denominator of a shard (README, "Larger
+than one machine").
 """
 
 
@@ -115,6 +117,7 @@ from ._api import (
     spatial_softmax_with_loss_grad,
 )
 from ._config import show_config
+from ._distributed import loss_normalizer
 from ._threads import get_num_threads, set_num_threads
 from ._version import __version__
 
@@ -122,6 +125,7 @@ __all__ = [
     "__version__",
     "get_num_threads",
     "log_softmax",
+    "loss_normalizer",
     "set_num_threads",
     "show_config",
     "softmax",
@@ -132,10 +136,10 @@ __all__ = [
 ]
 
 # Public submodules, imported on first attribute access. ``dir(ssm)`` leaves out the
-# adaptors to optional frameworks: listing them would import PyTorch and JAX (help(ssm)
+# adaptors to optional frameworks: listing them would import PyTorch, JAX, Dask (help(ssm)
 # took 1.4 s) or fail where they are not installed.
-_SUBMODULES = ("bench", "jax", "ops", "testing", "torch")
-_OPTIONAL = ("jax", "torch")
+_SUBMODULES = ("bench", "dask", "jax", "ops", "testing", "torch")
+_OPTIONAL = ("dask", "jax", "torch")
 
 
 def __getattr__(name):

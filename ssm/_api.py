@@ -6,9 +6,10 @@ through ``_gpu``; both modules have the same ``run``, ``stats`` and ``loss_value
 validates all of
 its arguments through ``_validation`` before any kernel runs (so an error never leaves
 an ``out=`` buffer half written), views the logits as ``(outer, C, inner)`` (see
-``_validation.geometry``), allocates missing outputs and calls one kernel pass
-(``run``), preceded for the loss functions by the label pre-pass (``stats``) when the
-labels must be checked or the "mean" normaliser counted. On the GPU the normaliser,
+``_validation.geometry``), allocates missing outputs, describes the call as one
+``_problem.Problem`` and calls one kernel pass (``run(op, problem, threads)``), preceded
+for the loss functions by the label pre-pass (``stats``) when the labels must be checked
+or the "mean" normaliser counted. On the GPU the normaliser,
 the gradient scale and the loss stay on the device: the only device-to-host read is
 the first bad label's index, with ``validate=True``.
 """
@@ -21,7 +22,9 @@ from typing import NamedTuple
 
 from . import _cpu, _threads
 from . import _validation as V
+from ._codes import Op, Target
 from ._interop import accepts_dlpack
+from ._problem import Problem
 
 _LOSS_CAP_NONE = math.inf
 
@@ -64,7 +67,7 @@ def _softmax(x, layout, out, threads, op):
         nt = _threads.resolve(threads)
         if out is None:
             out = V.array_module(x).empty_like(x)
-        B.run(op, x, out, g.outer, g.C, g.inner, g.tile, nt, stream=g.stream)
+        B.run(op, Problem(g, x, out=out), nt)
         return out
 
 
@@ -88,7 +91,7 @@ def softmax(x, *, layout="NCHW", out=None, threads=None):
     -------
     prob : ndarray of x's shape and dtype
     """
-    return _softmax(x, layout, out, threads, _cpu.SOFTMAX)
+    return _softmax(x, layout, out, threads, Op.SOFTMAX)
 
 
 @accepts_dlpack
@@ -97,7 +100,7 @@ def log_softmax(x, *, layout="NCHW", out=None, threads=None):
 
     Same parameters as :func:`softmax`.
     """
-    return _softmax(x, layout, out, threads, _cpu.LOG_SOFTMAX)
+    return _softmax(x, layout, out, threads, Op.LOG_SOFTMAX)
 
 
 @accepts_dlpack
@@ -128,80 +131,69 @@ def softmax_grad(prob, dprob, *, layout="NCHW", out=None, threads=None):
         nt = _threads.resolve(threads)
         if out is None:
             out = V.array_module(prob).empty_like(prob)
-        B.run(B.SOFTMAX_BWD, prob, out, g.outer, g.C, g.inner, g.tile, nt, x2=dprob,
-              stream=g.stream)
+        B.run(Op.SOFTMAX_BWD, Problem(g, prob, dprob, out=out), nt)
         return out
 
 
 # ---- softmax with loss ----------------------------------------------------------
 
-class _Loss(NamedTuple):
-    """A validated loss problem: arrays contiguous and typed, options checked."""
+class _LossCall(NamedTuple):
+    """A validated loss call: the problem's inputs (outputs not yet allocated) and what
+    the API decides above the backend."""
 
-    B: object  # the backend module, _cpu or _gpu
-    x: object
-    geom: V.Geometry
-    target: object
-    kind: int
-    weights: object
-    class_weights: object
-    lens: object
-    smoothing: float
-    ignore_index: int
+    B: object             # the backend module, _cpu or _gpu
+    problem: Problem      # inputs validated; outputs, d_loss and divisor still to come
     reduction: str
     validate: bool
-    threads: tuple  # (count, adaptive), from _threads.resolve
+    threads: tuple        # (count, adaptive), from _threads.resolve
 
     def out_buffer(self, out, x_name, d_loss_map=None):
         """The caller's ``out=`` for an array like x (checked: shape, dtype, writeable,
         no overlap with any input, the ``d_loss`` map included), or a new one."""
-        inputs = [(x_name, self.x), ("target", self.target), ("weights", self.weights),
-                  ("class_weights", self.class_weights), ("lens", self.lens),
+        P = self.problem
+        inputs = [(x_name, P.x), ("target", P.target), ("weights", P.weights),
+                  ("class_weights", P.class_weights), ("lens", P.lens),
                   ("d_loss", d_loss_map)]
-        out = V.check_out(out, "out", self.geom.shape, self.x.dtype, inputs)
-        return V.array_module(self.x).empty_like(self.x) if out is None else out
-
-    def kernel_args(self):
-        return dict(target=self.target, target_kind=self.kind, ignore_index=self.ignore_index,
-                    w=self.weights, cw=self.class_weights, lens=self.lens,
-                    smoothing=self.smoothing, stream=self.geom.stream)
+        out = V.check_out(out, "out", P.geom.shape, P.x.dtype, inputs)
+        return V.array_module(P.x).empty_like(P.x) if out is None else out
 
 
-def _loss_problem(x, x_name, target, weights, ignore_index, class_weights, lens,
-                  label_smoothing, reduction, layout, validate, threads, B) -> _Loss:
+def _loss_call(B, x, x_name, target, weights, *, ignore_index, class_weights, lens,
+               label_smoothing, reduction, layout, validate, threads) -> _LossCall:
     layout = V.check_choice(layout, "layout", V.LAYOUTS)
     reduction = V.check_choice(reduction, "reduction", V.REDUCTIONS)
     x = V.check_float_array(x, x_name)
     geom = V.geometry(x, x_name, layout)
     target, kind = V.check_target(target, geom, x, x_name)
-    weights = V.check_weights(weights, geom, x.dtype)
-    class_weights = V.check_class_weights(class_weights, geom.C, x.dtype)
-    lens = V.check_lens(lens, geom.C, x.dtype, kind)
-    smoothing = V.check_smoothing(label_smoothing)
-    ignore_index = V.check_ignore_index(ignore_index)
-    validate = V.check_flag(validate, "validate")
-    return _Loss(B, x, geom, target, kind, weights, class_weights, lens, smoothing, ignore_index,
-                 reduction, validate, _threads.resolve(threads))
+    problem = Problem(
+        geom, x, target=target, kind=kind,
+        weights=V.check_weights(weights, geom, x.dtype),
+        class_weights=V.check_class_weights(class_weights, geom.C, x.dtype),
+        lens=V.check_lens(lens, geom.C, x.dtype, kind),
+        smoothing=V.check_smoothing(label_smoothing),
+        ignore_index=V.check_ignore_index(ignore_index))
+    return _LossCall(B, problem, reduction, V.check_flag(validate, "validate"),
+                     _threads.resolve(threads))
 
 
-def _divisor(L: _Loss):
+def _divisor(L: _LossCall):
     """What the summed loss is divided by, after the label pre-pass has checked the labels.
 
     Raises the bad-label ValueError here, before any output is written. On the GPU the
     "mean" normaliser is a 0-d device array; reading the bad label's index
     (``int(bad)``, with ``validate=True``) is the call's one synchronisation.
     """
-    g = L.geom
-    need_norm = L.reduction == "mean"
-    if L.kind == V.SOFT_KIND and L.weights is None:
+    P = L.problem
+    g = P.geom
+    soft = P.kind == Target.SOFT
+    if soft and P.weights is None:
         norm = float(g.n_pixels)
-    elif need_norm or (L.validate and L.kind != V.SOFT_KIND):
-        norm, bad = L.B.stats(L.x, L.target, L.kind, L.ignore_index, L.weights,
-                              L.class_weights, g.outer, g.C, g.inner, g.tile, L.threads)
-        if L.validate and L.kind != V.SOFT_KIND:
+    elif L.reduction == "mean" or (L.validate and not soft):
+        norm, bad = L.B.stats(P, L.threads)
+        if L.validate and not soft:
             bad = int(bad)
             if bad >= 0:
-                raise V.bad_label_error(L.target, bad, g.C, L.ignore_index)
+                raise V.bad_label_error(P.target, bad, g.C, P.ignore_index)
     else:
         norm = 0.0
     if L.reduction == "mean":
@@ -209,10 +201,10 @@ def _divisor(L: _Loss):
     return float(g.N) if L.reduction == "batch" else 1.0
 
 
-def _reduce(L: _Loss, total, divisor, loss_map):
+def _reduce(L: _LossCall, total, divisor, loss_map):
     if L.reduction == "none":
         return loss_map
-    return L.B.loss_value(total, divisor, L.x.dtype)
+    return L.B.loss_value(total, divisor, L.problem.x.dtype)
 
 
 def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
@@ -221,14 +213,15 @@ def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weight
     B, device = _backend(("logits", logits), ("target", target), ("weights", weights),
                          ("out", out))
     with device:
-        L = _loss_problem(logits, "logits", target, weights, ignore_index, class_weights, lens,
-                          label_smoothing, reduction, layout, validate, threads, B)
-        g, xp = L.geom, V.array_module(L.x)
+        L = _loss_call(B, logits, "logits", target, weights, ignore_index=ignore_index,
+                       class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
+                       reduction=reduction, layout=layout, validate=validate, threads=threads)
+        P = L.problem
+        xp = V.array_module(P.x)
         prob = L.out_buffer(out, "logits")
         divisor = _divisor(L)
-        loss_map = xp.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None
-        total = B.run(B.SSWL_FWD, L.x, prob, g.outer, g.C, g.inner, g.tile, L.threads,
-                      loss_cap=loss_cap, loss_map=loss_map, **L.kernel_args())
+        loss_map = xp.empty(P.geom.pixel_shape, P.x.dtype) if L.reduction == "none" else None
+        total = B.run(Op.SSWL_FWD, P.finish(prob, loss_cap, loss_map=loss_map), L.threads)
         return prob, _reduce(L, total, divisor, loss_map)
 
 
@@ -310,14 +303,14 @@ def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ig
     B, device = _backend(("prob", prob), ("target", target), ("weights", weights),
                          ("d_loss", d_loss), ("out", out))
     with device:
-        L = _loss_problem(prob, "prob", target, weights, ignore_index, class_weights, lens,
-                          label_smoothing, reduction, layout, validate, threads, B)
-        g = L.geom
-        d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
+        L = _loss_call(B, prob, "prob", target, weights, ignore_index=ignore_index,
+                       class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
+                       reduction=reduction, layout=layout, validate=validate, threads=threads)
+        P = L.problem
+        d, dmap = V.check_d_loss(d_loss, L.reduction, P.geom, P.x.dtype)
         dx = L.out_buffer(out, "prob", dmap)
         divisor = _divisor(L)
-        B.run(B.SSWL_BWD, L.x, dx, g.outer, g.C, g.inner, g.tile, L.threads,
-              g=dmap, g_scale=d, g_norm=divisor, **L.kernel_args())
+        B.run(Op.SSWL_BWD, P.finish(dx, d_loss=d, d_loss_map=dmap, divisor=divisor), L.threads)
         return dx
 
 
@@ -341,17 +334,18 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
     B, device = _backend(("logits", logits), ("target", target), ("weights", weights),
                          ("d_loss", d_loss), ("out", out))
     with device:
-        L = _loss_problem(logits, "logits", target, weights, ignore_index, class_weights, lens,
-                          label_smoothing, reduction, layout, validate, threads, B)
-        g, xp = L.geom, V.array_module(L.x)
+        L = _loss_call(B, logits, "logits", target, weights, ignore_index=ignore_index,
+                       class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
+                       reduction=reduction, layout=layout, validate=validate, threads=threads)
+        P = L.problem
+        xp = V.array_module(P.x)
         return_prob = V.check_flag(return_prob, "return_prob")
-        d, dmap = V.check_d_loss(d_loss, L.reduction, g, L.x.dtype)
+        d, dmap = V.check_d_loss(d_loss, L.reduction, P.geom, P.x.dtype)
         dx = L.out_buffer(out, "logits", dmap)
         divisor = _divisor(L)
-        prob = xp.empty_like(L.x) if return_prob else None
-        loss_map = xp.empty(g.pixel_shape, L.x.dtype) if L.reduction == "none" else None
-        total = B.run(B.SSWL_FWD_BWD, L.x, dx, g.outer, g.C, g.inner, g.tile, L.threads,
-                      g=dmap, g_scale=d, g_norm=divisor, out2=prob, loss_map=loss_map,
-                      **L.kernel_args())
+        prob = xp.empty_like(P.x) if return_prob else None
+        loss_map = xp.empty(P.geom.pixel_shape, P.x.dtype) if L.reduction == "none" else None
+        total = B.run(Op.SSWL_FWD_BWD, P.finish(dx, d_loss=d, d_loss_map=dmap, divisor=divisor,
+                                                prob_out=prob, loss_map=loss_map), L.threads)
         loss = _reduce(L, total, divisor, loss_map)
         return (loss, dx, prob) if return_prob else (loss, dx)

@@ -3,10 +3,11 @@
 
 Design
 ------
-- Python (ssm/_api.py) has validated and normalised everything: arrays are
-  C-contiguous, of the right dtype and shape, outputs allocated, and the shape is
-  given as (outer, C, inner) with a tile size. Nothing here checks; nothing here
-  raises except MemoryError for the per-thread scratch.
+- Python (ssm/_api.py) has validated and normalised everything and hands over one
+  ``ssm._problem.Problem``: arrays C-contiguous, of the right dtype and shape, outputs
+  allocated, the shape given as (outer, C, inner). Nothing here checks; nothing here
+  raises except MemoryError for the per-thread scratch (and OSError when threads cannot
+  start). The tuning is this backend's: tile size and streamed stores (below).
 - One entry point per pass: ``run`` (every kernel that walks the logits) and
   ``stats`` (the label pre-pass: normaliser and first bad label). Each is a
   ``prange`` over tiles with the GIL released and a per-thread scratch block
@@ -32,18 +33,19 @@ cimport openmp
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
-from libc.math cimport INFINITY
 
 import os
 
 import numpy as np
+
+from ._problem import Problem
 
 cnp.import_array()
 
 cdef extern from "_threads.h" nogil:
     int ssm_team_can_start(int n, size_t stack_bytes, int *err, int *grew)
 
-# kernel selectors; the public names below are what ssm/_api.py passes as `op`
+# kernel selectors: the values of ssm._codes.Op (kernel_codes() and a test tie them)
 cdef enum:
     OP_SOFTMAX = 0
     OP_LOG_SOFTMAX = 1
@@ -51,13 +53,6 @@ cdef enum:
     OP_SSWL_FWD = 3
     OP_SSWL_FWD_BWD = 4
     OP_SSWL_BWD = 5
-
-SOFTMAX = OP_SOFTMAX
-LOG_SOFTMAX = OP_LOG_SOFTMAX
-SOFTMAX_BWD = OP_SOFTMAX_BWD
-SSWL_FWD = OP_SSWL_FWD
-SSWL_FWD_BWD = OP_SSWL_FWD_BWD
-SSWL_BWD = OP_SSWL_BWD
 
 
 def omp_max_threads():
@@ -296,38 +291,103 @@ cdef int _team(threads, Py_ssize_t ntiles, Py_ssize_t elements, bint *capped) ex
     return team
 
 
-def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile,
-        threads, *, x2=None, target=None, int target_kind=SSM_NO_TARGET,
-        long long ignore_index=-1, w=None, cw=None, lens=None, double smoothing=0.0,
-        double loss_cap=INFINITY, g=None, double g_scale=1.0, double g_norm=1.0, out2=None,
-        loss_map=None, bint stream=False):
-    """Run kernel `op` over the (outer, C, inner) problem; return the float64 loss sum.
+# ---- tuning: how this backend cuts a problem up --------------------------------------
 
-    All arrays are C-contiguous and of x's float dtype (labels: their integer
-    dtype, named by `target_kind`); `out`, `out2` and `loss_map` are written. The
-    gradient is scaled by ``g_scale / g_norm``, 0 when ``g_norm`` is 0. ``stream``:
-    write strided outputs with non-temporal stores (for outputs larger than the caches).
+# Pixels per tile: a tile's C rows of logits take about TILE_BYTES, so the tile stays
+# in L1/L2 across the kernel's sweeps. At most 1024 pixels, a multiple of 16 when >= 16.
+cdef Py_ssize_t TILE_BYTES = 64 * 1024
+# Outputs of at least this many bytes are written with non-temporal stores: they would
+# not stay in the caches anyway. VOC fused, 2 threads: 6.60 -> 6.38 ms; ADE
+# 6.96 -> 6.26 ms; a 1.4 MB output: 0.23 -> 0.27 ms, hence the threshold. (A Python
+# global, read at each call, so that tests can lower it.)
+STREAM_BYTES = 8 * 1024 * 1024
+
+
+def tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize):
+    """Pixels per tile (see TILE_BYTES); never more than an image's pixel count."""
+    return _tile_size(C, inner, itemsize)
+
+
+cdef inline Py_ssize_t _tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize) noexcept:
+    cdef Py_ssize_t t = TILE_BYTES // (C * itemsize)
+    t = 1 if t < 1 else 1024 if t > 1024 else t
+    if t >= 16:
+        t = t // 16 * 16
+    if inner > 1 and t > inner:
+        t = inner
+    return t
+
+
+# The kernel family of each float dtype this backend takes (the dtype table is
+# ssm._validation.FLOAT_DTYPES["cpu"]; tests/test_contract.py checks the two agree).
+KERNEL_DOUBLE = {np.dtype(np.float32): False, np.dtype(np.float64): True}
+
+
+def kernel_codes():
+    """The C values of the op selectors and target kinds, for tests/test_contract.py."""
+    ops = dict(SOFTMAX=OP_SOFTMAX, LOG_SOFTMAX=OP_LOG_SOFTMAX, SOFTMAX_BWD=OP_SOFTMAX_BWD,
+               SSWL_FWD=OP_SSWL_FWD, SSWL_FWD_BWD=OP_SSWL_FWD_BWD, SSWL_BWD=OP_SSWL_BWD)
+    targets = dict(NONE=SSM_NO_TARGET, U8=SSM_U8, I32=SSM_I32, I64=SSM_I64, SOFT=SSM_SOFT)
+    return ops, targets
+
+
+# Problem's fields by position, from its own field list: _fill reads the tuple directly
+# (17 attribute lookups cost about a microsecond per call).
+cdef Py_ssize_t F_GEOM, F_X, F_DPROB, F_TARGET, F_KIND, F_WEIGHTS, F_CLASS_WEIGHTS, F_LENS
+cdef Py_ssize_t F_SMOOTHING, F_IGNORE_INDEX, F_OUT, F_LOSS_CAP, F_D_LOSS, F_D_LOSS_MAP
+cdef Py_ssize_t F_DIVISOR, F_PROB_OUT, F_LOSS_MAP
+(F_GEOM, F_X, F_DPROB, F_TARGET, F_KIND, F_WEIGHTS, F_CLASS_WEIGHTS, F_LENS, F_SMOOTHING,
+ F_IGNORE_INDEX, F_OUT, F_LOSS_CAP, F_D_LOSS, F_D_LOSS_MAP, F_DIVISOR, F_PROB_OUT,
+ F_LOSS_MAP) = [Problem._fields.index(name) for name in (
+    "geom", "x", "dprob", "target", "kind", "weights", "class_weights", "lens", "smoothing",
+    "ignore_index", "out", "loss_cap", "d_loss", "d_loss_map", "divisor", "prob_out",
+    "loss_map")]
+
+
+cdef int _fill(ssm_problem *P, object problem_obj) except -1:
+    """The C problem of a validated ssm._problem.Problem (arrays by pointer)."""
+    if not isinstance(problem_obj, Problem):  # (Cython's tuple type test wants a plain tuple)
+        raise TypeError(f"problem: expected an ssm._problem.Problem, got {type(problem_obj)}")
+    cdef tuple problem = <tuple>problem_obj
+    cdef double d_loss = problem[F_D_LOSS], divisor = problem[F_DIVISOR]
+    g = problem[F_GEOM]
+    x = problem[F_X]
+    memset(P, 0, sizeof(ssm_problem))
+    P.outer, P.C, P.inner = g.outer, g.C, g.inner
+    P.tile = _tile_size(P.C, P.inner, x.itemsize)
+    P.x, P.x2, P.target = _ptr(x), _ptr(problem[F_DPROB]), _ptr(problem[F_TARGET])
+    P.target_kind, P.ignore_index = problem[F_KIND], problem[F_IGNORE_INDEX]
+    P.w, P.cw = _ptr(problem[F_WEIGHTS]), _ptr(problem[F_CLASS_WEIGHTS])
+    P.lens = _ptr(problem[F_LENS])
+    P.smoothing, P.loss_cap = problem[F_SMOOTHING], problem[F_LOSS_CAP]
+    P.g, P.g_scale = _ptr(problem[F_D_LOSS_MAP]), (d_loss / divisor if divisor != 0 else 0.0)
+    P.out, P.out2 = <void *>_ptr(problem[F_OUT]), <void *>_ptr(problem[F_PROB_OUT])
+    P.loss_map = <void *>_ptr(problem[F_LOSS_MAP])
+    P.stream = x.nbytes >= STREAM_BYTES
+    return 0
+
+
+def run(int op, problem, threads):
+    """Run kernel pass `op` (an ssm._codes.Op) over `problem` (an ssm._problem.Problem);
+    return the float64 loss sum (0.0 for the passes without a loss).
+
+    `threads` is ``(count, adaptive)`` from ssm._threads.resolve. Outputs larger than
+    STREAM_BYTES are written with non-temporal stores.
     """
     cdef ssm_problem P
-    cdef bint dbl = x.dtype.itemsize == 8
+    cdef bint dbl
     cdef Py_ssize_t t, ntiles
     cdef double total = 0.0
     cdef double[::1] partial
     cdef int failed, team
     cdef bint capped, adaptive = threads[1]
-    P.outer, P.C, P.inner, P.tile = outer, C, inner, tile
-    P.x, P.x2, P.target = _ptr(x), _ptr(x2), _ptr(target)
-    P.target_kind, P.ignore_index = target_kind, ignore_index
-    P.w, P.cw, P.lens = _ptr(w), _ptr(cw), _ptr(lens)
-    P.smoothing, P.loss_cap = smoothing, loss_cap
-    P.g, P.g_scale = _ptr(g), (g_scale / g_norm if g_norm != 0 else 0.0)
-    P.out, P.out2, P.loss_map = <void *>_ptr(out), <void *>_ptr(out2), <void *>_ptr(loss_map)
-    P.stream = stream
+    _fill(&P, problem)
+    dbl = KERNEL_DOUBLE[problem.x.dtype]
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0
     partial = np.empty(ntiles, dtype=np.float64)
-    team = _team(threads, ntiles, outer * C * inner, &capped)
+    team = _team(threads, ntiles, P.outer * P.C * P.inner, &capped)
     with nogil:
         failed = _run_tiles(&P, op, dbl, team, capped, adaptive, &partial[0])
         if not failed:
@@ -339,22 +399,23 @@ def run(int op, x, out, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssi
     return total
 
 
-def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t outer,
-          Py_ssize_t C, Py_ssize_t inner, Py_ssize_t tile, threads):
-    """Label pre-pass: (sum of n_p as float64, lowest flat index of a bad label or -1)."""
+def stats(problem, threads):
+    """Label pre-pass: (sum of n_p as float64, lowest flat index of a bad label or -1).
+
+    Reads the problem's target, kind, weights, class_weights and ignore_index.
+    """
     cdef ssm_problem P
-    cdef bint dbl = x.dtype.itemsize == 8
+    cdef bint dbl
     cdef Py_ssize_t t, ntiles, chunk, bad = -1
     cdef int n_threads
     cdef bint capped
-    memset(&P, 0, sizeof(P))
     cdef double norm = 0.0
     cdef double[::1] partial
     cdef Py_ssize_t[::1] bads
-    P.outer, P.C, P.inner, P.tile = outer, C, inner, tile
-    P.x = P.x2 = NULL
-    P.target, P.target_kind, P.ignore_index = _ptr(target), target_kind, ignore_index
-    P.w, P.cw, P.lens = _ptr(w), _ptr(cw), NULL
+    _fill(&P, problem)
+    dbl = KERNEL_DOUBLE[problem.x.dtype]
+    P.x = P.x2 = P.lens = P.g = NULL  # the pre-pass reads labels and weights only
+    P.out = P.out2 = P.loss_map = NULL
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0, -1
@@ -380,3 +441,51 @@ def stats(x, target, int target_kind, long long ignore_index, w, cw, Py_ssize_t 
 def loss_value(double total, double divisor, dtype):
     """``total / divisor`` (0 when the divisor is 0) as a 0-d array of ``dtype``."""
     return np.asarray(total / divisor if divisor != 0 else 0.0, dtype=dtype)
+
+
+# ---- the memory floors of ssm-bench (ssm/_floors.h) ----------------------------------------
+
+cdef extern from "_floors.h" nogil:
+    void ssm_floor_stream(char *dst, const char *src, size_t n)
+    unsigned long long ssm_floor_read(const char *src, size_t n)
+
+cdef Py_ssize_t FLOOR_CHUNK = 1 << 20  # bytes per scheduled chunk (a multiple of 64)
+
+
+def _floor_bytes(a, name):
+    if not (isinstance(a, np.ndarray) and a.flags.c_contiguous):
+        raise TypeError(f"{name}: expected a C-contiguous NumPy array")
+    return a.nbytes
+
+
+def floor_stream(dst, src, int threads):
+    """Copy ``src`` into ``dst`` (C-contiguous NumPy arrays of equal byte size) with the
+    kernels' non-temporal stores, on ``threads`` threads: the write floor of ssm-bench."""
+    cdef Py_ssize_t n = _floor_bytes(src, "src"), chunks, c, lo, hi
+    if _floor_bytes(dst, "dst") != n or not dst.flags.writeable:
+        raise ValueError("dst: expected a writeable array of src's size in bytes")
+    cdef char *d = <char *>cnp.PyArray_DATA(<cnp.ndarray>dst)
+    cdef const char *s = <const char *>cnp.PyArray_DATA(<cnp.ndarray>src)
+    chunks = (n + FLOOR_CHUNK - 1) // FLOOR_CHUNK
+    _start_team(threads)
+    with nogil:
+        for c in prange(chunks, schedule="static", num_threads=threads):
+            lo = c * FLOOR_CHUNK
+            hi = lo + FLOOR_CHUNK if lo + FLOOR_CHUNK < n else n
+            ssm_floor_stream(d + lo, s + lo, <size_t>(hi - lo))
+
+
+def floor_read(src, int threads):
+    """Read every byte of ``src`` (a C-contiguous NumPy array) on ``threads`` threads and
+    return the wrapping sum of its 64-bit words: the read floor of ssm-bench."""
+    cdef Py_ssize_t n = _floor_bytes(src, "src"), chunks, c, lo, hi
+    cdef const char *s = <const char *>cnp.PyArray_DATA(<cnp.ndarray>src)
+    cdef unsigned long long total = 0
+    chunks = (n + FLOOR_CHUNK - 1) // FLOOR_CHUNK
+    _start_team(threads)
+    with nogil:
+        for c in prange(chunks, schedule="static", num_threads=threads):
+            lo = c * FLOOR_CHUNK
+            hi = lo + FLOOR_CHUNK if lo + FLOOR_CHUNK < n else n
+            total += ssm_floor_read(s + lo, <size_t>(hi - lo))
+    return total

@@ -9,13 +9,16 @@ only allocation, compilation, launch and reading back differ.
 
 Design
 ------
-- Python (ssm/_api.py) has validated and normalised everything: arrays are C-contiguous
-  device arrays of one library on one device, of the right dtype and shape, outputs
-  allocated, and the shape is given as (outer, C, inner). Nothing here checks; nothing here raises.
-- The same entry points as the CPU backend (ssm/_cpu.pyx): ``run`` (every kernel that
-  walks the logits) and ``stats`` (the label pre-pass), plus ``loss_value`` (the reduced
-  loss as a 0-d array of the logits' dtype). ``tile``, ``n_threads`` and ``stream`` are
-  CPU notions, accepted and ignored.
+- Python (ssm/_api.py) has validated and normalised everything and hands over one
+  ``ssm._problem.Problem``: arrays C-contiguous device arrays of one library on one device,
+  of the right dtype and shape, outputs allocated, the shape given as (outer, C, inner).
+  Nothing here checks; nothing here raises.
+- The same entry points as the CPU backend (ssm/_cpu.pyx): ``run(op, problem, threads)``
+  (every kernel that walks the logits) and ``stats(problem, threads)`` (the label
+  pre-pass), plus ``loss_value`` (the reduced loss as a 0-d array of the logits' dtype).
+  ``threads`` is a CPU notion, accepted and ignored.
+- Arguments: one builder per kernel (``softmax_fwd_args`` ...), each beside the kernel
+  signature it mirrors; tests/test_contract.py checks them against the .cu text.
 - Modules: ``RawModule`` objects memoised per (driver, .cu file, dtypes, device), compiled by
   NVRTC on first use (and cached on disk by CuPy), with the C++ template instantiations
   named by ``name_expressions``, generated from the dtype tables of ssm/_validation.py
@@ -33,20 +36,12 @@ Design
 from __future__ import annotations
 
 import functools
-import math
 from importlib import resources
 
 import numpy as np
 
 from . import _validation as V
-
-# kernel selectors; must match the values in ssm/_cpu.pyx
-SOFTMAX = 0
-LOG_SOFTMAX = 1
-SOFTMAX_BWD = 2
-SSWL_FWD = 3
-SSWL_FWD_BWD = 4
-SSWL_BWD = 5
+from ._codes import LOSS_OPS, Op, Target
 
 BLOCK = 256      # threads per block; must match SSM_BLOCK in ssm/cuda/common.cuh
 WARP = 32        # threads per row in the contiguous-rows shape (kernel argument `group`)
@@ -144,11 +139,12 @@ def _launch(xp, module, name, grid, args, device_id):
     _function(xp, *module, name, device_id)((grid,), (BLOCK,), args)
 
 
-def _final_sum(xp, partials, n, div, div_ptr, out, device_id):
-    """out[()] = sum(partials[:n]) / divisor (0 when it is 0): the fixed-order final pass."""
+def _final_sum(xp, partials, n, divisor, out, device_id):
+    """out[()] = sum(partials[:n]) / divisor (0 when it is 0): the fixed-order final pass.
+    ``divisor``: a number or a 0-d float64 device array."""
     t = FLOAT_CTYPES[out.dtype]
-    _launch(xp, _FINAL, f"reduce_partials<{t}>", 1, (partials, np.int64(n), div, div_ptr, out),
-            device_id)
+    _launch(xp, _FINAL, f"reduce_partials<{t}>", 1,
+            reduce_partials_args(partials, n, divisor, out), device_id)
 
 
 _FINAL = ("sswl.cu", None, None)
@@ -176,17 +172,17 @@ def _p(a):
     return _NULL if a is None else a
 
 
-def _scalar_or_ptr(v, default):
+def _scalar_or_ptr(v):
     """(value by value, device pointer) for a number or a 0-d float64 device array."""
-    if v is None:
-        return np.float64(default), _NULL
     if isinstance(v, (int, float, np.generic)):
         return np.float64(v), _NULL
-    return np.float64(default), v
+    return np.float64(1.0), v
 
 
-def _target_ctype(target, target_kind, float_ctype):
-    return float_ctype if target_kind == V.SOFT_KIND else LABEL_CTYPES[target.dtype]
+def _target_ctype(problem, float_ctype):
+    if problem.kind == Target.SOFT:
+        return float_ctype
+    return LABEL_CTYPES[problem.target.dtype]
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,85 +202,162 @@ def small_array(xp, a, device_id: int):
     return _small_on_device(xp, a.tobytes(), a.dtype.str, a.shape, device_id)
 
 
+# ---- one argument builder per kernel ----------------------------------------------------------
+# Each returns the kernel's arguments in the order of its signature in ssm/cuda/, quoted
+# above it (T: the float type, L: the target type). tests/test_contract.py parses the .cu
+# signatures and checks every builder's arity, scalar types and pointer dtypes against
+# them: CuPy passes whatever it is given, by position, and does not check.
+
+
+def _shape(problem, group):
+    g = problem.geom
+    return (np.int64(g.outer), np.int32(g.C), np.int64(g.inner), np.int32(group))
+
+
+# softmax_fwd(const T* x, T* out, long long outer, int C, long long inner, int group,
+#             int logspace)
+def softmax_fwd_args(problem, group, logspace):
+    return (problem.x, problem.out, *_shape(problem, group), np.int32(logspace))
+
+
+# softmax_bwd(const T* prob, const T* dprob, T* out, long long outer, int C, long long inner,
+#             int group)
+def softmax_bwd_args(problem, group):
+    return (problem.x, problem.dprob, problem.out, *_shape(problem, group))
+
+
+# sswl_stats(const L* target, const T* w, const T* cw, long long npix, int C,
+#            long long ignore_index, double* norm_partials, long long* bad_partials)
+def sswl_stats_args(problem, cw, norm_partials, bad_partials):
+    g = problem.geom
+    return (problem.target, _p(problem.weights), _p(cw), np.int64(g.outer * g.inner),
+            np.int32(g.C), np.int64(problem.ignore_index), norm_partials, bad_partials)
+
+
+def _loss_inputs(problem, group, cw, lens):
+    """The parameters sswl_fwd and sswl_bwd share, from the logits to the smoothing."""
+    return (problem.x, problem.target, _p(problem.weights), _p(cw), _p(lens),
+            _p(problem.d_loss_map), *_shape(problem, group), np.int64(problem.ignore_index),
+            np.float64(problem.smoothing))
+
+
+def _grad_scale(problem):
+    """(d_loss, d_loss_ptr, divisor, divisor_ptr): see grad_scale in sswl.cu."""
+    return (*_scalar_or_ptr(problem.d_loss), *_scalar_or_ptr(problem.divisor))
+
+
+# sswl_fwd(const T* x, const L* target, const T* w, const T* cw, const T* lens,
+#          const T* d_loss_map, long long outer, int C, long long inner, int group,
+#          long long ignore_index, double smoothing, double loss_cap, int want_grad,
+#          double d_loss, const double* d_loss_ptr, double divisor, const double* divisor_ptr,
+#          T* out, T* out2, T* loss_map, double* partials)
+def sswl_fwd_args(problem, group, cw, lens, want_grad, partials):
+    return (*_loss_inputs(problem, group, cw, lens), np.float64(problem.loss_cap),
+            np.int32(want_grad), *_grad_scale(problem), problem.out, _p(problem.prob_out),
+            _p(problem.loss_map), partials)
+
+
+# sswl_bwd(const T* prob, const L* target, const T* w, const T* cw, const T* lens,
+#          const T* d_loss_map, long long outer, int C, long long inner, int group,
+#          long long ignore_index, double smoothing, double d_loss, const double* d_loss_ptr,
+#          double divisor, const double* divisor_ptr, T* out)
+def sswl_bwd_args(problem, group, cw, lens):
+    return (*_loss_inputs(problem, group, cw, lens), *_grad_scale(problem), problem.out)
+
+
+# reduce_partials(const double* partials, long long n, double div, const double* div_ptr,
+#                 T* out)
+def reduce_partials_args(partials, n, divisor, out):
+    return (partials, np.int64(n), *_scalar_or_ptr(divisor), out)
+
+
+# reduce_first_bad(const long long* partials, long long n, long long* out)
+def reduce_first_bad_args(partials, n, out):
+    return (partials, np.int64(n), out)
+
+
+# kernel name -> its builder (for the test)
+ARGUMENT_BUILDERS = {
+    "softmax_fwd": softmax_fwd_args, "softmax_bwd": softmax_bwd_args,
+    "sswl_stats": sswl_stats_args, "sswl_fwd": sswl_fwd_args, "sswl_bwd": sswl_bwd_args,
+    "reduce_partials": reduce_partials_args, "reduce_first_bad": reduce_first_bad_args,
+}
+
+
 # ---- entry points ---------------------------------------------------------------------------
 
 
-def run(op, x, out, outer, C, inner, tile, n_threads, *, x2=None, target=None,
-        target_kind=0, ignore_index=-1, w=None, cw=None, lens=None, smoothing=0.0,
-        loss_cap=math.inf, g=None, g_scale=1.0, g_norm=None, out2=None, loss_map=None,
-        stream=False):
-    """Run kernel `op` over the (outer, C, inner) problem on x's device and current stream.
+def run(op, problem, threads=None):
+    """Run kernel pass `op` (an ssm._codes.Op) over `problem` (an ssm._problem.Problem) on
+    x's device and current stream.
 
-    Same arguments as ``ssm._cpu.run`` (device arrays in place of NumPy ones; ``tile``,
-    ``n_threads`` and ``stream`` are ignored), plus ``g_norm``: the gradient scale is
-    ``g_scale / g_norm`` (0 when ``g_norm`` is 0), where ``g_scale`` and ``g_norm`` may each
-    be a number or a 0-d float64 device array (d_loss and the "mean" normaliser need
-    never come to the host). Returns the loss sum as a 0-d float64 device array for
-    SSWL_FWD and SSWL_FWD_BWD, 0.0 for the other ops (as the CPU backend).
+    ``threads`` is a CPU notion, accepted and ignored. ``problem.d_loss`` and
+    ``problem.divisor`` may each be a number or a 0-d float64 device array (d_loss and the
+    "mean" normaliser need never come to the host). Returns the loss sum as a 0-d float64
+    device array for SSWL_FWD and SSWL_FWD_BWD, 0.0 for the other ops (as the CPU backend).
     """
+    x = problem.x
     xp = V.array_module(x)
+    g = problem.geom
     with x.device:
         dev = x.device.id
-        n_pixels = outer * inner
-        has_loss = op in (SSWL_FWD, SSWL_FWD_BWD)
+        n_pixels = g.outer * g.inner
         if n_pixels == 0:
-            return xp.zeros((), np.float64) if has_loss else 0.0
-        group, grid = launch_config(n_pixels, C, inner)
+            return xp.zeros((), np.float64) if op in LOSS_OPS else 0.0
+        group, grid = launch_config(n_pixels, g.C, g.inner)
         t = FLOAT_CTYPES[x.dtype]
-        shape = (np.int64(outer), np.int32(C), np.int64(inner), np.int32(group))
-        if op in (SOFTMAX, LOG_SOFTMAX):
+        if op in (Op.SOFTMAX, Op.LOG_SOFTMAX):
             _launch(xp, ("softmax.cu", t, None), f"softmax_fwd<{t}>", grid,
-                    (x, out, *shape, np.int32(op == LOG_SOFTMAX)), dev)
+                    softmax_fwd_args(problem, group, op == Op.LOG_SOFTMAX), dev)
             return 0.0
-        if op == SOFTMAX_BWD:
-            _launch(xp, ("softmax.cu", t, None), f"softmax_bwd<{t}>", grid, (x, x2, out, *shape),
-                    dev)
+        if op == Op.SOFTMAX_BWD:
+            _launch(xp, ("softmax.cu", t, None), f"softmax_bwd<{t}>", grid,
+                    softmax_bwd_args(problem, group), dev)
             return 0.0
 
-        lab = _target_ctype(target, target_kind, t)
+        lab = _target_ctype(problem, t)
         module = ("sswl.cu", t, lab)
-        g_val, g_ptr = _scalar_or_ptr(g_scale, 1.0)
-        div_val, div_ptr = _scalar_or_ptr(g_norm, 1.0)
-        common = (x, target, _p(w), _p(small_array(xp, cw, dev)), _p(small_array(xp, lens, dev)),
-                  _p(g),
-                  *shape, np.int64(ignore_index), np.float64(smoothing))
-        grad = (g_val, g_ptr, div_val, div_ptr)
-        if op == SSWL_BWD:
-            _launch(xp, module, f"sswl_bwd<{t}, {lab}>", grid, (*common, *grad, out), dev)
+        cw = small_array(xp, problem.class_weights, dev)
+        lens = small_array(xp, problem.lens, dev)
+        if op == Op.SSWL_BWD:
+            _launch(xp, module, f"sswl_bwd<{t}, {lab}>", grid,
+                    sswl_bwd_args(problem, group, cw, lens), dev)
             return 0.0
         partials = xp.empty(grid, np.float64)
         _launch(xp, module, f"sswl_fwd<{t}, {lab}>", grid,
-                (*common, np.float64(loss_cap), np.int32(op == SSWL_FWD_BWD), *grad, out,
-                 _p(out2), _p(loss_map), partials), dev)
+                sswl_fwd_args(problem, group, cw, lens, op == Op.SSWL_FWD_BWD, partials), dev)
         total = xp.empty((), np.float64)
-        _final_sum(xp, partials, grid, np.float64(1.0), _NULL, total, dev)
+        _final_sum(xp, partials, grid, 1.0, total, dev)
         return total
 
 
-def stats(x, target, target_kind, ignore_index, w, cw, outer, C, inner, tile, n_threads):
+def stats(problem, threads=None):
     """Label pre-pass on x's device: (sum of n_p, lowest flat index of a bad label or -1).
 
     Both are 0-d device arrays (float64, int64); nothing is read to the host. Reading the
     index (``int(bad)``) is the one synchronisation, for the caller to do when validating.
     """
+    x = problem.x
     xp = V.array_module(x)
+    g = problem.geom
     with x.device:
         dev = x.device.id
-        n_pixels = outer * inner
+        n_pixels = g.outer * g.inner
         if n_pixels == 0:
             return xp.zeros((), np.float64), xp.full((), -1, np.int64)
-        _, grid = launch_config(n_pixels, C, inner, logits=False)
+        _, grid = launch_config(n_pixels, g.C, g.inner, logits=False)
         t = FLOAT_CTYPES[x.dtype]
-        lab = _target_ctype(target, target_kind, t)
+        lab = _target_ctype(problem, t)
         norm_partials = xp.empty(grid, np.float64)
         bad_partials = xp.empty(grid, np.int64)
+        cw = small_array(xp, problem.class_weights, dev)
         _launch(xp, ("sswl.cu", t, lab), f"sswl_stats<{t}, {lab}>", grid,
-                (target, _p(w), _p(small_array(xp, cw, dev)), np.int64(n_pixels), np.int32(C),
-                 np.int64(ignore_index), norm_partials, bad_partials), dev)
+                sswl_stats_args(problem, cw, norm_partials, bad_partials), dev)
         norm = xp.empty((), np.float64)
         bad = xp.empty((), np.int64)
-        _final_sum(xp, norm_partials, grid, np.float64(1.0), _NULL, norm, dev)
-        _launch(xp, _FINAL, "reduce_first_bad", 1, (bad_partials, np.int64(grid), bad), dev)
+        _final_sum(xp, norm_partials, grid, 1.0, norm, dev)
+        _launch(xp, _FINAL, "reduce_first_bad", 1, reduce_first_bad_args(bad_partials, grid, bad),
+                dev)
         return norm, bad
 
 
@@ -299,6 +372,5 @@ def loss_value(total, divisor, dtype):
     xp = V.array_module(total)
     with total.device:
         out = xp.empty((), dtype)
-        div_val, div_ptr = _scalar_or_ptr(divisor, 1.0)
-        _final_sum(xp, total, 1, div_val, div_ptr, out, total.device.id)
+        _final_sum(xp, total, 1, divisor, out, total.device.id)
         return out

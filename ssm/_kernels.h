@@ -122,7 +122,7 @@ SSM_INLINE float ssm_expf_nonpos(float x)
     return p * s1.f * s2.f;
 }
 
-/* target kinds; must match LABEL_KINDS and SOFT_KIND in ssm/_validation.py */
+/* target kinds: the values of ssm._codes.Target (tests/test_contract.py checks them) */
 enum { SSM_NO_TARGET = 0, SSM_U8 = 1, SSM_I32 = 2, SSM_I64 = 3, SSM_SOFT = 4 };
 
 typedef struct {

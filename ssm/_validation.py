@@ -17,25 +17,16 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._codes import LABEL_KINDS, Target  # LABEL_KINDS: the integer label dtypes
+
 # Float dtypes of logits (and of soft targets, weights, class weights, lenses, d_loss maps).
 FLOAT_DTYPES = {
     "cpu": (np.dtype(np.float32), np.dtype(np.float64)),
     "cuda": (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)),
 }
-# Integer label dtypes and their kernel codes; the codes must match the enum in _kernels.h.
-LABEL_KINDS = {np.dtype(np.uint8): 1, np.dtype(np.int32): 2, np.dtype(np.int64): 3}
-SOFT_KIND = 4
 LAYOUTS = ("NCHW", "NHWC")
 REDUCTIONS = ("mean", "sum", "batch", "none")
 LENS_ROW_TOLERANCE = 1e-4
-
-# Pixels per tile: a tile's C rows of logits take about TILE_BYTES, so the tile stays
-# in L1/L2 across the kernel's sweeps. At most 1024 pixels, a multiple of 16 when >= 16.
-TILE_BYTES = 64 * 1024
-# Outputs of at least this many bytes are written with non-temporal stores (CPU): they
-# would not stay in the caches anyway. VOC fused, 2 threads: 6.60 -> 6.38 ms; ADE
-# 6.96 -> 6.26 ms; a 1.4 MB output: 0.23 -> 0.27 ms, hence the threshold.
-STREAM_BYTES = 8 * 1024 * 1024
 
 
 def _quote(values):
@@ -162,8 +153,8 @@ def check_float_array(a, name: str):
 
 
 class Geometry(NamedTuple):
-    """A logits shape seen as (outer, C, inner), plus the per-pixel shape (N, *spatial),
-    the tile size and whether outputs of this shape are streamed."""
+    """A logits shape seen as (outer, C, inner), plus the per-pixel shape (N, *spatial).
+    How a backend cuts it up (tiles, blocks) is the backend's own business."""
 
     shape: tuple
     N: int
@@ -171,22 +162,10 @@ class Geometry(NamedTuple):
     pixel_shape: tuple
     outer: int
     inner: int
-    tile: int
-    stream: bool
 
     @property
     def n_pixels(self) -> int:
         return self.outer * self.inner
-
-
-def tile_size(C: int, inner: int, itemsize: int) -> int:
-    """Pixels per tile (see TILE_BYTES); never more than an image's pixel count."""
-    t = max(1, min(1024, TILE_BYTES // (C * itemsize)))
-    if t >= 16:
-        t = t // 16 * 16
-    if inner > 1:
-        t = min(t, inner)
-    return t
 
 
 def geometry(a: np.ndarray, name: str, layout: str) -> Geometry:
@@ -204,8 +183,7 @@ def geometry(a: np.ndarray, name: str, layout: str) -> Geometry:
         raise ValueError(f"{name}: shape {shape} has an empty class axis; expected C >= 1")
     if C >= 2**31:
         raise ValueError(f"{name}: {C} classes; at most 2**31 - 1 are supported")
-    return Geometry(shape, N, C, (N, *spatial), outer, inner, tile_size(C, inner, a.itemsize),
-                    a.nbytes >= STREAM_BYTES)
+    return Geometry(shape, N, C, (N, *spatial), outer, inner)
 
 
 def check_same(a: np.ndarray, name: str, ref: np.ndarray, ref_name: str) -> np.ndarray:
@@ -234,7 +212,7 @@ def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
             if t.dtype != logits.dtype:
                 raise TypeError(f"target: soft targets of dtype {t.dtype} differ from "
                                 f"{logits_name}'s dtype {logits.dtype}; {kinds}")
-            return contiguous(t), SOFT_KIND
+            return contiguous(t), Target.SOFT
         if t.shape == geom.pixel_shape:
             raise TypeError(f"target: a {t.dtype} array of shape {t.shape} has the labels' "
                             f"shape, but labels must be integers (target.astype(np.int64)); "
@@ -284,7 +262,7 @@ def check_class_weights(class_weights, C: int, dtype: np.dtype):
 def check_lens(lens, C: int, dtype: np.dtype, kind: int):
     if lens is None:
         return None
-    if kind == SOFT_KIND:
+    if kind == Target.SOFT:
         raise ValueError("lens: a confusion lens maps integer labels; it cannot be used with "
                          "soft targets (fold it into the target map instead)")
     lens = _small_float(lens, "lens", (C, C))  # checked in float64, then cast
@@ -382,7 +360,12 @@ def check_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()):
 
 def bad_label_error(target: np.ndarray, flat_index: int, C: int, ignore_index: int) -> ValueError:
     index = tuple(int(i) for i in np.unravel_index(flat_index, target.shape))
-    value = int(target.reshape(-1)[flat_index])
+    return label_error(int(target.reshape(-1)[flat_index]), index, C, ignore_index)
+
+
+def label_error(value: int, index: tuple, C: int, ignore_index: int) -> ValueError:
+    """The bad-label error for a label and its index (ssm.dask: the index in the whole
+    array, from a chunk's)."""
     return ValueError(f"target: label {value} at index {index} is outside [0, {C}) and is not "
                       f"ignore_index ({ignore_index})")
 

@@ -17,6 +17,11 @@ and confusion lens, and runs ssm's fused kernel:
 - Without autograd (``torch.no_grad``, inference, inputs that need no gradient) it is the
   forward-only ``ssm.spatial_softmax_with_loss``: no gradient is computed.
 
+On the CPU a gradient of at least ``REUSE_BYTES`` is written into the memory of the
+thread's previous one once nothing uses that any more (``_grad_buffer``): a training loop
+does not pay the first touch of a fresh logits-sized block every step. One such block per
+thread stays allocated between steps.
+
 Both are ``torch.library`` custom ops (``ssm::cross_entropy_fwd_bwd`` with its autograd
 formula registered, ``ssm::cross_entropy``), with fake implementations, so that
 ``torch.compile`` keeps them as single opaque nodes: no graph break, no tracing into NumPy.
@@ -31,7 +36,11 @@ or torch; ``ssm.torch`` does.
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from typing import Optional
+
+import numpy as np
 
 try:
     import torch
@@ -83,6 +92,61 @@ def _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index, layou
     return torch.where(norm.to(loss.device) == 0, torch.full_like(loss, float("nan")), loss)
 
 
+# ---- the gradient buffer of the CPU, reused ---------------------------------------------------
+# A fresh logits-sized gradient every training step costs its first touch: the kernel maps
+# and zeroes every page of it (VOC-like workload, 44 MB at 2 threads: about as long as the
+# fused pass itself). PyTorch's CPU allocator returns such blocks to the system at once.
+# So each thread keeps its last gradient's memory, and hands it out again once nothing
+# uses it: the tensor is a view of a NumPy array that only its storage references, and
+# a finalizer on that array says when the last tensor, view or .grad using it is gone.
+# No reference counts are guessed: while any user of the memory lives, a new buffer is
+# allocated (and becomes the kept one). Cost: one gradient-sized block per thread, held
+# between steps. GPU memory is left to PyTorch's caching allocator.
+REUSE_BYTES = 1 << 20  # smaller gradients are cheap to allocate
+
+
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+class _Kept:
+    """One thread's kept gradient memory."""
+
+    def __init__(self):
+        self.memory = None  # a uint8 NumPy array, 64 bytes more than the gradient
+        self.free = False   # no tensor uses it
+
+
+_threads = threading.local()
+
+
+def _mark_free(kept, memory):
+    # (may run in any thread, whenever the last user goes; memory: the block it used)
+    if kept.memory is memory:
+        kept.free = True
+
+
+def _grad_buffer(input: torch.Tensor):
+    """An uninitialised C-contiguous CPU tensor like ``input`` for the gradient: the kept
+    memory when it is free and the right size, else new memory (then kept); None for
+    small, non-CPU or non-float32/64 inputs (ssm allocates)."""
+    dtype = _NUMPY_DTYPES.get(input.dtype)
+    if dtype is None or input.device.type != "cpu":
+        return None
+    nbytes = input.numel() * dtype.itemsize
+    if nbytes < REUSE_BYTES:
+        return None
+    kept = getattr(_threads, "kept", None)
+    if kept is None:
+        kept = _threads.kept = _Kept()
+    if not (kept.free and kept.memory.size == nbytes + 64):
+        kept.memory = np.empty(nbytes + 64, np.uint8)
+    kept.free = False
+    start = -kept.memory.ctypes.data % 64  # aligned for any kernel
+    view = kept.memory[start:start + nbytes].view(dtype).reshape(input.shape)
+    weakref.finalize(view, _mark_free, kept, kept.memory)
+    return torch.from_numpy(view)
+
+
 def _ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout):
     return dict(class_weights=weight, lens=lens, ignore_index=ignore_index,
                 reduction=reduction, label_smoothing=label_smoothing, layout=layout)
@@ -97,7 +161,7 @@ def _cross_entropy_fwd_bwd(input: torch.Tensor, target: torch.Tensor,
     """The loss and its gradient with respect to ``input`` (for ``d_loss = 1``), one pass."""
     with _stream_of(input):
         loss, grad = ssm.spatial_softmax_with_loss_and_grad(
-            input.detach(), target, pixel_weights, 1.0,
+            input.detach(), target, pixel_weights, 1.0, out=_grad_buffer(input),
             **_ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout))
     if reduction == "mean":
         loss = _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index, layout)

@@ -21,7 +21,7 @@ import pytest
 import ssm
 from conftest import child_process_kwargs, missing
 from ssm import bench
-from ssm.bench import busy, cli, gpu, peers, report, timing, workloads
+from ssm.bench import busy, cli, gpu, peers, report, timing, training, workloads
 from ssm.bench.report import derive, format_row, format_tables, summary_lines
 from ssm.bench.timing import BUSY_CORES, MAX_REPS, WARMUP, Row
 
@@ -31,7 +31,8 @@ TINY = ["--shape", "2", "3", "8", "8", "--threads", "1", "--budget", "0.01", "--
 
 def _row(op, impl, threads, ms, other=None, nbytes=None):
     """A row whose times (ns) are ``ms`` (a list: median, min, max are known)."""
-    nbytes = nbytes or (2 * X_BYTES if op in ("copy", "softmax") else 2 * X_BYTES + L_BYTES)
+    nbytes = nbytes or (2 * X_BYTES if op in ("copy", "softmax") else X_BYTES if op == "read"
+                        else 2 * X_BYTES + L_BYTES)
     return Row(op, impl, threads, nbytes, [int(round(m * 1e6)) for m in ms], other)
 
 
@@ -115,6 +116,40 @@ def test_derive_without_copy_rows_and_on_the_gpu():
     assert t["vs_ssm"] == pytest.approx(2.5)
 
 
+def test_derive_floor_is_the_streaming_copy_where_timed(cpu_rows):
+    rows = cpu_rows + [_row("copy", "stream", 2, [0.4]), _row("read", "read", 2, [0.15])]
+    d = derive(rows)
+    s1, s2 = _pick(d, "fused", "ssm", 1), _pick(d, "fused", "ssm", 2)
+    assert s1["floor"] == "copy" and s1["floor_ms"] == pytest.approx(1.0 * 2.1 / 2.0)
+    assert s2["floor"] == "stream" and s2["floor_ms"] == pytest.approx(0.4 * 2.1 / 2.0)
+    assert s2["x_floor"] == pytest.approx(1.0 / 0.42)
+    assert _pick(d, "copy", "copy", 2)["x_floor"] == pytest.approx(0.5 / 0.4)  # copyto vs stream
+    r = _pick(d, "read", "read", 2)
+    assert r["floor"] == "read" and r["x_floor"] == pytest.approx(1.0)
+    (cols,) = [line for line in _summary(d) if line.startswith("Columns:")]
+    assert cols.startswith("Columns: floor = the streaming copy, else the copy at the same")
+    (cols,) = [line for line in _summary(derive(cpu_rows)) if line.startswith("Columns:")]
+    assert cols.startswith("Columns: floor = the copy at the same threads")
+
+
+def test_floor_kernels():
+    from ssm import _cpu
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 63, 64, 1000, (1 << 20) + 77, 3 << 20):
+        src = rng.integers(0, 256, n, dtype=np.uint8)
+        dst = np.zeros(n + 1, np.uint8)[1:]               # an unaligned destination
+        _cpu.floor_stream(dst, src, 2)
+        np.testing.assert_array_equal(dst, src)
+        words = n // 64 * 64  # whole lines as 64-bit words, per 1 MiB chunk; the rest by byte
+        want = int(np.frombuffer(src[:words].tobytes(), np.uint64).sum(dtype=np.uint64)) \
+            + int(src[words:].sum())
+        assert _cpu.floor_read(src, 2) == want % 2**64
+    with pytest.raises(ValueError, match="dst: expected a writeable array of src's size"):
+        _cpu.floor_stream(np.zeros(3, np.uint8), np.zeros(4, np.uint8), 1)
+    with pytest.raises(TypeError, match="src: expected a C-contiguous NumPy array"):
+        _cpu.floor_read(np.zeros((4, 4))[:, 1], 1)
+
+
 # ---------------------------------------------------------------- formatting
 
 
@@ -148,8 +183,8 @@ def test_format_tables_titles_models_and_order(cpu_rows):
     pb = types.SimpleNamespace(x_bytes=X_BYTES, label_bytes=L_BYTES)
     rows = list(reversed(cpu_rows))                                # the order must not matter
     lines = format_tables(derive(rows), pb)
-    assert lines[:3] == ["", "copy floor (np.copyto into a preallocated buffer): 2X = 2.0 MB",
-                         report.HEADER]
+    assert lines[:3] == ["", "copy floors into a preallocated buffer (copy: np.copyto; stream: "
+                             "non-temporal stores): 2X = 2.0 MB", report.HEADER]
     fused = lines.index("fused loss+grad (X, y -> loss, dX): 2X+L = 2.1 MB")
     body = [line.split()[:2] for line in lines[fused + 2:]]
     assert body == [["ssm", "1"], ["ssm", "2"], ["torch", "1"], ["torch", "2"], ["numpy", "1"]]
@@ -319,6 +354,7 @@ def test_cuda_modules_without_cupy_says_what_to_do():
     (["--budget", "-1"], r"--budget and --max-wait must be >= 0 and --min-reps >= 1"),
     (["--min-reps", "0"], r"--min-reps >= 1"),
     (["--device", "tpu"], r"--device: invalid choice"),
+    (["--busy", "--training-step"], r"give --busy or --training-step, not both"),
 ])
 def test_parser_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -363,10 +399,10 @@ def test_cli_run_prints_the_tables(tiny_run):
     lines, _, _ = tiny_run
     assert lines[0].startswith("ssm.bench: 2x3x8x8 float32 logits, int64 labels (5% = -1)")
     assert "(small: data stays in cache)" in lines[0]
-    for title in ("copy floor (np.copyto", "softmax (X -> P)", "loss forward",
+    for title in ("copy floors into", "read floor", "softmax (X -> P)", "loss forward",
                   "loss backward", "fused loss+grad"):
         assert any(line.startswith(title) for line in lines), title
-    assert lines.count(report.HEADER) == 5
+    assert lines.count(report.HEADER) == 6
     assert any(line.startswith("Checked once: every loss agrees") for line in lines)
     assert lines[-1].startswith("Wall time ")
 
@@ -379,16 +415,17 @@ def test_cli_json_report(tiny_run):
     w = rep["workload"]
     assert w["shape"] == [2, 3, 8, 8] and w["dtype"] == "float32" and w["labels"] == "int64"
     assert w["op_bytes"]["fused"] == 2 * w["x_bytes"] + w["label_bytes"]
-    assert set(w["op_bytes"]) == {"copy", "softmax", "forward", "backward", "fused"}
+    assert set(w["op_bytes"]) == {"copy", "read", "softmax", "forward", "backward", "fused"}
     m = rep["method"]
     assert (m["budget_s"], m["min_reps"], m["threads"], m["max_reps"]) == (0.01, 1, [1], MAX_REPS)
     assert set(rep["foreign_load_cores"]) == {"before", "during"}
     impls = {(r["op"], r["impl"]) for r in rep["rows"]}
-    assert {("copy", "copy"), ("fused", "ssm"), ("softmax", "numpy")} <= impls
+    assert {("copy", "copy"), ("copy", "stream"), ("read", "read"), ("fused", "ssm"),
+            ("softmax", "numpy")} <= impls
     assert all(r["threads"] == 1 and r["reps"] >= 1 for r in rep["rows"])
     assert set(rep["rows"][0]) == {
         "op", "impl", "threads", "bytes", "reps", "median_ms", "min_ms", "max_ms", "iqr_ms",
-        "gbps", "other_cores", "spread", "times_ms", "floor_ms", "x_floor", "speedup",
+        "gbps", "other_cores", "spread", "times_ms", "floor", "floor_ms", "x_floor", "speedup",
         "efficiency", "vs_ssm", "flags"}
     assert rep["checks"] and all(c["ok"] for c in rep["checks"])
     assert {"cpu", "cores", "memory_bytes"} <= set(rep["machine"])
@@ -448,3 +485,42 @@ def test_busy_mode(tmp_path, monkeypatch, capsys):
                                    "ratio_p90"}
     if png is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_step_lines_from_synthetic_rows():
+    rows = [{"case": c, "threads": t, "rounds": 7, "median_s": m, "min_s": m, "max_s": m}
+            for t in (1, 2)
+            for c, m in ((training.RAW_CASE, 0.005), ("ssm.torch eager", 0.010),
+                         ("F.cross_entropy eager", 0.080), ("F.cross_entropy compiled", 0.030),
+                         ("ssm.jax jit(value_and_grad)", 0.020),
+                         ("jax.nn jit(value_and_grad)", 0.050))]
+    lines = training.format_lines(rows, (8, 21, 256, 256))
+    assert lines[0].startswith("Training step: loss + gradient") and "8x21x256x256" in lines[0]
+    assert lines[2].split()[-4:] == ["1", "5.00", "5.00-5.00", "7"]
+    (one,) = [line for line in lines if line.startswith("1 thread(s): ")]
+    assert one == ("1 thread(s): ssm.torch vs F.cross_entropy eager: 8.00x; ssm.torch vs "
+                   "F.cross_entropy compiled: 3.00x; ssm.jax vs jax.nn, both "
+                   "jit(value_and_grad): 2.50x; ssm.torch's cost over the NumPy call: 2.00x")
+    only_raw = training.format_lines(rows[:1], (1, 3, 4), use_torch=False, use_jax=False)
+    assert only_raw[-2:] == [
+        "PyTorch is not installed: no PyTorch rows (pip install 'ssm[torch]').",
+        "JAX is not installed: no JAX rows (pip install 'ssm[jax]')."]
+
+
+def test_training_step_mode(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "MIN_ROUNDS", 2)
+    threads_before = ssm.get_num_threads()
+    path = tmp_path / "training.json"
+    argv = ["--training-step", "--shape", "2", "3", "4", "4", "--threads", "1", "--budget", "0",
+            "--no-compile", "--quiet", "--json", str(path)]
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Training step: loss + gradient") and "2x3x4x4" in lines[0]
+    rep = json.loads(path.read_text())
+    assert rep["tool"] == "ssm.bench --training-step" and rep["argv"] == argv
+    cases = [r["case"] for r in rep["rows"]]
+    assert cases[0] == training.RAW_CASE and all(r["rounds"] >= 2 for r in rep["rows"])
+    if importlib.util.find_spec("torch") is not None:
+        assert {"ssm.torch eager", "F.cross_entropy eager"} <= set(cases)
+        assert "ssm.torch compiled" not in cases
+    assert ssm.get_num_threads() == threads_before  # restored

@@ -536,7 +536,7 @@ def test_rows_layout_every_channel_and_pixel_remainder(rng, dtype):
     tiles of 8 x 8 (float32) or 4 x 4 (float64), with the last channels of each pixel
     stored wide into the next pixel's place: every C mod 8 and pixel count mod 8, over
     tile boundaries, against the reference (a misplaced or lost element is far off)."""
-    from ssm._validation import tile_size
+    from ssm._cpu import tile_size
     for C in list(range(1, 18)) + [23, 150]:
         T = tile_size(C, 1, np.dtype(dtype).itemsize)
         for P in sorted({1, 7, 8, 9, 15, 17, T - 1, T, T + 3, 2 * T + 5}):

@@ -25,6 +25,8 @@ from conftest import (LABEL_DTYPES, assert_close, logits_shape, make_class_weigh
                       make_labels, make_lens, make_logits, make_soft_targets, make_weights)
 from ssm import _gpu
 from ssm import _validation as V
+from ssm._codes import LABEL_KINDS, Op, Target
+from ssm._problem import Problem
 from test_cpu import OPTION_SETS, OPTION_SHAPES, SHAPES, SMALL_SHAPES, _options, _sid
 
 
@@ -145,17 +147,30 @@ def check_loss_and_grad_gpu(logits, target, weights=None, d_loss=1.0, **opts):
 
 def _problem(rng, dtype, outer, C, inner, kind, bad=()):
     x = make_logits(rng, (outer, C, inner), dtype)
-    if kind == V.SOFT_KIND:
+    if kind == Target.SOFT:
         t = make_soft_targets(rng, (outer, C, inner), dtype)
     else:
-        ldt = {1: np.uint8, 2: np.int32, 3: np.int64}[kind]
-        t = make_labels(rng, (outer, inner), C, ldt, ignore_index=-1 if kind != 1 else 255)
+        ldt = {kind: dtype for dtype, kind in LABEL_KINDS.items()}[kind]
+        t = make_labels(rng, (outer, inner), C, ldt, ignore_index=-1 if kind != Target.U8 else 255)
         for flat, value in bad:
             t.flat[flat] = value
     return x, t
 
 
-@pytest.mark.parametrize("kind", [1, 2, 3, V.SOFT_KIND], ids=["u8", "i32", "i64", "soft"])
+def _geom(outer, C, inner):
+    """The geometry of an (outer, C, inner) problem, as _validation.geometry gives it."""
+    return V.geometry(np.empty((outer, C, inner), np.uint8), "x", "NCHW")
+
+
+def _on_gpu(P):
+    """The problem with every host array moved to the (simulated) device, as _api.py makes
+    it: class weights and lens stay host arrays (the GPU backend keeps a device copy)."""
+    moved = {f: gpu(v) for f, v in P._asdict().items()
+             if isinstance(v, np.ndarray) and f not in ("class_weights", "lens")}
+    return P._replace(**moved)
+
+
+@pytest.mark.parametrize("kind", [*LABEL_KINDS.values(), Target.SOFT], ids=lambda k: k.name)
 @pytest.mark.parametrize("outer,C,inner", [(3, 5, 1), (1100, 21, 1), (2, 2, 1), (2, 7, 33),
                                            (1, 150, 257), (3, 1, 5)])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -163,27 +178,28 @@ def test_backend_matches_cpu(rng, dtype, outer, C, inner, kind):
     from ssm import _cpu
 
     x, t = _problem(rng, dtype, outer, C, inner, kind)
-    ign = 255 if kind == 1 else -1
+    ign = 255 if kind == Target.U8 else -1
     w = make_weights(rng, (outer, inner), dtype)
     cw = make_class_weights(rng, C, dtype)
     g = rng.random((outer, inner)).astype(dtype)
-    tile = V.tile_size(C, inner, x.itemsize)
-    args = (outer, C, inner, tile, (1, False))  # threads: (count, adaptive)
-    xg, tg, wg, gg = gpu(x), gpu(t), gpu(w), gpu(g)
+    geom = _geom(outer, C, inner)
+    one = (1, False)  # threads: (count, adaptive)
     factor = 8
 
-    for op in (_cpu.SOFTMAX, _cpu.LOG_SOFTMAX):
-        out_c, out_g = np.empty_like(x), _cp().empty_like(xg)
-        _cpu.run(op, x, out_c, *args)
-        assert _gpu.run(op, xg, out_g, *args) == 0.0
-        close(out_g, out_c, dtype, scale=10, factor=factor)
-    out_c, out_g = np.empty_like(x), _cp().empty_like(xg)
-    _cpu.run(_cpu.SOFTMAX_BWD, x, out_c, *args, x2=g.reshape(outer, 1, inner).repeat(C, 1))
-    _gpu.run(_gpu.SOFTMAX_BWD, xg, out_g, *args, x2=gpu(g.reshape(outer, 1, inner).repeat(C, 1)))
-    close(out_g, out_c, dtype, scale=np.abs(out_c).max(), factor=factor)
+    for op in (Op.SOFTMAX, Op.LOG_SOFTMAX):
+        P = Problem(geom, x, out=np.empty_like(x))
+        Pg = _on_gpu(P)
+        _cpu.run(op, P, one)
+        assert _gpu.run(op, Pg, one) == 0.0
+        close(Pg.out, P.out, dtype, scale=10, factor=factor)
+    P = Problem(geom, x, out=np.empty_like(x), dprob=g.reshape(outer, 1, inner).repeat(C, 1))
+    Pg = _on_gpu(P)
+    _cpu.run(Op.SOFTMAX_BWD, P, one)
+    _gpu.run(Op.SOFTMAX_BWD, Pg, one)
+    close(Pg.out, P.out, dtype, scale=np.abs(P.out).max(), factor=factor)
 
     option_sets = [{}, {"smoothing": 0.1}]
-    if kind != V.SOFT_KIND:
+    if kind != Target.SOFT:
         option_sets += [{"lens": make_lens(rng, C, dtype)}, {"loss_cap": 1.5}]
     # Tolerances scale with the magnitude of the terms that were summed, never with the
     # result: with C = 1 the exact loss and gradient are 0, and the CPU's rounding noise
@@ -191,19 +207,21 @@ def test_backend_matches_cpu(rng, dtype, outer, C, inner, kind):
     pixel_scale = (np.abs(x).max() + math.log(C) + 1) * 2 * cw.max()  # |a_c x_c|, w < 2
     loss_scale = outer * inner * pixel_scale
     for opts in option_sets:
-        kw = dict(target_kind=kind, ignore_index=ign, w=w, cw=cw, **opts)
-        kwg = dict(kw, target=tg, w=wg)
-        kw["target"] = t
-        norm_c, bad_c = _cpu.stats(x, t, kind, ign, w, cw, *args)
-        norm_g, bad_g = _gpu.stats(xg, tg, kind, ign, wg, cw, *args)
+        P = Problem(geom, x, target=t, kind=kind, ignore_index=ign, weights=w, class_weights=cw,
+                    **opts)
+        Pg = _on_gpu(P)
+        norm_c, bad_c = _cpu.stats(P, one)
+        norm_g, bad_g = _gpu.stats(Pg, one)
         assert int(bad_g) == bad_c == -1
         np.testing.assert_allclose(float(norm_g), norm_c, rtol=1e-12)
-        for op in (_cpu.SSWL_FWD, _cpu.SSWL_FWD_BWD):
+        for op in (Op.SSWL_FWD, Op.SSWL_FWD_BWD):
             lm_c, lm_g = np.empty((outer, inner), dtype), _cp().empty((outer, inner), dtype)
-            out_c, out_g = np.empty_like(x), _cp().empty_like(xg)
-            tot_c = _cpu.run(op, x, out_c, *args, g=g, g_scale=0.5 / norm_c, loss_map=lm_c, **kw)
-            tot_g = _gpu.run(op, xg, out_g, *args, g=gg, g_scale=0.5, g_norm=norm_g,
-                             loss_map=lm_g, **kwg)
+            out_c, out_g = np.empty_like(x), _cp().empty_like(Pg.x)
+            tot_c = _cpu.run(op, P._replace(out=out_c, d_loss_map=g, d_loss=0.5, divisor=norm_c,
+                                            loss_map=lm_c), one)
+            # on the device: the divisor stays there, a 0-d float64 array
+            tot_g = _gpu.run(op, Pg._replace(out=out_g, d_loss_map=gpu(g), d_loss=0.5,
+                                             divisor=norm_g, loss_map=lm_g), one)
             assert isinstance(tot_g, _cp().ndarray) and tot_g.shape == () \
                 and tot_g.dtype == np.float64
             e = 64 * float(np.finfo(dtype).eps)
@@ -218,25 +236,25 @@ def test_backend_matches_cpu(rng, dtype, outer, C, inner, kind):
             value = _gpu.loss_value(tot_g, norm_g, x.dtype)
             assert value.shape == () and value.dtype == dtype
             close(value, tot_c / norm_c, dtype, scale=loss_scale / norm_c, factor=factor)
-        out_c, out_g = np.empty_like(x), _cp().empty_like(xg)
-        _cpu.run(_cpu.SSWL_BWD, x, out_c, *args, g=g, g_scale=2.0, **kw)
-        _gpu.run(_gpu.SSWL_BWD, xg, out_g, *args, g=gg, g_scale=2.0, **kwg)
+        out_c, out_g = np.empty_like(x), _cp().empty_like(Pg.x)
+        _cpu.run(Op.SSWL_BWD, P._replace(out=out_c, d_loss_map=g, d_loss=2.0), one)
+        _gpu.run(Op.SSWL_BWD, Pg._replace(out=out_g, d_loss_map=gpu(g), d_loss=2.0), one)
         close(out_g, out_c, dtype, scale=max(np.abs(out_c).max(), 2.0 * 2 * cw.max()),
               factor=factor)
 
 
-@pytest.mark.parametrize("kind", [1, 2, 3])
+@pytest.mark.parametrize("kind", LABEL_KINDS.values(), ids=lambda k: k.name)
 def test_backend_stats_first_bad_across_blocks(rng, kind):
     # Bad labels spread over many blocks of the pre-pass: the lowest flat index wins.
     from ssm import _cpu
 
     outer, C, inner = 4, 3, 129 * 131
-    bad = [(60001, 17), (20011, 5), (50021, 200 if kind == 1 else -7), (45000, 3)]
+    bad = [(60001, 17), (20011, 5), (50021, 200 if kind == Target.U8 else -7), (45000, 3)]
     x, t = _problem(rng, np.float32, outer, C, inner, kind, bad)
-    ign = 255 if kind == 1 else -1
-    args = (outer, C, inner, V.tile_size(C, inner, 4), (1, False))
-    norm_c, bad_c = _cpu.stats(x, t, kind, ign, None, None, *args)
-    norm_g, bad_g = _gpu.stats(gpu(x), gpu(t), kind, ign, None, None, *args)
+    ign = 255 if kind == Target.U8 else -1
+    P = Problem(_geom(outer, C, inner), x, target=t, kind=kind, ignore_index=ign)
+    norm_c, bad_c = _cpu.stats(P, (1, False))
+    norm_g, bad_g = _gpu.stats(_on_gpu(P), (1, False))
     assert bad_c == 20011 and int(bad_g) == 20011
     assert float(norm_g) == norm_c  # integer counts: exact in any order
 
@@ -245,10 +263,11 @@ def test_backend_empty_problem():
 
     cp = _cp()
     x = cp.zeros((0, 5, 3), np.float32)
-    total = _gpu.run(_gpu.SSWL_FWD, x, cp.empty_like(x), 0, 5, 3, 3, 1,
-                     target=cp.zeros((0, 3), np.int64), target_kind=3)
+    P = Problem(_geom(0, 5, 3), x, out=cp.empty_like(x), target=cp.zeros((0, 3), np.int64),
+                kind=Target.I64)
+    total = _gpu.run(Op.SSWL_FWD, P)
     assert total.shape == () and float(total) == 0.0
-    norm, bad = _gpu.stats(x, cp.zeros((0, 3), np.int64), 3, -1, None, None, 0, 5, 3, 3, 1)
+    norm, bad = _gpu.stats(P)
     assert float(norm) == 0.0 and int(bad) == -1
 
 

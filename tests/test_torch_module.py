@@ -319,3 +319,44 @@ def test_a_step_allocates_the_gradient_once(rng):
     tracemalloc.stop()
     assert x.nbytes <= forward_peak < x.nbytes + 64 * 1024
     assert backward_peak < x.nbytes + 64 * 1024  # the gradient, still held; no new copy
+
+
+def test_the_gradient_memory_is_reused_only_once_nothing_uses_it(rng):
+    # CPU gradients of REUSE_BYTES and more: a step whose gradient was dropped reuses its
+    # memory (no page faults for a fresh block); one still used anywhere (held, a view, a
+    # .grad) is never written again.
+    shape = (2, 5, 128, 128)  # float64: 1.25 MiB
+    x = torch.tensor(make_logits(rng, shape, np.float64), requires_grad=True)
+    assert x.numel() * 8 >= st.REUSE_BYTES
+    ys = [torch.tensor(make_labels(rng, (2, 128, 128), 5, ignore_index=-100)) for _ in range(4)]
+
+    def step(y):
+        x.grad = None
+        st.cross_entropy(x, y).backward()
+        return x.grad
+
+    def expected(y):
+        x2 = x.detach().clone().requires_grad_()
+        F.cross_entropy(x2, y).backward()
+        return x2.grad
+
+    first = step(ys[0]).data_ptr()
+    assert step(ys[1]).data_ptr() == first  # dropped, then reused
+    held = step(ys[2])
+    held_copy = held.clone()
+    view = held[1]  # a view of it, too
+    torch.testing.assert_close(held, expected(ys[2]))
+    again = step(ys[3])
+    assert again.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, held_copy, rtol=0, atol=0)  # untouched
+    torch.testing.assert_close(again, expected(ys[3]))
+    del held
+    current = step(ys[0])
+    current_copy = current.clone()
+    torch.testing.assert_close(view, held_copy[1], rtol=0, atol=0)  # the view survives
+    del view  # an older block's last user goes while the current one is still used
+    step(ys[1])
+    torch.testing.assert_close(current, current_copy, rtol=0, atol=0)
+    del current, again
+    kept = step(ys[2]).data_ptr()
+    assert step(ys[3]).data_ptr() == kept  # and reuse resumes

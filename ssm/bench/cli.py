@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from . import busy
+from . import busy, training
 from .cpu import run_cpu
 from .gpu import run_gpu
 from .machine import default_threads, usable_cores
@@ -58,16 +58,37 @@ def parse_args(argv=None):
     p.add_argument("--plot", metavar="FILE.png", help="thread scaling and ssm vs peers "
                                                       "(needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--training-step", action="store_true",
+                   help="instead: loss + backward as training code calls it, ssm.torch vs "
+                        "F.cross_entropy (eager and torch.compile) and ssm.jax vs jax.nn "
+                        "(jit(value_and_grad)), at each --threads count, on the workload "
+                        "(--budget seconds per count; --json applies)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="--training-step: skip the torch.compile rows")
+    p.add_argument("--no-jax", action="store_true", help="--training-step: skip the JAX rows")
     p.add_argument("--busy", action="store_true",
                    help="instead: the fused pass with default threads vs threads=1 on four "
                         "sizes (or --shape), quiet and beside one spinning process per core "
                         "(--budget seconds per size and phase; --json and --plot apply; "
                         "--threads does not)")
+    p.add_argument("--dask", action="store_true",
+                   help="instead: the fused pass through ssm.dask (chunks of one image; "
+                        "threaded scheduler and LocalClusters) against one call, on "
+                        "--dask-scale times the workload's batch, at the largest --threads "
+                        "count (default 2)")
+    p.add_argument("--dask-scale", type=int, default=4, metavar="K",
+                   help="--dask: K times the workload's batch (default 4)")
+    p.add_argument("--dask-chunk", type=int, default=1, metavar="K",
+                   help="--dask: K images per chunk (default 1)")
     args = p.parse_args(argv)
+    if args.dask and args.threads is None:
+        args.threads = [2]
     if args.shape is not None and args.workload is not None:
         p.error("give --workload or --shape, not both")
     if args.shape is not None and (len(args.shape) < 2 or min(args.shape) < 1):
         p.error("--shape: expected N C [spatial...] with every extent >= 1")
+    if args.busy and args.training_step:
+        p.error("give --busy or --training-step, not both")
     if args.budget < 0 or args.min_reps < 1 or args.max_wait < 0:
         p.error("--budget and --max-wait must be >= 0 and --min-reps >= 1")
     if args.threads is None:
@@ -116,6 +137,22 @@ def main_busy(ssm, args, argv):
     return 0
 
 
+def main_training(ssm, args, argv):
+    t0 = time.perf_counter()
+    _, shape = workload_of(args)
+    rows, lines = training.run_training(ssm, shape, args.threads, args.budget,
+                                        use_torch=not args.no_torch, use_jax=not args.no_jax,
+                                        compile_too=not args.no_compile, quiet=args.quiet)
+    for line in lines:
+        print(line)
+    wall = time.perf_counter() - t0
+    print(f"Wall time {wall:.1f} s.")
+    if args.json:
+        write_json(args.json, training.build_training_report(
+            sys.argv[1:] if argv is None else list(argv), shape, rows, wall))
+    return 0
+
+
 def main(argv=None):
     """``ssm-bench``: parse ``argv`` (default ``sys.argv[1:]``), run, print; returns 0."""
     args = parse_args(argv)
@@ -127,6 +164,16 @@ def main(argv=None):
         return 0
     if args.busy:
         return main_busy(ssm, args, argv)
+    if args.training_step:
+        return main_training(ssm, args, argv)
+    if args.dask:
+        from .dask_bench import run_dask
+        t0 = time.perf_counter()
+        name, shape = workload_of(args)
+        for line in run_dask(ssm, args, name, shape, max(args.threads)):
+            print(line)
+        print(f"Wall time {time.perf_counter() - t0:.1f} s.")
+        return 0
     t0 = time.perf_counter()
     name, shape = workload_of(args)
     runner = run_gpu if args.device == "cuda" else run_cpu

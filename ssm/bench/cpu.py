@@ -4,10 +4,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from .peers import (SklearnFused, check_agreement, copy_call, import_peers, numpy_calls,
-                    ssm_calls, torch_calls)
+                    read_call, ssm_calls, stream_call, torch_calls)
 from .report import describe_problem
 from .timing import BUSY_CORES, LoadMeter, QuietWait, probe_load, run_plan, time_cpu
-from .workloads import COPY_OP, make_problem
+from .workloads import COPY_OP, READ_OP, make_problem
 
 
 def _once(make):
@@ -27,7 +27,8 @@ def torch_row(torch, calls, threads, op):
 
 
 def plan_cpu(ssm, pb, threads_list, ops, torch, sk, pool):
-    """The rows to time, in order: per thread count copy, ssm, torch, sklearn; NumPy at 1.
+    """The rows to time, in order: per thread count the floors (np.copyto, the streaming
+    copy, the read), ssm, torch, sklearn; NumPy at 1.
 
     Each row is (op, impl, threads, make), ``make()`` returning the ``fn(i)`` to time.
     """
@@ -35,6 +36,8 @@ def plan_cpu(ssm, pb, threads_list, ops, torch, sk, pool):
     tcalls = _once(lambda: torch_calls(torch, pb))
     for k in threads_list:
         plan.append((COPY_OP, "copy", k, lambda k=k: copy_call(pb, k, pool)))
+        plan.append((COPY_OP, "stream", k, lambda k=k: stream_call(pb, k)))
+        plan.append((READ_OP, "read", k, lambda k=k: read_call(pb, k)))
         plan += [(op, "ssm", k, lambda op=op, k=k: ssm_calls(ssm, pb, k)[op]) for op in ops]
         if torch is not None:
             plan += [(op, "torch", k, lambda op=op, k=k: torch_row(torch, tcalls, k, op))

@@ -54,6 +54,19 @@ def copy_call(pb, threads, pool):
     return call
 
 
+def stream_call(pb, threads):
+    """X copied into the output buffer with the kernels' non-temporal stores (ssm/_floors.h):
+    the floor of a pass that reads X and writes X."""
+    from .. import _cpu
+    return lambda i: _cpu.floor_stream(pb.out[i], pb.x[i], threads)
+
+
+def read_call(pb, threads):
+    """Every byte of X read once (ssm/_floors.h): the floor of a pass that only reads."""
+    from .. import _cpu
+    return lambda i: _cpu.floor_read(pb.x[i], threads)
+
+
 def numpy_softmax(x, out):
     """Softmax over axis 1 into ``out``; returns the row max and the sum of exponentials."""
     m = x.max(axis=1, keepdims=True)

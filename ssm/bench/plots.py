@@ -31,8 +31,10 @@ def plot(path, derived, title):
 
 def _plot_scaling(ax, derived):
     threads = sorted({d["threads"] for d in derived if d["threads"]})
+    floor_impl = "stream" if any(d["impl"] == "stream" for d in derived) else "copy"
     for op in (COPY_OP,) + tuple(OPS):
-        ds = sorted((d for d in derived if d["op"] == op and d["impl"] in ("ssm", "copy")),
+        ds = sorted((d for d in derived
+                     if d["op"] == op and d["impl"] in ("ssm", floor_impl)),
                     key=lambda d: d["threads"] or 0)
         if ds and ds[0]["threads"]:
             style = dict(ls="--", color="gray") if op == COPY_OP else dict(marker="o")

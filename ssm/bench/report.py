@@ -8,16 +8,28 @@ import json
 from .machine import machine_info, versions
 from .peers import GRAD_RTOL
 from .timing import BUSY_CORES, MAX_REPS, MIN_LOAD_WINDOW_S, WARMUP
-from .workloads import COPY_OP, IGNORE_FRACTION, IMPLS, OPS, SEED
+from .workloads import COPY_OP, FLOORS, IGNORE_FRACTION, IMPLS, OPS, READ_OP, SEED
 
 WIDE_SPREAD = 0.5                # (max - min) / median above this flags a row
 NOISY_ROWS = 0.25                # warn when more than this fraction of rows is flagged ~
 
 
+def floor_rows(rows):
+    """Per thread count, the row whose bytes-per-second is the floor of a pass that writes:
+    the streaming copy (non-temporal stores, the kernels' store path) where it was timed,
+    else the plain copy (np.copyto; on the GPU the device-to-device copy)."""
+    floors = {}
+    for r in rows:
+        if r.op == COPY_OP and (r.impl == "stream" or r.threads not in floors):
+            floors[r.threads] = r
+    return floors
+
+
 def derive(rows):
-    """Per row: GB/s, floor, x floor, speedup and efficiency (vs its own lowest thread
-    count) and the peer's time over ssm's at the same thread count."""
-    copies = {r.threads: r for r in rows if r.op == COPY_OP}
+    """Per row: GB/s, floor (and which), x floor, speedup and efficiency (vs its own lowest
+    thread count) and the peer's time over ssm's at the same thread count. A read row's
+    floor is itself (the read floor of a pass that writes nothing of X's size)."""
+    copies = floor_rows(rows)
     base = {}
     for r in rows:
         key = (r.op, r.impl)
@@ -31,7 +43,8 @@ def derive(rows):
              "max_ms": r.max_ms, "iqr_ms": list(r.quartiles_ms()),
              "gbps": r.nbytes / r.median_ms / 1e6, "other_cores": r.other_cores,
              "spread": r.spread, "times_ms": [t / 1e6 for t in r.times_ns]}
-        cp = copies.get(r.threads)
+        cp = r if r.op == READ_OP else copies.get(r.threads)
+        d["floor"] = cp.impl if cp else None
         d["floor_ms"] = cp.median_ms * r.nbytes / cp.nbytes if cp else None
         d["x_floor"] = r.median_ms / d["floor_ms"] if cp else None
         b = base[(r.op, r.impl)]
@@ -88,8 +101,11 @@ def format_row(d):
 def format_tables(derived, pb, device="cpu"):
     lines = []
     X, L = pb.x_bytes, pb.label_bytes
-    how = "device-to-device copy" if device == "cuda" else "np.copyto"
-    titled = {COPY_OP: (f"copy floor ({how} into a preallocated buffer)", 2, 0)}
+    copies = ("copy floor (device-to-device copy into a preallocated buffer)" if device == "cuda"
+              else "copy floors into a preallocated buffer (copy: np.copyto; stream: "
+                   "non-temporal stores)")
+    titled = {COPY_OP: (copies, FLOORS[COPY_OP], 0),
+              READ_OP: ("read floor (every byte of X read once)", FLOORS[READ_OP], 0)}
     titled.update(OPS)
     for op, (title, kx, kl) in titled.items():
         ds = [d for d in derived if d["op"] == op]
@@ -97,7 +113,7 @@ def format_tables(derived, pb, device="cpu"):
             continue
         model = f"{kx}X" + (f"+{kl if kl > 1 else ''}L" if kl else "")
         lines += ["", f"{title}: {model} = {_mb(kx * X + kl * L)}", HEADER]
-        order = {name: n for n, name in enumerate(("copy",) + IMPLS)}
+        order = {name: n for n, name in enumerate(("stream", "copy", "read") + IMPLS)}
         ds.sort(key=lambda d: (order.get(d["impl"], 99), d["threads"] or 0))
         lines += [format_row(d) for d in ds]
     return lines
@@ -139,7 +155,10 @@ def summary_lines(derived, checks, notes, loads):
         lines.append(f"Checked once: every loss agrees with ssm's (worst rel {worst:.1e}) and "
                      f"every gradient to {GRAD_RTOL:g} of max|dX|.")
     lines += notes
-    lines.append("Columns: floor = copy time at the same threads scaled to the op's bytes; "
+    floors = {d["floor"] for d in derived if d["op"] != READ_OP} - {None}
+    which = ("the streaming copy (non-temporal stores)" if floors == {"stream"}
+             else "the copy" if floors == {"copy"} else "the streaming copy, else the copy")
+    lines.append(f"Columns: floor = {which} at the same threads scaled to the op's bytes; "
                  "x floor = median / floor; speedup and eff vs the same impl's lowest thread "
                  "count; x ssm = time / ssm's time at the same threads; other = foreign "
                  "load in cores.")
@@ -158,7 +177,8 @@ def build_report(args, argv, pb, derived, checks, notes, loads, wall):
                      "labels": str(pb.label_dtype), "ignore_index": pb.ignore_index,
                      "ignore_fraction": IGNORE_FRACTION, "n_sets": pb.n_sets,
                      "x_bytes": pb.x_bytes, "label_bytes": pb.label_bytes,
-                     "op_bytes": {op: pb.op_bytes(op) for op in (COPY_OP,) + tuple(OPS)}},
+                     "op_bytes": {op: pb.op_bytes(op)
+                                  for op in (COPY_OP, READ_OP) + tuple(OPS)}},
         "method": {"budget_s": args.budget, "max_wait_s": args.max_wait,
                    "min_reps": args.min_reps, "max_reps": MAX_REPS,
                    "warmup": max(WARMUP, pb.n_sets), "threads": args.threads,

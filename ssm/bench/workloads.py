@@ -25,7 +25,9 @@ OPS = {
     "backward": ("loss backward (P, y -> dX)", 2, 1),
     "fused": ("fused loss+grad (X, y -> loss, dX)", 2, 1),
 }
-COPY_OP = "copy"
+COPY_OP = "copy"   # impls: "copy" (np.copyto, device copy), "stream" (non-temporal stores)
+READ_OP = "read"   # impl "read": every byte of X read once
+FLOORS = {COPY_OP: 2, READ_OP: 1}  # their bytes, in X
 IMPLS = ("ssm", "torch", "numpy", "sklearn")
 IGNORE_FRACTION = 0.05
 SEED = 20261123
@@ -62,8 +64,8 @@ class Problem:
         return self.y[0].nbytes
 
     def op_bytes(self, op):
-        if op == COPY_OP:
-            return 2 * self.x_bytes
+        if op in FLOORS:
+            return FLOORS[op] * self.x_bytes
         _, kx, kl = OPS[op]
         return kx * self.x_bytes + kl * self.label_bytes
 

@@ -17,28 +17,29 @@
  *   a_c = w * cw_c * t_c,  A = sum_c a_c,  q_c = exp(x_c - m) / s
  *   sparse targets (plain labels): l = a * min(m - x_y + log s, loss_cap), a = w * cw_y
  *   dense targets (soft, lens, smoothing): l = a * (A (m + log s) - sum_c a_c x_c)
- *   gradient dx_c = g (A q_c - a_c), g = (d_loss / norm) * d_loss map (see grad_scale)
+ *   gradient dx_c = g (A q_c - a_c), g = (d_loss / divisor) * d_loss_map[p] (grad_scale)
  * Ignored pixels have loss and gradient exactly 0; a label outside [0, C) that is not
  * ignore_index is never used as an index: its pixel's loss and gradient are NaN, and the
  * pre-pass reports the lowest such flat index.
  *
  * Determinism: every kernel that sums writes one partial per block (the grid depends only
  * on the shape), and the final passes run in one block in a fixed order. No atomics.
- * d_loss and the normaliser can live on the device (g_num, g_norm: e.g. the "mean"
+ * d_loss and the divisor can live on the device (d_loss_ptr, divisor_ptr: e.g. the "mean"
  * normaliser from sswl_stats), so no kernel argument ever needs a device-to-host read.
  */
 #include "common.cuh"
 
 /* ---- per-pixel helpers ---------------------------------------------------------------- */
 
-/* The gradient scale g = num / den, 0 when den == 0 (as d / divisor on the CPU): num is
-   *g_num if given, else g_scale; den is *g_norm if given, else g_div. The pointers let
-   d_loss and the "mean" normaliser stay on the device. */
-__device__ __forceinline__ double grad_scale(double g_scale, const double* __restrict__ g_num,
-                                             double g_div, const double* __restrict__ g_norm)
+/* The gradient scale d_loss / divisor, 0 when the divisor is 0 (as on the CPU): each is
+   read through its pointer if given, else taken by value. The pointers let d_loss and the
+   "mean" normaliser stay on the device. */
+__device__ __forceinline__ double grad_scale(double d_loss, const double* __restrict__ d_loss_ptr,
+                                             double divisor,
+                                             const double* __restrict__ divisor_ptr)
 {
-    const double num = g_num != nullptr ? *g_num : g_scale;
-    const double den = g_norm != nullptr ? *g_norm : g_div;
+    const double num = d_loss_ptr != nullptr ? *d_loss_ptr : d_loss;
+    const double den = divisor_ptr != nullptr ? *divisor_ptr : divisor;
     return den != 0.0 ? num / den : 0.0;
 }
 
@@ -137,17 +138,18 @@ sswl_stats(const L* __restrict__ target, const T* __restrict__ w, const T* __res
 template <typename T, typename L>
 __global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
 sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restrict__ w,
-         const T* __restrict__ cw, const T* __restrict__ lens, const T* __restrict__ gmap,
+         const T* __restrict__ cw, const T* __restrict__ lens, const T* __restrict__ d_loss_map,
          long long outer, int C, long long inner, int group, long long ignore_index,
-         double smoothing, double loss_cap, int want_grad, double g_scale,
-         const double* __restrict__ g_num, double g_div, const double* __restrict__ g_norm,
+         double smoothing, double loss_cap, int want_grad, double d_loss,
+         const double* __restrict__ d_loss_ptr, double divisor,
+         const double* __restrict__ divisor_ptr,
          T* __restrict__ out, T* __restrict__ out2, T* __restrict__ loss_map,
          double* __restrict__ partials)
 {
     typedef acc_t<T> A;
     const bool dense = same_type<T, L>::value || lens != nullptr || smoothing != 0.0;
     const A keep = (A)(1.0 - smoothing), spread = (A)(smoothing / (double)C);
-    const A gs = want_grad ? (A)grad_scale(g_scale, g_num, g_div, g_norm) : (A)0;
+    const A gs = want_grad ? (A)grad_scale(d_loss, d_loss_ptr, divisor, divisor_ptr) : (A)0;
     const long long npix = outer * inner;
     const pixel_walk walk(group);
     const int lane = walk.lane;
@@ -159,7 +161,7 @@ sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restr
         int cls;
         double lp;
         stage_pixel(target, w, cw, p, C, ignore_index, dense, wv, a, cls);
-        const A g = want_grad ? (gmap != nullptr ? gs * to_acc(gmap[p]) : gs) : (A)0;
+        const A g = want_grad ? (d_loss_map != nullptr ? gs * to_acc(d_loss_map[p]) : gs) : (A)0;
 
         /* sweeps 1-2: max, then the sum of exp (and, for dense targets, A and sum a_c x_c) */
         const A m = row_max(xr, inner, C, lane, group);
@@ -233,15 +235,15 @@ sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restr
 template <typename T, typename L>
 __global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
 sswl_bwd(const T* __restrict__ prob, const L* __restrict__ target, const T* __restrict__ w,
-         const T* __restrict__ cw, const T* __restrict__ lens, const T* __restrict__ gmap,
+         const T* __restrict__ cw, const T* __restrict__ lens, const T* __restrict__ d_loss_map,
          long long outer, int C, long long inner, int group, long long ignore_index,
-         double smoothing, double g_scale, const double* __restrict__ g_num, double g_div,
-         const double* __restrict__ g_norm, T* __restrict__ out)
+         double smoothing, double d_loss, const double* __restrict__ d_loss_ptr,
+         double divisor, const double* __restrict__ divisor_ptr, T* __restrict__ out)
 {
     typedef acc_t<T> A;
     const bool dense = same_type<T, L>::value || lens != nullptr || smoothing != 0.0;
     const A keep = (A)(1.0 - smoothing), spread = (A)(smoothing / (double)C);
-    const A gs = (A)grad_scale(g_scale, g_num, g_div, g_norm);
+    const A gs = (A)grad_scale(d_loss, d_loss_ptr, divisor, divisor_ptr);
     const long long npix = outer * inner;
     const pixel_walk walk(group);
     const int lane = walk.lane;
@@ -250,7 +252,7 @@ sswl_bwd(const T* __restrict__ prob, const L* __restrict__ target, const T* __re
         A wv, a, f;
         int cls;
         stage_pixel(target, w, cw, p, C, ignore_index, dense, wv, a, cls);
-        const A g = gmap != nullptr ? gs * to_acc(gmap[p]) : gs;
+        const A g = d_loss_map != nullptr ? gs * to_acc(d_loss_map[p]) : gs;
         if (dense) {
             A asum = 0;
             for (int c = lane; c < C; c += group)

@@ -1,0 +1,42 @@
+"""The codes that cross from Python into the kernels, defined once.
+
+``Op`` names the kernel pass a backend runs; ``Target`` names how the target is stored.
+The CPU backend (ssm/_cpu.pyx) has the same values as C enums (its ``OP_*`` selectors and
+the ``SSM_*`` target kinds of ssm/_kernels.h); ``_cpu.kernel_codes()`` reads them back and
+tests/test_contract.py checks them against these. The CUDA kernels take no codes: they are
+templates on the target's type, and the GPU backend turns an ``Op`` into the kernel and
+its flags (ssm/_gpu.py, one argument builder per kernel).
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+
+class Op(enum.IntEnum):
+    """A kernel pass over the logits."""
+
+    SOFTMAX = 0       # prob
+    LOG_SOFTMAX = 1   # log-prob
+    SOFTMAX_BWD = 2   # dx from prob and dprob
+    SSWL_FWD = 3      # prob, the loss (sum and optional map)
+    SSWL_FWD_BWD = 4  # the loss and dlogits in one pass (prob too if asked)
+    SSWL_BWD = 5      # dlogits from prob
+
+
+class Target(enum.IntEnum):
+    """How a loss pass's target is stored."""
+
+    NONE = 0  # no target (softmax passes)
+    U8 = 1    # integer labels, (N, *spatial)
+    I32 = 2
+    I64 = 3
+    SOFT = 4  # a soft target map of the logits' shape and dtype
+
+
+# Integer label dtypes, and the kind each is passed as.
+LABEL_KINDS = {np.dtype(np.uint8): Target.U8, np.dtype(np.int32): Target.I32,
+               np.dtype(np.int64): Target.I64}
+
+LOSS_OPS = frozenset({Op.SSWL_FWD, Op.SSWL_FWD_BWD})  # the passes that return a loss sum

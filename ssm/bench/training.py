@@ -1,0 +1,194 @@
+"""``ssm-bench --training-step``: the loss and its gradient as training code calls them.
+
+PyTorch users write ``loss = F.cross_entropy(logits, target); loss.backward()``; JAX users
+``jax.jit(jax.value_and_grad(loss_fn))``. This mode times exactly that, per thread count:
+
+- ``ssm.torch.cross_entropy`` then ``.backward()``, eager and ``torch.compile``d;
+- ``F.cross_entropy`` then ``.backward()``, eager and ``torch.compile``d;
+- ``jit(value_and_grad)`` of ``ssm.jax.cross_entropy`` and of the same loss written with
+  ``jax.nn.log_softmax`` (optax's ``softmax_cross_entropy_with_integer_labels`` is the same
+  computation; masking the ignored label needs the explicit form);
+- ssm's NumPy call with ``out=`` (no allocation), for scale.
+
+The logits are a leaf tensor that requires grad (``.grad`` set to None before each step,
+as ``optimizer.zero_grad()`` does). Cases alternate within each round (a slow moment of a
+shared machine hits all of them); medians. PyTorch's and ssm's threads are set to the
+row's count; XLA's CPU thread pool cannot be limited after start-up (the JAX rows say
+how many cores it may use).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+
+IGNORE = 255
+MIN_ROUNDS = 7
+
+TORCH_CASES = ("ssm.torch eager", "F.cross_entropy eager", "ssm.torch compiled",
+               "F.cross_entropy compiled")
+JAX_CASES = ("ssm.jax jit(value_and_grad)", "jax.nn jit(value_and_grad)")
+RAW_CASE = "ssm NumPy, out="
+
+
+def _inputs(shape, seed=20261130):
+    rng = np.random.default_rng(seed)
+    x = (2 * rng.standard_normal(shape)).astype(np.float32)
+    y = rng.integers(0, shape[1], (shape[0],) + tuple(shape[2:]))
+    y[rng.random(y.shape) < 0.05] = IGNORE
+    return x, y
+
+
+def _torch_cases(xn, yn, compile_too):
+    import torch
+    import torch.nn.functional as F
+
+    import ssm.torch as st
+    x = torch.from_numpy(xn.copy()).requires_grad_()
+    y = torch.from_numpy(yn)
+
+    def step(fn):
+        def run():
+            x.grad = None
+            fn(x, y, ignore_index=IGNORE).backward()
+        return run
+
+    cases = {"ssm.torch eager": step(st.cross_entropy),
+             "F.cross_entropy eager": step(F.cross_entropy)}
+    if compile_too:
+        cases["ssm.torch compiled"] = step(torch.compile(st.cross_entropy))
+        cases["F.cross_entropy compiled"] = step(torch.compile(F.cross_entropy))
+    return cases
+
+
+def _jax_cases(xn, yn):
+    import jax
+    import jax.numpy as jnp
+
+    import ssm.jax as sj
+    x, y = jnp.asarray(xn), jnp.asarray(yn)
+
+    def plain(logits, t):
+        logp = jax.nn.log_softmax(logits, axis=1)
+        keep = t != IGNORE
+        picked = jnp.take_along_axis(logp, jnp.where(keep, t, 0)[:, None], axis=1)[:, 0]
+        return -jnp.sum(jnp.where(keep, picked, 0.0)) / keep.sum()
+
+    fs = jax.jit(jax.value_and_grad(lambda v, t: sj.cross_entropy(v, t, ignore_index=IGNORE)))
+    fp = jax.jit(jax.value_and_grad(plain))
+    return {"ssm.jax jit(value_and_grad)": lambda: jax.block_until_ready(fs(x, y)),
+            "jax.nn jit(value_and_grad)": lambda: jax.block_until_ready(fp(x, y))}
+
+
+def available(name):
+    return importlib.util.find_spec(name) is not None
+
+
+def time_rounds(cases, budget, progress=lambda: None):
+    """Seconds per call of every case, in alternating rounds: at least MIN_ROUNDS, then
+    until ``budget`` seconds have passed."""
+    for f in cases.values():  # warm-up: compilation, first touch, thread start
+        f()
+        f()
+    times = {k: [] for k in cases}
+    end = time.perf_counter() + budget
+    while min(len(v) for v in times.values()) < MIN_ROUNDS or time.perf_counter() < end:
+        for k, f in cases.items():
+            t0 = time.perf_counter_ns()
+            f()
+            times[k].append((time.perf_counter_ns() - t0) * 1e-9)
+        progress()
+    return times
+
+
+def run_training(ssm, shape, thread_counts, budget, *, use_torch=True, use_jax=True,
+                 compile_too=True, quiet=False):
+    """Time every case at every thread count; returns rows (dicts) and printable lines."""
+    xn, yn = _inputs(shape)
+    out = np.empty_like(xn)
+    use_torch = use_torch and available("torch")
+    use_jax = use_jax and available("jax")
+    rows = []
+    cases = {RAW_CASE: None}
+    if use_torch:
+        import torch
+        cases.update(_torch_cases(xn, yn, compile_too))
+    if use_jax:
+        cases.update(_jax_cases(xn, yn))
+    saved = (ssm._threads._default, torch.get_num_threads() if use_torch else None)
+
+    def progress():
+        if not quiet:
+            print(".", end="", file=sys.stderr, flush=True)
+
+    try:
+        for threads in thread_counts:
+            if not quiet:
+                print(f"ssm.bench --training-step: {threads} thread(s)", end="",
+                      file=sys.stderr, flush=True)
+            ssm.set_num_threads(threads)
+            if use_torch:
+                torch.set_num_threads(threads)
+            cases[RAW_CASE] = lambda: ssm.spatial_softmax_with_loss_and_grad(
+                xn, yn, ignore_index=IGNORE, out=out)
+            times = time_rounds(cases, budget, progress)
+            if not quiet:
+                print(file=sys.stderr)
+            for name, v in times.items():
+                rows.append({"case": name, "threads": threads, "rounds": len(v),
+                             "median_s": float(np.median(v)), "min_s": float(np.min(v)),
+                             "max_s": float(np.max(v))})
+    finally:  # the process's thread settings as they were
+        ssm._threads._default = saved[0]
+        if use_torch:
+            torch.set_num_threads(saved[1])
+    return rows, format_lines(rows, shape, use_torch, use_jax)
+
+
+def _ratio(rows, threads, slow, fast):
+    by = {r["case"]: r["median_s"] for r in rows if r["threads"] == threads}
+    if slow in by and fast in by:
+        return by[slow] / by[fast]
+    return None
+
+
+def format_lines(rows, shape, use_torch=True, use_jax=True):
+    """The table and, per thread count, the speed-ups of ssm's adaptors over their peers."""
+    lines = [f"Training step: loss + gradient as training code calls it, logits "
+             f"{'x'.join(map(str, shape))} float32 NCHW (a leaf that requires grad), int64 "
+             f"labels with 5% ignored ({IGNORE}); medians of alternating rounds.",
+             f"{'case':<30} {'thr':>3} {'median ms':>10} {'min-max ms':>17} {'rounds':>6}"]
+    for r in rows:
+        lines.append(f"{r['case']:<30} {r['threads']:>3} {r['median_s'] * 1e3:>10.2f} "
+                     f"{r['min_s'] * 1e3:>8.2f}-{r['max_s'] * 1e3:<8.2f} {r['rounds']:>6}")
+    pairs = [("F.cross_entropy eager", "ssm.torch eager", "ssm.torch vs F.cross_entropy eager"),
+             ("F.cross_entropy compiled", "ssm.torch eager",
+              "ssm.torch vs F.cross_entropy compiled"),
+             ("jax.nn jit(value_and_grad)", "ssm.jax jit(value_and_grad)",
+              "ssm.jax vs jax.nn, both jit(value_and_grad)"),
+             ("ssm.torch eager", RAW_CASE, "ssm.torch's cost over the NumPy call")]
+    for threads in sorted({r["threads"] for r in rows}):
+        parts = []
+        for slow, fast, label in pairs:
+            ratio = _ratio(rows, threads, slow, fast)
+            if ratio is not None:
+                parts.append(f"{label}: {ratio:.2f}x")
+        if parts:
+            lines.append(f"{threads} thread(s): " + "; ".join(parts))
+    if not use_torch:
+        lines.append("PyTorch is not installed: no PyTorch rows (pip install 'ssm[torch]').")
+    if not use_jax:
+        lines.append("JAX is not installed: no JAX rows (pip install 'ssm[jax]').")
+    else:
+        lines.append(f"The JAX rows use XLA's own CPU thread pool (up to {os.cpu_count()} "
+                     f"cores), whatever the row's thread count.")
+    return lines
+
+
+def build_training_report(argv, shape, rows, wall):
+    from .report import now_iso
+    return {"tool": "ssm.bench --training-step", "date": now_iso(), "argv": argv,
+            "shape": list(shape), "rows": rows, "wall_s": wall}

@@ -1,0 +1,616 @@
+"""ssm on Dask arrays: the public functions, lazily, over chunks (``pip install "ssm[dask]"``).
+
+``ssm.dask.spatial_softmax_with_loss_and_grad(x, y, ...)`` and the others take Dask arrays
+(or NumPy ones, wrapped as one chunk) with NumPy or CuPy chunks, have the options and
+defaults of the ``ssm`` functions (no ``out=``), and return Dask arrays: the loss as a
+0-d array (or the loss map), the gradient and probabilities with the logits' chunks.
+Nothing is computed until you ask (``dask.compute``, ``.compute()``, ``.persist()``).
+
+Two paths, chosen by the chunks of the class axis:
+
+* **One chunk along C** (chunks split N and the spatial axes in any way): each chunk is one
+  call of ssm's kernels. The "mean" is exact: the graph runs the label pre-pass of every
+  chunk (``ssm.loss_normalizer``'s, which also checks the labels), adds the chunks'
+  normalisers in chunk order into the global one, then runs every chunk's fused pass with
+  that divisor, as the single call hands its own to the kernel, and adds the chunks'
+  float64 loss sums in chunk order. A pixel's gradient depends only on that pixel and
+  ``d_loss / divisor``, so the gradient is the single call's whenever the global
+  normaliser is (always for unweighted labels and for "sum", "batch" and "none": a count
+  or no normaliser; with float weights the two float64 sums differ only in their order,
+  a relative ``k * 2**-53`` at most for ``k`` partial sums), bit for bit in float32, and
+  so are the probabilities. The exceptions are the kernels' loop remainders: at a chunk's
+  edge a pixel may take the scalar path where the single call took the vector one, and
+  glibc's scalar ``exp``/``log`` (double) differ from libmvec's by an ulp or so: float64
+  gradients and probabilities, the float32 loss map and log-softmax are then within a few
+  ulps. The reduced loss differs from the single call's only by the order of the float64
+  sums (per-pixel values are those above): at most ``(k - 1) * 2**-53 * sum_p |l_p|``
+  apart before the one final rounding to the logits' dtype. For a given chunking every
+  result is bit-identical run to run (a fixed graph, sums in chunk order, no atomics).
+* **C split over several chunks** (vocabulary-sized class counts, Megatron-LM's
+  vocabulary-parallel cross-entropy): an exact two-pass log-sum-exp. Pass one reduces
+  every chunk to its per-pixel ``lse_j = m_j + log(sum exp(x - m_j))`` in float64 and
+  combines them (``M + log(sum_j exp(lse_j - M))``); pass two computes each chunk's
+  probabilities, loss terms and gradient from the global per-pixel log-sum-exp. ssm has
+  no kernel for this: it is written in Dask array operations (NumPy or CuPy per chunk),
+  in float64, and matches the single call to float tolerance. The normaliser and the
+  label check are ssm's label pre-pass, as above.
+
+A bad label in any chunk (``validate=True``) raises the single call's ``ValueError``,
+naming the label's index in the whole array (the lowest flat index wins), when the result
+is computed: every output depends on the label check.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+
+import numpy as np
+
+import dask.array as da
+from dask.highlevelgraph import HighLevelGraph
+from dask.base import tokenize
+
+from . import _validation as V
+from ._codes import LABEL_KINDS, Op, Target
+from ._distributed import label_pass, normalizer_call, shard_pass
+
+__all__ = [
+    "log_softmax",
+    "loss_normalizer",
+    "softmax",
+    "softmax_grad",
+    "spatial_softmax_with_loss",
+    "spatial_softmax_with_loss_and_grad",
+    "spatial_softmax_with_loss_grad",
+]
+
+
+# ---- arguments ---------------------------------------------------------------------
+
+def _as_dask(a, name):
+    if a is None or isinstance(a, da.Array):
+        return a
+    if isinstance(a, (list, tuple)):
+        a = np.asarray(a)
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"{name}: expected a Dask array (or a NumPy or CuPy array); "
+                        f"got {V.type_name(a)}")
+    return da.from_array(a, chunks=a.shape or (), asarray=False)
+
+
+def _class_axis(ndim, layout):
+    return 1 if layout == "NCHW" else ndim - 1
+
+
+def _meta(a):
+    return a._meta
+
+
+class _Geom:
+    """The logits' shape and chunks seen per pixel: class axis, pixel shape and chunks."""
+
+    def __init__(self, x, name, layout):
+        self.layout = V.check_choice(layout, "layout", V.LAYOUTS)
+        if not isinstance(x, da.Array):
+            raise TypeError(f"{name}: expected a Dask array; got {V.type_name(x)}")
+        V.check_float_dtype(_meta(x), name)
+        self.g = V.geometry(x, name, self.layout)  # reads the shape only
+        self.cax = _class_axis(x.ndim, self.layout)
+        self.chunks = x.chunks
+        self.pixel_chunks = x.chunks[:self.cax] + x.chunks[self.cax + 1:]
+        self.sharded = len(x.chunks[self.cax]) > 1
+        self.dtype = x.dtype
+
+    @property
+    def C(self):
+        return self.g.C
+
+
+def _check_target(y, G, x, name):
+    """Labels or soft targets, rechunked to x's pixel chunks (x's chunks for soft targets);
+    the eager checks of shape and dtype (the chunks' calls check the rest)."""
+    g = G.g
+    if y.dtype in LABEL_KINDS and y.shape == g.pixel_shape:
+        return y.rechunk(G.pixel_chunks), LABEL_KINDS[y.dtype]
+    if y.dtype.kind == "f" and y.shape == g.shape:
+        if y.dtype != x.dtype:
+            raise TypeError(f"target: soft targets of dtype {y.dtype} differ from "
+                            f"{name}'s dtype {x.dtype}")
+        return y.rechunk(G.chunks), Target.SOFT
+    raise ValueError(f"target: a {y.dtype} array of shape {y.shape} is neither labels "
+                     f"({', '.join(map(str, LABEL_KINDS))}) of shape {g.pixel_shape} nor soft "
+                     f"targets of {name}'s shape {g.shape} and dtype {x.dtype}")
+
+
+def _check_pixel_map(a, G, name):
+    if a is None:
+        return None
+    if a.dtype != G.dtype:
+        raise TypeError(f"{name}: dtype {a.dtype} differs from the logits' {G.dtype}")
+    if a.shape != G.g.pixel_shape:
+        raise ValueError(f"{name}: shape {a.shape} does not match the logits; expected "
+                         f"{G.g.pixel_shape}")
+    return a.rechunk(G.pixel_chunks)
+
+
+class _Call:
+    """A validated loss call on Dask arrays."""
+
+    def __init__(self, x, x_name, target, weights, d_loss, opts, reduction, validate,
+                 threads):
+        self.x = _as_dask(x, x_name)
+        self.G = G = _Geom(self.x, x_name, opts["layout"])
+        self.reduction = V.check_choice(reduction, "reduction", V.REDUCTIONS)
+        self.validate = V.check_flag(validate, "validate")
+        self.target, self.kind = _check_target(_as_dask(target, "target"), G, self.x, x_name)
+        self.weights = _check_pixel_map(_as_dask(weights, "weights"), G, "weights")
+        self.opts = dict(opts, class_weights=_host_or_none(opts["class_weights"]),
+                         lens=_host_or_none(opts["lens"]))
+        V.check_smoothing(opts["label_smoothing"])
+        V.check_ignore_index(opts["ignore_index"])
+        self.threads = threads
+        self.d, self.dmap = 1.0, None
+        if d_loss is not None:
+            if isinstance(d_loss, da.Array) or (hasattr(d_loss, "shape") and d_loss.size > 1):
+                if self.reduction != "none":
+                    raise ValueError(f"d_loss: an array of shape {d_loss.shape} needs "
+                                     f"reduction='none'")
+                self.dmap = _check_pixel_map(_as_dask(d_loss, "d_loss"), G, "d_loss")
+            else:
+                self.d = V.check_d_loss(d_loss, self.reduction, G.g, G.dtype)[0]
+
+    @property
+    def soft(self):
+        return self.kind == Target.SOFT
+
+
+def _host_or_none(a):
+    if a is None:
+        return None
+    if V.is_device_array(a):
+        a = a.get()
+    return np.asarray(a)
+
+
+# ---- graph building ----------------------------------------------------------------
+
+def _pixel_index(idx, cax):
+    return idx[:cax] + idx[cax + 1:]
+
+
+def _offsets(chunks):
+    return [tuple(np.cumsum((0,) + c)[:-1].tolist()) for c in chunks]
+
+
+def _block_stats(y, w, *, C, cax, dtype, block, offset, shape, opts, validate, threads):
+    """One pixel block's label pre-pass: (normaliser, first bad label or None), the bad
+    label as (flat index in the whole target, value, index tuple). Soft targets (y None)
+    count their weights only: a stand-in of their shape is passed."""
+    xp = V.array_module(y if y is not None else w)
+    full = block[:cax] + (C,) + block[cax:]
+    # the logits' shape and dtype, not their values (never read; the simulator has no
+    # broadcast_to: an allocation there)
+    stand_in = xp.broadcast_to(xp.zeros((), dtype), full) if hasattr(xp, "broadcast_to") \
+        else xp.empty(full, dtype)
+    if y is None:
+        y = xp.zeros(full, dtype)
+    L, device = normalizer_call(stand_in, y, w, class_weights=opts["class_weights"],
+                                ignore_index=opts["ignore_index"], layout=opts["layout"],
+                                validate=validate, threads=threads)
+    with device:
+        norm, bad = label_pass(L)
+    if bad < 0:
+        return norm, None
+    local = np.unravel_index(bad, block)
+    index = tuple(int(i + o) for i, o in zip(local, offset))
+    value = int(L.problem.target.reshape(-1)[bad])
+    return norm, (int(np.ravel_multi_index(index, shape)), value, index)
+
+
+def _ordered_sum(values):
+    """The values added in the given (chunk) order: floats, or 0-d device arrays."""
+    return functools.reduce(operator.add, values)
+
+
+def _combine_stats(stats, *, C, ignore_index, reduction, N, pixels):
+    """The global divisor from the blocks' label pre-passes; the lowest bad label raises."""
+    bads = [b for _, b in stats if b is not None]
+    if bads:
+        _, value, index = min(bads)
+        raise V.label_error(value, index, C, ignore_index)
+    if reduction == "mean":
+        return float(pixels) if stats is None else _ordered_sum([n for n, _ in stats])
+    return float(N) if reduction == "batch" else 1.0
+
+
+def _constant_divisor(*, reduction, N, pixels):
+    return {"mean": float(pixels), "batch": float(N)}.get(reduction, 1.0)
+
+
+def _finish_loss(totals, divisor, dtype):
+    """The reduced loss from the chunks' float64 sums, as the single call's loss_value."""
+    total = _ordered_sum(totals)
+    if V.is_device_array(total):
+        from . import _gpu
+        return _gpu.loss_value(total, divisor, dtype)
+    from . import _cpu
+    return _cpu.loss_value(float(total), float(divisor), dtype)
+
+
+def _divisor_graph(c: _Call):
+    """(layer dict, key, dependencies) of the global divisor: the label pre-pass of every
+    pixel block, then their combination (which raises on a bad label)."""
+    G = c.G
+    name = "ssm-divisor-" + tokenize(c.target, c.weights, G.g.shape, G.dtype, c.reduction,
+                                     c.validate, c.opts["class_weights"],
+                                     c.opts["ignore_index"], G.layout)
+    key = (name,)
+    need = (c.reduction == "mean" and not (c.soft and c.weights is None)) or \
+        (c.validate and not c.soft)
+    kw = dict(reduction=c.reduction, N=G.g.N, pixels=G.g.n_pixels)
+    if not need:
+        return {key: (functools.partial(_constant_divisor, **kw),)}, key, []
+    layer = {}
+    stats_name = "ssm-label-pass-" + name[len("ssm-divisor-"):]
+    y, w = (None if c.soft else c.target), c.weights
+    offs = _offsets(G.pixel_chunks)
+    skeys = []
+    for pidx in np.ndindex(*[len(ch) for ch in G.pixel_chunks]):
+        f = functools.partial(
+            _block_stats, C=G.C, cax=G.cax, dtype=G.dtype,
+            block=tuple(ch[i] for ch, i in zip(G.pixel_chunks, pidx)),
+            offset=tuple(o[i] for o, i in zip(offs, pidx)),
+            shape=G.g.pixel_shape, opts=c.opts, validate=c.validate, threads=c.threads)
+        skey = (stats_name, *pidx)
+        layer[skey] = (f, (y.name, *pidx) if y is not None else None,
+                       (w.name, *pidx) if w is not None else None)
+        skeys.append(skey)
+    layer[key] = (functools.partial(_combine_stats, C=G.C, ignore_index=c.opts["ignore_index"],
+                                    **kw), skeys)
+    return layer, key, [a for a in (y, w) if a is not None]
+
+
+def _array(layer_name, layer, deps, name, chunks, meta):
+    graph = HighLevelGraph.from_collections(layer_name, layer, dependencies=deps)
+    return da.Array(graph, name, chunks, meta=meta)
+
+
+def _scalar(graph_layer, key, deps, meta):
+    return _array(key[0], graph_layer, deps, key[0], (), meta)
+
+
+def _block_pass(x, y, w, dmap, divisor, *, op, d, return_prob, loss_map, opts, threads):
+    return shard_pass(op, x, y, w, dmap if dmap is not None else d, divisor=divisor,
+                      return_prob=return_prob, loss_map=loss_map, threads=threads, **opts)
+
+
+def _fused(c: _Call, op, return_prob=False):
+    """The chunked path (one chunk along C): (loss, out, prob) as Dask arrays; loss is the
+    0-d reduced loss or the loss map, prob None unless asked."""
+    G, x = c.G, c.x
+    layer, dkey, deps = _divisor_graph(c)
+    token = tokenize(x, c.target, c.weights, c.dmap, dkey, op, c.d, return_prob, c.opts,
+                     c.threads)
+    pname, oname, prname, tname, lname = (f"ssm-{s}-{token}" for s in
+                                          ("pass", "out", "prob", "total", "loss"))
+    want_map = c.reduction == "none"
+    f = functools.partial(_block_pass, op=op, d=c.d, return_prob=return_prob,
+                          loss_map=want_map, opts=c.opts, threads=c.threads)
+    tkeys = []
+    for idx in np.ndindex(*x.numblocks):
+        pidx = _pixel_index(idx, G.cax)
+        ykey = (c.target.name, *(idx if c.soft else pidx))
+        wkey = (c.weights.name, *pidx) if c.weights is not None else None
+        mkey = (c.dmap.name, *pidx) if c.dmap is not None else None
+        layer[(pname, *idx)] = (f, (x.name, *idx), ykey, wkey, mkey, dkey)
+        layer[(oname, *idx)] = (operator.getitem, (pname, *idx), 1)
+        if return_prob:
+            layer[(prname, *idx)] = (operator.getitem, (pname, *idx), 2)
+        if want_map:
+            layer[(lname, *pidx)] = (operator.getitem, (pname, *idx), 3)
+        elif op != Op.SSWL_BWD:
+            layer[(tname, *idx)] = (operator.getitem, (pname, *idx), 0)
+            tkeys.append((tname, *idx))
+    if tkeys:
+        layer[(lname,)] = (functools.partial(_finish_loss, dtype=G.dtype), tkeys, dkey)
+    deps = [x, c.target] + [a for a in (c.weights, c.dmap) if a is not None] + deps
+    deps = list({id(d): d for d in deps}.values())
+    graph = _with_outputs(HighLevelGraph.from_collections(pname, layer, dependencies=deps),
+                          pname, (oname, prname, tname, lname))
+    meta = _meta(x)
+    out = da.Array(graph, oname, x.chunks, meta=meta)
+    prob = da.Array(graph, prname, x.chunks, meta=meta) if return_prob else None
+    if want_map:
+        loss = da.Array(graph, lname, G.pixel_chunks, meta=_meta0(meta, G.g.pixel_shape))
+    elif op != Op.SSWL_BWD:
+        loss = da.Array(graph, lname, (), meta=_meta0(meta))
+    else:
+        loss = None
+    return loss, out, prob
+
+
+def _with_outputs(graph, pname, names):
+    """The graph with the keys of each output name moved out of layer ``pname`` into a
+    layer of that name (a Dask array's name must be a layer of its graph)."""
+    layers, deps = dict(graph.layers), dict(graph.dependencies)
+    tasks = dict(layers[pname])
+    for name in names:
+        mine = {k: v for k, v in tasks.items() if k[0] == name}
+        if mine:
+            for k in mine:
+                del tasks[k]
+            layers[name] = mine
+            deps[name] = {pname} | ({names[2]} if name == names[3] and
+                                    any(k[0] == names[2] for k in layers.get(names[2], {}))
+                                    else set())
+    layers[pname] = tasks
+    return HighLevelGraph(layers, deps)
+
+
+def _meta0(meta, shape=()):
+    xp = V.array_module(meta) if V.is_device_array(meta) else np
+    return xp.empty((0,) * len(shape), meta.dtype)
+
+
+def _divisor_array(c: _Call):
+    """The global divisor as a 0-d float64 Dask array (raising on a bad label)."""
+    layer, key, deps = _divisor_graph(c)
+    graph = HighLevelGraph.from_collections(key[0], layer, dependencies=deps)
+    meta = _meta(c.x)
+    xp = V.array_module(meta) if V.is_device_array(meta) else np
+    return da.Array(graph, key[0], (), meta=xp.empty((), np.float64))
+
+
+# ---- the class-sharded path (C over several chunks) --------------------------------
+
+def _lse_reduce(a, axis, keepdims=True):
+    """Per-pixel log-sum-exp over ``axis`` in float64 (a chunk of logits, or the chunks'
+    log-sum-exps): ``m + log(sum exp(a - m))``, -inf where every term is -inf."""
+    a = a.astype(np.float64, copy=False)
+    m = a.max(axis=axis, keepdims=True)
+    finite_m = np.where(np.isneginf(m), 0.0, m)
+    r = finite_m + np.log(np.exp(a - finite_m).sum(axis=axis, keepdims=True))
+    r = np.where(np.isneginf(m), -np.inf, r)
+    return r if keepdims else r.squeeze(axis)
+
+
+def _lse(x, cax):
+    def chunk(a, axis, keepdims):
+        return _lse_reduce(a, axis[0] if isinstance(axis, tuple) else axis, keepdims)
+    return da.reduction(x, chunk=chunk, combine=chunk, aggregate=chunk, axis=cax,
+                        keepdims=True, dtype=np.float64, concatenate=True,
+                        meta=_meta(x).astype(np.float64))
+
+
+def _after(a, gate):
+    """``a`` made to depend on the 0-d Dask array ``gate`` (the label check)."""
+    ind = tuple(range(a.ndim))
+    return da.blockwise(_first, ind, a, ind, gate, (), dtype=a.dtype, meta=_meta(a))
+
+
+def _first(a, _):
+    return a
+
+
+def _class_view(G, a):
+    """A per-pixel Dask array with a length-1 class axis, for broadcasting."""
+    return da.expand_dims(a, G.cax)
+
+
+def _class_vector(G, v, dtype):
+    """A length-C NumPy vector shaped to broadcast along the class axis, chunked as x's."""
+    shape = [1] * len(G.g.shape)
+    shape[G.cax] = G.C
+    chunks = tuple((1,) if i != G.cax else G.chunks[G.cax] for i in range(len(shape)))
+    return da.from_array(np.asarray(v, dtype).reshape(shape), chunks=chunks)
+
+
+def _lens_rows(y, lens, cax):
+    xp = V.array_module(y)
+    rows = xp.asarray(lens)[y]          # (*pixel, C)
+    return xp.moveaxis(rows, -1, cax)
+
+
+def _sharded_target(c: _Call):
+    """(a, active, bad): the per-class target weights a_c = w cw_c t_c (float64, chunked as
+    x), and the per-pixel masks of pixels that count and of bad labels."""
+    G, y = c.G, c.target
+    C, e = G.C, c.opts["label_smoothing"]
+    cw = c.opts["class_weights"]
+    if c.soft:
+        t = y.astype(np.float64)
+        active = None
+        bad = None
+    else:
+        yi = y.astype(np.int64)
+        ign = c.opts["ignore_index"]
+        valid = yi != ign
+        inrange = (yi >= 0) & (yi < C)
+        active = valid & inrange
+        bad = valid & ~inrange
+        ys = da.where(active, yi, 0)
+        if c.opts["lens"] is not None:
+            lens = np.asarray(c.opts["lens"], G.dtype).astype(np.float64)
+            t = ys.map_blocks(_lens_rows, lens, G.cax, new_axis=G.cax,
+                              chunks=tuple((C,) if i == G.cax else ch
+                                           for i, ch in enumerate(G.chunks)),
+                              dtype=np.float64, meta=_meta(c.x).astype(np.float64))
+            t = t.rechunk(G.chunks)
+        else:
+            cls = _class_vector(G, np.arange(C), np.int64)
+            t = (_class_view(G, ys) == cls).astype(np.float64)
+    if e:
+        t = float(np.float64(1.0 - e)) * t + e / C
+    a = t
+    if cw is not None:
+        a = a * _class_vector(G, np.asarray(cw, G.dtype), np.float64)
+    if c.weights is not None:
+        a = a * _class_view(G, c.weights.astype(np.float64))
+    if active is not None:
+        a = da.where(_class_view(G, active), a, 0.0)
+        a = da.where(_class_view(G, bad), np.nan, a)
+    return a, active, bad
+
+
+def _quotient(a, b):
+    """``a / b``, 0 when ``b`` is 0 (the single call's rule for its gradient scale and loss)."""
+    xp = V.array_module(b) if V.is_device_array(b) else np
+    b = xp.asarray(b, np.float64)
+    return xp.where(b != 0, xp.asarray(a, np.float64) / xp.where(b != 0, b, 1.0), 0.0)
+
+
+def _sharded(c: _Call, op, return_prob=False):
+    """The class-sharded path: (loss, out, prob) as Dask arrays (see the module docstring)."""
+    G = c.G
+    x64 = c.x.astype(np.float64)
+    divisor = _divisor_array(c)
+    a, active, bad = _sharded_target(c)
+    A = a.sum(axis=G.cax, keepdims=True)
+    loss = q = None
+    if op != Op.SSWL_BWD:
+        lse = _lse(c.x, G.cax)
+        q = da.exp(x64 - lse)
+        lmap = (A * lse).squeeze(G.cax) - (a * x64).sum(axis=G.cax)
+        if active is not None:
+            lmap = da.where(active, lmap, 0.0)
+            lmap = da.where(bad, np.nan, lmap)
+        if c.reduction == "none":
+            loss = _after(lmap.astype(G.dtype), divisor)
+        else:
+            total = lmap.sum()
+            loss = da.map_blocks(_quotient, total, divisor, dtype=np.float64,
+                                 meta=_meta0(_meta(x64))).astype(G.dtype)
+    else:
+        q = x64
+    out = prob = None
+    if op == Op.SSWL_FWD:
+        out = _after(q.astype(G.dtype), divisor)
+    else:
+        g = da.map_blocks(_quotient, c.d, divisor, dtype=np.float64, meta=_meta0(_meta(x64)))
+        if c.dmap is not None:
+            g = g * _class_view(G, c.dmap.astype(np.float64))
+        dx = g * (A * q - a)
+        if active is not None:
+            dx = da.where(_class_view(G, active | bad), dx, 0.0)
+        out = dx.astype(G.dtype).rechunk(G.chunks)
+        if return_prob:
+            prob = _after(q.astype(G.dtype), divisor)
+    return loss, out, prob
+
+
+# ---- the public functions -----------------------------------------------------------
+
+def _loss(x, x_name, target, weights, d_loss, *, op, return_prob, ignore_index, class_weights,
+          lens, label_smoothing, reduction, layout, validate, threads):
+    opts = dict(ignore_index=ignore_index, class_weights=class_weights, lens=lens,
+                label_smoothing=label_smoothing, layout=layout)
+    c = _Call(x, x_name, target, weights, d_loss, opts, reduction, validate, threads)
+    return (_sharded if c.G.sharded else _fused)(c, op, return_prob)
+
+
+def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,
+                              class_weights=None, lens=None, label_smoothing=0.0,
+                              reduction="mean", layout="NCHW", validate=True, threads=None):
+    """:func:`ssm.spatial_softmax_with_loss` on Dask arrays: ``(prob, loss)``, lazily.
+
+    ``prob`` has the logits' chunks; ``loss`` is a 0-d Dask array (the loss map for
+    ``reduction="none"``). See the module docstring for how the chunks are combined.
+    """
+    loss, prob, _ = _loss(logits, "logits", target, weights, None, op=Op.SSWL_FWD,
+                          return_prob=False, ignore_index=ignore_index,
+                          class_weights=class_weights, lens=lens,
+                          label_smoothing=label_smoothing, reduction=reduction,
+                          layout=layout, validate=validate, threads=threads)
+    return prob, loss
+
+
+def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ignore_index=-1,
+                                   class_weights=None, lens=None, label_smoothing=0.0,
+                                   reduction="mean", layout="NCHW", validate=True,
+                                   threads=None):
+    """:func:`ssm.spatial_softmax_with_loss_grad` on Dask arrays: ``dlogits``, lazily,
+    scaled by the global divisor. ``d_loss`` is a number, or for ``reduction="none"`` also
+    an ``(N, *spatial)`` array (Dask or NumPy)."""
+    _, dx, _ = _loss(prob, "prob", target, weights, d_loss, op=Op.SSWL_BWD,
+                     return_prob=False, ignore_index=ignore_index,
+                     class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
+                     reduction=reduction, layout=layout, validate=validate, threads=threads)
+    return dx
+
+
+def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0, *,
+                                       ignore_index=-1, class_weights=None, lens=None,
+                                       label_smoothing=0.0, reduction="mean", layout="NCHW",
+                                       validate=True, return_prob=False, threads=None):
+    """:func:`ssm.spatial_softmax_with_loss_and_grad` on Dask arrays, lazily.
+
+    Returns ``(loss, dlogits)`` (``+ prob`` with ``return_prob=True``): ``loss`` a 0-d Dask
+    array (or the loss map), ``dlogits`` with the logits' chunks. The "mean" divides by the
+    normaliser of the whole array, not per chunk.
+    """
+    return_prob = V.check_flag(return_prob, "return_prob")
+    loss, dx, prob = _loss(logits, "logits", target, weights, d_loss, op=Op.SSWL_FWD_BWD,
+                           return_prob=return_prob, ignore_index=ignore_index,
+                           class_weights=class_weights, lens=lens,
+                           label_smoothing=label_smoothing, reduction=reduction,
+                           layout=layout, validate=validate, threads=threads)
+    return (loss, dx, prob) if return_prob else (loss, dx)
+
+
+def loss_normalizer(logits, target, weights=None, *, class_weights=None, ignore_index=-1,
+                    layout="NCHW", validate=True, threads=None):
+    """:func:`ssm.loss_normalizer` of the whole Dask array: a 0-d float64 Dask array, the
+    chunks' normalisers added in chunk order (the logits are not read)."""
+    opts = dict(ignore_index=ignore_index, class_weights=class_weights, lens=None,
+                label_smoothing=0.0, layout=layout)
+    c = _Call(logits, "logits", target, weights, None, opts, "mean", validate, threads)
+    norm = _divisor_array(c)
+    return norm.map_blocks(_as_float64, dtype=np.float64, meta=_meta(norm))
+
+
+def _as_float64(a):
+    xp = V.array_module(a) if V.is_device_array(a) else np
+    return xp.asarray(a, np.float64)
+
+
+def _softmax_like(x, layout, threads, fn, sharded):
+    x = _as_dask(x, "x")
+    G = _Geom(x, "x", layout)
+    if G.sharded:
+        return sharded(x, G)
+    from . import _api
+    return x.map_blocks(getattr(_api, fn), layout=G.layout, threads=threads, dtype=x.dtype,
+                        meta=_meta(x))
+
+
+def softmax(x, *, layout="NCHW", threads=None):
+    """:func:`ssm.softmax` on a Dask array, lazily (C over several chunks: a two-pass
+    log-sum-exp in Dask array operations)."""
+    return _softmax_like(x, layout, threads, "softmax",
+                         lambda x, G: da.exp(x.astype(np.float64) - _lse(x, G.cax))
+                         .astype(x.dtype))
+
+
+def log_softmax(x, *, layout="NCHW", threads=None):
+    """:func:`ssm.log_softmax` on a Dask array, lazily."""
+    return _softmax_like(x, layout, threads, "log_softmax",
+                         lambda x, G: (x.astype(np.float64) - _lse(x, G.cax)).astype(x.dtype))
+
+
+def softmax_grad(prob, dprob, *, layout="NCHW", threads=None):
+    """:func:`ssm.softmax_grad` on Dask arrays, lazily: ``prob * (dprob - sum_c prob *
+    dprob)``."""
+    prob = _as_dask(prob, "prob")
+    dprob = _as_dask(dprob, "dprob")
+    G = _Geom(prob, "prob", layout)
+    if dprob.shape != prob.shape or dprob.dtype != prob.dtype:
+        raise ValueError(f"dprob: shape {dprob.shape} and dtype {dprob.dtype} differ from "
+                         f"prob's {prob.shape}, {prob.dtype}")
+    dprob = dprob.rechunk(prob.chunks)
+    if G.sharded:
+        p64, d64 = prob.astype(np.float64), dprob.astype(np.float64)
+        s = (p64 * d64).sum(axis=G.cax, keepdims=True)
+        return (p64 * (d64 - s)).astype(prob.dtype)
+    from . import _api
+    return da.map_blocks(_api.softmax_grad, prob, dprob, layout=G.layout, threads=threads,
+                         dtype=prob.dtype, meta=_meta(prob))

@@ -1,0 +1,373 @@
+"""ssm.dask against the single call, on a dask.distributed LocalCluster with worker processes
+(and the threaded scheduler), and ssm.loss_normalizer, the shard recipe's building block.
+
+Chunks along N and space: the loss to the rounding of the final float64 sums, the gradient
+bit for bit in float32 (float64: a few ulps, see ssm/dask.py), the label error naming the
+global index. Chunks along C: to float tolerance.
+"""
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import (assert_close, child_process_kwargs, eps, logits_shape, make_class_weights,
+                      make_labels, make_lens, make_logits, make_soft_targets, make_weights)
+
+import ssm
+
+da = pytest.importorskip("dask.array", reason="dask is not installed (pip install 'ssm[dask]')")
+import dask  # noqa: E402
+
+import ssm.dask as sdask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One LocalCluster of 2 worker processes (1 thread each) for the module."""
+    distributed = pytest.importorskip(
+        "distributed", reason="dask.distributed is not installed (pip install 'ssm[dask]')")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, silence_logs=40) as cluster, \
+            distributed.Client(cluster) as c:
+        yield c
+
+
+def _pixel_shape(shape, layout):
+    return (shape[0], *shape[2:]) if layout == "NCHW" else shape[:-1]
+
+
+def _chunks(shape, layout, split_c=False):
+    """Uneven chunks along N and the first spatial axis (and C with split_c)."""
+    cax = 1 if layout == "NCHW" else len(shape) - 1
+    chunks = []
+    for i, n in enumerate(shape):
+        if i == cax:
+            chunks.append((n // 3, n - n // 3) if split_c else (n,))
+        elif i == 0:
+            chunks.append((1, n - 1))
+        elif i == (2 if layout == "NCHW" else 1):
+            chunks.append((5, n - 5))
+        else:
+            chunks.append((n,))
+    return tuple(chunks)
+
+
+def _problem(rng, *, layout="NCHW", dtype=np.float32, shape_nc=(3, 7), spatial=(11, 13),
+             target="labels", label_dtype=np.int64, weights=False, cw=False, lens=False,
+             smoothing=0.0, ignore_index=-1):
+    N, C = shape_nc
+    shape = logits_shape(N, C, spatial, layout)
+    x = make_logits(rng, shape, dtype)
+    pshape = _pixel_shape(shape, layout)
+    if target == "soft":
+        y = make_soft_targets(rng, shape, dtype, layout)
+    else:
+        y = make_labels(rng, pshape, C, label_dtype, ignore_index=ignore_index)
+    opts = dict(layout=layout, ignore_index=ignore_index, label_smoothing=smoothing)
+    w = make_weights(rng, pshape, dtype) if weights else None
+    if cw:
+        opts["class_weights"] = make_class_weights(rng, C, dtype)
+    if lens:
+        opts["lens"] = make_lens(rng, C, dtype)
+    return x, y, w, opts
+
+
+CASES = [
+    dict(),
+    dict(dtype=np.float64),
+    dict(layout="NHWC"),
+    dict(layout="NHWC", dtype=np.float64, weights=True, cw=True),
+    dict(weights=True, cw=True),
+    dict(label_dtype=np.uint8, ignore_index=255),
+    dict(label_dtype=np.int32, smoothing=0.1, cw=True),
+    dict(lens=True, weights=True),
+    dict(target="soft"),
+    dict(target="soft", weights=True, layout="NHWC"),
+    dict(spatial=(), shape_nc=(40, 9)),
+    dict(spatial=(5, 7, 3)),
+]
+REDUCTIONS = ("mean", "sum", "batch", "none")
+
+
+def _grad_check(actual, desired, dtype):
+    if dtype == np.float32:
+        np.testing.assert_array_equal(actual, desired)
+    else:  # the kernel's scalar remainder exp vs libmvec's: a few ulps at chunk edges
+        np.testing.assert_allclose(actual, desired, rtol=8 * eps(dtype),
+                                   atol=8 * eps(dtype) * np.abs(desired).max())
+
+
+def _loss_check(actual, desired, dtype, loss_map):
+    if loss_map:  # a pixel's log(s) through libm or libmvec (double): 1 ulp
+        np.testing.assert_allclose(actual, desired, rtol=4 * eps(dtype), atol=1e-300)
+    else:  # the float64 sums in another order, then one rounding to dtype
+        np.testing.assert_allclose(actual, desired, rtol=2 * eps(dtype), atol=1e-300)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={getattr(v, '__name__', v)}"
+                                                                  for k, v in c.items()) or "plain")
+def test_fused_matches_single_call_on_cluster(client, rng, case):
+    x, y, w, opts = _problem(rng, **case)
+    dtype = x.dtype.type
+    chunks = _chunks(x.shape, opts["layout"])
+    xd = da.from_array(x, chunks=chunks)
+    lazy, want = [], []
+    for reduction in REDUCTIONS:
+        d = 0.5 if reduction != "none" else make_weights(rng, _pixel_shape(x.shape, opts["layout"]),
+                                                          dtype)
+        want.append(ssm.spatial_softmax_with_loss_and_grad(x, y, w, d, reduction=reduction,
+                                                           return_prob=True, **opts))
+        lazy.append(sdask.spatial_softmax_with_loss_and_grad(xd, y, w, d, reduction=reduction,
+                                                             return_prob=True, **opts))
+    got = dask.compute(*lazy)
+    for reduction, (L, dx, p), (Ld, dxd, pd) in zip(REDUCTIONS, want, got):
+        assert type(dxd) is np.ndarray and dxd.dtype == x.dtype and Ld.dtype == x.dtype
+        _loss_check(Ld, L, dtype, reduction == "none")
+        _grad_check(dxd, dx, dtype)
+        _grad_check(pd, p, dtype)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[7], CASES[8]],
+                         ids=["plain", "nhwc-weights", "lens", "soft"])
+def test_forward_and_backward_match_single_call(client, rng, case):
+    x, y, w, opts = _problem(rng, **case)
+    dtype = x.dtype.type
+    xd = da.from_array(x, chunks=_chunks(x.shape, opts["layout"]))
+    prob, L = ssm.spatial_softmax_with_loss(x, y, w, **opts)
+    dx = ssm.spatial_softmax_with_loss_grad(prob, y, w, 2.0, **opts)
+    probd, Ld = sdask.spatial_softmax_with_loss(xd, y, w, **opts)
+    dxd = sdask.spatial_softmax_with_loss_grad(probd, y, w, 2.0, **opts)
+    probd, Ld, dxd = dask.compute(probd, Ld, dxd)
+    _loss_check(Ld, L, dtype, False)
+    _grad_check(probd, prob, dtype)
+    _grad_check(dxd, dx, dtype)
+
+
+def test_gradient_bitwise_given_the_normaliser(client, rng):
+    """With weights the global normaliser is a float64 sum in another order than the single
+    call's (a last-bit difference at most); given it, the gradient is the single call's
+    bit for bit, in float32 and float64 when the chunks split images in multiples of 8 pixels
+    (where the kernels' vector loops have no remainder)."""
+    for dtype in (np.float32, np.float64):
+        x, y, w, opts = _problem(rng, dtype=dtype, weights=True, cw=True, spatial=(64, 48))
+        cw = opts["class_weights"]
+        xd = da.from_array(x, chunks=(1, 7, 16, 48))
+        norm = ssm.loss_normalizer(x, y, w, class_weights=cw)
+        normd = sdask.loss_normalizer(xd, y, w, class_weights=cw).compute()
+        assert normd.dtype == np.float64
+        np.testing.assert_allclose(normd, norm, rtol=4 * eps(np.float64))
+        Ld, dxd = dask.compute(*sdask.spatial_softmax_with_loss_and_grad(xd, y, w, **opts))
+        L, dx = ssm.spatial_softmax_with_loss_and_grad(x, y, w, reduction="sum",
+                                                       d_loss=1.0 / float(normd), **opts)
+        np.testing.assert_array_equal(dxd, dx)
+        np.testing.assert_allclose(Ld, L / normd, rtol=2 * eps(dtype))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4], CASES[6], CASES[7], CASES[8],
+                                  CASES[9], CASES[10]],
+                         ids=["plain", "nhwc", "weights", "smoothing", "lens", "soft",
+                              "soft-nhwc-weights", "2d"])
+def test_class_sharded_matches_to_float_tolerance(client, rng, case):
+    x, y, w, opts = _problem(rng, **dict(case, shape_nc=(case.get("shape_nc", (3, 7))[0], 40)))
+    dtype = x.dtype.type
+    xd = da.from_array(x, chunks=_chunks(x.shape, opts["layout"], split_c=True))
+    lazy, want = [], []
+    for reduction in REDUCTIONS:
+        want.append(ssm.spatial_softmax_with_loss_and_grad(x, y, w, 0.5, reduction=reduction,
+                                                           return_prob=True, **opts))
+        lazy.append(sdask.spatial_softmax_with_loss_and_grad(xd, y, w, 0.5, reduction=reduction,
+                                                             return_prob=True, **opts))
+    got = dask.compute(*lazy)
+    for (L, dx, p), (Ld, dxd, pd) in zip(want, got):
+        assert dxd.dtype == x.dtype and dxd.shape == x.shape
+        assert_close(Ld, L, dtype, scale=np.abs(L).max(), factor=16)
+        assert_close(dxd, dx, dtype, scale=np.abs(dx).max(), factor=16)
+        assert_close(pd, p, dtype, factor=16)
+    fwd = dask.compute(*sdask.spatial_softmax_with_loss(xd, y, w, **opts))
+    assert_close(fwd[1], ssm.spatial_softmax_with_loss(x, y, w, **opts)[1], dtype, factor=16)
+
+
+@pytest.mark.parametrize("split_c", [False, True], ids=["NC-chunks", "C-chunks"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_softmax_functions(client, rng, layout, split_c):
+    x, _, _, _ = _problem(rng, layout=layout, shape_nc=(3, 40))
+    dprob = make_logits(rng, x.shape, x.dtype)
+    xd = da.from_array(x, chunks=_chunks(x.shape, layout, split_c))
+    got = dask.compute(sdask.softmax(xd, layout=layout), sdask.log_softmax(xd, layout=layout),
+                       sdask.softmax_grad(sdask.softmax(xd, layout=layout), dprob, layout=layout))
+    want = (ssm.softmax(x, layout=layout), ssm.log_softmax(x, layout=layout),
+            ssm.softmax_grad(ssm.softmax(x, layout=layout), dprob, layout=layout))
+    for name, g, w in zip(("softmax", "log_softmax", "softmax_grad"), got, want):
+        if split_c or name == "log_softmax":  # log: libm's or libmvec's at a chunk's edge
+            assert_close(g, w, np.float32, scale=np.abs(w).max(), factor=16)
+        else:
+            np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("split_c", [False, True], ids=["NC-chunks", "C-chunks"])
+def test_bad_label_in_one_chunk_names_the_global_index(client, rng, split_c):
+    x, y, w, opts = _problem(rng, spatial=(11, 13), shape_nc=(3, 40))
+    y[2, 9, 4] = 40
+    y[2, 10, 0] = -3   # a later flat index: the lowest wins, as in the single call
+    with pytest.raises(ValueError) as single:
+        ssm.spatial_softmax_with_loss_and_grad(x, y)
+    xd = da.from_array(x, chunks=_chunks(x.shape, "NCHW", split_c))
+    loss, dx = sdask.spatial_softmax_with_loss_and_grad(xd, y, reduction="sum")  # lazy: no error
+    for result in (loss, dx):
+        with pytest.raises(ValueError, match=re.escape(str(single.value))):
+            result.compute()
+    assert "(2, 9, 4)" in str(single.value)
+    with pytest.raises(ValueError, match=re.escape(str(single.value))):
+        sdask.spatial_softmax_with_loss(xd, y)[0].compute(scheduler="threads")
+    # validate=False: the bad pixels' loss is NaN, as in the single call
+    Ld = sdask.spatial_softmax_with_loss(xd, y, validate=False, reduction="none")[1].compute()
+    assert np.isnan(Ld[2, 9, 4]) and np.isnan(Ld[2, 10, 0]) and np.isfinite(Ld[0]).all()
+
+
+def test_bit_identical_run_to_run(client, rng):
+    x, y, w, opts = _problem(rng, weights=True, cw=True, dtype=np.float64)
+    for split_c in (False, True):
+        xd = da.from_array(x, chunks=_chunks(x.shape, "NCHW", split_c))
+        a = dask.compute(*sdask.spatial_softmax_with_loss_and_grad(xd, y, w, **opts))
+        b = dask.compute(*sdask.spatial_softmax_with_loss_and_grad(xd, y, w, **opts),
+                         scheduler="threads")
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_threaded_scheduler_and_chunked_labels(rng):
+    x, y, w, opts = _problem(rng, weights=True)
+    w = np.round(4 * w) / 4   # quarters: the normaliser is exact in any order
+    xd = da.from_array(x, chunks=(2, 7, 4, 13))
+    yd = da.from_array(y, chunks=(1, 3, 13))      # rechunked to the logits' pixel chunks
+    wd = da.from_array(w, chunks=(3, 11, 5))
+    L, dx = ssm.spatial_softmax_with_loss_and_grad(x, y, w, **opts)
+    Ld, dxd = dask.compute(*sdask.spatial_softmax_with_loss_and_grad(xd, yd, wd, threads=1,
+                                                                     **opts),
+                           scheduler="threads")
+    np.testing.assert_array_equal(dxd, dx)
+    _loss_check(Ld, L, np.float32, False)
+    lazy = sdask.spatial_softmax_with_loss_and_grad(xd, yd, wd, **opts)[1]
+    assert lazy.chunks == xd.chunks
+
+
+def test_zero_total_weight_mean_is_zero(rng):
+    x, y, _, opts = _problem(rng)
+    y[:] = -1
+    xd = da.from_array(x, chunks=_chunks(x.shape, "NCHW"))
+    for split_c in (False, True):
+        xd = da.from_array(x, chunks=_chunks(x.shape, "NCHW", split_c))
+        Ld, dxd = dask.compute(*sdask.spatial_softmax_with_loss_and_grad(xd, y))
+        assert Ld == 0 and not dxd.any()
+
+
+def test_eager_argument_errors(rng):
+    x, y, _, _ = _problem(rng)
+    xd = da.from_array(x)
+    with pytest.raises(ValueError, match="reduction: 'avg' is not one of"):
+        sdask.spatial_softmax_with_loss(xd, y, reduction="avg")
+    with pytest.raises(ValueError, match="layout"):
+        sdask.softmax(xd, layout="CHW")
+    with pytest.raises(ValueError, match="target: a int64 array of shape"):
+        sdask.spatial_softmax_with_loss(xd, y[:2])
+    with pytest.raises(TypeError, match="weights: dtype float64 differs"):
+        sdask.spatial_softmax_with_loss(xd, y, np.ones(y.shape))
+    with pytest.raises(TypeError, match="x: dtype int64 is not supported"):
+        sdask.softmax(da.from_array(y))
+
+
+# ---- the public building block and the shard recipe -----------------------------------
+
+def _reference_normaliser(y, w, cw, ignore_index):
+    valid = y != ignore_index
+    n = np.ones(y.shape) if w is None else w.astype(np.float64)
+    if cw is not None:
+        n = n * cw[np.where(valid, y, 0)].astype(np.float64)
+    return float(np.sum(np.where(valid, n, 0.0)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_loss_normalizer(rng, dtype):
+    x, y, w, opts = _problem(rng, dtype=dtype, weights=True, cw=True)
+    cw = opts["class_weights"]
+    norm = ssm.loss_normalizer(x, y, w, class_weights=cw)
+    assert norm.shape == () and norm.dtype == np.float64
+    np.testing.assert_allclose(norm, _reference_normaliser(y, w, cw, -1), rtol=1e-12)
+    # the divisor of the single call's "mean": sum / mean
+    s = ssm.spatial_softmax_with_loss(x.astype(np.float64), y, w.astype(np.float64),
+                                      class_weights=cw, reduction="sum")[1]
+    m = ssm.spatial_softmax_with_loss(x.astype(np.float64), y, w.astype(np.float64),
+                                      class_weights=cw)[1]
+    np.testing.assert_allclose(s / m, norm, rtol=1e-6)
+    # the logits are not read: a broadcast stand-in gives the same value, without a copy
+    stand_in = np.broadcast_to(dtype(0), x.shape)
+    assert ssm.loss_normalizer(stand_in, y, w, class_weights=cw) == norm
+    assert ssm.loss_normalizer(x, make_soft_targets(rng, x.shape, dtype)) == y.size
+    y[1, 2, 3] = 7
+    with pytest.raises(ValueError, match=re.escape("label 7 at index (1, 2, 3) is outside "
+                                                   "[0, 7)")):
+        ssm.loss_normalizer(x, y)
+    assert ssm.loss_normalizer(x, y, validate=False) == np.sum((y != -1) & (y != 7))
+
+
+def test_shard_recipe_gives_the_single_call_gradient(rng):
+    """README's recipe: shards' normalisers added, each shard's gradient with reduction="sum"
+    and d_loss = 1 / norm: the single call's gradient, bit for bit (float32)."""
+    x, y, w, opts = _problem(rng, shape_nc=(4, 21), spatial=(16, 16), weights=True, cw=True)
+    w, opts["class_weights"] = np.round(4 * w) / 4, np.round(4 * opts["class_weights"]) / 4
+    L, dx = ssm.spatial_softmax_with_loss_and_grad(x, y, w, **opts)
+    shards = [slice(0, 1), slice(1, 4)]
+    cw = opts["class_weights"]
+    norm = sum(float(ssm.loss_normalizer(x[s], y[s], w[s], class_weights=cw)) for s in shards)
+    parts = [ssm.spatial_softmax_with_loss_and_grad(x[s], y[s], w[s], reduction="sum",
+                                                    d_loss=1.0 / norm, **opts) for s in shards]
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), dx)
+    np.testing.assert_allclose(sum(float(p[0]) for p in parts) / norm, L, rtol=4 * eps(np.float32))
+
+
+def test_import_ssm_does_not_import_dask(tmp_path):
+    code = ("import sys, ssm; assert 'dask' not in sys.modules; "
+            "assert 'dask' not in dir(ssm); import ssm.dask; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         **child_process_kwargs(tmp_path))
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+# ---- device chunks (the CUDA simulator runs the GPU backend; CuPy chunks take the same path)
+
+def _blocks(arr, cudasim, *extra):
+    """Compute ``extra`` and every block of ``arr`` (device chunks: Dask cannot concatenate
+    simulated arrays) and assemble the blocks on the host."""
+    blocks = arr.to_delayed()
+    got = dask.compute(*extra, *blocks.ravel(), scheduler="sync")
+    out = np.empty(arr.shape, arr.dtype)
+    offs = [np.cumsum((0,) + c) for c in arr.chunks]
+    for n, idx in enumerate(np.ndindex(blocks.shape)):
+        out[tuple(slice(o[i], o[i + 1]) for o, i in zip(offs, idx))] = \
+            cudasim.asnumpy(got[len(extra) + n])
+    return [cudasim.asnumpy(g) for g in got[:len(extra)]], out
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("case", [dict(), dict(weights=True, cw=True), dict(target="soft")],
+                         ids=["plain", "weights", "soft"])
+def test_device_chunks_on_the_simulator(rng, case):
+    from ssm.testing import cudasim
+    x, y, w, opts = _problem(rng, spatial=(8, 8), **case)
+    if w is not None:
+        w = np.round(4 * w) / 4
+    xc, yc = cudasim.asarray(x), cudasim.asarray(y)
+    wc = cudasim.asarray(w) if w is not None else None
+    L, dx = ssm.spatial_softmax_with_loss_and_grad(xc, yc, wc, **opts)
+    xd = da.from_array(xc, chunks=(2, 7, 3, 8), asarray=False)
+    Ld, dxd = sdask.spatial_softmax_with_loss_and_grad(xd, yc, wc, **opts)
+    (loss,), grad = _blocks(dxd, cudasim, Ld)
+    np.testing.assert_array_equal(grad, cudasim.asnumpy(dx))
+    np.testing.assert_allclose(loss, cudasim.asnumpy(L), rtol=2 * eps(np.float32))
+    if case.get("target") != "soft":
+        y[2, 7, 1] = 7
+        with pytest.raises(ValueError, match=re.escape("label 7 at index (2, 7, 1)")):
+            sdask.spatial_softmax_with_loss(xd, cudasim.asarray(y), **opts)[1].compute(
+                scheduler="sync")
