@@ -144,8 +144,9 @@ def test_submodules_are_attributes(tmp_path):
     import importlib.util
     names = _public_submodules()
     assert {"ops", "bench"} <= set(names)
-    # ssm.torch and ssm.jax import their library: checked where it is installed
-    names = [n for n in names if n not in ("torch", "jax") or importlib.util.find_spec(n)]
+    # the optional submodules (ssm.torch, ssm.jax, ssm.dask) import their library: checked
+    # where it is installed
+    names = [n for n in names if n not in ssm._OPTIONAL or importlib.util.find_spec(n)]
     code = ("import importlib, ssm\n"
             f"for name in {names!r}:\n"
             "    assert name in dir(ssm) or name in ssm._OPTIONAL, name\n"
@@ -168,13 +169,14 @@ def test_framework_submodule_without_its_framework(tmp_path, name, extra):
 
 
 def test_dir_lists_submodules_and_public_names():
-    # the framework adaptors are left out: listing them (help(ssm), inspect) would import
-    # PyTorch and JAX, or fail where they are not installed
+    # the optional submodules (ssm._OPTIONAL: the framework adaptors, ssm.dask) are left
+    # out: listing them (help(ssm), inspect) would import their library, or fail where it
+    # is not installed
     # (once imported, they are attributes like any other; test_help_imports_no_framework
     # checks a fresh process)
     listed = dir(ssm)
     for name in _public_submodules() + ssm.__all__:
-        assert name in listed or name in ("torch", "jax"), name
+        assert name in listed or name in ssm._OPTIONAL, name
 
 
 def test_help_imports_no_framework(tmp_path):
