@@ -112,7 +112,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if REQUIRE_CUDASIM and report.skipped and item.get_closest_marker("cudasim"):
         report.outcome = "failed"
-        report.longrepr = f"a simulator case skipped where SSM_REQUIRE promises cudasim: {report.longrepr}"
+        report.longrepr = ("a simulator case skipped where SSM_REQUIRE promises cudasim: "
+                           f"{report.longrepr}")
 
 
 # ---------------------------------------------------------------- randomness

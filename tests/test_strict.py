@@ -17,7 +17,8 @@ def test_missing_skips_unless_promised(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="^nvcc is not on PATH$"):
         missing("nvcc", "nvcc is not on PATH")
     monkeypatch.setattr(conftest, "REQUIRED", frozenset({"nvcc"}))
-    with pytest.raises(pytest.fail.Exception, match="^nvcc is not on PATH; SSM_REQUIRE promises nvcc"):
+    with pytest.raises(pytest.fail.Exception,
+                       match="^nvcc is not on PATH; SSM_REQUIRE promises nvcc"):
         missing("nvcc", "nvcc is not on PATH")
     with pytest.raises(pytest.skip.Exception):  # a requirement not promised still skips
         missing("torch", "no torch")
