@@ -336,7 +336,8 @@ static void run_problem(ptrdiff_t outer, ptrdiff_t C, ptrdiff_t inner, ptrdiff_t
 {
     ptrdiff_t P = outer * inner, E = P * C, i, p, c, k;
     const char *shape = inner > 1 ? "strided channels" : "contiguous rows";
-    double *gen = alloc(E > C * C ? E : C * C, sizeof(double)), *xd, *pd, *dpd, *want = alloc(E, sizeof(double));
+    double *gen = alloc(E > C * C ? E : C * C, sizeof(double)), *xd, *pd, *dpd;
+    double *want = alloc(E, sizeof(double));
     double *want2 = alloc(E, sizeof(double)), *lossd = alloc(P, sizeof(double));
     void *x, *prob, *dprob, *out = alloc(E, 8), *out2 = alloc(E, 8), *lmap = alloc(P, 8);
     ref_problem R;
