@@ -440,7 +440,7 @@ static void run_problem(ptrdiff_t outer, ptrdiff_t C, ptrdiff_t inner, ptrdiff_t
         R.g_scale = 0.37;
         S.target_kind = T->kind, S.target = soft ? soft : labels, S.ignore_index = ignore;
         S.w = wv, S.cw = cwv, S.lens = lensv, S.smoothing = T->smoothing, S.loss_cap = T->cap;
-        S.g = gv, S.g_scale = 0.37; /* the d_loss map and the gradient scale */
+        S.d_loss_map = gv, S.grad_scale = 0.37; /* the d_loss map and the gradient scale */
         S.x = x, S.out = out, S.out2 = NULL, S.loss_map = lmap;
 
         gscale = ref_sswl(&R, NULL, lossd, want2, want);

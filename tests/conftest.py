@@ -58,6 +58,8 @@ REQUIREMENTS = {
     "torch": "PyTorch: the parity tests, ssm.torch and DLPack with it",
     "jax": "JAX (and optax): ssm.jax and DLPack with it",
     "hypothesis": "hypothesis: tests/test_properties.py",
+    "dask": "dask.array and dask.distributed: ssm.dask (tests/test_dask.py)",
+    "mpi": "mpi4py and mpiexec: the MPI data-parallel example",
     "source-tree": "the source tree's benchmarks/ (tests run from a clone)",
 }
 

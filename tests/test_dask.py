@@ -14,11 +14,11 @@ import pytest
 
 from conftest import (FLOAT_DTYPES, LAYOUTS, REDUCTIONS, assert_close, child_process_kwargs, eps,
                       logits_shape, make_class_weights, make_labels, make_lens, make_logits,
-                      make_soft_targets, make_weights)
+                      make_soft_targets, make_weights, require_module)
 
 import ssm
 
-da = pytest.importorskip("dask.array", reason="dask is not installed (pip install 'ssm[dask]')")
+da = require_module("dask", "dask.array")  # pip install 'ssm[dask]'
 import dask  # noqa: E402
 
 import ssm.dask as sdask  # noqa: E402
@@ -27,8 +27,7 @@ import ssm.dask as sdask  # noqa: E402
 @pytest.fixture(scope="module")
 def client():
     """One LocalCluster of 2 worker processes (1 thread each) for the module."""
-    distributed = pytest.importorskip(
-        "distributed", reason="dask.distributed is not installed (pip install 'ssm[dask]')")
+    distributed = require_module("dask", "distributed")  # pip install 'ssm[dask]'
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None, silence_logs=40) as cluster, \
             distributed.Client(cluster) as c:

@@ -41,10 +41,10 @@ def test_torch_distributed_gloo_two_ranks(tmp_path):
 
 
 def test_mpi_two_ranks(tmp_path):
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (MPI example)")
+    require_module("mpi", "mpi4py")
     mpiexec = shutil.which("mpiexec")
     if mpiexec is None:
-        pytest.skip("mpiexec is not on PATH (no MPI installed: MPI example)")
+        missing("mpi", "mpiexec is not on PATH (no MPI installed: MPI example)")
     out = _run([mpiexec, "-n", "2", sys.executable, _example("data_parallel_mpi.py"), "--check"],
                tmp_path)
     assert out.count("gradient equals the single-process one") == 2, out
