@@ -203,3 +203,16 @@ def test_bench_extra_installs_the_light_peers():
              for r in requires("ssm") or () if re.search(r"""extra\s*==\s*["']bench["']""", r)}
     assert {"scikit-learn", "matplotlib", "threadpoolctl"} <= bench
     assert "torch" not in bench
+
+
+@pytest.mark.parametrize("module, library, extra", [("ssm.dask", "dask", "dask"),
+                                                    ("ssm.torch", "torch", "torch"),
+                                                    ("ssm.jax", "jax", "jax")])
+def test_optional_module_without_its_library_says_how_to_install_it(tmp_path, module, library,
+                                                                    extra):
+    code = (f"import sys; sys.modules[{library!r}] = None\n"  # the library made unimportable
+            f"try:\n    import {module}\nexcept ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       **child_process_kwargs(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert f"pip install 'ssm[{extra}]'" in r.stdout, r.stdout
