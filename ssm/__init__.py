@@ -118,6 +118,13 @@ from ._api import (
 )
 from ._config import show_config
 from ._distributed import loss_normalizer
+from ._positions import (
+    soft_argmax,
+    soft_argmax_grad,
+    spatial_expectation,
+    spatial_softmax,
+    spatial_softmax_grad,
+)
 from ._threads import get_num_threads, set_num_threads
 from ._version import __version__
 
@@ -130,6 +137,11 @@ __all__ = [
     "show_config",
     "softmax",
     "softmax_grad",
+    "soft_argmax",
+    "soft_argmax_grad",
+    "spatial_expectation",
+    "spatial_softmax",
+    "spatial_softmax_grad",
     "spatial_softmax_with_loss",
     "spatial_softmax_with_loss_and_grad",
     "spatial_softmax_with_loss_grad",

@@ -70,3 +70,53 @@ class Problem(NamedTuple):
 
 
 _INPUTS = Problem._fields.index("out")
+
+
+class PositionsGeometry(NamedTuple):
+    """Maps of positions (softmax over positions, ssm/_positions.py): ``x`` of shape
+    ``(N, C, *spatial)`` or ``(N, *spatial, C)`` seen as (outer, L, inner), L the positions
+    of one map; row ``o * inner + i`` is the map (n, c) = (row // C, row % C)."""
+
+    shape: tuple
+    N: int
+    C: int
+    spatial: tuple
+    outer: int
+    L: int
+    inner: int
+
+    @property
+    def rows(self) -> int:
+        return self.outer * self.inner
+
+
+class PositionsProblem(NamedTuple):
+    """One call of a softmax-over-positions pass (an ssm._codes.PosOp), validated.
+
+    Arrays C-contiguous on the backend's device; ``x``, ``dprob`` and ``out`` like x; the
+    keypoint arrays ``(N, C, D)`` of x's dtype; ``grid`` ``(D, L)`` coordinates (the CPU:
+    x's dtype; the GPU: float64); ``temperature`` ``(C,)`` float64; ``d_temperature`` one
+    float64 per map ``(N * C,)``, summed over the maps by the caller.
+
+    =============  ===================================================================
+    op             reads (besides geom, x, temperature); writes
+    =============  ===================================================================
+    SOFTMAX        -; out (prob)
+    SOFTMAX_BWD    dprob (x holds prob); out (dx), d_temperature if given
+    EXPECT         grid, from_prob; keypoints, variance and out (prob) where given
+    EXPECT_BWD     grid, from_prob, d_keypoints; out (dx), keypoints and d_temperature
+                   where given
+    =============  ===================================================================
+    """
+
+    geom: PositionsGeometry
+    x: Any
+    temperature: Any
+    grid: Any = None
+    dprob: Any = None
+    d_keypoints: Any = None
+    from_prob: bool = False
+    out: Any = None
+    keypoints: Any = None
+    variance: Any = None
+    d_temperature: Any = None

@@ -1,0 +1,257 @@
+/*
+ * ssm/_positions_impl.h -- the per-dtype body of _positions.h, included once per R
+ * (float, double) with SSM_SFX, SSM_EXP and SSM_LOG defined. Not a standalone header.
+ *
+ * The row helpers work on one contiguous row of n = L values; every loop is a
+ * contiguous, vectorisable sweep.
+ */
+
+/* ---- blocked sums: R inside a block of SSM_POS_BLOCK, double across blocks ---------- */
+
+/* sum_l a[l] * (b ? b[l] : 1) */
+SSM_INLINE double SSM_SFX(ssm_pos_dot)(const R *restrict a, const R *restrict b, ptrdiff_t n)
+{
+    double total = 0.0;
+    ptrdiff_t l0, l, l1;
+    for (l0 = 0; l0 < n; l0 += SSM_POS_BLOCK) {
+        R part = 0;
+        l1 = n - l0 < SSM_POS_BLOCK ? n : l0 + SSM_POS_BLOCK;
+        if (b) {
+#pragma omp simd reduction(+:part)
+            for (l = l0; l < l1; l++)
+                part += a[l] * b[l];
+        } else {
+#pragma omp simd reduction(+:part)
+            for (l = l0; l < l1; l++)
+                part += a[l];
+        }
+        total += (double)part;
+    }
+    return total;
+}
+
+/* sum_l a[l] * (b[l] - c)^2 */
+SSM_INLINE double SSM_SFX(ssm_pos_centred)(const R *restrict a, const R *restrict b, R c,
+                                           ptrdiff_t n)
+{
+    double total = 0.0;
+    ptrdiff_t l0, l, l1;
+    for (l0 = 0; l0 < n; l0 += SSM_POS_BLOCK) {
+        R part = 0;
+        l1 = n - l0 < SSM_POS_BLOCK ? n : l0 + SSM_POS_BLOCK;
+#pragma omp simd reduction(+:part)
+        for (l = l0; l < l1; l++) {
+            const R v = b[l] - c;
+            part += a[l] * v * v;
+        }
+        total += (double)part;
+    }
+    return total;
+}
+
+/* sum_l dy[l] * z[l] with z = (x - m) / T (logits) or log p (probabilities, 0 where p is
+   0, where dy is 0 too): the temperature gradient's sum, -(1/T) times it. Since
+   sum_l dy = 0, z may be shifted by any constant per row. */
+SSM_INLINE double SSM_SFX(ssm_pos_dtemp_sum)(const R *restrict dy, const R *restrict x,
+                                             R m, R it, int logs, ptrdiff_t n)
+{
+    double total = 0.0;
+    ptrdiff_t l0, l, l1;
+    for (l0 = 0; l0 < n; l0 += SSM_POS_BLOCK) {
+        R part = 0;
+        l1 = n - l0 < SSM_POS_BLOCK ? n : l0 + SSM_POS_BLOCK;
+        if (logs) {
+#pragma omp simd reduction(+:part)
+            for (l = l0; l < l1; l++) {
+                const R p = x[l] > 0 ? x[l] : (R)1;
+                part += dy[l] * SSM_LOG(p);
+            }
+        } else {
+#pragma omp simd reduction(+:part)
+            for (l = l0; l < l1; l++)
+                part += dy[l] * ((x[l] - m) * it);
+        }
+        total += (double)part;
+    }
+    return total;
+}
+
+/* m = max_l x[l] (a NaN is never the max; it makes the row's sum NaN) */
+SSM_INLINE R SSM_SFX(ssm_pos_max)(const R *restrict x, ptrdiff_t n)
+{
+    R m = x[0];
+    ptrdiff_t l;
+#pragma omp simd reduction(max:m)
+    for (l = 1; l < n; l++)
+        m = x[l] > m ? x[l] : m;
+    return m;
+}
+
+/* e[l] = exp((x[l] - m) * it); returns sum_l e[l] (blocked). */
+SSM_INLINE double SSM_SFX(ssm_pos_exp)(const R *restrict x, R *restrict e, R m, R it,
+                                       ptrdiff_t n)
+{
+    ptrdiff_t l;
+#pragma omp simd
+    for (l = 0; l < n; l++)
+        e[l] = SSM_EXP((x[l] - m) * it);
+    return SSM_SFX(ssm_pos_dot)(e, NULL, n);
+}
+
+/* ---- one row -------------------------------------------------------------------------- */
+
+/* Pass `op` over row r: x (and x2) its n = L contiguous values, out its output row (or
+   NULL), e and h scratch rows of L. Writes kp, var and dtemp at r as asked. */
+SSM_INLINE void SSM_SFX(ssm_pos_row)(const ssm_pos_problem *P, int op, ptrdiff_t r,
+                                     const R *restrict x, const R *restrict x2,
+                                     R *restrict out, R *restrict e, R *restrict h)
+{
+    const ptrdiff_t n = P->L, D = P->D;
+    const double T = P->temp[r % P->C], it_d = 1.0 / T;
+    const R it = (R)it_d;
+    const R *restrict grid = (const R *)P->grid;
+    const R *restrict p;  /* the (unnormalised) probabilities: e, or x itself */
+    R m = 0, rs;
+    double s, K = 0.0;
+    ptrdiff_t l, d;
+
+    if (op == SSM_POS_SOFTMAX) {
+        m = SSM_SFX(ssm_pos_max)(x, n);
+        rs = (R)(1.0 / SSM_SFX(ssm_pos_exp)(x, e, m, it, n));
+#pragma omp simd
+        for (l = 0; l < n; l++)
+            out[l] = e[l] * rs;
+        return;
+    }
+    if (op == SSM_POS_SOFTMAX_BWD) {
+        /* dy = p * (dp - sum p dp); dx = dy / T */
+        const R dot = (R)SSM_SFX(ssm_pos_dot)(x, x2, n);
+#pragma omp simd
+        for (l = 0; l < n; l++)
+            h[l] = x[l] * (x2[l] - dot);
+        if (P->dtemp)
+            P->dtemp[r] = -it_d * SSM_SFX(ssm_pos_dtemp_sum)(h, x, 0, it, 1, n);
+#pragma omp simd
+        for (l = 0; l < n; l++)
+            out[l] = h[l] * it;
+        return;
+    }
+
+    /* EXPECT, EXPECT_BWD: E_d = sum_l p_l g_d[l] / s */
+    if (P->from_prob) {
+        p = x;
+        s = 1.0;  /* probabilities are used as given, not renormalised (as kornia) */
+    } else {
+        m = SSM_SFX(ssm_pos_max)(x, n);
+        s = SSM_SFX(ssm_pos_exp)(x, e, m, it, n);
+        p = e;
+    }
+    rs = (R)(1.0 / s);
+    for (d = 0; d < D; d++) {
+        const R *restrict g = grid + d * n;
+        const double E = SSM_SFX(ssm_pos_dot)(p, g, n) / s;
+        if (P->kp)
+            ((R *)P->kp)[r * D + d] = (R)E;
+        if (P->var) {
+            const double v = SSM_SFX(ssm_pos_centred)(p, g, (R)E, n) / s;
+            ((R *)P->var)[r * D + d] = (R)(v > 0.0 ? v : 0.0);
+        }
+        if (op == SSM_POS_EXPECT_BWD)
+            K += (double)((const R *)P->dkp)[r * D + d] * E;
+    }
+    if (op == SSM_POS_EXPECT) {
+        if (out) {
+#pragma omp simd
+            for (l = 0; l < n; l++)
+                out[l] = p[l] * rs;
+        }
+        return;
+    }
+    /* EXPECT_BWD: h_l = sum_d dk_d g_d[l] - K; dy = p h / s; dx = dy / T */
+    {
+        const R Kr = (R)K;
+#pragma omp simd
+        for (l = 0; l < n; l++)
+            h[l] = -Kr;
+        for (d = 0; d < D; d++) {
+            const R *restrict g = grid + d * n;
+            const R dk = ((const R *)P->dkp)[r * D + d];
+#pragma omp simd
+            for (l = 0; l < n; l++)
+                h[l] += dk * g[l];
+        }
+#pragma omp simd
+        for (l = 0; l < n; l++)
+            h[l] = p[l] * rs * h[l];
+        if (P->dtemp)
+            P->dtemp[r] = -it_d * SSM_SFX(ssm_pos_dtemp_sum)(h, x, m, it, P->from_prob, n);
+#pragma omp simd
+        for (l = 0; l < n; l++)
+            out[l] = h[l] * it;
+    }
+}
+
+/* ---- one tile ------------------------------------------------------------------------- */
+
+SSM_INLINE char *SSM_SFX(ssm_pos_align)(char *p)
+{
+    return (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+}
+
+/* Pass `op` over tile t (see ssm_pos_num_tiles) with per-thread scratch `buf` of
+   ssm_pos_scratch_bytes(P, sizeof(R)) bytes. */
+SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_t t, void *buf)
+{
+    const ptrdiff_t L = P->L, inner = P->inner, T = P->tile;
+    const R *x = (const R *)P->x, *x2 = (const R *)P->x2;
+    R *out = (R *)P->out;
+    char *q = SSM_SFX(ssm_pos_align)((char *)buf);
+    R *e = (R *)q, *h;
+    ptrdiff_t r0, r, nr;
+    q = SSM_SFX(ssm_pos_align)(q + L * sizeof(R));
+    h = (R *)q;
+    q = SSM_SFX(ssm_pos_align)(q + L * sizeof(R));
+
+    if (inner == 1) {  /* contiguous rows, in place */
+        r0 = t * T;
+        nr = P->outer - r0 < T ? P->outer - r0 : T;
+        for (r = r0; r < r0 + nr; r++)
+            SSM_SFX(ssm_pos_row)(P, op, r, x + r * L, x2 ? x2 + r * L : NULL,
+                                 out ? out + r * L : NULL, e, h);
+        return;
+    }
+    /* strided rows: channels [i0, i0 + nr) of image o, gathered as nr rows of L */
+    {
+        const ptrdiff_t per = (inner + T - 1) / T, o = t / per, i0 = (t % per) * T;
+        const ptrdiff_t base = o * L * inner + i0;
+        R *X = (R *)q, *X2, *O;
+        ptrdiff_t l, j;
+        q = SSM_SFX(ssm_pos_align)(q + T * L * sizeof(R));
+        X2 = (R *)q;
+        q = SSM_SFX(ssm_pos_align)(q + T * L * sizeof(R));
+        O = (R *)q;
+        nr = inner - i0 < T ? inner - i0 : T;
+        for (l = 0; l < L; l++) {
+            const R *src = x + base + l * inner;
+            for (j = 0; j < nr; j++)
+                X[j * L + l] = src[j];
+        }
+        if (x2) {
+            for (l = 0; l < L; l++) {
+                const R *src = x2 + base + l * inner;
+                for (j = 0; j < nr; j++)
+                    X2[j * L + l] = src[j];
+            }
+        }
+        for (j = 0; j < nr; j++)
+            SSM_SFX(ssm_pos_row)(P, op, o * inner + i0 + j, X + j * L, x2 ? X2 + j * L : NULL,
+                                 out ? O + j * L : NULL, e, h);
+        if (out) {
+            for (l = 0; l < L; l++) {
+                R *dst = out + base + l * inner;
+                for (j = 0; j < nr; j++)
+                    dst[j] = O[j * L + l];
+            }
+        }
+    }
+}
