@@ -543,6 +543,7 @@ def positions(int op, problem, threads):
     P.out, P.kp = <void *>_ptr(problem.out), <void *>_ptr(problem.keypoints)
     P.var = <void *>_ptr(problem.variance)
     P.dtemp = <double *>_ptr(problem.d_temperature)
+    P.stream = problem.out is not None and problem.out.nbytes >= STREAM_BYTES
     ntiles = ssm_pos_num_tiles(&P)
     if ntiles == 0:
         return None

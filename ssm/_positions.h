@@ -52,6 +52,7 @@ typedef struct {
     void *kp;                   /* (rows, D) expectations or NULL */
     void *var;                  /* (rows, D) variances or NULL */
     double *dtemp;              /* (rows,) gradient of the temperature, per row, or NULL */
+    int stream;                 /* large contiguous outputs: non-temporal stores */
 } ssm_pos_problem;
 
 static inline ptrdiff_t ssm_pos_num_tiles(const ssm_pos_problem *P)
@@ -63,13 +64,13 @@ static inline ptrdiff_t ssm_pos_num_tiles(const ssm_pos_problem *P)
     return (P->outer + P->tile - 1) / P->tile;
 }
 
-/* Per-thread scratch in bytes for elements of `rsize` bytes: the exp row and h row, and
+/* Per-thread scratch in bytes for elements of `rsize` bytes: three rows (exp, h, out), and
    for strided rows the gathered inputs (x, dprob) and outputs of a tile, each on a
    64-byte boundary, plus 64 for aligning the start. */
 static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsize)
 {
     size_t L = (size_t)P->L, TL = P->inner > 1 ? (size_t)P->tile * L : 0;
-    return 64 + 2 * ssm_round64(L * rsize) + 3 * ssm_round64(TL * rsize);
+    return 64 + 3 * ssm_round64(L * rsize) + 3 * ssm_round64(TL * rsize);
 }
 
 #define R float

@@ -98,6 +98,130 @@ SSM_INLINE double SSM_SFX(ssm_pos_exp)(const R *restrict x, R *restrict e, R m, 
     return SSM_SFX(ssm_pos_dot)(e, NULL, n);
 }
 
+/* Two sums in one sweep: *s0 = sum_l p[l] g0[l], *s1 = sum_l p[l] g1[l] (blocked). */
+SSM_INLINE void SSM_SFX(ssm_pos_dot2)(const R *restrict p, const R *restrict g0,
+                                      const R *restrict g1, ptrdiff_t n, double *s0, double *s1)
+{
+    double t0 = 0.0, t1 = 0.0;
+    ptrdiff_t l0, l, l1;
+    for (l0 = 0; l0 < n; l0 += SSM_POS_BLOCK) {
+        R a = 0, b = 0;
+        l1 = n - l0 < SSM_POS_BLOCK ? n : l0 + SSM_POS_BLOCK;
+#pragma omp simd reduction(+:a, b)
+        for (l = l0; l < l1; l++) {
+            a += p[l] * g0[l];
+            b += p[l] * g1[l];
+        }
+        t0 += (double)a;
+        t1 += (double)b;
+    }
+    *s0 = t0;
+    *s1 = t1;
+}
+
+/* e[l] = exp((x[l] - m) * it) and its sums against 1, g0, g1 in one sweep (the 2-D
+   soft-argmax); returns sum_l e[l]. */
+SSM_INLINE double SSM_SFX(ssm_pos_exp2)(const R *restrict x, R *restrict e, R m, R it,
+                                        const R *restrict g0, const R *restrict g1,
+                                        ptrdiff_t n, double *s0, double *s1)
+{
+    double t = 0.0, t0 = 0.0, t1 = 0.0;
+    ptrdiff_t l0, l, l1;
+    for (l0 = 0; l0 < n; l0 += SSM_POS_BLOCK) {
+        R c = 0, a = 0, b = 0;
+        l1 = n - l0 < SSM_POS_BLOCK ? n : l0 + SSM_POS_BLOCK;
+#pragma omp simd reduction(+:c, a, b)
+        for (l = l0; l < l1; l++) {
+            const R v = SSM_EXP((x[l] - m) * it);
+            e[l] = v;
+            c += v;
+            a += v * g0[l];
+            b += v * g1[l];
+        }
+        t += (double)c;
+        t0 += (double)a;
+        t1 += (double)b;
+    }
+    *s0 = t0;
+    *s1 = t1;
+    return t;
+}
+
+/* Copy a row of n elements to memory with non-temporal stores (large outputs: the lines
+   go to DRAM without first being read into the cache, as a plain store would). The
+   caller orders them with an sfence before its tile ends. */
+SSM_INLINE void SSM_SFX(ssm_pos_stream_row)(R *dst, const R *src, ptrdiff_t n)
+{
+#if defined(__SSE2__)
+    ptrdiff_t j = 0, per = 16 / (ptrdiff_t)sizeof(R);
+    for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
+        dst[j] = src[j];
+    for (; j + per <= n; j += per)
+        _mm_stream_si128((__m128i *)(dst + j), _mm_loadu_si128((const __m128i *)(src + j)));
+    for (; j < n; j++)
+        dst[j] = src[j];
+#else
+    memcpy(dst, src, (size_t)n * sizeof(R));
+#endif
+}
+
+/* The 2-D soft-argmax (D == 2, no variance) in three sweeps: the max, exp with its three
+   sums, and (EXPECT_BWD) dx, written to `out` or, when `stream`, to h and streamed out. */
+SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_t r,
+                                      const R *restrict x, R *restrict out, R *restrict e,
+                                      R *restrict h, int stream)
+{
+    const ptrdiff_t n = P->L;
+    const double T = P->temp[r % P->C], it_d = 1.0 / T;
+    const R it = (R)it_d;
+    const R *restrict g0 = (const R *)P->grid, *restrict g1 = g0 + n;
+    const R *restrict p;
+    R m = 0;
+    double s, E0, E1;
+    ptrdiff_t l;
+    if (P->from_prob) {
+        p = x;
+        s = 1.0;
+        SSM_SFX(ssm_pos_dot2)(x, g0, g1, n, &E0, &E1);
+    } else {
+        m = SSM_SFX(ssm_pos_max)(x, n);
+        s = SSM_SFX(ssm_pos_exp2)(x, e, m, it, g0, g1, n, &E0, &E1);
+        p = e;
+    }
+    E0 /= s;
+    E1 /= s;
+    if (P->kp) {
+        ((R *)P->kp)[r * 2] = (R)E0;
+        ((R *)P->kp)[r * 2 + 1] = (R)E1;
+    }
+    if (op == SSM_POS_EXPECT) {
+        if (out) {
+            const R rs = (R)(1.0 / s);
+            R *restrict o = stream ? h : out;
+#pragma omp simd
+            for (l = 0; l < n; l++)
+                o[l] = p[l] * rs;
+            if (stream)
+                SSM_SFX(ssm_pos_stream_row)(out, h, n);
+        }
+        return;
+    }
+    {   /* dx = p / s * (dk0 g0 + dk1 g1 - K) / T */
+        const double w = it_d / s;
+        const double dk0 = (double)((const R *)P->dkp)[r * 2];
+        const double dk1 = (double)((const R *)P->dkp)[r * 2 + 1];
+        const R a0 = (R)(dk0 * w), a1 = (R)(dk1 * w), b = (R)(-(dk0 * E0 + dk1 * E1) * w);
+        R *restrict o = stream ? h : out;
+#pragma omp simd
+        for (l = 0; l < n; l++)
+            o[l] = p[l] * (a0 * g0[l] + a1 * g1[l] + b);
+        if (P->dtemp)  /* dT = -(1/T) sum dy z = -sum dx z */
+            P->dtemp[r] = -SSM_SFX(ssm_pos_dtemp_sum)(o, x, m, it, P->from_prob, n);
+        if (stream)
+            SSM_SFX(ssm_pos_stream_row)(out, h, n);
+    }
+}
+
 /* ---- one row -------------------------------------------------------------------------- */
 
 /* Pass `op` over row r: x (and x2) its n = L contiguous values, out its output row (or
@@ -205,25 +329,42 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_
     const ptrdiff_t L = P->L, inner = P->inner, T = P->tile;
     const R *x = (const R *)P->x, *x2 = (const R *)P->x2;
     R *out = (R *)P->out;
+    /* the fused 2-D soft-argmax, else the general row function */
+    const int two = P->D == 2 && !P->var && (op == SSM_POS_EXPECT || op == SSM_POS_EXPECT_BWD);
     char *q = SSM_SFX(ssm_pos_align)((char *)buf);
-    R *e = (R *)q, *h;
+    R *e = (R *)q, *h, *o;
     ptrdiff_t r0, r, nr;
     q = SSM_SFX(ssm_pos_align)(q + L * sizeof(R));
     h = (R *)q;
     q = SSM_SFX(ssm_pos_align)(q + L * sizeof(R));
+    o = (R *)q;
+    q = SSM_SFX(ssm_pos_align)(q + L * sizeof(R));
 
-    if (inner == 1) {  /* contiguous rows, in place */
+    if (inner == 1) {  /* contiguous rows, in place (large outputs streamed from scratch) */
+        const int stream = P->stream && out != NULL;
         r0 = t * T;
         nr = P->outer - r0 < T ? P->outer - r0 : T;
-        for (r = r0; r < r0 + nr; r++)
-            SSM_SFX(ssm_pos_row)(P, op, r, x + r * L, x2 ? x2 + r * L : NULL,
-                                 out ? out + r * L : NULL, e, h);
+        for (r = r0; r < r0 + nr; r++) {
+            R *dst = out ? out + r * L : NULL;
+            if (two) {
+                SSM_SFX(ssm_pos_row2)(P, op, r, x + r * L, dst, e, h, stream);
+            } else {
+                SSM_SFX(ssm_pos_row)(P, op, r, x + r * L, x2 ? x2 + r * L : NULL,
+                                     stream ? o : dst, e, h);
+                if (stream)
+                    SSM_SFX(ssm_pos_stream_row)(dst, o, L);
+            }
+        }
+#if defined(__SSE2__)
+        if (stream)
+            _mm_sfence();
+#endif
         return;
     }
     /* strided rows: channels [i0, i0 + nr) of image o, gathered as nr rows of L */
     {
-        const ptrdiff_t per = (inner + T - 1) / T, o = t / per, i0 = (t % per) * T;
-        const ptrdiff_t base = o * L * inner + i0;
+        const ptrdiff_t per = (inner + T - 1) / T, im = t / per, i0 = (t % per) * T;
+        const ptrdiff_t base = im * L * inner + i0;
         R *X = (R *)q, *X2, *O;
         ptrdiff_t l, j;
         q = SSM_SFX(ssm_pos_align)(q + T * L * sizeof(R));
@@ -243,9 +384,14 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_
                     X2[j * L + l] = src[j];
             }
         }
-        for (j = 0; j < nr; j++)
-            SSM_SFX(ssm_pos_row)(P, op, o * inner + i0 + j, X + j * L, x2 ? X2 + j * L : NULL,
-                                 out ? O + j * L : NULL, e, h);
+        for (j = 0; j < nr; j++) {
+            R *dst = out ? O + j * L : NULL;
+            if (two)
+                SSM_SFX(ssm_pos_row2)(P, op, im * inner + i0 + j, X + j * L, dst, e, h, 0);
+            else
+                SSM_SFX(ssm_pos_row)(P, op, im * inner + i0 + j, X + j * L,
+                                     x2 ? X2 + j * L : NULL, dst, e, h);
+        }
         if (out) {
             for (l = 0; l < L; l++) {
                 R *dst = out + base + l * inner;
