@@ -85,9 +85,9 @@ def _target_ctypes(float_ctype):
 def module_names(filename: str, float_ctype=None, target_ctype=None) -> tuple:
     """The instantiations of one module: what one launch may need, compiled together.
 
-    softmax.cu and positions.cu: one module per float type. sswl.cu: one per (float type, target type)
-    with the label pre-pass, loss and gradient kernels; and one (no types given) with
-    the final passes. A first call compiles a few kernels (about a second), not all.
+    softmax.cu and positions.cu: one module per float type. sswl.cu: one per (float type,
+    target type) with the label pre-pass, loss and gradient kernels; and one (no types
+    given) with the final passes. A first call compiles a few kernels (about a second), not all.
     """
     if filename == "softmax.cu":
         return (f"softmax_fwd<{float_ctype}>", f"softmax_bwd<{float_ctype}>")
@@ -441,11 +441,11 @@ def positions(op, problem, threads=None):
         t = FLOAT_CTYPES[x.dtype]
         module = ("positions.cu", t, None)
         if op == PosOp.SOFTMAX:
-            _launch(xp, module, f"pos_softmax_fwd<{t}>", grid, pos_softmax_fwd_args(problem, group),
-                    dev)
+            _launch(xp, module, f"pos_softmax_fwd<{t}>", grid,
+                    pos_softmax_fwd_args(problem, group), dev)
         elif op == PosOp.SOFTMAX_BWD:
-            _launch(xp, module, f"pos_softmax_bwd<{t}>", grid, pos_softmax_bwd_args(problem, group),
-                    dev)
+            _launch(xp, module, f"pos_softmax_bwd<{t}>", grid,
+                    pos_softmax_bwd_args(problem, group), dev)
         else:
             _launch(xp, module, f"pos_expect<{t}>", grid,
                     pos_expect_args(problem, group, op == PosOp.EXPECT_BWD), dev)

@@ -77,7 +77,7 @@ def check_temperature(temperature, C: int):
     bad = ~(np.isfinite(t) & (t > 0))
     if bad.any():
         v = t[np.argmax(bad)]
-        raise ValueError(f"temperature: {v!r} is not a positive finite number; "
+        raise ValueError(f"temperature: {float(v)!r} is not a positive finite number; "
                          f"expected temperature > 0")
     return t, scalar
 
