@@ -168,8 +168,8 @@ def spatial_softmax(x, *, temperature=1.0, layout="NCHW", out=None, threads=None
 
     ``p[n, c, l] = exp((x[n, c, l] - m) / T) / sum_k exp((x[n, c, k] - m) / T)``, ``m`` the
     map's largest value, ``T`` the channel's temperature. This is robomimic's and
-    TensorFlow's (and kornia >= 0.8's) ``softmax(x / temperature)``; kornia before 0.8
-    multiplied by its ``temperature``: pass ``1 / t`` for those.
+    TensorFlow's ``softmax(x / temperature)``, and kornia 0.9's; older kornia releases
+    multiplied by their ``temperature`` (``softmax(x * t)``): pass ``1 / t`` for those.
 
     Parameters
     ----------
