@@ -119,24 +119,40 @@ SSM_INLINE void SSM_SFX(ssm_pos_dot2)(const R *restrict p, const R *restrict g0,
     *s1 = t1;
 }
 
-/* e[l] = exp((x[l] - m) * it) and its sums against 1, g0, g1 in one sweep (the 2-D
-   soft-argmax); returns sum_l e[l]. */
+/* e[l] = exp((x[l] - m) * it) (stored if e != NULL) and its sums against 1, g0, g1 in one
+   sweep (the 2-D soft-argmax); returns sum_l e[l]. `pf`, if not NULL, is the next row's
+   input, fetched into the cache during this sweep (one line per 64 bytes), so that the
+   next row's first sweep finds it there instead of waiting on DRAM. */
 SSM_INLINE double SSM_SFX(ssm_pos_exp2)(const R *restrict x, R *restrict e, R m, R it,
                                         const R *restrict g0, const R *restrict g1,
-                                        ptrdiff_t n, double *s0, double *s1)
+                                        ptrdiff_t n, double *s0, double *s1, const R *pf)
 {
     double t = 0.0, t0 = 0.0, t1 = 0.0;
-    ptrdiff_t l0, l, l1;
+    ptrdiff_t l0, l, l1, k;
     for (l0 = 0; l0 < n; l0 += SSM_POS_BLOCK) {
         R c = 0, a = 0, b = 0;
         l1 = n - l0 < SSM_POS_BLOCK ? n : l0 + SSM_POS_BLOCK;
+        if (pf) {
+            for (k = l0; k < l1; k += 64 / (ptrdiff_t)sizeof(R))
+                __builtin_prefetch(pf + k, 0, 3);
+        }
+        if (e) {
 #pragma omp simd reduction(+:c, a, b)
-        for (l = l0; l < l1; l++) {
-            const R v = SSM_EXP((x[l] - m) * it);
-            e[l] = v;
-            c += v;
-            a += v * g0[l];
-            b += v * g1[l];
+            for (l = l0; l < l1; l++) {
+                const R v = SSM_EXP((x[l] - m) * it);
+                e[l] = v;
+                c += v;
+                a += v * g0[l];
+                b += v * g1[l];
+            }
+        } else {
+#pragma omp simd reduction(+:c, a, b)
+            for (l = l0; l < l1; l++) {
+                const R v = SSM_EXP((x[l] - m) * it);
+                c += v;
+                a += v * g0[l];
+                b += v * g1[l];
+            }
         }
         t += (double)c;
         t0 += (double)a;
@@ -169,7 +185,7 @@ SSM_INLINE void SSM_SFX(ssm_pos_stream_row)(R *dst, const R *src, ptrdiff_t n)
    sums, and (EXPECT_BWD) dx, written to `out` or, when `stream`, to h and streamed out. */
 SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_t r,
                                       const R *restrict x, R *restrict out, R *restrict e,
-                                      R *restrict h, int stream)
+                                      R *restrict h, int stream, const R *pf)
 {
     const ptrdiff_t n = P->L;
     const double T = P->temp[r % P->C], it_d = 1.0 / T;
@@ -185,7 +201,9 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
         SSM_SFX(ssm_pos_dot2)(x, g0, g1, n, &E0, &E1);
     } else {
         m = SSM_SFX(ssm_pos_max)(x, n);
-        s = SSM_SFX(ssm_pos_exp2)(x, e, m, it, g0, g1, n, &E0, &E1);
+        /* e is kept for the output sweep only */
+        s = SSM_SFX(ssm_pos_exp2)(x, op == SSM_POS_EXPECT && !out ? NULL : e, m, it, g0, g1,
+                                  n, &E0, &E1, pf);
         p = e;
     }
     E0 /= s;
@@ -347,7 +365,8 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_
         for (r = r0; r < r0 + nr; r++) {
             R *dst = out ? out + r * L : NULL;
             if (two) {
-                SSM_SFX(ssm_pos_row2)(P, op, r, x + r * L, dst, e, h, stream);
+                SSM_SFX(ssm_pos_row2)(P, op, r, x + r * L, dst, e, h, stream,
+                                      r + 1 < P->outer ? x + (r + 1) * L : NULL);
             } else {
                 SSM_SFX(ssm_pos_row)(P, op, r, x + r * L, x2 ? x2 + r * L : NULL,
                                      stream ? o : dst, e, h);
@@ -387,7 +406,7 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_
         for (j = 0; j < nr; j++) {
             R *dst = out ? O + j * L : NULL;
             if (two)
-                SSM_SFX(ssm_pos_row2)(P, op, im * inner + i0 + j, X + j * L, dst, e, h, 0);
+                SSM_SFX(ssm_pos_row2)(P, op, im * inner + i0 + j, X + j * L, dst, e, h, 0, NULL);
             else
                 SSM_SFX(ssm_pos_row)(P, op, im * inner + i0 + j, X + j * L,
                                      x2 ? X2 + j * L : NULL, dst, e, h);
