@@ -441,3 +441,19 @@ def test_gpu_agrees_with_the_cpu(xp, rng, dtype):
     assert_close(gpu, cpu, dtype, factor=_factor(dtype))
     with pytest.raises(TypeError, match="d_keypoints: a numpy.ndarray on the host cannot be mixed"):
         ssm.soft_argmax_grad(xp.asarray(x), dk)
+
+
+# ---- the benchmark ---------------------------------------------------------------
+
+def test_bench_positions_runs(capsys, tmp_path):
+    import json
+
+    from ssm.bench import cli
+    path = tmp_path / "positions.json"
+    assert cli.main(["--positions", "--shape", "2", "3", "8", "8", "--threads", "1",
+                     "--budget", "0.01", "--min-reps", "1", "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "forward  1T  ssm" in text and "fwd+bwd  1T  ssm" in text
+    rows = json.loads(path.read_text())["positions"]
+    assert {r["op"] for r in rows} == {"forward", "fwd+bwd"}
+    assert all(r["x_floor"] > 0 for r in rows)
