@@ -64,12 +64,23 @@ static inline ptrdiff_t ssm_pos_num_tiles(const ssm_pos_problem *P)
     return (P->outer + P->tile - 1) / P->tile;
 }
 
+/* Elements between the gathered rows of a strided tile: L rounded up to a whole number
+   of 64-byte lines, plus one line, so that rows do not start at addresses a multiple
+   of 4 KiB apart (the gather and scatter touch every row at once: with a power-of-two
+   stride they all fall in one L1 set and evict each other). */
+static inline ptrdiff_t ssm_pos_row_stride(ptrdiff_t L, size_t rsize)
+{
+    const ptrdiff_t line = 64 / (ptrdiff_t)rsize;
+    return (L + line - 1) / line * line + line;
+}
+
 /* Per-thread scratch in bytes for elements of `rsize` bytes: three rows (exp, h, out), and
    for strided rows the gathered inputs (x, dprob) and outputs of a tile, each on a
    64-byte boundary, plus 64 for aligning the start. */
 static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsize)
 {
-    size_t L = (size_t)P->L, TL = P->inner > 1 ? (size_t)P->tile * L : 0;
+    size_t L = (size_t)P->L;
+    size_t TL = P->inner > 1 ? (size_t)P->tile * (size_t)ssm_pos_row_stride(P->L, rsize) : 0;
     return 64 + 3 * ssm_round64(L * rsize) + 3 * ssm_round64(TL * rsize);
 }
 

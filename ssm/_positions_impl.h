@@ -380,42 +380,43 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_
 #endif
         return;
     }
-    /* strided rows: channels [i0, i0 + nr) of image o, gathered as nr rows of L */
+    /* strided rows: channels [i0, i0 + nr) of image im, gathered as nr rows of L, Ls
+       apart (see ssm_pos_row_stride) */
     {
         const ptrdiff_t per = (inner + T - 1) / T, im = t / per, i0 = (t % per) * T;
-        const ptrdiff_t base = im * L * inner + i0;
+        const ptrdiff_t base = im * L * inner + i0, Ls = ssm_pos_row_stride(L, sizeof(R));
         R *X = (R *)q, *X2, *O;
         ptrdiff_t l, j;
-        q = SSM_SFX(ssm_pos_align)(q + T * L * sizeof(R));
+        q = SSM_SFX(ssm_pos_align)(q + T * Ls * sizeof(R));
         X2 = (R *)q;
-        q = SSM_SFX(ssm_pos_align)(q + T * L * sizeof(R));
+        q = SSM_SFX(ssm_pos_align)(q + T * Ls * sizeof(R));
         O = (R *)q;
         nr = inner - i0 < T ? inner - i0 : T;
         for (l = 0; l < L; l++) {
             const R *src = x + base + l * inner;
             for (j = 0; j < nr; j++)
-                X[j * L + l] = src[j];
+                X[j * Ls + l] = src[j];
         }
         if (x2) {
             for (l = 0; l < L; l++) {
                 const R *src = x2 + base + l * inner;
                 for (j = 0; j < nr; j++)
-                    X2[j * L + l] = src[j];
+                    X2[j * Ls + l] = src[j];
             }
         }
         for (j = 0; j < nr; j++) {
-            R *dst = out ? O + j * L : NULL;
+            R *dst = out ? O + j * Ls : NULL;
             if (two)
-                SSM_SFX(ssm_pos_row2)(P, op, im * inner + i0 + j, X + j * L, dst, e, h, 0, NULL);
+                SSM_SFX(ssm_pos_row2)(P, op, im * inner + i0 + j, X + j * Ls, dst, e, h, 0, NULL);
             else
-                SSM_SFX(ssm_pos_row)(P, op, im * inner + i0 + j, X + j * L,
-                                     x2 ? X2 + j * L : NULL, dst, e, h);
+                SSM_SFX(ssm_pos_row)(P, op, im * inner + i0 + j, X + j * Ls,
+                                     x2 ? X2 + j * Ls : NULL, dst, e, h);
         }
         if (out) {
             for (l = 0; l < L; l++) {
                 R *dst = out + base + l * inner;
                 for (j = 0; j < nr; j++)
-                    dst[j] = O[j * L + l];
+                    dst[j] = O[j * Ls + l];
             }
         }
     }
