@@ -19,9 +19,15 @@
  * the same bits run to run. Coordinates are a (D, L) float64 table. Row sums
  * (sum of exp, expectations, variances, sum p dp, temperature gradients) accumulate in
  * double; elementwise math runs in acc_t<T>. Each sweep over a row recomputes exp; the
- * re-reads of a row hit L1/L2.
+ * re-reads of a row hit L1/L2. Without variances and for up to SSM_POS_FUSED_D
+ * coordinates, pos_expect sweeps a map twice (max; sum of exp and expectations) and a
+ * third time for dx or prob.
  */
 #include "common.cuh"
+
+/* Up to this many coordinates are summed in one sweep over a map (without variances);
+   more take a sweep each. */
+#define SSM_POS_FUSED_D 3
 
 /* exp((x - m) * it), the unnormalised probability of one position */
 template <typename T>
@@ -113,17 +119,46 @@ pos_expect(const T* __restrict__ x, const double* __restrict__ grid,
         const T* __restrict__ xr = x + base;
         const double it_d = 1.0 / temp[r % C];
         const A it = (A)it_d;
+        /* without variances, the sum of exp and every coordinate's sum in one sweep */
+        const bool fused = !var && D <= SSM_POS_FUSED_D;
         A m = 0;
         double s = 1.0;  /* probabilities are used as given, not renormalised */
-        if (!from_prob) {
+        if (!from_prob)
             m = row_max(xr, inner, L, lane, group);
+        if (!from_prob && !fused) {
             s = 0;
             for (int l = lane; l < L; l += group)
                 s += (double)pos_e(xr[l * inner], m, it);
             s = group_reduce(s, op_sum(), group);
         }
         double K = 0;
-        for (int d = 0; d < D; d++) {
+        if (fused) {
+            double e[SSM_POS_FUSED_D], se = 0;
+#pragma unroll
+            for (int d = 0; d < SSM_POS_FUSED_D; d++)
+                e[d] = 0;
+            for (int l = lane; l < L; l += group) {
+                const A p = from_prob ? to_acc(xr[l * inner]) : pos_e(xr[l * inner], m, it);
+                se += (double)p;
+#pragma unroll
+                for (int d = 0; d < SSM_POS_FUSED_D; d++)
+                    if (d < D)
+                        e[d] += (double)p * grid[(long long)d * L + l];
+            }
+            if (!from_prob)
+                s = group_reduce(se, op_sum(), group);
+#pragma unroll
+            for (int d = 0; d < SSM_POS_FUSED_D; d++) {
+                if (d < D) {
+                    const double E = group_reduce(e[d], op_sum(), group) / s;
+                    if (kp && lane == 0)
+                        kp[r * D + d] = from_double<T>(E);
+                    if (want_grad)
+                        K += (double)to_acc(dkp[r * D + d]) * E;
+                }
+            }
+        }
+        for (int d = 0; d < D && !fused; d++) {
             const double* __restrict__ g = grid + (long long)d * L;
             double e = 0;
             for (int l = lane; l < L; l += group) {
