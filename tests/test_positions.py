@@ -460,3 +460,34 @@ def test_bench_positions_runs(capsys, tmp_path):
     rows = json.loads(path.read_text())["positions"]
     assert {r["op"] for r in rows} == {"forward", "fwd+bwd"}
     assert all(r["x_floor"] > 0 for r in rows)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_simulator_initcheck(rng, layout):
+    """Every output's bits are the same with fresh device memory poisoned 0xFF and 0x00:
+    no kernel reads memory nobody wrote."""
+    from ssm.testing import cudasim
+    x = make_logits(rng, _shape(2, 3, (4, 6), layout), np.float32)
+    dk = rng.standard_normal((2, 3, 2)).astype(np.float32)
+    dp = rng.standard_normal(x.shape).astype(np.float32)
+    grid = rng.standard_normal((4, 6, 3))
+
+    def run():
+        xd = cudasim.asarray(x)
+        p = ssm.spatial_softmax(xd, temperature=[0.5, 1.0, 2.0], layout=layout)
+        outs = [p, *ssm.spatial_softmax_grad(p, cudasim.asarray(dp), layout=layout,
+                                             return_temperature_grad=True),
+                *ssm.soft_argmax(xd, return_variance=True, return_prob=True, layout=layout),
+                ssm.soft_argmax(xd, layout=layout),
+                *ssm.soft_argmax_grad(xd, cudasim.asarray(dk), temperature=0.7, layout=layout,
+                                      return_temperature_grad=True),
+                ssm.soft_argmax_grad(p, cudasim.asarray(dk), from_prob=True, layout=layout),
+                ssm.spatial_expectation(p, grid, layout=layout)]
+        return [cudasim.asnumpy(o).tobytes() for o in outs]
+
+    results = []
+    for byte in (0xFF, 0x00):
+        with cudasim.poison(byte):
+            results.append(run())
+    assert results[0] == results[1]
