@@ -13,8 +13,11 @@ Workloads are keypoint heads (float32 NCHW heatmaps): ``(64, 32, 64, 64)`` and
 Method: the implementations' calls are interleaved (one call of each per round, the
 order rotating), so that a shared machine's noise falls on all alike; each reports the
 median over the rounds. Inputs rotate over sets covering 64 MiB or more (cold caches).
-The floor of an operation is the time of a NumPy copy (split over the same threads)
-scaled to the operation's bytes: ``copy_ms * op_bytes / copy_bytes``.
+Floors, from ssm-bench's own (``peers``; at the same thread count, in the same rounds),
+scaled to the operation's bytes (``floor_ms * op_bytes / floor_bytes``): the forward's
+is the read floor (every byte of x read once), the forward+backward's the streaming
+copy (x read, dx written with the kernels' non-temporal stores); ``x copy`` is against
+``np.copyto`` of x split over the threads.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from .peers import copy_call, read_call, stream_call
 
 WORKLOADS = {
     "keypoints-64": (64, 32, 64, 64),
@@ -55,20 +60,6 @@ class Sets:
     def op_bytes(self, op):
         x, kp = self.x[0].nbytes, self.kp[0].nbytes
         return x + kp if op == "forward" else 2 * x + kp
-
-
-def copy_call(sets, threads, pool):
-    """np.copyto of x into the output, split in ``threads`` chunks (the floor)."""
-    chunks = [(np.array_split(o.reshape(-1), threads), np.array_split(x.reshape(-1), threads))
-              for o, x in zip(sets.out, sets.x)]
-
-    def call(i):
-        dst, src = chunks[i]
-        futures = [pool.submit(np.copyto, d, s) for d, s in zip(dst[1:], src[1:])]
-        np.copyto(dst[0], src[0])
-        for f in futures:
-            f.result()
-    return call
 
 
 def ssm_calls(ssm, sets, threads):
@@ -158,7 +149,9 @@ def run(ssm, shapes, threads_list, rounds=15, budget=2.0, with_kornia=True, out=
                 + ("" if agree is None else
                    f"; |ssm - kornia| keypoints {agree[0]:.1e}, dx {agree[1]:.1e}"))
             for k in threads_list:
-                calls = {("copy", "copy"): copy_call(sets, k, pool)}
+                calls = {("copy", "copy"): copy_call(sets, k, pool),
+                         ("stream", "floor"): stream_call(sets, k),
+                         ("read", "floor"): read_call(sets, k)}
                 for op, fn in ssm_calls(ssm, sets, k).items():
                     calls[(op, "ssm")] = fn
                 if kt is not None:
@@ -166,23 +159,28 @@ def run(ssm, shapes, threads_list, rounds=15, budget=2.0, with_kornia=True, out=
                         calls[(op, "kornia")] = fn
                 times = interleaved(calls, sets.n, rounds, budget)
                 med = {key: statistics.median(v) / 1e6 for key, v in times.items()}
+                x_bytes = sets.x[0].nbytes
                 copy_ms = med[("copy", "copy")]
-                copy_bytes = 2 * sets.x[0].nbytes
+                floors = {"forward": (med[("read", "floor")], x_bytes, "read"),
+                          "fwd+bwd": (med[("stream", "floor")], 2 * x_bytes, "stream")}
                 for op in OPS:
-                    floor = copy_ms * sets.op_bytes(op) / copy_bytes
+                    f_ms, f_bytes, f_name = floors[op]
+                    floor = f_ms * sets.op_bytes(op) / f_bytes
+                    copy_floor = copy_ms * sets.op_bytes(op) / (2 * x_bytes)
                     s = med[(op, "ssm")]
                     kor = med.get((op, "kornia"))
                     row = {"workload": name, "shape": list(shape), "op": op, "threads": k,
-                           "ssm_ms": s, "floor_ms": floor, "copy_ms": copy_ms,
-                           "x_floor": s / floor, "kornia_ms": kor,
+                           "ssm_ms": s, "floor": f_name, "floor_ms": floor,
+                           "x_floor": s / floor, "copy_floor_ms": copy_floor,
+                           "x_copy": s / copy_floor, "kornia_ms": kor,
                            "kornia_x_ssm": None if kor is None else kor / s,
                            "rounds": len(times[(op, "ssm")])}
                     rows.append(row)
-                    out(f"  {op:<8} {k}T  ssm {s:8.2f} ms  floor {floor:7.2f} ms  "
-                        f"x floor {s / floor:5.2f}"
+                    out(f"  {op:<8} {k}T  ssm {s:8.2f} ms  {f_name} floor {floor:6.2f} ms "
+                        f"x{s / floor:5.2f}  np.copyto {copy_floor:6.2f} ms x{s / copy_floor:5.2f}"
                         + ("" if kor is None else
-                           f"  kornia {kor:8.2f} ms  kornia/ssm {kor / s:6.1f}")
-                        + f"  ({row['rounds']} rounds, medians)")
+                           f"  kornia {kor:8.2f} ms = {kor / s:5.1f} x ssm")
+                        + f"  ({row['rounds']} rounds)")
     out(note)
     return rows
 
