@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .peers import copy_call, read_call, stream_call
+from .timing import LoadMeter, QuietWait
 
 WORKLOADS = {
     "keypoints-64": (64, 32, 64, 64),
@@ -135,8 +136,11 @@ def interleaved(calls, n_sets, rounds, budget):
     return times
 
 
-def run(ssm, shapes, threads_list, rounds=15, budget=2.0, with_kornia=True, out=print):
-    """Measure and print; returns the rows as dicts."""
+def run(ssm, shapes, threads_list, rounds=15, budget=2.0, with_kornia=True, out=print,
+        max_wait=0.0):
+    """Measure and print; returns the rows as dicts. ``max_wait``: seconds (over the run)
+    to wait for a quiet machine before each thread count (``--max-wait``)."""
+    wait = QuietWait(max_wait)
     torch, subpix, note = import_kornia() if with_kornia else (None, None, "kornia: off")
     rows = []
     with ThreadPoolExecutor(max(threads_list)) as pool:
@@ -157,7 +161,10 @@ def run(ssm, shapes, threads_list, rounds=15, budget=2.0, with_kornia=True, out=
                 if kt is not None:
                     for op, fn in kornia_calls(torch, subpix, sets, k).items():
                         calls[(op, "kornia")] = fn
+                wait()
+                meter = LoadMeter()
                 times = interleaved(calls, sets.n, rounds, budget)
+                other = meter.stop()
                 med = {key: statistics.median(v) / 1e6 for key, v in times.items()}
                 x_bytes = sets.x[0].nbytes
                 copy_ms = med[("copy", "copy")]
@@ -174,13 +181,15 @@ def run(ssm, shapes, threads_list, rounds=15, budget=2.0, with_kornia=True, out=
                            "x_floor": s / floor, "copy_floor_ms": copy_floor,
                            "x_copy": s / copy_floor, "kornia_ms": kor,
                            "kornia_x_ssm": None if kor is None else kor / s,
-                           "rounds": len(times[(op, "ssm")])}
+                           "rounds": len(times[(op, "ssm")]), "other_cores": other}
                     rows.append(row)
                     out(f"  {op:<8} {k}T  ssm {s:8.2f} ms  {f_name} floor {floor:6.2f} ms "
                         f"x{s / floor:5.2f}  np.copyto {copy_floor:6.2f} ms x{s / copy_floor:5.2f}"
                         + ("" if kor is None else
                            f"  kornia {kor:8.2f} ms = {kor / s:5.1f} x ssm")
-                        + f"  ({row['rounds']} rounds)")
+                        + f"  ({row['rounds']} rounds"
+                        + ("" if other is None else f", other processes {other:.2f} cores")
+                        + ")")
     out(note)
     return rows
 
@@ -191,7 +200,7 @@ def main_positions(ssm, args):
               else [("shape", tuple(args.shape))])
     rows = run(ssm, shapes, args.threads, rounds=max(args.min_reps, 15),
                budget=max(args.budget, 0.5) * 2.5, with_kornia=not args.no_torch,
-               out=lambda line: print(line, flush=True))
+               out=lambda line: print(line, flush=True), max_wait=args.max_wait)
     if args.json:
         import json
         with open(args.json, "w") as f:
