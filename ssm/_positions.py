@@ -1,6 +1,7 @@
 """Softmax over positions: spatial softmax, soft-argmax and spatial expectations.
 
-The public functions here validate (``_validation``'s helpers and rules), normalise,
+The public functions here validate (``_validation``: the positions checks are there too),
+normalise,
 allocate and describe the call as one ``_problem.PositionsProblem``, then call one pass
 (``positions(op, problem, threads)``) of the backend of their arrays (``_api._backend``):
 ssm/_positions.h through ``_cpu`` on NumPy arrays, ssm/cuda/positions.cu through ``_gpu``
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import numpy as np
 
@@ -29,58 +29,12 @@ from . import _validation as V
 from ._api import _backend
 from ._codes import PosOp
 from ._interop import accepts_dlpack
-from ._problem import PositionsGeometry, PositionsProblem
+from ._problem import PositionsProblem
 
-COORDINATES = ("normalized", "pixels")
-
-
-# ---- validation ---------------------------------------------------------------------------
-
-def geometry(a, name: str, layout: str) -> PositionsGeometry:
-    """``a``'s shape as (outer, L, inner): NCHW (N*C, L, 1), NHWC (N, L, C)."""
-    shape = tuple(a.shape)
-    if a.ndim < 3:
-        raise ValueError(f"{name}: shape {shape} has {a.ndim} dimension(s); expected at least 3, "
-                         f"(N, C, *spatial) for NCHW or (N, *spatial, C) for NHWC")
-    if layout == "NCHW":
-        N, C, spatial = shape[0], shape[1], shape[2:]
-    else:
-        N, C, spatial = shape[0], shape[-1], shape[1:-1]
-    L = math.prod(spatial)
-    if L == 0:
-        raise ValueError(f"{name}: shape {shape} has no positions (spatial shape {spatial}); "
-                         f"expected at least one per map")
-    if L >= 2**31:
-        raise ValueError(f"{name}: {L} positions per map; at most 2**31 - 1 are supported")
-    if layout == "NCHW":
-        return PositionsGeometry(shape, N, C, spatial, N * C, L, 1)
-    return PositionsGeometry(shape, N, C, spatial, N, L, C)
+COORDINATES = V.COORDINATES
 
 
-def check_temperature(temperature, C: int):
-    """(the (C,) float64 temperatures, whether one number was given). A temperature is a
-    positive finite number, or an array of C of them (one per channel)."""
-    if isinstance(temperature, numbers.Real) and not isinstance(temperature, (bool, np.bool_)):
-        t = np.full(C, float(temperature))
-        scalar = True
-    else:
-        a = V.as_array(temperature, "temperature")
-        if V.is_device_array(a):
-            a = a.get()
-        if a.dtype.kind not in "iuf":
-            raise TypeError(f"temperature: dtype {a.dtype} is not a real number type")
-        scalar = a.ndim == 0
-        if not scalar and a.shape != (C,):
-            raise ValueError(f"temperature: shape {a.shape} does not match the {C} channels; "
-                             f"expected a number or shape ({C},)")
-        t = np.broadcast_to(np.asarray(a, np.float64), (C,)).copy()
-    bad = ~(np.isfinite(t) & (t > 0))
-    if bad.any():
-        v = t[np.argmax(bad)]
-        raise ValueError(f"temperature: {float(v)!r} is not a positive finite number; "
-                         f"expected temperature > 0")
-    return t, scalar
-
+# ---- coordinates ---------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
 def coordinate_grid(spatial: tuple, coordinates: str, dtype) -> np.ndarray:
@@ -105,20 +59,6 @@ def coordinate_grid(spatial: tuple, coordinates: str, dtype) -> np.ndarray:
     g = g.astype(dtype)
     g.flags.writeable = False
     return g
-
-
-def check_grid(grid, spatial: tuple) -> np.ndarray:
-    """A caller's coordinate grid ``(*spatial, D)`` (kornia's meshgrid layout, without its
-    batch axis) as a (D, L) float64 host array."""
-    a = V.as_array(grid, "grid")
-    if V.is_device_array(a):
-        a = a.get()
-    if a.dtype.kind not in "biuf" or a.dtype == np.bool_:
-        raise TypeError(f"grid: dtype {a.dtype} is not a real number type")
-    if a.ndim != len(spatial) + 1 or tuple(a.shape[:-1]) != spatial or a.shape[-1] == 0:
-        raise ValueError(f"grid: shape {a.shape} does not match the spatial shape {spatial}; "
-                         f"expected {(*spatial, 'D')} with D >= 1")
-    return np.ascontiguousarray(np.asarray(a, np.float64).reshape(-1, a.shape[-1]).T)
 
 
 def _grid_for(B, geom, x, coordinates, grid=None):
@@ -151,8 +91,8 @@ def _d_temperature(per_map, geom, scalar, dtype):
 def _common(B, x, name, layout, temperature, threads):
     layout = V.check_choice(layout, "layout", V.LAYOUTS)
     x = V.check_float_array(x, name)
-    geom = geometry(x, name, layout)
-    t, scalar = check_temperature(temperature, geom.C)
+    geom = V.positions_geometry(x, name, layout)
+    t, scalar = V.check_temperature(temperature, geom.C)
     return x, geom, t, scalar, _threads.resolve(threads)
 
 
@@ -281,7 +221,7 @@ def soft_argmax(x, *, temperature=1.0, coordinates="normalized", return_variance
     B, device = _backend(("x", x), ("out", out))
     with device:
         x, geom, t, _, nt = _common(B, x, "x", layout, temperature, threads)
-        coordinates = V.check_choice(coordinates, "coordinates", COORDINATES)
+        coordinates = V.check_choice(coordinates, "coordinates", V.COORDINATES)
         want_var = V.check_flag(return_variance, "return_variance")
         want_prob = V.check_flag(return_prob, "return_prob")
         kshape = (geom.N, geom.C, len(geom.spatial))
@@ -337,10 +277,10 @@ def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized
                          ("out", out))
     with device:
         x, geom, t, scalar, nt = _common(B, x, "x", layout, temperature, threads)
-        coordinates = V.check_choice(coordinates, "coordinates", COORDINATES)
+        coordinates = V.check_choice(coordinates, "coordinates", V.COORDINATES)
         from_prob = V.check_flag(from_prob, "from_prob")
         want_dt = V.check_flag(return_temperature_grad, "return_temperature_grad")
-        dk = _check_d_keypoints(d_keypoints, geom, x)
+        dk = V.check_d_keypoints(d_keypoints, geom, x)
         out = V.check_out(out, "out", x.shape, x.dtype, [("x", x), ("d_keypoints", dk)])
         if out is None:
             out = V.array_module(x).empty_like(x)
@@ -352,17 +292,6 @@ def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized
         if want_dt:
             return out, _d_temperature(dt, geom, scalar, x.dtype)
         return out
-
-
-def _check_d_keypoints(dk, geom, x):
-    dk = V.check_float_array(dk, "d_keypoints")
-    if dk.dtype != x.dtype:
-        raise TypeError(f"d_keypoints: dtype {dk.dtype} differs from x's {x.dtype}")
-    expected = (geom.N, geom.C, len(geom.spatial))
-    if dk.shape != expected:
-        raise ValueError(f"d_keypoints: shape {dk.shape} does not match; expected {expected}, "
-                         f"(N, C, ndim) of x")
-    return dk
 
 
 # ---- spatial expectation ------------------------------------------------------------------
@@ -398,9 +327,9 @@ def spatial_expectation(prob, grid=None, *, coordinates="normalized", return_var
     B, device = _backend(("prob", prob), ("out", out))
     with device:
         prob, geom, t, _, nt = _common(B, prob, "prob", layout, 1.0, threads)
-        coordinates = V.check_choice(coordinates, "coordinates", COORDINATES)
+        coordinates = V.check_choice(coordinates, "coordinates", V.COORDINATES)
         want_var = V.check_flag(return_variance, "return_variance")
-        g = None if grid is None else check_grid(grid, geom.spatial)
+        g = None if grid is None else V.check_grid(grid, geom.spatial)
         D = len(geom.spatial) if g is None else g.shape[0]
         kshape = (geom.N, geom.C, D)
         out = V.check_out(out, "out", kshape, prob.dtype, [("prob", prob)])

@@ -32,7 +32,7 @@ import math
 from typing import Any, NamedTuple
 
 from ._codes import Target
-from ._validation import Geometry
+from ._validation import Geometry, PositionsGeometry
 
 
 _new = tuple.__new__
@@ -70,24 +70,6 @@ class Problem(NamedTuple):
 
 
 _INPUTS = Problem._fields.index("out")
-
-
-class PositionsGeometry(NamedTuple):
-    """Maps of positions (softmax over positions, ssm/_positions.py): ``x`` of shape
-    ``(N, C, *spatial)`` or ``(N, *spatial, C)`` seen as (outer, L, inner), L the positions
-    of one map; row ``o * inner + i`` is the map (n, c) = (row // C, row % C)."""
-
-    shape: tuple
-    N: int
-    C: int
-    spatial: tuple
-    outer: int
-    L: int
-    inner: int
-
-    @property
-    def rows(self) -> int:
-        return self.outer * self.inner
 
 
 class PositionsProblem(NamedTuple):
