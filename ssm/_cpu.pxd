@@ -67,6 +67,7 @@ cdef extern from "_positions.h" nogil:
         void *var
         double *dtemp
         int stream
+        Py_ssize_t grid_w
 
     Py_ssize_t ssm_pos_num_tiles(const ssm_pos_problem *P)
     size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsize)

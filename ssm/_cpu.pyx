@@ -544,6 +544,7 @@ def positions(int op, problem, threads):
     P.var = <void *>_ptr(problem.variance)
     P.dtemp = <double *>_ptr(problem.d_temperature)
     P.stream = problem.out is not None and problem.out.nbytes >= STREAM_BYTES
+    P.grid_w = problem.grid_w
     ntiles = ssm_pos_num_tiles(&P)
     if ntiles == 0:
         return None

@@ -53,6 +53,7 @@ typedef struct {
     void *var;                  /* (rows, D) variances or NULL */
     double *dtemp;              /* (rows,) gradient of the temperature, per row, or NULL */
     int stream;                 /* large contiguous outputs: non-temporal stores */
+    ptrdiff_t grid_w;           /* the grid is the built-in one of (H, W) maps: W, else 0 */
 } ssm_pos_problem;
 
 static inline ptrdiff_t ssm_pos_num_tiles(const ssm_pos_problem *P)

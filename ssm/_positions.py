@@ -74,6 +74,11 @@ def _grid_for(B, geom, x, coordinates, grid=None):
     return g
 
 
+def _grid_w(geom):
+    """W for the built-in grid of (H, W) maps (separable: the CPU sums y by line), else 0."""
+    return geom.spatial[1] if len(geom.spatial) == 2 else 0
+
+
 def _temperature_for(B, x, t):
     if V.is_device_array(x):
         return B.small_array(V.array_module(x), t, x.device.id)
@@ -232,7 +237,7 @@ def soft_argmax(x, *, temperature=1.0, coordinates="normalized", return_variance
         B.positions(PosOp.EXPECT,
                     PositionsProblem(geom, x, _temperature_for(B, x, t),
                                      grid=_grid_for(B, geom, x, coordinates), out=prob,
-                                     keypoints=kp, variance=var), nt)
+                                     keypoints=kp, variance=var, grid_w=_grid_w(geom)), nt)
         return _results(kp, var if want_var else None, prob if want_prob else None)
 
 
@@ -288,7 +293,8 @@ def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized
         B.positions(PosOp.EXPECT_BWD,
                     PositionsProblem(geom, x, _temperature_for(B, x, t),
                                      grid=_grid_for(B, geom, x, coordinates), d_keypoints=dk,
-                                     from_prob=from_prob, out=out, d_temperature=dt), nt)
+                                     from_prob=from_prob, out=out, d_temperature=dt,
+                                     grid_w=_grid_w(geom)), nt)
         if want_dt:
             return out, _d_temperature(dt, geom, scalar, x.dtype)
         return out

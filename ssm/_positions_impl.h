@@ -163,6 +163,50 @@ SSM_INLINE double SSM_SFX(ssm_pos_exp2)(const R *restrict x, R *restrict e, R m,
     return t;
 }
 
+/* ssm_pos_exp2 for the separable grid of an (H, W) map (the built-in coordinates:
+   g0[l] = gx[l % W] with gx = g0[0 .. W), g1[l] = gy[l / W] = g1[(l / W) * W]): the y sum
+   taken per line, sum_h gy[h] * (sum of the line's e), so one FMA and one load of g1
+   fewer per element. A line is the block of the sums (W <= SSM_POS_BLOCK). */
+SSM_INLINE double SSM_SFX(ssm_pos_exp2_sep)(const R *restrict x, R *restrict e, R m, R it,
+                                            const R *restrict gx, const R *restrict g1,
+                                            ptrdiff_t n, ptrdiff_t W, double *s0, double *s1,
+                                            const R *pf)
+{
+    double t = 0.0, t0 = 0.0, t1 = 0.0;
+    ptrdiff_t l0, l, k;
+    for (l0 = 0; l0 < n; l0 += W) {
+        const R *restrict xl = x + l0;
+        R c = 0, a = 0;
+        if (pf) {
+            for (k = l0; k < l0 + W; k += 64 / (ptrdiff_t)sizeof(R))
+                __builtin_prefetch(pf + k, 0, 3);
+        }
+        if (e) {
+            R *restrict el = e + l0;
+#pragma omp simd reduction(+:c, a)
+            for (l = 0; l < W; l++) {
+                const R v = SSM_EXP((xl[l] - m) * it);
+                el[l] = v;
+                c += v;
+                a += v * gx[l];
+            }
+        } else {
+#pragma omp simd reduction(+:c, a)
+            for (l = 0; l < W; l++) {
+                const R v = SSM_EXP((xl[l] - m) * it);
+                c += v;
+                a += v * gx[l];
+            }
+        }
+        t += (double)c;
+        t0 += (double)a;
+        t1 += (double)g1[l0] * (double)c;
+    }
+    *s0 = t0;
+    *s1 = t1;
+    return t;
+}
+
 /* Copy a row of n elements to memory with non-temporal stores (large outputs: the lines
    go to DRAM without first being read into the cache, as a plain store would). The
    caller orders them with an sfence before its tile ends. */
@@ -191,19 +235,25 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
     const double T = P->temp[r % P->C], it_d = 1.0 / T;
     const R it = (R)it_d;
     const R *restrict g0 = (const R *)P->grid, *restrict g1 = g0 + n;
+    /* the built-in grid, by lines when they are long enough for the per-line sums to pay
+       (measured: a loss at W = 64, 9% less time at W = 128) and short enough to be a
+       block of the sums */
+    const ptrdiff_t W = P->grid_w >= 128 && P->grid_w <= SSM_POS_BLOCK ? P->grid_w : 0;
     const R *restrict p;
     R m = 0;
     double s, E0, E1;
-    ptrdiff_t l;
+    ptrdiff_t l, l0;
     if (P->from_prob) {
         p = x;
         s = 1.0;
         SSM_SFX(ssm_pos_dot2)(x, g0, g1, n, &E0, &E1);
     } else {
+        R *keep = op == SSM_POS_EXPECT && !out ? NULL : e;  /* e only for an output sweep */
         m = SSM_SFX(ssm_pos_max)(x, n);
-        /* e is kept for the output sweep only */
-        s = SSM_SFX(ssm_pos_exp2)(x, op == SSM_POS_EXPECT && !out ? NULL : e, m, it, g0, g1,
-                                  n, &E0, &E1, pf);
+        if (W)
+            s = SSM_SFX(ssm_pos_exp2_sep)(x, keep, m, it, g0, g1, n, W, &E0, &E1, pf);
+        else
+            s = SSM_SFX(ssm_pos_exp2)(x, keep, m, it, g0, g1, n, &E0, &E1, pf);
         p = e;
     }
     E0 /= s;
@@ -230,9 +280,18 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
         const double dk1 = (double)((const R *)P->dkp)[r * 2 + 1];
         const R a0 = (R)(dk0 * w), a1 = (R)(dk1 * w), b = (R)(-(dk0 * E0 + dk1 * E1) * w);
         R *restrict o = stream ? h : out;
+        if (W) {
+            for (l0 = 0; l0 < n; l0 += W) {
+                const R cl = a1 * g1[l0] + b;
 #pragma omp simd
-        for (l = 0; l < n; l++)
-            o[l] = p[l] * (a0 * g0[l] + a1 * g1[l] + b);
+                for (l = l0; l < l0 + W; l++)
+                    o[l] = p[l] * (a0 * g0[l - l0] + cl);
+            }
+        } else {
+#pragma omp simd
+            for (l = 0; l < n; l++)
+                o[l] = p[l] * (a0 * g0[l] + a1 * g1[l] + b);
+        }
         if (P->dtemp)  /* dT = -(1/T) sum dy z = -sum dx z */
             P->dtemp[r] = -SSM_SFX(ssm_pos_dtemp_sum)(o, x, m, it, P->from_prob, n);
         if (stream)

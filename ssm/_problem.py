@@ -102,3 +102,4 @@ class PositionsProblem(NamedTuple):
     keypoints: Any = None
     variance: Any = None
     d_temperature: Any = None
+    grid_w: int = 0  # W when grid is the built-in grid of (H, W) maps, else 0 (CPU hint)

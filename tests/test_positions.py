@@ -20,9 +20,9 @@ LAYOUTS = ("NCHW", "NHWC")
 CPU_DTYPES = (np.float32, np.float64)
 GPU_DTYPES = (np.float16, np.float32, np.float64)
 # (N, C, spatial): ranks 1 to 3, a map of one position, a row longer than a tile,
-# more channels than a strided tile holds
+# more channels than a strided tile holds, lines the CPU sums one by one (W = 128, 256)
 SHAPES = [(2, 3, (5, 7)), (1, 2, (9,)), (2, 2, (3, 4, 5)), (3, 1, (1, 1)), (1, 3, (40, 50)),
-          (2, 37, (3, 5))]
+          (2, 37, (3, 5)), (2, 2, (3, 128)), (1, 2, (2, 256))]
 
 
 def _shape(N, C, spatial, layout):
