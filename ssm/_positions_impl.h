@@ -279,23 +279,34 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
         const double dk0 = (double)((const R *)P->dkp)[r * 2];
         const double dk1 = (double)((const R *)P->dkp)[r * 2 + 1];
         const R a0 = (R)(dk0 * w), a1 = (R)(dk1 * w), b = (R)(-(dk0 * E0 + dk1 * E1) * w);
-        R *restrict o = stream ? h : out;
-        if (W) {
-            for (l0 = 0; l0 < n; l0 += W) {
-                const R cl = a1 * g1[l0] + b;
+        /* in chunks of whole lines (or SSM_POS_BLOCK elements): a streamed output goes
+           out from an L1-resident chunk of h as soon as it is computed */
+        const ptrdiff_t chunk = W ? W * (SSM_POS_BLOCK / W) : SSM_POS_BLOCK;
+        double dts = 0.0;
+        ptrdiff_t c0, c1;
+        for (c0 = 0; c0 < n; c0 = c1) {
+            R *restrict o = stream ? h - c0 : out;  /* o[l], l in [c0, c1) */
+            c1 = n - c0 < chunk ? n : c0 + chunk;
+            if (W) {
+                for (l0 = c0; l0 < c1; l0 += W) {
+                    const R cl = a1 * g1[l0] + b;
 #pragma omp simd
-                for (l = l0; l < l0 + W; l++)
-                    o[l] = p[l] * (a0 * g0[l - l0] + cl);
+                    for (l = l0; l < l0 + W; l++)
+                        o[l] = p[l] * (a0 * g0[l - l0] + cl);
+                }
+            } else {
+#pragma omp simd
+                for (l = c0; l < c1; l++)
+                    o[l] = p[l] * (a0 * g0[l] + a1 * g1[l] + b);
             }
-        } else {
-#pragma omp simd
-            for (l = 0; l < n; l++)
-                o[l] = p[l] * (a0 * g0[l] + a1 * g1[l] + b);
+            if (P->dtemp)  /* dT = -(1/T) sum dy z = -sum dx z */
+                dts += SSM_SFX(ssm_pos_dtemp_sum)(o + c0, x + c0, m, it, P->from_prob,
+                                                  c1 - c0);
+            if (stream)
+                SSM_SFX(ssm_pos_stream_row)(out + c0, h, c1 - c0);
         }
-        if (P->dtemp)  /* dT = -(1/T) sum dy z = -sum dx z */
-            P->dtemp[r] = -SSM_SFX(ssm_pos_dtemp_sum)(o, x, m, it, P->from_prob, n);
-        if (stream)
-            SSM_SFX(ssm_pos_stream_row)(out, h, n);
+        if (P->dtemp)
+            P->dtemp[r] = -dts;
     }
 }
 
