@@ -3,7 +3,9 @@
 Softmax over the class axis of ``(N, C, *spatial)`` logits, cross-entropy against
 per-pixel labels or soft target maps, and the gradient, with Caffe2's
 ``SpatialSoftmaxWithLoss`` and PyTorch's ``cross_entropy`` options. See
-``help(ssm.spatial_softmax_with_loss)`` and README.md.
+``help(ssm.spatial_softmax_with_loss)`` and README.md. Softmax over the positions of
+each (n, c) map too: ``spatial_softmax``, ``soft_argmax`` (keypoints),
+``spatial_expectation`` and their gradients.
 
 The public submodules (``ssm.ops``, the Caffe2 operator surface; ``ssm.bench``, the
 benchmark; ``ssm.testing``, the CUDA simulator; ``ssm.torch`` and ``ssm.jax``, the

@@ -15,8 +15,9 @@ Design
   Nothing here checks; nothing here raises.
 - The same entry points as the CPU backend (ssm/_cpu.pyx): ``run(op, problem, threads)``
   (every kernel that walks the logits) and ``stats(problem, threads)`` (the label
-  pre-pass), plus ``loss_value`` (the reduced loss as a 0-d array of the logits' dtype).
-  ``threads`` is a CPU notion, accepted and ignored.
+  pre-pass), plus ``loss_value`` (the reduced loss as a 0-d array of the logits' dtype),
+  and ``positions(op, problem, threads)`` for softmax over positions (positions.cu, an
+  ``ssm._problem.PositionsProblem``). ``threads`` is a CPU notion, accepted and ignored.
 - Arguments: one builder per kernel (``softmax_fwd_args`` ...), each beside the kernel
   signature it mirrors; tests/test_contract.py checks them against the .cu text.
 - Modules: ``RawModule`` objects memoised per (driver, .cu file, dtypes, device), compiled by
