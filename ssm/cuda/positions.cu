@@ -194,12 +194,23 @@ pos_expect(const T* __restrict__ x, const double* __restrict__ grid,
         /* dy = p / s * (sum_d dk_d g[d, l] - K); dx = dy / T; dT = -(1/T) sum dy z */
         const double w = 1.0 / s;
         double dt = 0;
+        double dk[SSM_POS_FUSED_D];  /* the map's dk in registers (up to 3 coordinates) */
+#pragma unroll
+        for (int d = 0; d < SSM_POS_FUSED_D; d++)
+            dk[d] = d < D ? (double)to_acc(dkp[r * D + d]) : 0.0;
         for (int l = lane; l < L; l += group) {
             const A v = to_acc(xr[l * inner]);
             const A p = from_prob ? v : ssm_exp((v - m) * it);
             double h = -K;
-            for (int d = 0; d < D; d++)
-                h += (double)to_acc(dkp[r * D + d]) * grid[(long long)d * L + l];
+            if (D <= SSM_POS_FUSED_D) {
+#pragma unroll
+                for (int d = 0; d < SSM_POS_FUSED_D; d++)
+                    if (d < D)
+                        h += dk[d] * grid[(long long)d * L + l];
+            } else {
+                for (int d = 0; d < D; d++)
+                    h += (double)to_acc(dkp[r * D + d]) * grid[(long long)d * L + l];
+            }
             const A dy = (A)((double)p * w * h);
             yr[l * inner] = from_acc<T>(dy * it);
             if (dtemp) {
