@@ -303,13 +303,16 @@ def pos_softmax_bwd_args(problem, group):
 
 # pos_expect(const T* x, const double* grid, const double* temp, const T* dkp, T* out,
 #            T* kp, T* var, double* dtemp, long long outer, int L, long long inner, int C,
-#            int D, int group, int from_prob, int want_grad)
+#            int D, int s0, int s1, int group, int from_prob, int want_grad)
 def pos_expect_args(problem, group, want_grad):
     g = problem.geom
+    sizes = problem.grid_sizes  # per-axis tables of a built-in grid: (s0, s1, ...), D <= 3
+    D = problem.grid.shape[0] if sizes is None else len(sizes)
+    s0, s1 = (0, 0) if sizes is None else (tuple(sizes) + (1,))[:2]
     return (problem.x, problem.grid, problem.temperature, _p(problem.d_keypoints),
             _p(problem.out), _p(problem.keypoints), _p(problem.variance),
             _p(problem.d_temperature), np.int64(g.outer), np.int32(g.L), np.int64(g.inner),
-            np.int32(g.C), np.int32(problem.grid.shape[0]), np.int32(group),
+            np.int32(g.C), np.int32(D), np.int32(s0), np.int32(s1), np.int32(group),
             np.int32(problem.from_prob), np.int32(want_grad))
 
 
@@ -422,8 +425,9 @@ def _grid_on_device(xp, data: bytes, shape: tuple, device_id: int):
 
 
 def device_grid(xp, grid, device_id: int):
-    """A (D, L) float64 coordinate table on the device, memoised by value (the built-in
-    grids are themselves memoised, so a call copies nothing after the first)."""
+    """A float64 coordinate table on the device (a caller's (D, L) grid, or the per-axis
+    tables of a built-in one), memoised by value (the built-in tables are themselves
+    memoised, so a call copies nothing after the first)."""
     return _grid_on_device(xp, grid.tobytes(), grid.shape, device_id)
 
 

@@ -61,17 +61,33 @@ def coordinate_grid(spatial: tuple, coordinates: str, dtype) -> np.ndarray:
     return g
 
 
-def _grid_for(B, geom, x, coordinates, grid=None):
-    """The (D, L) table the backend reads: x's dtype on the CPU, float64 on the GPU."""
-    on_gpu = V.is_device_array(x)
-    dtype = np.float64 if on_gpu else x.dtype
+@functools.lru_cache(maxsize=64)
+def axis_tables(spatial: tuple, coordinates: str) -> np.ndarray:
+    """The built-in grid as one table per axis, fastest axis first, concatenated (float64,
+    the values of coordinate_grid): what the GPU reads for up to 3 axes."""
+    tables = np.concatenate([coordinate_grid((S,), coordinates, np.dtype(np.float64))[0]
+                             for S in reversed(spatial)])
+    tables.flags.writeable = False
+    return tables
+
+
+def _grid_args(B, geom, x, coordinates, grid=None):
+    """The coordinates as the backend reads them: a (D, L) table in x's dtype on the CPU
+    (with ``grid_w``, see ssm/_positions.h); on the GPU float64, per-axis tables for the
+    built-in grids of up to 3 axes (ssm/cuda/positions.cu, pos_coord), else a (D, L)
+    table."""
+    if not V.is_device_array(x):
+        if grid is None:
+            return {"grid": coordinate_grid(geom.spatial, coordinates, x.dtype),
+                    "grid_w": _grid_w(geom)}
+        return {"grid": np.ascontiguousarray(grid, x.dtype)}
+    xp, dev = V.array_module(x), x.device.id
+    if grid is None and len(geom.spatial) <= 3:
+        return {"grid": B.device_grid(xp, axis_tables(geom.spatial, coordinates), dev),
+                "grid_sizes": tuple(reversed(geom.spatial))}
     if grid is None:
-        g = coordinate_grid(geom.spatial, coordinates, np.dtype(dtype))
-    else:
-        g = np.ascontiguousarray(grid, dtype)
-    if on_gpu:
-        return B.device_grid(V.array_module(x), g, x.device.id)
-    return g
+        grid = coordinate_grid(geom.spatial, coordinates, np.dtype(np.float64))
+    return {"grid": B.device_grid(xp, np.ascontiguousarray(grid, np.float64), dev)}
 
 
 def _grid_w(geom):
@@ -236,8 +252,8 @@ def soft_argmax(x, *, temperature=1.0, coordinates="normalized", return_variance
         prob = V.array_module(x).empty_like(x) if want_prob else None
         B.positions(PosOp.EXPECT,
                     PositionsProblem(geom, x, _temperature_for(B, x, t),
-                                     grid=_grid_for(B, geom, x, coordinates), out=prob,
-                                     keypoints=kp, variance=var, grid_w=_grid_w(geom)), nt)
+                                     out=prob, keypoints=kp, variance=var,
+                                     **_grid_args(B, geom, x, coordinates)), nt)
         return _results(kp, var if want_var else None, prob if want_prob else None)
 
 
@@ -292,9 +308,9 @@ def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized
         dt = _empty(x, geom.rows, np.float64) if want_dt else None
         B.positions(PosOp.EXPECT_BWD,
                     PositionsProblem(geom, x, _temperature_for(B, x, t),
-                                     grid=_grid_for(B, geom, x, coordinates), d_keypoints=dk,
-                                     from_prob=from_prob, out=out, d_temperature=dt,
-                                     grid_w=_grid_w(geom)), nt)
+                                     d_keypoints=dk, from_prob=from_prob, out=out,
+                                     d_temperature=dt,
+                                     **_grid_args(B, geom, x, coordinates)), nt)
         if want_dt:
             return out, _d_temperature(dt, geom, scalar, x.dtype)
         return out
@@ -343,6 +359,6 @@ def spatial_expectation(prob, grid=None, *, coordinates="normalized", return_var
         var = _empty(prob, kshape, prob.dtype) if want_var else None
         B.positions(PosOp.EXPECT,
                     PositionsProblem(geom, prob, _temperature_for(B, prob, t),
-                                     grid=_grid_for(B, geom, prob, coordinates, g),
-                                     from_prob=True, keypoints=kp, variance=var), nt)
+                                     from_prob=True, keypoints=kp, variance=var,
+                                     **_grid_args(B, geom, prob, coordinates, g)), nt)
         return _results(kp, var)

@@ -102,4 +102,6 @@ class PositionsProblem(NamedTuple):
     keypoints: Any = None
     variance: Any = None
     d_temperature: Any = None
+    grid_sizes: Any = None  # GPU, built-in grids of <= 3 axes: the axis sizes, fastest
+    #                         first (a tuple); grid then holds one table per axis
     grid_w: int = 0  # W when grid is the built-in grid of (H, W) maps, else 0 (CPU hint)

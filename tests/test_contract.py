@@ -98,6 +98,7 @@ def _positions_problem(T, full):
     def opt(a):
         return a if full else None
     return PositionsProblem(geom, x, np.ones(C), grid=np.zeros((2, H * W)),
+                            grid_sizes=opt((W, H)),
                             dprob=np.zeros_like(x), d_keypoints=opt(np.zeros((N, C, 2), T)),
                             out=opt(np.zeros_like(x)), keypoints=opt(np.zeros((N, C, 2), T)),
                             variance=opt(np.zeros((N, C, 2), T)),

@@ -392,7 +392,7 @@ def _gpu_factor(dtype):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("case", [(2, 3, (5, 7)), (1, 2, (9,)), (2, 2, (2, 3, 4)),
-                                  (2, 37, (3, 5))], ids=_sid)
+                                  (2, 37, (3, 5)), (1, 2, (2, 2, 3, 2))], ids=_sid)
 def test_gpu_against_the_references(xp, rng, case, dtype, layout):
     N, C, spatial = case
     x = make_logits(rng, _shape(N, C, spatial, layout), dtype)
@@ -431,8 +431,11 @@ def test_gpu_against_the_references(xp, rng, case, dtype, layout):
     g_ref, gT_ref = ref.spatial_softmax_grad(p_ref.astype(dtype), dp, T, layout)
     assert_close(_host(xp, g), g_ref, dtype, scale=np.abs(dp).max(), factor=f)
     assert_close(_host(xp, gT), gT_ref, dtype, scale=8 * N, factor=8 * f)
-    E = ssm.spatial_expectation(pd, rng.standard_normal((*spatial, 2)), layout=layout)
+    grid = rng.standard_normal((*spatial, 2))
+    E = ssm.spatial_expectation(pd, grid, layout=layout)
+    E_ref, _ = ref.expectation(p_ref.astype(dtype), grid.reshape(-1, 2).T, layout)
     assert E.shape == (N, C, 2)
+    assert_close(_host(xp, E), E_ref, dtype, scale=4, factor=f)
 
 
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))

@@ -16,7 +16,8 @@
  * threads owning adjacent channels, so every load over l is coalesced. Rows are walked
  * with the grid-stride loop of common.cuh; launch sizes depend only on the shape
  * (ssm/_gpu.py, launch_config), and a row is never split across groups, so results are
- * the same bits run to run. Coordinates are a (D, L) float64 table. Row sums
+ * the same bits run to run. Coordinates: the caller's (D, L) float64 table, or for the
+ * built-in grids one small table per axis (pos_coord), which L1 serves. Row sums
  * (sum of exp, expectations, variances, sum p dp, temperature gradients) accumulate in
  * double; elementwise math runs in acc_t<T>. Each sweep over a row recomputes exp; the
  * re-reads of a row hit L1/L2. Without variances and for up to SSM_POS_FUSED_D
@@ -28,6 +29,22 @@
 /* Up to this many coordinates are summed in one sweep over a map (without variances);
    more take a sweep each. */
 #define SSM_POS_FUSED_D 3
+
+/* Coordinate d of position l: grid[d * L + l] from a (D, L) table (s0 == 0), or, for the
+   built-in grids of up to 3 axes, from per-axis tables concatenated in `grid`: axis 0
+   (fastest) of s0 positions, axis 1 of s1, axis 2 of the rest; position l has index
+   l % s0, (l / s0) % s1 and l / (s0 s1) along them. */
+__device__ __forceinline__ double pos_coord(const double* __restrict__ grid, int s0, int s1,
+                                            int d, int L, int l)
+{
+    if (s0 == 0)
+        return grid[(long long)d * L + l];
+    if (d == 0)
+        return grid[l % s0];
+    if (d == 1)
+        return grid[s0 + (l / s0) % s1];
+    return grid[s0 + s1 + l / (s0 * s1)];
+}
 
 /* exp((x - m) * it), the unnormalised probability of one position */
 template <typename T>
@@ -107,8 +124,8 @@ __global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
 pos_expect(const T* __restrict__ x, const double* __restrict__ grid,
            const double* __restrict__ temp, const T* __restrict__ dkp, T* __restrict__ out,
            T* __restrict__ kp, T* __restrict__ var, double* __restrict__ dtemp,
-           long long outer, int L, long long inner, int C, int D, int group, int from_prob,
-           int want_grad)
+           long long outer, int L, long long inner, int C, int D, int s0, int s1, int group,
+           int from_prob, int want_grad)
 {
     typedef acc_t<T> A;
     const long long rows = outer * inner;
@@ -143,7 +160,7 @@ pos_expect(const T* __restrict__ x, const double* __restrict__ grid,
 #pragma unroll
                 for (int d = 0; d < SSM_POS_FUSED_D; d++)
                     if (d < D)
-                        e[d] += (double)p * grid[(long long)d * L + l];
+                        e[d] += (double)p * pos_coord(grid, s0, s1, d, L, l);
             }
             if (!from_prob)
                 s = group_reduce(se, op_sum(), group);
@@ -159,11 +176,10 @@ pos_expect(const T* __restrict__ x, const double* __restrict__ grid,
             }
         }
         for (int d = 0; d < D && !fused; d++) {
-            const double* __restrict__ g = grid + (long long)d * L;
             double e = 0;
             for (int l = lane; l < L; l += group) {
                 const A p = from_prob ? to_acc(xr[l * inner]) : pos_e(xr[l * inner], m, it);
-                e += (double)p * g[l];
+                e += (double)p * pos_coord(grid, s0, s1, d, L, l);
             }
             const double E = group_reduce(e, op_sum(), group) / s;
             if (kp && lane == 0)
@@ -172,7 +188,7 @@ pos_expect(const T* __restrict__ x, const double* __restrict__ grid,
                 double v = 0;
                 for (int l = lane; l < L; l += group) {
                     const A p = from_prob ? to_acc(xr[l * inner]) : pos_e(xr[l * inner], m, it);
-                    const double c = g[l] - E;
+                    const double c = pos_coord(grid, s0, s1, d, L, l) - E;
                     v += (double)p * c * c;
                 }
                 v = group_reduce(v, op_sum(), group) / s;
@@ -206,10 +222,10 @@ pos_expect(const T* __restrict__ x, const double* __restrict__ grid,
 #pragma unroll
                 for (int d = 0; d < SSM_POS_FUSED_D; d++)
                     if (d < D)
-                        h += dk[d] * grid[(long long)d * L + l];
+                        h += dk[d] * pos_coord(grid, s0, s1, d, L, l);
             } else {
                 for (int d = 0; d < D; d++)
-                    h += (double)to_acc(dkp[r * D + d]) * grid[(long long)d * L + l];
+                    h += (double)to_acc(dkp[r * D + d]) * pos_coord(grid, s0, s1, d, L, l);
             }
             const A dy = (A)((double)p * w * h);
             yr[l * inner] = from_acc<T>(dy * it);
