@@ -18,7 +18,7 @@ from ssm import _cpu, ops
 
 t0 = time.perf_counter()
 parser = argparse.ArgumentParser()
-parser.add_argument("--expect-simd", choices=["baseline", "fast", "any"], default="any")
+parser.add_argument("--expect-simd", choices=["baseline", "fast", "generic", "any"], default="any")
 parser.add_argument("--expect-bundled-openmp", action="store_true",
                     help="the OpenMP runtime in use must be the copy in ssm.libs (auditwheel)")
 args = parser.parse_args()
@@ -124,6 +124,8 @@ if args.expect_simd == "baseline":
     assert simd.startswith("x86-64 baseline"), f"expected the baseline clone, got {simd!r}"
 elif args.expect_simd == "fast":
     assert simd.startswith(("x86-64-v3", "x86-64-v4")), f"expected the AVX2/AVX-512 clone, got {simd!r}"
+elif args.expect_simd == "generic":  # no target clones: not x86-64 (.ci/aarch64), or not gcc
+    assert simd.startswith("generic"), f"expected the portable build, got {simd!r}"
 if args.expect_bundled_openmp:
     from threadpoolctl import threadpool_info
     omp = [i["filepath"] for i in threadpool_info() if i.get("user_api") == "openmp"]

@@ -3,7 +3,9 @@
 Softmax over the class axis of ``(N, C, *spatial)`` logits, cross-entropy against
 per-pixel labels or soft target maps, and the gradient, with Caffe2's
 ``SpatialSoftmaxWithLoss`` and PyTorch's ``cross_entropy`` options. See
-``help(ssm.spatial_softmax_with_loss)`` and README.md.
+``help(ssm.spatial_softmax_with_loss)`` and README.md. Softmax over the positions of
+each (n, c) map too: ``spatial_softmax``, ``soft_argmax`` (keypoints),
+``spatial_expectation`` and their gradients.
 
 The public submodules (``ssm.ops``, the Caffe2 operator surface; ``ssm.bench``, the
 benchmark; ``ssm.testing``, the CUDA simulator; ``ssm.torch`` and ``ssm.jax``, the
@@ -119,6 +121,13 @@ from ._api import (
 )
 from ._config import show_config
 from ._distributed import loss_normalizer
+from ._positions import (
+    soft_argmax,
+    soft_argmax_grad,
+    spatial_expectation,
+    spatial_softmax,
+    spatial_softmax_grad,
+)
 from ._threads import get_num_threads, set_num_threads
 from ._version import __version__
 
@@ -132,6 +141,11 @@ __all__ = [
     "show_config",
     "softmax",
     "softmax_grad",
+    "soft_argmax",
+    "soft_argmax_grad",
+    "spatial_expectation",
+    "spatial_softmax",
+    "spatial_softmax_grad",
     "spatial_softmax_with_loss",
     "spatial_softmax_with_loss_and_grad",
     "spatial_softmax_with_loss_grad",

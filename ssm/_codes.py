@@ -26,6 +26,16 @@ class Op(enum.IntEnum):
     SSWL_BWD = 5      # dlogits from prob
 
 
+class PosOp(enum.IntEnum):
+    """A kernel pass of softmax over positions (ssm/_positions.py; the C values are the
+    SSM_POS_* of ssm/_positions.h)."""
+
+    SOFTMAX = 0      # prob over each map's positions
+    SOFTMAX_BWD = 1  # dx from prob and dprob (and the temperature's gradient)
+    EXPECT = 2       # expected coordinates (and variances, prob)
+    EXPECT_BWD = 3   # dx of the expected coordinates, from x (or prob) and d_keypoints
+
+
 class Target(enum.IntEnum):
     """How a loss pass's target is stored."""
 

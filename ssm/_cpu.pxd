@@ -47,3 +47,33 @@ cdef extern from "_kernels.h" nogil:
     double ssm_sswl_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
     double ssm_sswl_bwd_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf)
     double ssm_sswl_bwd_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf)
+
+
+# Declarations of the softmax-over-positions kernels (ssm/_positions.h).
+
+cdef extern from "_positions.h" nogil:
+    enum:
+        SSM_POS_SOFTMAX
+        SSM_POS_SOFTMAX_BWD
+        SSM_POS_EXPECT
+        SSM_POS_EXPECT_BWD
+
+    ctypedef struct ssm_pos_problem:
+        Py_ssize_t outer, L, inner, C, D, tile
+        int from_prob
+        const void *x
+        const void *x2
+        const void *grid
+        const double *temp
+        const void *dkp
+        void *out
+        void *kp
+        void *var
+        double *dtemp
+        int stream
+        Py_ssize_t grid_w
+
+    Py_ssize_t ssm_pos_num_tiles(const ssm_pos_problem *P)
+    size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsize)
+    void ssm_pos_tile_f(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf)
+    void ssm_pos_tile_d(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf)

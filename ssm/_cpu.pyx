@@ -517,3 +517,79 @@ def floor_read(src, int threads):
             hi = lo + FLOOR_CHUNK if lo + FLOOR_CHUNK < n else n
             total += ssm_floor_read(s + lo, <size_t>(hi - lo))
     return total
+
+
+# ---- softmax over positions (ssm/_positions.h) ---------------------------------------
+
+# Rows (maps) per tile for contiguous rows, or channels per tile for strided ones: a tile
+# holds about POS_TILE_BYTES of x (at least one row); its scratch stays in L2.
+cdef Py_ssize_t POS_TILE_BYTES = 64 * 1024
+
+
+def positions_tile(Py_ssize_t L, Py_ssize_t inner, Py_ssize_t itemsize):
+    """Rows (inner == 1) or channels (inner > 1) per tile of a positions pass."""
+    cdef Py_ssize_t t = POS_TILE_BYTES // (L * itemsize)
+    t = 1 if t < 1 else t
+    if inner > 1:
+        t = 16 if t < 16 and inner >= 16 else t  # whole cache lines of channels
+        t = inner if t > inner else t
+    return t
+
+
+def positions_codes():
+    """The C values of the positions passes, for tests/test_contract.py."""
+    return dict(SOFTMAX=SSM_POS_SOFTMAX, SOFTMAX_BWD=SSM_POS_SOFTMAX_BWD,
+                EXPECT=SSM_POS_EXPECT, EXPECT_BWD=SSM_POS_EXPECT_BWD)
+
+
+def positions(int op, problem, threads):
+    """Run positions pass `op` (an ssm._codes.PosOp) over `problem` (an
+    ssm._problem.PositionsProblem). `threads` is ``(count, adaptive)``.
+
+    Each thread takes tiles in a fixed partition (whole rows), so results do not depend
+    on the thread count.
+    """
+    cdef ssm_pos_problem P
+    cdef bint dbl, capped
+    cdef Py_ssize_t ntiles, t, chunk
+    cdef int team, failed = 0
+    cdef int *failed_p = &failed
+    cdef size_t nbytes
+    cdef char *buf = NULL
+    cdef double[::1] temp = problem.temperature
+    g = problem.geom
+    x = problem.x
+    dbl = KERNEL_DOUBLE[x.dtype]
+    memset(&P, 0, sizeof(ssm_pos_problem))
+    P.outer, P.L, P.inner, P.C = g.outer, g.L, g.inner, g.C
+    P.D = 0 if problem.grid is None else problem.grid.shape[0]
+    P.tile = positions_tile(g.L, g.inner, x.itemsize)
+    P.from_prob = problem.from_prob
+    P.x, P.x2, P.grid = _ptr(x), _ptr(problem.dprob), _ptr(problem.grid)
+    P.temp = &temp[0]
+    P.dkp = _ptr(problem.d_keypoints)
+    P.out, P.kp = <void *>_ptr(problem.out), <void *>_ptr(problem.keypoints)
+    P.var = <void *>_ptr(problem.variance)
+    P.dtemp = <double *>_ptr(problem.d_temperature)
+    P.stream = problem.out is not None and problem.out.nbytes >= STREAM_BYTES
+    P.grid_w = problem.grid_w
+    ntiles = ssm_pos_num_tiles(&P)
+    if ntiles == 0:
+        return None
+    team = _team(threads, ntiles, P.outer * P.L * P.inner, &capped)
+    chunk = _chunk(ntiles, team)
+    nbytes = ssm_pos_scratch_bytes(&P, 8 if dbl else 4)
+    with nogil, parallel(num_threads=team):
+        buf = <char *>malloc(nbytes)
+        if buf == NULL:
+            failed_p[0] = 1
+        for t in prange(ntiles, schedule="dynamic", chunksize=chunk):
+            if buf != NULL:
+                if dbl:
+                    ssm_pos_tile_d(&P, op, t, buf)
+                else:
+                    ssm_pos_tile_f(&P, op, t, buf)
+        free(buf)
+    if failed:
+        raise MemoryError(f"ssm: could not allocate {nbytes} bytes of per-thread scratch")
+    return None

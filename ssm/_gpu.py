@@ -15,8 +15,9 @@ Design
   Nothing here checks; nothing here raises.
 - The same entry points as the CPU backend (ssm/_cpu.pyx): ``run(op, problem, threads)``
   (every kernel that walks the logits) and ``stats(problem, threads)`` (the label
-  pre-pass), plus ``loss_value`` (the reduced loss as a 0-d array of the logits' dtype).
-  ``threads`` is a CPU notion, accepted and ignored.
+  pre-pass), plus ``loss_value`` (the reduced loss as a 0-d array of the logits' dtype),
+  and ``positions(op, problem, threads)`` for softmax over positions (positions.cu, an
+  ``ssm._problem.PositionsProblem``). ``threads`` is a CPU notion, accepted and ignored.
 - Arguments: one builder per kernel (``softmax_fwd_args`` ...), each beside the kernel
   signature it mirrors; tests/test_contract.py checks them against the .cu text.
 - Modules: ``RawModule`` objects memoised per (driver, .cu file, dtypes, device), compiled by
@@ -41,7 +42,7 @@ from importlib import resources
 import numpy as np
 
 from . import _validation as V
-from ._codes import LOSS_OPS, Op, Target
+from ._codes import LOSS_OPS, Op, PosOp, Target
 
 BLOCK = 256      # threads per block; must match SSM_BLOCK in ssm/cuda/common.cuh
 WARP = 32        # threads per row in the contiguous-rows shape (kernel argument `group`)
@@ -51,7 +52,7 @@ OPTIONS = ("--std=c++17",)
 # What CuPy adds to OPTIONS when it compiles (besides -arch): float denormals flush to
 # zero in the kernels, so results below FLT_MIN (1.2e-38) are 0 where the CPU's are not.
 CUPY_ADDED_OPTIONS = ("-ftz=true",)
-CUDA_FILES = ("softmax.cu", "sswl.cu")
+CUDA_FILES = ("softmax.cu", "sswl.cu", "positions.cu")
 
 # C++ spelling of each dtype the kernels are instantiated for (ssm_half: common.cuh).
 FLOAT_CTYPES = {np.dtype(np.float16): "ssm_half", np.dtype(np.float32): "float",
@@ -85,12 +86,15 @@ def _target_ctypes(float_ctype):
 def module_names(filename: str, float_ctype=None, target_ctype=None) -> tuple:
     """The instantiations of one module: what one launch may need, compiled together.
 
-    softmax.cu: one module per float type. sswl.cu: one per (float type, target type)
-    with the label pre-pass, loss and gradient kernels; and one (no types given) with
-    the final passes. A first call compiles a few kernels (about a second), not all.
+    softmax.cu and positions.cu: one module per float type. sswl.cu: one per (float type,
+    target type) with the label pre-pass, loss and gradient kernels; and one (no types
+    given) with the final passes. A first call compiles a few kernels (about a second), not all.
     """
     if filename == "softmax.cu":
         return (f"softmax_fwd<{float_ctype}>", f"softmax_bwd<{float_ctype}>")
+    if filename == "positions.cu":
+        t = float_ctype
+        return (f"pos_softmax_fwd<{t}>", f"pos_softmax_bwd<{t}>", f"pos_expect<{t}>")
     if filename == "sswl.cu" and float_ctype is None:
         reduce_types = _float_ctypes() + ["double"]
         return tuple(f"reduce_partials<{t}>" for t in dict.fromkeys(reduce_types)) \
@@ -102,7 +106,7 @@ def module_names(filename: str, float_ctype=None, target_ctype=None) -> tuple:
 
 
 def _module_keys(filename: str):
-    if filename == "softmax.cu":
+    if filename in ("softmax.cu", "positions.cu"):
         return [(t, None) for t in _float_ctypes()]
     return [(None, None)] + [(t, lab) for t in _float_ctypes() for lab in _target_ctypes(t)]
 
@@ -276,11 +280,49 @@ def reduce_first_bad_args(partials, n, out):
     return (partials, np.int64(n), out)
 
 
+# Softmax over positions (positions.cu): `problem` is an ssm._problem.PositionsProblem.
+
+def _pos_shape(problem, group):
+    g = problem.geom
+    return (np.int64(g.outer), np.int32(g.L), np.int64(g.inner), np.int32(g.C),
+            np.int32(group))
+
+
+# pos_softmax_fwd(const T* x, const double* temp, T* out, long long outer, int L,
+#                 long long inner, int C, int group)
+def pos_softmax_fwd_args(problem, group):
+    return (problem.x, problem.temperature, problem.out, *_pos_shape(problem, group))
+
+
+# pos_softmax_bwd(const T* prob, const T* dprob, const double* temp, T* out, double* dtemp,
+#                 long long outer, int L, long long inner, int C, int group)
+def pos_softmax_bwd_args(problem, group):
+    return (problem.x, problem.dprob, problem.temperature, problem.out,
+            _p(problem.d_temperature), *_pos_shape(problem, group))
+
+
+# pos_expect(const T* x, const double* grid, const double* temp, const T* dkp, T* out,
+#            T* kp, T* var, double* dtemp, long long outer, int L, long long inner, int C,
+#            int D, int s0, int s1, int group, int from_prob, int want_grad)
+def pos_expect_args(problem, group, want_grad):
+    g = problem.geom
+    sizes = problem.grid_sizes  # per-axis tables of a built-in grid: (s0, s1, ...), D <= 3
+    D = problem.grid.shape[0] if sizes is None else len(sizes)
+    s0, s1 = (0, 0) if sizes is None else (tuple(sizes) + (1,))[:2]
+    return (problem.x, problem.grid, problem.temperature, _p(problem.d_keypoints),
+            _p(problem.out), _p(problem.keypoints), _p(problem.variance),
+            _p(problem.d_temperature), np.int64(g.outer), np.int32(g.L), np.int64(g.inner),
+            np.int32(g.C), np.int32(D), np.int32(s0), np.int32(s1), np.int32(group),
+            np.int32(problem.from_prob), np.int32(want_grad))
+
+
 # kernel name -> its builder (for the test)
 ARGUMENT_BUILDERS = {
     "softmax_fwd": softmax_fwd_args, "softmax_bwd": softmax_bwd_args,
     "sswl_stats": sswl_stats_args, "sswl_fwd": sswl_fwd_args, "sswl_bwd": sswl_bwd_args,
     "reduce_partials": reduce_partials_args, "reduce_first_bad": reduce_first_bad_args,
+    "pos_softmax_fwd": pos_softmax_fwd_args, "pos_softmax_bwd": pos_softmax_bwd_args,
+    "pos_expect": pos_expect_args,
 }
 
 
@@ -374,3 +416,42 @@ def loss_value(total, divisor, dtype):
         out = xp.empty((), dtype)
         _final_sum(xp, total, 1, divisor, out, total.device.id)
         return out
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_on_device(xp, data: bytes, shape: tuple, device_id: int):
+    with xp.cuda.Device(device_id):
+        return xp.asarray(np.frombuffer(data, dtype=np.float64).reshape(shape))
+
+
+def device_grid(xp, grid, device_id: int):
+    """A float64 coordinate table on the device (a caller's (D, L) grid, or the per-axis
+    tables of a built-in one), memoised by value (the built-in tables are themselves
+    memoised, so a call copies nothing after the first)."""
+    return _grid_on_device(xp, grid.tobytes(), grid.shape, device_id)
+
+
+def positions(op, problem, threads=None):
+    """Run positions pass `op` (an ssm._codes.PosOp) over `problem` (an
+    ssm._problem.PositionsProblem) on x's device and current stream. ``threads`` is
+    accepted and ignored."""
+    x = problem.x
+    xp = V.array_module(x)
+    g = problem.geom
+    with x.device:
+        dev = x.device.id
+        if g.rows == 0:
+            return None
+        group, grid = launch_config(g.rows, g.L, g.inner)
+        t = FLOAT_CTYPES[x.dtype]
+        module = ("positions.cu", t, None)
+        if op == PosOp.SOFTMAX:
+            _launch(xp, module, f"pos_softmax_fwd<{t}>", grid,
+                    pos_softmax_fwd_args(problem, group), dev)
+        elif op == PosOp.SOFTMAX_BWD:
+            _launch(xp, module, f"pos_softmax_bwd<{t}>", grid,
+                    pos_softmax_bwd_args(problem, group), dev)
+        else:
+            _launch(xp, module, f"pos_expect<{t}>", grid,
+                    pos_expect_args(problem, group, op == PosOp.EXPECT_BWD), dev)
+        return None

@@ -13,7 +13,7 @@
  * c) Inside a tile the math runs on channel-major [C][tile] blocks so that the inner
  *    loops walk contiguous pixels and vectorise (exp through libmvec, see below).
  *    Strided channels (inner > 1) are read in place with channel stride `inner`
- *    (the next tile's rows prefetched) and written in place, or, for outputs larger
+ *    (the rows two tiles ahead prefetched into L2) and written in place, or, for outputs larger
  *    than the caches, computed in scratch and written with non-temporal stores, which
  *    spare DRAM the read of every output line a plain store costs. Contiguous rows
  *    (inner == 1) are transposed into per-thread scratch, computed, and transposed
@@ -45,7 +45,9 @@
  * `omp declare simd`; with -fno-math-errno and -fopenmp gcc then calls libmvec.
  * target_clones builds each tile driver for AVX-512, AVX2 and the x86-64 baseline,
  * picked once at load time (ifunc); everything below the drivers is always_inline,
- * so it is compiled for each clone.
+ * so it is compiled for each clone. Only with gcc on x86-64 glibc (SSM_ISA_NAMES);
+ * elsewhere (aarch64, clang, MSVC) one portable build, without the x86 intrinsics:
+ * .ci/aarch64 compiles it for aarch64 with -Wall -Wextra -Werror and tests it.
  */
 #ifndef SSM_KERNELS_H
 #define SSM_KERNELS_H
@@ -79,6 +81,17 @@ extern double log(double);
 #else
 #define SSM_INLINE static inline __attribute__((always_inline))
 #define SSM_NOINLINE static __attribute__((noinline))
+#endif
+
+/* Prefetch the line at p for reading, into L2 and out (locality 2: prefetcht1 on x86);
+   never faults. MSVC has no __builtin_prefetch: its _mm_prefetch on x86, else nothing. */
+#if defined(__GNUC__) || defined(__clang__)
+#define SSM_PREFETCH(p) __builtin_prefetch((p), 0, 2)
+#elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+#include <xmmintrin.h>
+#define SSM_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
+#else
+#define SSM_PREFETCH(p) ((void)(p))
 #endif
 
 /* exp(x) for float x <= 0 (or NaN), the only arguments softmax gives it (x - max).

@@ -188,7 +188,7 @@ SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, int on)
     if (!on)
         return;
     for (j = 0; j < n; j += 64 / (ptrdiff_t)sizeof(R))
-        __builtin_prefetch((const void *)(ahead + (uintptr_t)j * sizeof(R)), 0, 2);
+        SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(R)));
 }
 
 /* ---- per-pixel class sums --------------------------------------------------------

@@ -33,7 +33,7 @@ import math
 from typing import Any, NamedTuple
 
 from ._codes import Loss, Target
-from ._validation import Geometry
+from ._validation import Geometry, PositionsGeometry
 
 
 _new = tuple.__new__
@@ -72,3 +72,38 @@ class Problem(NamedTuple):
 
 
 _INPUTS = Problem._fields.index("out")
+
+
+class PositionsProblem(NamedTuple):
+    """One call of a softmax-over-positions pass (an ssm._codes.PosOp), validated.
+
+    Arrays C-contiguous on the backend's device; ``x``, ``dprob`` and ``out`` like x; the
+    keypoint arrays ``(N, C, D)`` of x's dtype; ``grid`` ``(D, L)`` coordinates (the CPU:
+    x's dtype; the GPU: float64); ``temperature`` ``(C,)`` float64; ``d_temperature`` one
+    float64 per map ``(N * C,)``, summed over the maps by the caller.
+
+    =============  ===================================================================
+    op             reads (besides geom, x, temperature); writes
+    =============  ===================================================================
+    SOFTMAX        -; out (prob)
+    SOFTMAX_BWD    dprob (x holds prob); out (dx), d_temperature if given
+    EXPECT         grid, from_prob; keypoints, variance and out (prob) where given
+    EXPECT_BWD     grid, from_prob, d_keypoints; out (dx), keypoints and d_temperature
+                   where given
+    =============  ===================================================================
+    """
+
+    geom: PositionsGeometry
+    x: Any
+    temperature: Any
+    grid: Any = None
+    dprob: Any = None
+    d_keypoints: Any = None
+    from_prob: bool = False
+    out: Any = None
+    keypoints: Any = None
+    variance: Any = None
+    d_temperature: Any = None
+    grid_sizes: Any = None  # GPU, built-in grids of <= 3 axes: the axis sizes, fastest
+    #                         first (a tuple); grid then holds one table per axis
+    grid_w: int = 0  # W when grid is the built-in grid of (H, W) maps, else 0 (CPU hint)

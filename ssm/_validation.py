@@ -25,6 +25,7 @@ FLOAT_DTYPES = {
     "cuda": (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)),
 }
 LAYOUTS = ("NCHW", "NHWC")
+COORDINATES = ("normalized", "pixels")  # soft_argmax's coordinate grids
 REDUCTIONS = ("mean", "sum", "batch", "none")
 LENS_ROW_TOLERANCE = 1e-4
 
@@ -468,3 +469,95 @@ def check_order(value, name: str = "order") -> str:
         raise ValueError(f"{name}: {value!r} is not supported; expected 'NCHW' (Caffe2's "
                          f"operator implements only NCHW)")
     return "NCHW"
+
+
+# ---- softmax over positions (ssm/_positions.py) ----------------------------------
+
+class PositionsGeometry(NamedTuple):
+    """Maps of positions (softmax over positions, ssm/_positions.py): ``x`` of shape
+    ``(N, C, *spatial)`` or ``(N, *spatial, C)`` seen as (outer, L, inner), L the positions
+    of one map; row ``o * inner + i`` is the map (n, c) = (row // C, row % C)."""
+
+    shape: tuple
+    N: int
+    C: int
+    spatial: tuple
+    outer: int
+    L: int
+    inner: int
+
+    @property
+    def rows(self) -> int:
+        return self.outer * self.inner
+
+
+def positions_geometry(a, name: str, layout: str) -> PositionsGeometry:
+    """``a``'s shape as (outer, L, inner): NCHW (N*C, L, 1), NHWC (N, L, C)."""
+    shape = tuple(a.shape)
+    if a.ndim < 3:
+        raise ValueError(f"{name}: shape {shape} has {a.ndim} dimension(s); expected at least 3, "
+                         f"(N, C, *spatial) for NCHW or (N, *spatial, C) for NHWC")
+    if layout == "NCHW":
+        N, C, spatial = shape[0], shape[1], shape[2:]
+    else:
+        N, C, spatial = shape[0], shape[-1], shape[1:-1]
+    L = math.prod(spatial)
+    if L == 0:
+        raise ValueError(f"{name}: shape {shape} has no positions (spatial shape {spatial}); "
+                         f"expected at least one per map")
+    if L >= 2**31:
+        raise ValueError(f"{name}: {L} positions per map; at most 2**31 - 1 are supported")
+    if layout == "NCHW":
+        return PositionsGeometry(shape, N, C, spatial, N * C, L, 1)
+    return PositionsGeometry(shape, N, C, spatial, N, L, C)
+
+
+def check_temperature(temperature, C: int):
+    """(the (C,) float64 temperatures, whether one number was given). A temperature is a
+    positive finite number, or an array of C of them (one per channel)."""
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, (bool, np.bool_)):
+        t = np.full(C, float(temperature))
+        scalar = True
+    else:
+        a = as_array(temperature, "temperature")
+        if is_device_array(a):
+            a = a.get()
+        if a.dtype.kind not in "iuf":
+            raise TypeError(f"temperature: dtype {a.dtype} is not a real number type")
+        scalar = a.ndim == 0
+        if not scalar and a.shape != (C,):
+            raise ValueError(f"temperature: shape {a.shape} does not match the {C} channels; "
+                             f"expected a number or shape ({C},)")
+        t = np.broadcast_to(np.asarray(a, np.float64), (C,)).copy()
+    bad = ~(np.isfinite(t) & (t > 0))
+    if bad.any():
+        v = t[np.argmax(bad)]
+        raise ValueError(f"temperature: {float(v)!r} is not a positive finite number; "
+                         f"expected temperature > 0")
+    return t, scalar
+
+
+def check_grid(grid, spatial: tuple) -> np.ndarray:
+    """A caller's coordinate grid ``(*spatial, D)`` (kornia's meshgrid layout, without its
+    batch axis) as a (D, L) float64 host array."""
+    a = as_array(grid, "grid")
+    if is_device_array(a):
+        a = a.get()
+    if a.dtype.kind not in "biuf" or a.dtype == np.bool_:
+        raise TypeError(f"grid: dtype {a.dtype} is not a real number type")
+    if a.ndim != len(spatial) + 1 or tuple(a.shape[:-1]) != spatial or a.shape[-1] == 0:
+        raise ValueError(f"grid: shape {a.shape} does not match the spatial shape {spatial}; "
+                         f"expected {(*spatial, 'D')} with D >= 1")
+    return np.ascontiguousarray(np.asarray(a, np.float64).reshape(-1, a.shape[-1]).T)
+
+
+def check_d_keypoints(dk, geom, x):
+    """soft_argmax_grad's upstream gradient: (N, C, ndim) of x's dtype."""
+    dk = check_float_array(dk, "d_keypoints")
+    if dk.dtype != x.dtype:
+        raise TypeError(f"d_keypoints: dtype {dk.dtype} differs from x's {x.dtype}")
+    expected = (geom.N, geom.C, len(geom.spatial))
+    if dk.shape != expected:
+        raise ValueError(f"d_keypoints: shape {dk.shape} does not match; expected {expected}, "
+                         f"(N, C, ndim) of x")
+    return dk

@@ -46,9 +46,13 @@ import operator
 
 import numpy as np
 
-import dask.array as da
-from dask.highlevelgraph import HighLevelGraph
-from dask.base import tokenize
+try:
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+except ImportError as exc:
+    raise ImportError(f"ssm.dask needs Dask, which is not importable ({exc}); install it with "
+                      "pip install 'ssm[dask]'") from exc
 
 from . import _validation as V
 from ._codes import LABEL_KINDS, Op, Target

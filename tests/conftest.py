@@ -1,13 +1,21 @@
-"""Shared fixtures and helpers: seeded inputs, tolerances, the GPU and simulator skip hooks."""
+"""Shared fixtures and helpers: the tables under test, seeded inputs, tolerances, the GPU
+and simulator skip hooks, and the requirements a run can promise (SSM_REQUIRE)."""
 
+import importlib
 import os
 import zlib
 
 import numpy as np
 import pytest
 
-FLOAT_DTYPES = (np.float32, np.float64)
-LABEL_DTYPES = (np.uint8, np.int32, np.int64)
+from ssm import _validation as V
+
+# What ssm supports, read from its one table (ssm/_validation.py), as NumPy scalar types.
+FLOAT_DTYPES = tuple(d.type for d in V.FLOAT_DTYPES["cpu"])
+GPU_FLOAT_DTYPES = tuple(d.type for d in V.FLOAT_DTYPES["cuda"])
+LABEL_DTYPES = tuple(d.type for d in V.LABEL_KINDS)
+LAYOUTS = V.LAYOUTS
+REDUCTIONS = V.REDUCTIONS
 
 
 # ---------------------------------------------------------------- GPU and simulator skip hooks
@@ -36,9 +44,57 @@ def _cudasim_unavailable_reason():
     return None
 
 
-# CI sets SSM_REQUIRE_CUDASIM=1: there a simulator case that skips (no compiler, or a skip
-# inside the test) is a failure, so the GPU path can never silently go untested.
-REQUIRE_CUDASIM = os.environ.get("SSM_REQUIRE_CUDASIM") == "1"
+# ---------------------------------------------------------------- promised requirements
+
+# Tools and libraries whose absence makes a test skip. A run can promise some of them:
+# SSM_REQUIRE=nvcc,nvrtc,... (.ci/run sets it per stage; "all" for every one). There a test
+# that would skip for want of a promised one fails instead, so a check CI promises cannot
+# silently go unrun. Not requirements, and so still skipping everywhere: the GPU cases
+# without a CUDA device, the opt-in slow tests (SSM_SLOW=1), and platform conditions.
+REQUIREMENTS = {
+    "cudasim": "the CUDA simulator (a C++17 compiler): the cases marked cudasim",
+    "nvcc": "nvcc on PATH: tests/test_cuda_compile.py's builds",
+    "nvrtc": "CuPy and NVRTC: tests/test_cuda_compile.py's NVRTC builds",
+    "torch": "PyTorch: the parity tests, ssm.torch and DLPack with it",
+    "jax": "JAX (and optax): ssm.jax and DLPack with it",
+    "hypothesis": "hypothesis: tests/test_properties.py",
+    "dask": "dask.array and dask.distributed: ssm.dask (tests/test_dask.py)",
+    "mpi": "mpi4py and mpiexec: the MPI data-parallel example",
+    "source-tree": "the source tree's benchmarks/ (tests run from a clone)",
+}
+
+
+def _required(text):
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    if "all" in names:
+        names = set(REQUIREMENTS)
+    unknown = names - set(REQUIREMENTS)
+    if unknown:
+        raise pytest.UsageError(f"SSM_REQUIRE: unknown requirement(s) {sorted(unknown)}; "
+                                f"expected some of {sorted(REQUIREMENTS)} or 'all'")
+    return frozenset(names)
+
+
+REQUIRED = _required(os.environ.get("SSM_REQUIRE", ""))
+REQUIRE_CUDASIM = "cudasim" in REQUIRED
+
+
+def missing(requirement, reason):
+    """Skip the calling test because `requirement` (a key of REQUIREMENTS) is missing;
+    fail it instead where the run promised that requirement (SSM_REQUIRE)."""
+    assert requirement in REQUIREMENTS, requirement
+    if requirement in REQUIRED:
+        pytest.fail(f"{reason}; SSM_REQUIRE promises {requirement} "
+                    f"({REQUIREMENTS[requirement]})", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(requirement, name):
+    """``pytest.importorskip(name)``, a failure where `requirement` is promised."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing(requirement, f"could not import {name!r}: {exc}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,7 +114,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if REQUIRE_CUDASIM and report.skipped and item.get_closest_marker("cudasim"):
         report.outcome = "failed"
-        report.longrepr = f"a simulator case skipped under SSM_REQUIRE_CUDASIM=1: {report.longrepr}"
+        report.longrepr = ("a simulator case skipped where SSM_REQUIRE promises cudasim: "
+                           f"{report.longrepr}")
 
 
 # ---------------------------------------------------------------- randomness

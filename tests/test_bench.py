@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import ssm
-from conftest import child_process_kwargs
+from conftest import child_process_kwargs, missing
 from ssm import bench
 from ssm.bench import busy, cli, gpu, peers, report, timing, training, workloads
 from ssm.bench.report import derive, format_row, format_tables, summary_lines
@@ -443,7 +443,7 @@ def test_run_all_summary_of_a_report(tiny_run):
     # benchmarks/run_all.py's digest, on the tiny run's report (source tree only)
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run_all.py")
     if not os.path.exists(path):
-        pytest.skip("needs the source tree's benchmarks/run_all.py")
+        missing("source-tree", "needs the source tree's benchmarks/run_all.py")
     spec = importlib.util.spec_from_file_location("run_all", path)
     run_all = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_all)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ssm
-from conftest import child_process_kwargs, make_labels, make_logits
+from conftest import FLOAT_DTYPES, child_process_kwargs, make_labels, make_logits
 
 
 def _cores():
@@ -30,7 +30,7 @@ def _jobs(rng):
     jobs = []
     for i, (shape, layout) in enumerate([((2, 21, 40, 37), "NCHW"), ((2, 40, 37, 21), "NHWC"),
                                          ((3, 5, 1031), "NCHW"), ((500, 7), "NCHW")]):
-        for dtype in (np.float32, np.float64):
+        for dtype in FLOAT_DTYPES:
             x = make_logits(rng, shape, dtype)
             C = shape[1] if layout == "NCHW" else shape[-1]
             pix = (shape[0],) + (shape[2:] if layout == "NCHW" else shape[1:-1])

@@ -7,10 +7,8 @@ import pytest
 
 import _reference as ref
 import ssm
-from conftest import (FLOAT_DTYPES, assert_close, make_class_weights, make_labels, make_lens,
-                      make_logits, make_soft_targets, make_weights)
-
-REDUCTIONS = ("mean", "sum", "batch", "none")
+from conftest import (FLOAT_DTYPES, LAYOUTS, REDUCTIONS, assert_close, make_class_weights,
+                      make_labels, make_lens, make_logits, make_soft_targets, make_weights)
 
 
 def _inputs(rng, dtype, shape=(2, 7, 5, 6), soft=False):
@@ -178,7 +176,7 @@ def _all_outputs(x, y, w, threads, layout="NCHW"):
     return out
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_bitwise_identical_across_threads_and_runs(big_inputs, layout):
     x, y, w = big_inputs
     if layout == "NHWC":
@@ -238,7 +236,7 @@ def test_concurrent_python_threads_match_serial(rng):
         x = make_logits(rng, shape, np.float32 if i % 2 else np.float64)
         y = make_labels(rng, (2, *shape[2:]), shape[1], np.int64)
         w = make_weights(rng, y.shape, x.dtype)
-        jobs.append((x, y, w, {"reduction": ("mean", "sum", "batch", "none")[i % 4],
+        jobs.append((x, y, w, {"reduction": REDUCTIONS[i % len(REDUCTIONS)],
                                "threads": 1 + i % 2}))
 
     def work(job):

@@ -18,8 +18,8 @@ import pytest
 
 from ssm import _cpu, _gpu
 from ssm import _validation as V
-from ssm._codes import LABEL_KINDS, LOSSES, Loss, Op, Target
-from ssm._problem import Problem
+from ssm._codes import LABEL_KINDS, LOSSES, Loss, Op, PosOp, Target
+from ssm._problem import PositionsGeometry, PositionsProblem, Problem
 
 
 def test_op_and_target_codes_match_the_c_values():
@@ -34,6 +34,10 @@ def test_cuda_loss_codes_match():
     text = _gpu.source("sswl.cu")
     for kind in Loss:
         assert f"SSM_LOSS_{kind.name} = {kind.value}" in text
+
+
+def test_positions_codes_match_the_c_values():
+    assert _cpu.positions_codes() == {op.name: op.value for op in PosOp}
 
 
 def test_label_kinds_are_the_integer_targets():
@@ -93,10 +97,31 @@ def _full_problem(T, L):
                    prob_out=np.zeros_like(x), loss_map=np.zeros((outer, inner), T))
 
 
+def _positions_problem(T, full):
+    """A positions problem of dtype T: every optional array given (full) or none."""
+    N, C, H, W = 2, 3, 4, 5
+    geom = PositionsGeometry((N, C, H, W), N, C, (H, W), N * C, H * W, 1)
+    x = np.zeros((N, C, H, W), T)
+
+    def opt(a):
+        return a if full else None
+    return PositionsProblem(geom, x, np.ones(C), grid=np.zeros((2, H * W)),
+                            grid_sizes=opt((W, H)),
+                            dprob=np.zeros_like(x), d_keypoints=opt(np.zeros((N, C, 2), T)),
+                            out=opt(np.zeros_like(x)), keypoints=opt(np.zeros((N, C, 2), T)),
+                            variance=opt(np.zeros((N, C, 2), T)),
+                            d_temperature=opt(np.zeros(N * C)))
+
+
 def _builds(P):
-    """kernel name -> its arguments as _gpu.run / stats / loss_value build them."""
+    """kernel name -> its arguments as _gpu.run / stats / loss_value / positions build them."""
     f64, i64 = np.zeros(4, np.float64), np.zeros(4, np.int64)
+    Q = _positions_problem(P.x.dtype, P.weights is not None)
+    Q_out = Q._replace(out=np.zeros_like(Q.x))  # the passes that always write out
     return {
+        "pos_softmax_fwd": _gpu.pos_softmax_fwd_args(Q_out, 32),
+        "pos_softmax_bwd": _gpu.pos_softmax_bwd_args(Q_out, 1),
+        "pos_expect": _gpu.pos_expect_args(Q, 32, True),
         "softmax_fwd": _gpu.softmax_fwd_args(P, 32, True),
         "softmax_bwd": _gpu.softmax_bwd_args(P, 32),
         "sswl_stats": _gpu.sswl_stats_args(P, P.class_weights, f64, i64),

@@ -19,6 +19,7 @@ import subprocess
 
 import pytest
 
+from conftest import missing, require_module
 from ssm import _gpu
 from ssm import _validation as V
 
@@ -70,7 +71,7 @@ def nvcc_runs(tmp_path_factory):
     """Start every (file, arch) compile at once (they take seconds each); tests wait on theirs."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        pytest.skip("nvcc is not on PATH")
+        missing("nvcc", "nvcc is not on PATH")
     folder = tmp_path_factory.mktemp("nvcc")
     runs = {}
     for filename in _gpu.CUDA_FILES:
@@ -103,13 +104,13 @@ def test_nvcc(nvcc_runs, filename, arch):
 
 
 def _nvrtc():
-    pytest.importorskip("cupy")
+    require_module("nvrtc", "cupy")
     from cupy.cuda import nvrtc
 
     try:
         nvrtc.getVersion()
     except Exception as exc:  # libnvrtc not installed
-        pytest.skip(f"NVRTC is not available ({type(exc).__name__})")
+        missing("nvrtc", f"NVRTC is not available ({type(exc).__name__}: {exc})")
     return nvrtc
 
 

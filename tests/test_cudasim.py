@@ -13,7 +13,8 @@ import pytest
 
 import _reference as ref
 import ssm
-from conftest import assert_close, make_labels, make_logits, make_weights
+from conftest import (GPU_FLOAT_DTYPES, LAYOUTS, REDUCTIONS, assert_close, make_labels,
+                      make_logits, make_weights)
 from ssm import _gpu
 from ssm.testing import cudasim
 from ssm.testing.cudasim import SimulatorError, SynchronizationError
@@ -281,8 +282,8 @@ def test_uninitialised_global_memory_changes_the_bits(module):
     assert a != b
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_FLOAT_DTYPES)
 def test_no_uninitialised_reads_in_ssm(rng, dtype, layout):
     # initcheck: every function and option set gives the same bits under both poisons
     shape = (2, 5, 3, 7) if layout == "NCHW" else (2, 3, 7, 5)
@@ -298,7 +299,7 @@ def test_no_uninitialised_reads_in_ssm(rng, dtype, layout):
                ssm.softmax_grad(dev(soft), dev(x), layout=layout)]
         for opts in ({}, {"label_smoothing": 0.1, "class_weights": [1, 2, 3, 4, 5]},
                      {"lens": np.full((5, 5), 0.2)}):
-            for reduction in ("mean", "sum", "batch", "none"):
+            for reduction in REDUCTIONS:
                 kw = dict(opts, reduction=reduction, layout=layout)
                 d_loss = dev(d) if reduction == "none" else 0.5
                 for target in (dev(y), dev(soft)) if "lens" not in opts else (dev(y),):

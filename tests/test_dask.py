@@ -12,12 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (assert_close, child_process_kwargs, eps, logits_shape, make_class_weights,
-                      make_labels, make_lens, make_logits, make_soft_targets, make_weights)
+from conftest import (FLOAT_DTYPES, LAYOUTS, REDUCTIONS, assert_close, child_process_kwargs, eps,
+                      logits_shape, make_class_weights, make_labels, make_lens, make_logits,
+                      make_soft_targets, make_weights, require_module)
 
 import ssm
 
-da = pytest.importorskip("dask.array", reason="dask is not installed (pip install 'ssm[dask]')")
+da = require_module("dask", "dask.array")  # pip install 'ssm[dask]'
 import dask  # noqa: E402
 
 import ssm.dask as sdask  # noqa: E402
@@ -26,8 +27,7 @@ import ssm.dask as sdask  # noqa: E402
 @pytest.fixture(scope="module")
 def client():
     """One LocalCluster of 2 worker processes (1 thread each) for the module."""
-    distributed = pytest.importorskip(
-        "distributed", reason="dask.distributed is not installed (pip install 'ssm[dask]')")
+    distributed = require_module("dask", "distributed")  # pip install 'ssm[dask]'
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None, silence_logs=40) as cluster, \
             distributed.Client(cluster) as c:
@@ -88,7 +88,6 @@ CASES = [
     dict(spatial=(), shape_nc=(40, 9)),
     dict(spatial=(5, 7, 3)),
 ]
-REDUCTIONS = ("mean", "sum", "batch", "none")
 
 
 def _grad_check(actual, desired, dtype):
@@ -150,7 +149,7 @@ def test_gradient_bitwise_given_the_normaliser(client, rng):
     call's (a last-bit difference at most); given it, the gradient is the single call's
     bit for bit, in float32 and float64 when the chunks split images in multiples of 8 pixels
     (where the kernels' vector loops have no remainder)."""
-    for dtype in (np.float32, np.float64):
+    for dtype in FLOAT_DTYPES:
         x, y, w, opts = _problem(rng, dtype=dtype, weights=True, cw=True, spatial=(64, 48))
         cw = opts["class_weights"]
         xd = da.from_array(x, chunks=(1, 7, 16, 48))
@@ -190,7 +189,7 @@ def test_class_sharded_matches_to_float_tolerance(client, rng, case):
 
 
 @pytest.mark.parametrize("split_c", [False, True], ids=["NC-chunks", "C-chunks"])
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_softmax_functions(client, rng, layout, split_c):
     x, _, _, _ = _problem(rng, layout=layout, shape_nc=(3, 40))
     dprob = make_logits(rng, x.shape, x.dtype)
@@ -288,7 +287,7 @@ def _reference_normaliser(y, w, cw, ignore_index):
     return float(np.sum(np.where(valid, n, 0.0)))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_loss_normalizer(rng, dtype):
     x, y, w, opts = _problem(rng, dtype=dtype, weights=True, cw=True)
     cw = opts["class_weights"]

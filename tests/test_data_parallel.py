@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import child_process_kwargs
+from conftest import child_process_kwargs, missing, require_module
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -19,7 +19,8 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def _example(name):
     path = os.path.join(EXAMPLES, name)
     if not os.path.exists(path):
-        pytest.skip(f"examples/{name} is not beside tests/ (a test run outside the repository)")
+        missing("source-tree", f"examples/{name} is not beside tests/ (a test run outside the "
+                               "repository)")
     return path
 
 
@@ -34,17 +35,16 @@ def _run(cmd, tmp_path, timeout=120):
 
 
 def test_torch_distributed_gloo_two_ranks(tmp_path):
-    pytest.importorskip("torch.distributed", reason="torch is not installed (torch.distributed "
-                                                    "example)")
+    require_module("torch", "torch.distributed")
     out = _run([sys.executable, _example("data_parallel_torch.py"), "--check"], tmp_path)
     assert out.count("gradient equals the single-process one") == 2, out
 
 
 def test_mpi_two_ranks(tmp_path):
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (MPI example)")
+    require_module("mpi", "mpi4py")
     mpiexec = shutil.which("mpiexec")
     if mpiexec is None:
-        pytest.skip("mpiexec is not on PATH (no MPI installed: MPI example)")
+        missing("mpi", "mpiexec is not on PATH (no MPI installed: MPI example)")
     out = _run([mpiexec, "-n", "2", sys.executable, _example("data_parallel_mpi.py"), "--check"],
                tmp_path)
     assert out.count("gradient equals the single-process one") == 2, out

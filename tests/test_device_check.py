@@ -9,12 +9,15 @@ import tarfile
 
 import pytest
 
+from conftest import missing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu", "device_check.sh")
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(SCRIPT) or shutil.which("bash") is None or shutil.which("timeout") is None,
-    reason="needs the source tree's benchmarks/gpu/device_check.sh, bash and timeout")
+if not os.path.exists(SCRIPT):
+    missing("source-tree", "needs the source tree's benchmarks/gpu/device_check.sh")
+if shutil.which("bash") is None or shutil.which("timeout") is None:
+    pytest.skip("needs bash and timeout", allow_module_level=True)
 
 
 def test_dry_run(tmp_path):

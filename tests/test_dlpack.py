@@ -7,7 +7,7 @@ import pytest
 
 import ssm
 from ssm import _interop
-from conftest import make_labels, make_logits
+from conftest import make_labels, make_logits, require_module
 
 SHAPE = (2, 5, 3, 4)
 
@@ -75,7 +75,7 @@ def test_foreign_numbers_and_lists_stay_native():
 
 @pytest.fixture
 def torch():
-    return pytest.importorskip("torch")
+    return require_module("torch", "torch")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -166,7 +166,7 @@ def test_torch_errors_name_the_argument(rng, torch):
 
 
 def test_jax_in_jax_out(rng):
-    jax = pytest.importorskip("jax")
+    jax = require_module("jax", "jax")
     jnp = jax.numpy
     x = make_logits(rng, SHAPE, np.float32)
     y = make_labels(rng, (2, 3, 4), 5, np.int32)

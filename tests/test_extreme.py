@@ -40,9 +40,9 @@ import pytest
 
 import _reference as ref
 import ssm
-from conftest import FLOAT_DTYPES, assert_close, child_process_kwargs, make_labels, make_logits
+from conftest import (FLOAT_DTYPES, LAYOUTS, REDUCTIONS, assert_close, child_process_kwargs,
+                      make_labels, make_logits)
 
-LAYOUTS = ("NCHW", "NHWC")
 # several tiles, SIMD tails, both kinds of channel stride
 SHAPES = [(2, 5, (37, 41)), (3, 7, ()), (1, 3, (1031,)), (2, 150, (5, 7))]
 BIG = {np.dtype(np.float32): 1e30, np.dtype(np.float64): 1e300}
@@ -342,7 +342,7 @@ def test_nan_weight(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "batch", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_negative_weights_follow_the_formula(rng, dtype, reduction):
     x, y = _problem(rng, dtype, (2, 4, (6, 5)), "NCHW")
     w = (rng.random(y.shape) * 4 - 2).astype(dtype)
@@ -532,7 +532,7 @@ def test_zero_size(shape, layout, dtype):
     x = np.zeros(shape, dtype)
     pix = (shape[0],) + (shape[2:] if layout == "NCHW" else shape[1:-1])
     y = np.zeros(pix, np.uint8)
-    for red in ("mean", "sum", "batch", "none"):
+    for red in REDUCTIONS:
         loss, grad, prob = ssm.spatial_softmax_with_loss_and_grad(
             x, y, np.ones(pix, dtype), reduction=red, layout=layout, return_prob=True)
         assert grad.shape == prob.shape == shape and grad.dtype == dtype

@@ -5,8 +5,8 @@ import pytest
 
 import _reference as ref
 import ssm
-from conftest import (logits_shape, make_class_weights, make_labels, make_lens, make_logits,
-                      make_soft_targets, make_weights)
+from conftest import (LAYOUTS, REDUCTIONS, logits_shape, make_class_weights, make_labels, make_lens,
+                      make_logits, make_soft_targets, make_weights)
 
 H = 1e-5  # central differences: truncation ~H**2, rounding ~eps * |f| / H
 
@@ -67,8 +67,8 @@ def _loss_only(z, target, w, **opts):
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "kl"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "batch", "none"])
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("spatial", [(), (2, 3), (3,)], ids=["NC", "NCHW", "NCL"])
 @pytest.mark.parametrize("case", CASES)
 def test_loss_gradient_fd(rng, case, spatial, layout, reduction, loss):
@@ -106,7 +106,7 @@ def test_loss_gradient_fd(rng, case, spatial, layout, reduction, loss):
                       numerical_gradient(rf, x), f0)
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(3, 5), (2, 4, 3, 2), (1, 3, 2, 2, 2)])
 def test_softmax_grad_fd(rng, shape, layout):
     x = make_logits(rng, shape)

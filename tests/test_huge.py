@@ -16,7 +16,7 @@ import pytest
 
 import _reference as ref
 import ssm
-from conftest import assert_close
+from conftest import LAYOUTS, assert_close
 
 SLOW = os.environ.get("SSM_SLOW") == "1"
 P = 2**30 + 3  # pixels; 2 classes: 2**31 + 6 logits
@@ -67,7 +67,7 @@ def _fill(x, layout):
             x[s:s + len(p), 1] = b
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_more_than_2_31_logits(layout):
     shape = (1, 2, P) if layout == "NCHW" else (P, 2)
     x = np.empty(shape, np.float32)

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 import _reference as ref
-from conftest import (make_class_weights, make_labels, make_lens, make_logits, make_soft_targets,
-                      make_weights)
+from conftest import (REDUCTIONS, make_class_weights, make_labels, make_lens, make_logits,
+                      make_soft_targets, make_weights, require_module)
 
-jax = pytest.importorskip("jax")
+jax = require_module("jax", "jax")
 jnp = jax.numpy
-sj = pytest.importorskip("ssm.jax")
+sj = require_module("jax", "ssm.jax")
 
 SHAPE, PIX, C = (2, 5, 3, 4), (2, 3, 4), 5
 
@@ -32,7 +32,7 @@ def test_loss_and_grad_match_plain_jax(rng):
     assert float(sj.cross_entropy(x, y)) == float(loss)  # without grad: forward only
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "batch", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
 def test_every_option_against_the_reference(rng, reduction, soft):
     x = make_logits(rng, SHAPE, np.float32)
@@ -117,7 +117,7 @@ def test_pure_callback_fallback(rng, monkeypatch):
 def test_training_loop_matches_optax(rng):
     # The check: 20 steps of a small segmentation head, optax's SGD, the same
     # losses with ssm.jax.cross_entropy as with optax's integer-label cross-entropy.
-    optax = pytest.importorskip("optax")
+    optax = require_module("jax", "optax")
     feats = jnp.asarray(make_logits(rng, (4, 8, 16, 16), np.float32))
     y = jnp.asarray(make_labels(rng, (4, 16, 16), 6, np.int32, ignore_frac=0))
 

@@ -15,8 +15,12 @@ SIMD_PATHS = ("x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2)", "x86-64 baseline (SSE2)
 
 
 def test_one_version():
-    assert ssm.__version__ == __version__
-    assert version("ssm") == __version__  # the metadata: pyproject reads ssm/_version.py
+    # ssm/_version.py is the one place: a public PEP 440 version, which the installed
+    # metadata (pyproject reads the file) repeats
+    from packaging.version import Version
+    v = Version(__version__)
+    assert str(v) == __version__ and v.local is None, __version__
+    assert version("ssm") == __version__
 
 
 def _main(tmp_path, *args):
@@ -140,8 +144,9 @@ def test_submodules_are_attributes(tmp_path):
     import importlib.util
     names = _public_submodules()
     assert {"ops", "bench"} <= set(names)
-    # ssm.torch and ssm.jax import their library: checked where it is installed
-    names = [n for n in names if n not in ("torch", "jax") or importlib.util.find_spec(n)]
+    # the optional submodules (ssm.torch, ssm.jax, ssm.dask) import their library: checked
+    # where it is installed
+    names = [n for n in names if n not in ssm._OPTIONAL or importlib.util.find_spec(n)]
     code = ("import importlib, ssm\n"
             f"for name in {names!r}:\n"
             "    assert name in dir(ssm) or name in ssm._OPTIONAL, name\n"
@@ -164,13 +169,14 @@ def test_framework_submodule_without_its_framework(tmp_path, name, extra):
 
 
 def test_dir_lists_submodules_and_public_names():
-    # the framework adaptors are left out: listing them (help(ssm), inspect) would import
-    # PyTorch and JAX, or fail where they are not installed
+    # the optional submodules (ssm._OPTIONAL: the framework adaptors, ssm.dask) are left
+    # out: listing them (help(ssm), inspect) would import their library, or fail where it
+    # is not installed
     # (once imported, they are attributes like any other; test_help_imports_no_framework
     # checks a fresh process)
     listed = dir(ssm)
     for name in _public_submodules() + ssm.__all__:
-        assert name in listed or name in ("torch", "jax"), name
+        assert name in listed or name in ssm._OPTIONAL, name
 
 
 def test_help_imports_no_framework(tmp_path):
@@ -197,3 +203,16 @@ def test_bench_extra_installs_the_light_peers():
              for r in requires("ssm") or () if re.search(r"""extra\s*==\s*["']bench["']""", r)}
     assert {"scikit-learn", "matplotlib", "threadpoolctl"} <= bench
     assert "torch" not in bench
+
+
+@pytest.mark.parametrize("module, library, extra", [("ssm.dask", "dask", "dask"),
+                                                    ("ssm.torch", "torch", "torch"),
+                                                    ("ssm.jax", "jax", "jax")])
+def test_optional_module_without_its_library_says_how_to_install_it(tmp_path, module, library,
+                                                                    extra):
+    code = (f"import sys; sys.modules[{library!r}] = None\n"  # the library made unimportable
+            f"try:\n    import {module}\nexcept ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       **child_process_kwargs(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert f"pip install 'ssm[{extra}]'" in r.stdout, r.stdout

@@ -18,13 +18,16 @@ import os
 import numpy as np
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis")
+from conftest import require_module
+
+hypothesis = require_module("hypothesis", "hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import _reference as ref  # noqa: E402
 import ssm  # noqa: E402
-from conftest import assert_close, eps  # noqa: E402
+from conftest import (FLOAT_DTYPES, LABEL_DTYPES, LAYOUTS, REDUCTIONS, assert_close,  # noqa: E402
+                      eps)
 
 settings.register_profile(
     "ssm-ci", derandomize=True, deadline=None, database=None, print_blob=True,
@@ -47,8 +50,8 @@ def examples(n):
 @st.composite
 def problems(draw, soft=None, allow_empty=True):
     """A random loss problem: dict with logits, target, weights, d_loss and options."""
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
-    layout = draw(st.sampled_from(["NCHW", "NHWC"]))
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    layout = draw(st.sampled_from(LAYOUTS))
     ndim = draw(st.integers(0, 3))
     lo = 0 if allow_empty else 1
     N = draw(st.integers(lo, 3))
@@ -69,7 +72,7 @@ def problems(draw, soft=None, allow_empty=True):
         t /= t.sum(axis=-1 if layout == "NHWC" else 1, keepdims=True)
         target = t.astype(dtype)
     else:
-        label_dtype = draw(st.sampled_from([np.uint8, np.int32, np.int64]))
+        label_dtype = draw(st.sampled_from(LABEL_DTYPES))
         y = rng.integers(0, C, pix)
         ignore_frac = draw(st.sampled_from([0.0, 0.2, 1.0]))
         ignore_index = draw(st.sampled_from([-1, 0, 255, C - 1]))
@@ -89,7 +92,7 @@ def problems(draw, soft=None, allow_empty=True):
     if draw(st.booleans()):
         opts["class_weights"] = 0.25 + 1.75 * rng.random(C)
     opts["label_smoothing"] = draw(st.sampled_from([0.0, 0.0, 0.1, 1.0]))
-    opts["reduction"] = draw(st.sampled_from(["mean", "sum", "batch", "none"]))
+    opts["reduction"] = draw(st.sampled_from(REDUCTIONS))
     d_loss = draw(st.sampled_from([1.0, 0.5, -2.0]))
     if opts["reduction"] == "none" and draw(st.booleans()):
         d_loss = rng.standard_normal(pix).astype(dtype)

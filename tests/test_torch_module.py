@@ -6,11 +6,11 @@ import pytest
 import _reference as ref
 import ssm
 from conftest import (assert_close, make_class_weights, make_labels, make_lens, make_logits,
-                      make_soft_targets, make_weights)
+                      make_soft_targets, make_weights, require_module)
 
-torch = pytest.importorskip("torch")
+torch = require_module("torch", "torch")
 F = torch.nn.functional
-st = pytest.importorskip("ssm.torch")
+st = require_module("torch", "ssm.torch")
 
 SHAPES = [(5,), (4, 5), (2, 5, 7), (2, 5, 3, 4), (2, 3, 2, 3, 4)]
 CASES = {

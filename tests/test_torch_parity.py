@@ -5,9 +5,10 @@ import pytest
 
 import _reference as ref
 import ssm
-from conftest import assert_close, make_class_weights, make_labels, make_logits, make_soft_targets
+from conftest import (assert_close, make_class_weights, make_labels, make_logits,
+                      make_soft_targets, require_module)
 
-torch = pytest.importorskip("torch")
+torch = require_module("torch", "torch")
 F = torch.nn.functional
 
 SHAPES = [(4, 5), (2, 5, 7), (2, 5, 3, 4), (2, 3, 2, 3, 4)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ssm
-from conftest import make_labels, make_logits, make_soft_targets
+from conftest import FLOAT_DTYPES, LAYOUTS, make_labels, make_logits, make_soft_targets
 
 N, C, H, W = 2, 5, 3, 4
 LOSS_FUNCS = ["spatial_softmax_with_loss", "spatial_softmax_with_loss_grad",
@@ -150,7 +150,7 @@ def _mentions_index(msg, flat, shape):
     return re.search(rf"\(\s*{multi}\s*\)|\[\s*{multi}\s*\]", msg) is not None
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("label_dtype,bad,ignore", [
     (np.int32, 5, -1), (np.int32, -2, -1), (np.int64, 7, -1), (np.int64, 2**40, -100),
     (np.uint8, 200, 255), (np.uint8, 255, -1), (np.int64, -1, 0)])
@@ -449,7 +449,7 @@ def test_float_labels_are_told_to_be_integers(data, name):
     # A float array of the labels' shape: the message says labels are integers, and
     # what target may be.
     x, y = data
-    for dtype in (np.float32, np.float64):
+    for dtype in FLOAT_DTYPES:
         with pytest.raises(TypeError, match=rf"^target: a {np.dtype(dtype).name} array of "
                                             r"shape \(2, 3, 4\) .*labels must be integers"):
             _call(name, x, y.astype(dtype))

@@ -80,6 +80,11 @@ def parse_args(argv=None):
                    help="--dask: K times the workload's batch (default 4)")
     p.add_argument("--dask-chunk", type=int, default=1, metavar="K",
                    help="--dask: K images per chunk (default 1)")
+    p.add_argument("--positions", action="store_true",
+                   help="instead: soft-argmax forward and forward+backward (ssm.soft_argmax, "
+                        "ssm.soft_argmax_grad) against the copy floor and kornia, on two "
+                        "keypoint workloads (or --shape), calls interleaved, medians "
+                        "(--threads, --json, --no-torch apply)")
     args = p.parse_args(argv)
     if args.dask and args.threads is None:
         args.threads = [2]
@@ -174,6 +179,9 @@ def main(argv=None):
             print(line)
         print(f"Wall time {time.perf_counter() - t0:.1f} s.")
         return 0
+    if args.positions:
+        from .positions import main_positions
+        return main_positions(ssm, args)
     t0 = time.perf_counter()
     name, shape = workload_of(args)
     runner = run_gpu if args.device == "cuda" else run_cpu

@@ -1,0 +1,108 @@
+/*
+ * ssm/_positions.h -- the CPU kernels of softmax over positions (spatial softmax,
+ * soft-argmax), in C. Shares the conventions and macros of _kernels.h.
+ *
+ * Design
+ * ------
+ * a) Every layout is viewed as (outer, L, inner): L = the number of positions of a map
+ *    (H*W...), and a row is one (n, c) map. NCHW -> (N*C, L, 1): rows are contiguous;
+ *    channels-last (N, *spatial, C) -> (N, L, C): a row's positions are C apart. Row
+ *    r = o * inner + i is map (n, c) = (r / C, r % C) in both, and its keypoints, variances
+ *    and temperature gradient are at r in the (N, C, ...) outputs.
+ * b) Tiles: contiguous rows are cut into runs of whole rows, computed in place;
+ *    strided rows into blocks of `tile` channels of one image, gathered into per-thread
+ *    scratch as contiguous rows (reads of whole channel runs), computed by the same row
+ *    function and scattered back. The partition depends only on the shape and a row is
+ *    never split, so every result is bit-identical for any thread count.
+ * c) One row function (ssm_pos_row): the max, exp((x - m) / T) kept in scratch (exp once
+ *    per element), then short sweeps over the row, which stays in L1/L2: the sum, one
+ *    expectation per coordinate, the variance (centred, a second sweep), the output. The
+ *    fused soft-argmax gradient reads x once and writes dx once.
+ * d) Coordinates come as a (D, L) table in the storage type (built once in Python):
+ *    normalised or pixel grids of any spatial rank, or the caller's own grid.
+ * e) Precision: elementwise math in the storage type R; every sum over a row (sum of exp,
+ *    expectations, variances, sum p*dp, the temperature gradient) in blocks of
+ *    SSM_POS_BLOCK elements in R, the block sums added in double.
+ * f) Threads live in the Cython caller (ssm/_cpu.pyx, `positions`): these functions are
+ *    pure, nogil, allocation-free, and get per-thread scratch (ssm_pos_scratch_bytes).
+ */
+#ifndef SSM_POSITIONS_H
+#define SSM_POSITIONS_H
+
+#include "_kernels.h"
+
+/* kernel passes: the values of ssm._codes.PosOp (tests/test_contract.py checks them) */
+enum { SSM_POS_SOFTMAX = 0, SSM_POS_SOFTMAX_BWD = 1, SSM_POS_EXPECT = 2, SSM_POS_EXPECT_BWD = 3 };
+
+/* Elements per partial sum in R before it is added in double (a multiple of 16). */
+#define SSM_POS_BLOCK 256
+
+typedef struct {
+    ptrdiff_t outer, L, inner;  /* x as (outer, L, inner); row r = o * inner + i */
+    ptrdiff_t C;                /* channels: row r has temperature temp[r % C] */
+    ptrdiff_t D;                /* coordinates per position */
+    ptrdiff_t tile;             /* rows per tile (inner == 1) or channels per tile */
+    int from_prob;              /* EXPECT*: x holds probabilities (no max, no exp) */
+    const void *x;              /* logits, or prob (SOFTMAX_BWD, from_prob) */
+    const void *x2;             /* dprob (SOFTMAX_BWD), like x */
+    const void *grid;           /* (D, L) coordinates, storage type */
+    const double *temp;         /* (C,) temperatures */
+    const void *dkp;            /* (rows, D) gradient of the keypoints (EXPECT_BWD) */
+    void *out;                  /* prob (SOFTMAX, EXPECT) or dx (*_BWD), like x; or NULL */
+    void *kp;                   /* (rows, D) expectations or NULL */
+    void *var;                  /* (rows, D) variances or NULL */
+    double *dtemp;              /* (rows,) gradient of the temperature, per row, or NULL */
+    int stream;                 /* large contiguous outputs: non-temporal stores */
+    ptrdiff_t grid_w;           /* the grid is the built-in one of (H, W) maps: W, else 0 */
+} ssm_pos_problem;
+
+static inline ptrdiff_t ssm_pos_num_tiles(const ssm_pos_problem *P)
+{
+    if (P->outer == 0 || P->inner == 0 || P->L == 0)
+        return 0;
+    if (P->inner > 1)
+        return P->outer * ((P->inner + P->tile - 1) / P->tile);
+    return (P->outer + P->tile - 1) / P->tile;
+}
+
+/* Elements between the gathered rows of a strided tile: L rounded up to a whole number
+   of 64-byte lines, plus one line, so that rows do not start at addresses a multiple
+   of 4 KiB apart (the gather and scatter touch every row at once: with a power-of-two
+   stride they all fall in one L1 set and evict each other). */
+static inline ptrdiff_t ssm_pos_row_stride(ptrdiff_t L, size_t rsize)
+{
+    const ptrdiff_t line = 64 / (ptrdiff_t)rsize;
+    return (L + line - 1) / line * line + line;
+}
+
+/* Per-thread scratch in bytes for elements of `rsize` bytes: three rows (exp, h, out), and
+   for strided rows the gathered inputs (x, dprob) and outputs of a tile, each on a
+   64-byte boundary, plus 64 for aligning the start. */
+static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsize)
+{
+    size_t L = (size_t)P->L;
+    size_t TL = P->inner > 1 ? (size_t)P->tile * (size_t)ssm_pos_row_stride(P->L, rsize) : 0;
+    return 64 + 3 * ssm_round64(L * rsize) + 3 * ssm_round64(TL * rsize);
+}
+
+#define R float
+#define SSM_SFX(name) name##_f
+#define SSM_EXP ssm_expf_nonpos
+#define SSM_LOG logf
+#include "_positions_impl.h"
+#undef R
+#undef SSM_SFX
+#undef SSM_EXP
+#undef SSM_LOG
+
+#define R double
+#define SSM_SFX(name) name##_d
+#define SSM_EXP exp
+#define SSM_LOG log
+#include "_positions_impl.h"
+#undef R
+#undef SSM_SFX
+#undef SSM_EXP
+#undef SSM_LOG
+
+#endif /* SSM_POSITIONS_H */

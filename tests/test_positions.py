@@ -1,0 +1,496 @@
+"""Softmax over positions: spatial_softmax, soft_argmax, spatial_expectation and their
+gradients, on the CPU and on the GPU path (the simulator; a real GPU where there is one).
+
+Against float64 references (tests/_reference_positions.py), finite differences,
+kornia's ``spatial_soft_argmax2d`` / ``spatial_expectation2d`` / ``spatial_softmax2d``
+where torch and kornia are installed; bit-identical results for any thread count; the
+error messages.
+"""
+
+import numpy as np
+import pytest
+
+import _reference_positions as ref
+import ssm
+from conftest import assert_close, make_logits
+from ssm import _cpu
+from ssm import _positions
+
+LAYOUTS = ("NCHW", "NHWC")
+CPU_DTYPES = (np.float32, np.float64)
+GPU_DTYPES = (np.float16, np.float32, np.float64)
+# (N, C, spatial): ranks 1 to 3, a map of one position, a row longer than a tile,
+# more channels than a strided tile holds, lines the CPU sums one by one (W = 128, 256)
+SHAPES = [(2, 3, (5, 7)), (1, 2, (9,)), (2, 2, (3, 4, 5)), (3, 1, (1, 1)), (1, 3, (40, 50)),
+          (2, 37, (3, 5)), (2, 2, (3, 128)), (1, 2, (2, 256))]
+
+
+def _shape(N, C, spatial, layout):
+    return (N, C, *spatial) if layout == "NCHW" else (N, *spatial, C)
+
+
+def _sid(case):
+    N, C, spatial = case
+    return f"{N}x{C}x{'x'.join(map(str, spatial))}"
+
+
+def _temperature(rng, C, kind):
+    return {"one": 1.0, "number": 0.37, "channels": 0.25 + 2 * rng.random(C)}[kind]
+
+
+def _factor(dtype):
+    return 64 if dtype == np.float64 else 128
+
+
+# ---- CPU against the references -----------------------------------------------------
+
+@pytest.mark.parametrize("tkind", ["one", "number", "channels"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("case", SHAPES, ids=_sid)
+def test_spatial_softmax(rng, case, dtype, layout, tkind):
+    N, C, spatial = case
+    x = make_logits(rng, _shape(N, C, spatial, layout), dtype)
+    T = _temperature(rng, C, tkind)
+    p = ssm.spatial_softmax(x, temperature=T, layout=layout)
+    assert p.shape == x.shape and p.dtype == x.dtype
+    assert_close(p, ref.spatial_softmax(x, T, layout), dtype, factor=_factor(dtype))
+
+
+@pytest.mark.parametrize("coordinates", _positions.COORDINATES)
+@pytest.mark.parametrize("tkind", ["one", "channels"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("case", SHAPES, ids=_sid)
+def test_soft_argmax(rng, case, dtype, layout, tkind, coordinates):
+    N, C, spatial = case
+    x = make_logits(rng, _shape(N, C, spatial, layout), dtype)
+    T = _temperature(rng, C, tkind)
+    kp_ref, var_ref = ref.soft_argmax(x, T, coordinates, layout)
+    scale = max(spatial) if coordinates == "pixels" else 1.0
+    kp = ssm.soft_argmax(x, temperature=T, coordinates=coordinates, layout=layout)
+    assert kp.shape == (N, C, len(spatial)) and kp.dtype == x.dtype
+    assert_close(kp, kp_ref, dtype, scale=scale, factor=_factor(dtype))
+    # the general path (variance) and the probabilities written in the same pass
+    kp2, var, p = ssm.soft_argmax(x, temperature=T, coordinates=coordinates, layout=layout,
+                                  return_variance=True, return_prob=True)
+    assert_close(kp2, kp_ref, dtype, scale=scale, factor=_factor(dtype))
+    assert_close(var, var_ref, dtype, scale=scale ** 2, factor=_factor(dtype))
+    assert_close(p, ref.spatial_softmax(x, T, layout), dtype, factor=_factor(dtype))
+
+
+@pytest.mark.parametrize("from_prob", [False, True])
+@pytest.mark.parametrize("tkind", ["number", "channels"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("case", SHAPES, ids=_sid)
+def test_soft_argmax_grad(rng, case, dtype, layout, tkind, from_prob):
+    N, C, spatial = case
+    x = make_logits(rng, _shape(N, C, spatial, layout), dtype)
+    T = _temperature(rng, C, tkind)
+    dk = rng.standard_normal((N, C, len(spatial))).astype(dtype)
+    dx_ref, dT_ref = ref.soft_argmax_grad(x, dk, T, "normalized", layout)
+    given = ssm.spatial_softmax(x, temperature=T, layout=layout) if from_prob else x
+    dx, dT = ssm.soft_argmax_grad(given, dk, temperature=T, layout=layout,
+                                  from_prob=from_prob, return_temperature_grad=True)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert_close(dx, dx_ref, dtype, scale=np.abs(dk).max(), factor=_factor(dtype))
+    dT_ref = dT_ref.sum() if tkind == "number" else dT_ref
+    assert dT.shape == np.shape(dT_ref) and dT.dtype == x.dtype
+    assert_close(dT, dT_ref, dtype, scale=np.abs(dk).max() * N * 8, factor=_factor(dtype) * 8)
+    dx_only = ssm.soft_argmax_grad(given, dk, temperature=T, layout=layout, from_prob=from_prob)
+    np.testing.assert_array_equal(dx_only, dx)
+
+
+@pytest.mark.parametrize("tkind", ["number", "channels"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("case", SHAPES[:3], ids=_sid)
+def test_spatial_softmax_grad(rng, case, dtype, layout, tkind):
+    N, C, spatial = case
+    x = make_logits(rng, _shape(N, C, spatial, layout), dtype)
+    T = _temperature(rng, C, tkind)
+    p = ssm.spatial_softmax(x, temperature=T, layout=layout)
+    dp = rng.standard_normal(x.shape).astype(dtype)
+    dx_ref, dT_ref = ref.spatial_softmax_grad(p, dp, T, layout)
+    dx, dT = ssm.spatial_softmax_grad(p, dp, temperature=T, layout=layout,
+                                      return_temperature_grad=True)
+    assert_close(dx, dx_ref, dtype, scale=np.abs(dp).max(), factor=_factor(dtype))
+    dT_ref = dT_ref.sum() if tkind == "number" else dT_ref
+    assert_close(dT, dT_ref, dtype, scale=np.abs(dp).max() * 8 * N, factor=_factor(dtype) * 8)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_spatial_expectation(rng, dtype, layout):
+    N, C, spatial = 2, 3, (4, 6)
+    x = make_logits(rng, _shape(N, C, spatial, layout), dtype)
+    p = ssm.spatial_softmax(x, layout=layout)
+    for coordinates in _positions.COORDINATES:
+        E, var = ssm.spatial_expectation(p, coordinates=coordinates, layout=layout,
+                                         return_variance=True)
+        E_ref, var_ref = ref.expectation(p, ref.grid(spatial, coordinates), layout)
+        assert_close(E, E_ref, dtype, scale=6, factor=_factor(dtype))
+        assert_close(var, var_ref, dtype, scale=36, factor=_factor(dtype))
+    # a grid of the caller's, (*spatial, D), any D
+    g = rng.standard_normal((*spatial, 3))
+    E = ssm.spatial_expectation(p, g, layout=layout)
+    E_ref, _ = ref.expectation(p, g.reshape(-1, 3).T, layout)
+    assert E.shape == (N, C, 3)
+    assert_close(E, E_ref, dtype, scale=4, factor=_factor(dtype))
+
+
+def test_maps_are_used_as_given(rng):
+    # not renormalised, as kornia's spatial_expectation2d
+    p = np.zeros((1, 1, 3, 3))
+    p[0, 0, 2, 1] = 2.0
+    np.testing.assert_array_equal(ssm.spatial_expectation(p, coordinates="pixels"),
+                                  [[[2.0, 4.0]]])
+
+
+def test_known_values():
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 1, 2] = 100.0
+    np.testing.assert_allclose(ssm.soft_argmax(x, coordinates="pixels"), [[[2.0, 1.0]]])
+    np.testing.assert_allclose(ssm.soft_argmax(x), [[[1.0, 0.0]]])
+    # x first: the fastest axis
+    x = np.zeros((1, 1, 2, 3, 4))
+    x[0, 0, 1, 2, 3] = 100.0
+    np.testing.assert_allclose(ssm.soft_argmax(x, coordinates="pixels"), [[[3.0, 2.0, 1.0]]])
+    # a temperature divides: T -> 0 is the argmax, T -> inf the centre
+    x = np.array([[[0.0, 1.0, 0.0, 0.0]]])
+    assert ssm.soft_argmax(x, temperature=1e-3, coordinates="pixels")[0, 0, 0] == 1.0
+    np.testing.assert_allclose(ssm.soft_argmax(x, temperature=1e9, coordinates="pixels"),
+                               [[[1.5]]])
+
+
+def test_extreme_values():
+    x = np.array([[[-np.inf, 0.0, -np.inf], [1e30, -1e30, 0.0]]], np.float32)
+    kp = ssm.soft_argmax(x, coordinates="pixels")
+    np.testing.assert_array_equal(kp, [[[1.0], [0.0]]])
+    x = np.array([[[np.nan, 0.0, 1.0]]])
+    assert np.isnan(ssm.soft_argmax(x)).all()
+
+
+# ---- finite differences ------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_soft_argmax_finite_differences(rng, layout):
+    N, C, spatial = 2, 3, (3, 4)
+    x = make_logits(rng, _shape(N, C, spatial, layout))
+    T = 0.5 + rng.random(C)
+    dk = rng.standard_normal((N, C, 2))
+
+    def f(x, T):
+        return float((ssm.soft_argmax(x, temperature=T, layout=layout) * dk).sum())
+
+    dx, dT = ssm.soft_argmax_grad(x, dk, temperature=T, layout=layout,
+                                  return_temperature_grad=True)
+    h = 1e-6
+    for idx in [tuple(rng.integers(0, s) for s in x.shape) for _ in range(12)]:
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += h
+        xm[idx] -= h
+        np.testing.assert_allclose(dx[idx], (f(xp, T) - f(xm, T)) / (2 * h), atol=1e-7)
+    for c in range(C):
+        Tp, Tm = T.copy(), T.copy()
+        Tp[c] += h
+        Tm[c] -= h
+        np.testing.assert_allclose(dT[c], (f(x, Tp) - f(x, Tm)) / (2 * h), atol=1e-7)
+    # one number: the sum over the channels
+    _, dT1 = ssm.soft_argmax_grad(x, dk, temperature=0.8, layout=layout,
+                                  return_temperature_grad=True)
+    fd = (f(x, 0.8 + h) - f(x, 0.8 - h)) / (2 * h)
+    np.testing.assert_allclose(dT1, fd, atol=1e-7)
+
+
+def test_spatial_softmax_finite_differences(rng):
+    N, C, spatial = 1, 2, (2, 3)
+    x = make_logits(rng, (N, C, *spatial))
+    T = np.array([0.7, 1.9])
+    dp = rng.standard_normal(x.shape)
+
+    def f(x, T):
+        return float((ssm.spatial_softmax(x, temperature=T) * dp).sum())
+
+    p = ssm.spatial_softmax(x, temperature=T)
+    dx, dT = ssm.spatial_softmax_grad(p, dp, temperature=T, return_temperature_grad=True)
+    h = 1e-6
+    for idx in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += h
+        xm[idx] -= h
+        np.testing.assert_allclose(dx[idx], (f(xp, T) - f(xm, T)) / (2 * h), atol=1e-7)
+    for c in range(C):
+        Tp, Tm = T.copy(), T.copy()
+        Tp[c] += h
+        Tm[c] -= h
+        np.testing.assert_allclose(dT[c], (f(x, Tp) - f(x, Tm)) / (2 * h), atol=1e-7)
+
+
+# ---- consistency: threads, layouts, out=, streamed stores ----------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bit_identical_for_any_thread_count(rng, layout):
+    x = make_logits(rng, _shape(3, 20, (33, 47), layout), np.float32)
+    dk = rng.standard_normal((3, 20, 2)).astype(np.float32)
+    T = 0.25 + rng.random(20)
+    results = []
+    for threads in (1, 2, 3, 8):
+        results.append((ssm.spatial_softmax(x, temperature=T, layout=layout, threads=threads),
+                        *ssm.soft_argmax(x, temperature=T, layout=layout, return_variance=True,
+                                         threads=threads),
+                        *ssm.soft_argmax_grad(x, dk, temperature=T, layout=layout,
+                                              return_temperature_grad=True, threads=threads)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_layouts_agree(rng):
+    x = make_logits(rng, (2, 5, 6, 7), np.float32)
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    dk = rng.standard_normal((2, 5, 2)).astype(np.float32)
+    np.testing.assert_array_equal(ssm.soft_argmax(x), ssm.soft_argmax(xl, layout="NHWC"))
+    np.testing.assert_array_equal(
+        ssm.soft_argmax_grad(x, dk),
+        np.moveaxis(ssm.soft_argmax_grad(xl, dk, layout="NHWC"), -1, 1))
+
+
+def test_out_buffers_and_strided_inputs(rng):
+    x = make_logits(rng, (2, 3, 8, 9), np.float64)
+    dk = rng.standard_normal((2, 3, 2))
+    kp = np.empty((2, 3, 2))
+    assert ssm.soft_argmax(x, out=kp) is kp
+    np.testing.assert_array_equal(kp, ssm.soft_argmax(x))
+    dx = np.empty_like(x)
+    assert ssm.soft_argmax_grad(x, dk, out=dx) is dx
+    p = np.empty_like(x)
+    assert ssm.spatial_softmax(x, out=p) is p
+    strided = np.asfortranarray(x)
+    strided.flags.writeable = False
+    np.testing.assert_array_equal(ssm.soft_argmax_grad(strided, dk), dx)
+
+
+def test_streamed_stores(rng, monkeypatch):
+    x = make_logits(rng, (2, 3, 16, 20), np.float32)
+    dk = rng.standard_normal((2, 3, 2)).astype(np.float32)
+    plain = (ssm.spatial_softmax(x), ssm.soft_argmax_grad(x, dk),
+             ssm.soft_argmax(x, return_prob=True)[1])
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 64)
+    streamed = (ssm.spatial_softmax(x), ssm.soft_argmax_grad(x, dk),
+                ssm.soft_argmax(x, return_prob=True)[1])
+    for a, b in zip(plain, streamed):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---- validation ------------------------------------------------------------------
+
+def test_errors():
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    dk = np.zeros((2, 3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"x: shape \(2, 3\) has 2 dimension\(s\); expected at "
+                                         r"least 3"):
+        ssm.soft_argmax(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"x: shape \(2, 3, 0\) has no positions"):
+        ssm.spatial_softmax(np.zeros((2, 3, 0)))
+    with pytest.raises(ValueError, match="layout: 'NWHC' is not one of 'NCHW', 'NHWC'"):
+        ssm.spatial_softmax(x, layout="NWHC")
+    with pytest.raises(ValueError, match="coordinates: 'pixel' is not one of 'normalized', "
+                                         "'pixels'"):
+        ssm.soft_argmax(x, coordinates="pixel")
+    with pytest.raises(ValueError, match=r"temperature: 0.0 is not a positive finite number"):
+        ssm.spatial_softmax(x, temperature=0.0)
+    with pytest.raises(ValueError, match=r"temperature: nan is not a positive finite number"):
+        ssm.soft_argmax(x, temperature=[1.0, np.nan, 1.0])
+    with pytest.raises(ValueError, match=r"temperature: shape \(2,\) does not match the 3 "
+                                         r"channels; expected a number or shape \(3,\)"):
+        ssm.soft_argmax(x, temperature=[1.0, 2.0])
+    with pytest.raises(TypeError, match="temperature: expected a NumPy array, a number"):
+        ssm.soft_argmax(x, temperature="hot")
+    with pytest.raises(TypeError, match="return_variance: expected True or False"):
+        ssm.soft_argmax(x, return_variance=1)
+    with pytest.raises(TypeError, match="x: dtype int64 is not supported on the cpu"):
+        ssm.soft_argmax(np.zeros((2, 3, 4), np.int64))
+    with pytest.raises(ValueError, match=r"d_keypoints: shape \(2, 3, 3\) does not match; "
+                                         r"expected \(2, 3, 2\)"):
+        ssm.soft_argmax_grad(x, np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(TypeError, match="d_keypoints: dtype float64 differs from x's float32"):
+        ssm.soft_argmax_grad(x, dk.astype(np.float64))
+    with pytest.raises(ValueError, match=r"out: shape \(2, 3, 3\) does not match; "
+                                         r"expected \(2, 3, 2\)"):
+        ssm.soft_argmax(x, out=np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="out: the buffer overlaps x"):
+        ssm.spatial_softmax(x, out=x)
+    with pytest.raises(ValueError, match=r"grid: shape \(4, 5\) does not match the spatial "
+                                         r"shape \(4, 5\); expected \(4, 5, 'D'\)"):
+        ssm.spatial_expectation(x, np.zeros((4, 5)))
+    with pytest.raises(TypeError, match="grid: dtype complex128 is not a real number type"):
+        ssm.spatial_expectation(x, np.zeros((4, 5, 2), complex))
+    with pytest.raises(ValueError, match=r"dprob: shape \(2, 3, 4, 4\) differs from prob's"):
+        ssm.spatial_softmax_grad(x, np.zeros((2, 3, 4, 4), np.float32))
+
+
+# ---- kornia ----------------------------------------------------------------------
+
+def _kornia():
+    torch = pytest.importorskip("torch")
+    try:
+        from kornia.geometry import subpix
+    except Exception as exc:  # not installed, or a broken install
+        pytest.skip(f"kornia is not importable ({type(exc).__name__}: {exc})")
+    return torch, subpix
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_kornia_parity(rng, dtype, normalized):
+    torch, subpix = _kornia()
+    x = make_logits(rng, (2, 4, 7, 9), dtype)
+    t = torch.from_numpy(x)
+    coordinates = "normalized" if normalized else "pixels"
+    kp = ssm.soft_argmax(x, temperature=0.6, coordinates=coordinates)
+    kk = subpix.spatial_soft_argmax2d(t, 0.6, normalized_coordinates=normalized).numpy()
+    assert_close(kp, kk, dtype, scale=9, factor=_factor(dtype))
+    p = ssm.spatial_softmax(x, temperature=0.6)
+    assert_close(p, subpix.spatial_softmax2d(t, 0.6).numpy(), dtype, factor=_factor(dtype))
+    E = ssm.spatial_expectation(p, coordinates=coordinates)
+    Ek = subpix.spatial_expectation2d(torch.from_numpy(p), normalized).numpy()
+    assert_close(E, Ek, dtype, scale=9, factor=_factor(dtype))
+    # the gradient, and the temperature's, through kornia's autograd (per channel)
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    T = torch.tensor(0.3 + rng.random(4), requires_grad=True)
+    out = subpix.spatial_soft_argmax2d(xt, T.view(1, 4, 1), normalized_coordinates=normalized)
+    dk = rng.standard_normal(out.shape)
+    out.backward(torch.from_numpy(dk))
+    dx, dT = ssm.soft_argmax_grad(x, dk.astype(dtype), temperature=T.detach().numpy(),
+                                  coordinates=coordinates, return_temperature_grad=True)
+    assert_close(dx, xt.grad.numpy(), dtype, scale=9, factor=_factor(dtype))
+    assert_close(dT, T.grad.numpy(), dtype, scale=9 * 50, factor=_factor(dtype))
+
+
+# ---- the GPU path: the simulator (and a real GPU where there is one) -------------------
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu),
+                        pytest.param("cudasim", marks=pytest.mark.cudasim)])
+def xp(request):
+    if request.param == "cuda":
+        import cupy
+        return cupy
+    from ssm.testing import cudasim
+    return cudasim
+
+
+def _host(xp, a):
+    return a if isinstance(a, np.ndarray) else xp.asnumpy(a)
+
+
+def _gpu_factor(dtype):
+    return 4 if dtype == np.float16 else _factor(dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("case", [(2, 3, (5, 7)), (1, 2, (9,)), (2, 2, (2, 3, 4)),
+                                  (2, 37, (3, 5)), (1, 2, (2, 2, 3, 2))], ids=_sid)
+def test_gpu_against_the_references(xp, rng, case, dtype, layout):
+    N, C, spatial = case
+    x = make_logits(rng, _shape(N, C, spatial, layout), dtype)
+    T = 0.25 + 2 * rng.random(C)
+    dk = rng.standard_normal((N, C, len(spatial))).astype(dtype)
+    f = _gpu_factor(dtype)
+    xd = xp.asarray(x)
+    p = ssm.spatial_softmax(xd, temperature=T, layout=layout)
+    assert type(p) is type(xd)
+    p_ref = ref.spatial_softmax(x, T, layout)
+    assert_close(_host(xp, p), p_ref, dtype, factor=f)
+    kp, var, p2 = ssm.soft_argmax(xd, temperature=T, layout=layout, return_variance=True,
+                                  return_prob=True)
+    kp_ref, var_ref = ref.soft_argmax(x, T, "normalized", layout)
+    assert_close(_host(xp, kp), kp_ref, dtype, factor=f)
+    assert_close(_host(xp, var), var_ref, dtype, factor=f)
+    assert_close(_host(xp, p2), p_ref, dtype, factor=f)
+    # the fused sweep (no variance) gives the same bits as a sweep per coordinate
+    np.testing.assert_array_equal(_host(xp, ssm.soft_argmax(xd, temperature=T, layout=layout)),
+                                  _host(xp, kp))
+    kpx = ssm.soft_argmax(xd, coordinates="pixels", layout=layout)
+    assert_close(_host(xp, kpx), ref.soft_argmax(x, 1.0, "pixels", layout)[0], dtype,
+                 scale=max(spatial), factor=f)
+    dx, dT = ssm.soft_argmax_grad(xd, xp.asarray(dk), temperature=T, layout=layout,
+                                  return_temperature_grad=True)
+    dx_ref, dT_ref = ref.soft_argmax_grad(x, dk, T, "normalized", layout)
+    assert_close(_host(xp, dx), dx_ref, dtype, scale=np.abs(dk).max(), factor=f)
+    assert_close(_host(xp, dT), dT_ref, dtype, scale=8 * N, factor=8 * f)
+    pd = xp.asarray(p_ref.astype(dtype))
+    dxp = ssm.soft_argmax_grad(pd, xp.asarray(dk), temperature=T, layout=layout,
+                               from_prob=True)
+    assert_close(_host(xp, dxp), dx_ref, dtype, scale=np.abs(dk).max(), factor=f)
+    dp = rng.standard_normal(x.shape).astype(dtype)
+    g, gT = ssm.spatial_softmax_grad(pd, xp.asarray(dp), temperature=T, layout=layout,
+                                     return_temperature_grad=True)
+    g_ref, gT_ref = ref.spatial_softmax_grad(p_ref.astype(dtype), dp, T, layout)
+    assert_close(_host(xp, g), g_ref, dtype, scale=np.abs(dp).max(), factor=f)
+    assert_close(_host(xp, gT), gT_ref, dtype, scale=8 * N, factor=8 * f)
+    grid = rng.standard_normal((*spatial, 2))
+    E = ssm.spatial_expectation(pd, grid, layout=layout)
+    E_ref, _ = ref.expectation(p_ref.astype(dtype), grid.reshape(-1, 2).T, layout)
+    assert E.shape == (N, C, 2)
+    assert_close(_host(xp, E), E_ref, dtype, scale=4, factor=f)
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+def test_gpu_agrees_with_the_cpu(xp, rng, dtype):
+    x = make_logits(rng, (2, 3, 6, 10), dtype)
+    dk = rng.standard_normal((2, 3, 2)).astype(dtype)
+    cpu = ssm.soft_argmax_grad(x, dk, temperature=0.7)
+    gpu = _host(xp, ssm.soft_argmax_grad(xp.asarray(x), xp.asarray(dk), temperature=0.7))
+    assert_close(gpu, cpu, dtype, factor=_factor(dtype))
+    with pytest.raises(TypeError, match="d_keypoints: a numpy.ndarray on the host cannot be mixed"):
+        ssm.soft_argmax_grad(xp.asarray(x), dk)
+
+
+# ---- the benchmark ---------------------------------------------------------------
+
+def test_bench_positions_runs(capsys, tmp_path):
+    import json
+
+    from ssm.bench import cli
+    path = tmp_path / "positions.json"
+    assert cli.main(["--positions", "--shape", "2", "3", "8", "8", "--threads", "1",
+                     "--budget", "0.01", "--min-reps", "1", "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "forward  1T  ssm" in text and "fwd+bwd  1T  ssm" in text
+    rows = json.loads(path.read_text())["positions"]
+    assert {r["op"] for r in rows} == {"forward", "fwd+bwd"}
+    assert all(r["x_floor"] > 0 for r in rows)
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_simulator_initcheck(rng, layout):
+    """Every output's bits are the same with fresh device memory poisoned 0xFF and 0x00:
+    no kernel reads memory nobody wrote."""
+    from ssm.testing import cudasim
+    x = make_logits(rng, _shape(2, 3, (4, 6), layout), np.float32)
+    dk = rng.standard_normal((2, 3, 2)).astype(np.float32)
+    dp = rng.standard_normal(x.shape).astype(np.float32)
+    grid = rng.standard_normal((4, 6, 3))
+
+    def run():
+        xd = cudasim.asarray(x)
+        p = ssm.spatial_softmax(xd, temperature=[0.5, 1.0, 2.0], layout=layout)
+        outs = [p, *ssm.spatial_softmax_grad(p, cudasim.asarray(dp), layout=layout,
+                                             return_temperature_grad=True),
+                *ssm.soft_argmax(xd, return_variance=True, return_prob=True, layout=layout),
+                ssm.soft_argmax(xd, layout=layout),
+                *ssm.soft_argmax_grad(xd, cudasim.asarray(dk), temperature=0.7, layout=layout,
+                                      return_temperature_grad=True),
+                ssm.soft_argmax_grad(p, cudasim.asarray(dk), from_prob=True, layout=layout),
+                ssm.spatial_expectation(p, grid, layout=layout)]
+        return [cudasim.asnumpy(o).tobytes() for o in outs]
+
+    results = []
+    for byte in (0xFF, 0x00):
+        with cudasim.poison(byte):
+            results.append(run())
+    assert results[0] == results[1]
