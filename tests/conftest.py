@@ -57,6 +57,7 @@ REQUIREMENTS = {
     "nvrtc": "CuPy and NVRTC: tests/test_cuda_compile.py's NVRTC builds",
     "torch": "PyTorch: the parity tests, ssm.torch and DLPack with it",
     "jax": "JAX (and optax): ssm.jax and DLPack with it",
+    "kornia": "kornia: the parity tests of the softmax over positions",
     "hypothesis": "hypothesis: tests/test_properties.py",
     "dask": "dask.array and dask.distributed: ssm.dask (tests/test_dask.py)",
     "mpi": "mpi4py and mpiexec: the MPI data-parallel example",

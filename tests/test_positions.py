@@ -12,7 +12,7 @@ import pytest
 
 import _reference_positions as ref
 import ssm
-from conftest import assert_close, make_logits
+from conftest import assert_close, make_logits, require_module
 from ssm import _cpu
 from ssm import _positions
 
@@ -334,11 +334,8 @@ def test_errors():
 # ---- kornia ----------------------------------------------------------------------
 
 def _kornia():
-    torch = pytest.importorskip("torch")
-    try:
-        from kornia.geometry import subpix
-    except Exception as exc:  # not installed, or a broken install
-        pytest.skip(f"kornia is not importable ({type(exc).__name__}: {exc})")
+    torch = require_module("torch", "torch")
+    subpix = require_module("kornia", "kornia.geometry.subpix")
     return torch, subpix
 
 
