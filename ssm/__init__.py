@@ -111,6 +111,7 @@ import importlib as _importlib
 import importlib.util as _importlib_util
 
 from ._api import (
+    cross_entropy,
     log_softmax,
     softmax,
     softmax_grad,
@@ -132,6 +133,7 @@ from ._version import __version__
 
 __all__ = [
     "__version__",
+    "cross_entropy",
     "get_num_threads",
     "log_softmax",
     "loss_normalizer",

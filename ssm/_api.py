@@ -159,9 +159,11 @@ class _LossCall(NamedTuple):
 
 
 def _loss_call(B, x, x_name, target, weights, *, ignore_index, class_weights, lens,
-               label_smoothing, reduction, layout, validate, threads) -> _LossCall:
+               label_smoothing, reduction, layout, validate, threads,
+               loss="cross_entropy") -> _LossCall:
     layout = V.check_choice(layout, "layout", V.LAYOUTS)
     reduction = V.check_choice(reduction, "reduction", V.REDUCTIONS)
+    loss = V.check_loss(loss)
     x = V.check_float_array(x, x_name)
     geom = V.geometry(x, x_name, layout)
     target, kind = V.check_target(target, geom, x, x_name)
@@ -171,7 +173,7 @@ def _loss_call(B, x, x_name, target, weights, *, ignore_index, class_weights, le
         class_weights=V.check_class_weights(class_weights, geom.C, x.dtype),
         lens=V.check_lens(lens, geom.C, x.dtype, kind),
         smoothing=V.check_smoothing(label_smoothing),
-        ignore_index=V.check_ignore_index(ignore_index))
+        ignore_index=V.check_ignore_index(ignore_index), loss=loss)
     return _LossCall(B, problem, reduction, V.check_flag(validate, "validate"),
                      _threads.resolve(threads))
 
@@ -209,33 +211,39 @@ def _reduce(L: _LossCall, total, divisor, loss_map):
 
 def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
                   lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW",
-                  validate=True, out=None, threads=None, loss_cap=_LOSS_CAP_NONE):
-    B, device = _backend(("logits", logits), ("target", target), ("weights", weights),
-                         ("out", out))
+                  validate=True, out=None, threads=None, loss_cap=_LOSS_CAP_NONE,
+                  loss="cross_entropy", with_prob=True):
+    """(prob, loss), or the loss alone with ``with_prob=False`` (no probabilities are
+    computed or written: the pass reads the logits and labels once)."""
+    named = [("logits", logits), ("target", target), ("weights", weights)]
+    B, device = _backend(*named, ("out", out)) if with_prob else _backend(*named)
     with device:
         L = _loss_call(B, logits, "logits", target, weights, ignore_index=ignore_index,
                        class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
-                       reduction=reduction, layout=layout, validate=validate, threads=threads)
+                       reduction=reduction, layout=layout, validate=validate, threads=threads,
+                       loss=loss)
         P = L.problem
         xp = V.array_module(P.x)
-        prob = L.out_buffer(out, "logits")
+        prob = L.out_buffer(out, "logits") if with_prob else None
         divisor = _divisor(L)
         loss_map = xp.empty(P.geom.pixel_shape, P.x.dtype) if L.reduction == "none" else None
         total = B.run(Op.SSWL_FWD, P.finish(prob, loss_cap, loss_map=loss_map), L.threads)
-        return prob, _reduce(L, total, divisor, loss_map)
+        value = _reduce(L, total, divisor, loss_map)
+        return (prob, value) if with_prob else value
 
 
 @accepts_dlpack
 def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,
                               class_weights=None, lens=None, label_smoothing=0.0,
                               reduction="mean", layout="NCHW", validate=True, out=None,
-                              threads=None):
+                              threads=None, loss="cross_entropy"):
     """Softmax over the class axis and the cross-entropy loss against ``target``.
 
     Per pixel ``p`` with ``q = softmax(logits[p])`` and target distribution ``t``
     (one-hot label, ``lens[label]``, smoothed, or the soft target itself),
     ``a_c = weights[p] * class_weights[c] * t_c`` and the pixel loss is
-    ``l_p = -sum_c a_c log q_c``, computed from log-sum-exp.
+    ``l_p = -sum_c a_c log q_c``, computed from log-sum-exp; with ``loss="kl"`` the
+    KL divergence ``l_p = sum_c a_c (log t_c - log q_c)`` (``0 log 0 = 0``).
 
     Parameters
     ----------
@@ -264,6 +272,10 @@ def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,
     out : ndarray, optional
         Buffer for ``prob``.
     threads : int, optional
+    loss : {"cross_entropy", "kl"}
+        The per-pixel criterion. ``"kl"`` adds ``sum_c a_c log t_c`` to the cross-entropy
+        (the same for plain labels, whose ``t`` is one-hot); the gradient, and the
+        normaliser of ``"mean"``, are the cross-entropy's.
 
     Returns
     -------
@@ -273,18 +285,40 @@ def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,
     return _sswl_forward(logits, target, weights, ignore_index=ignore_index,
                          class_weights=class_weights, lens=lens,
                          label_smoothing=label_smoothing, reduction=reduction, layout=layout,
-                         validate=validate, out=out, threads=threads)
+                         validate=validate, out=out, threads=threads, loss=loss)
+
+
+@accepts_dlpack
+def cross_entropy(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
+                  lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW",
+                  validate=True, threads=None, loss="cross_entropy"):
+    """The loss of :func:`spatial_softmax_with_loss` alone, in one read.
+
+    Reads the logits and the target once and writes nothing of the logits' size (no
+    probabilities are computed or stored); the same loss, bit for bit. Parameters as in
+    :func:`spatial_softmax_with_loss` (every option, ``loss="kl"`` included; no ``out``).
+
+    Returns
+    -------
+    loss : 0-d ndarray of the logits' dtype, or the loss map for ``reduction="none"``.
+    """
+    return _sswl_forward(logits, target, weights, ignore_index=ignore_index,
+                         class_weights=class_weights, lens=lens,
+                         label_smoothing=label_smoothing, reduction=reduction, layout=layout,
+                         validate=validate, threads=threads, loss=loss, with_prob=False)
 
 
 @accepts_dlpack
 def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ignore_index=-1,
                                    class_weights=None, lens=None, label_smoothing=0.0,
                                    reduction="mean", layout="NCHW", validate=True, out=None,
-                                   threads=None):
+                                   threads=None, loss="cross_entropy"):
     """Gradient of :func:`spatial_softmax_with_loss` with respect to the logits.
 
     ``dlogits = d_loss * (sum_c a_c * q - a) / norm`` with ``q = prob`` and ``norm``
-    the reduction's divisor. Parameters as in :func:`spatial_softmax_with_loss`, plus:
+    the reduction's divisor, for either ``loss`` (checked, and otherwise unused: the
+    KL divergence differs from the cross-entropy by a term without logits).
+    Parameters as in :func:`spatial_softmax_with_loss`, plus:
 
     Parameters
     ----------
@@ -305,7 +339,8 @@ def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ig
     with device:
         L = _loss_call(B, prob, "prob", target, weights, ignore_index=ignore_index,
                        class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
-                       reduction=reduction, layout=layout, validate=validate, threads=threads)
+                       reduction=reduction, layout=layout, validate=validate, threads=threads,
+                       loss=loss)
         P = L.problem
         d, dmap = V.check_d_loss(d_loss, L.reduction, P.geom, P.x.dtype)
         dx = L.out_buffer(out, "prob", dmap)
@@ -319,7 +354,7 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
                                        ignore_index=-1, class_weights=None, lens=None,
                                        label_smoothing=0.0, reduction="mean", layout="NCHW",
                                        validate=True, return_prob=False, out=None,
-                                       threads=None):
+                                       threads=None, loss="cross_entropy"):
     """Loss and gradient in one pass: reads the logits once, writes the gradient once.
 
     Parameters as in :func:`spatial_softmax_with_loss_grad` (with ``logits`` in place
@@ -336,7 +371,8 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
     with device:
         L = _loss_call(B, logits, "logits", target, weights, ignore_index=ignore_index,
                        class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
-                       reduction=reduction, layout=layout, validate=validate, threads=threads)
+                       reduction=reduction, layout=layout, validate=validate, threads=threads,
+                       loss=loss)
         P = L.problem
         xp = V.array_module(P.x)
         return_prob = V.check_flag(return_prob, "return_prob")

@@ -1,11 +1,12 @@
 """The codes that cross from Python into the kernels, defined once.
 
-``Op`` names the kernel pass a backend runs; ``Target`` names how the target is stored.
-The CPU backend (ssm/_cpu.pyx) has the same values as C enums (its ``OP_*`` selectors and
-the ``SSM_*`` target kinds of ssm/_kernels.h); ``_cpu.kernel_codes()`` reads them back and
-tests/test_contract.py checks them against these. The CUDA kernels take no codes: they are
-templates on the target's type, and the GPU backend turns an ``Op`` into the kernel and
-its flags (ssm/_gpu.py, one argument builder per kernel).
+``Op`` names the kernel pass a backend runs; ``Target`` names how the target is stored;
+``Loss`` names the per-pixel criterion of a loss pass. The CPU backend (ssm/_cpu.pyx) has
+the same values as C enums (its ``OP_*`` selectors, the ``SSM_*`` target kinds and loss
+kinds of ssm/_kernels.h); ``_cpu.kernel_codes()`` reads them back and tests/test_contract.py
+checks them against these. The CUDA kernels take ``Loss`` as an ``int`` argument and no
+other code: they are templates on the target's type, and the GPU backend turns an ``Op``
+into the kernel and its flags (ssm/_gpu.py, one argument builder per kernel).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class Op(enum.IntEnum):
     SOFTMAX = 0       # prob
     LOG_SOFTMAX = 1   # log-prob
     SOFTMAX_BWD = 2   # dx from prob and dprob
-    SSWL_FWD = 3      # prob, the loss (sum and optional map)
+    SSWL_FWD = 3      # prob (unless out is None: the loss alone), the loss (sum and map)
     SSWL_FWD_BWD = 4  # the loss and dlogits in one pass (prob too if asked)
     SSWL_BWD = 5      # dlogits from prob
 
@@ -43,6 +44,16 @@ class Target(enum.IntEnum):
     I32 = 2
     I64 = 3
     SOFT = 4  # a soft target map of the logits' shape and dtype
+
+
+class Loss(enum.IntEnum):
+    """The per-pixel criterion of a loss pass (the public ``loss=`` option: ``LOSSES``)."""
+
+    CROSS_ENTROPY = 0  # -sum_c a_c log q_c
+    KL = 1             # sum_c a_c (log t_c - log q_c), 0 log 0 = 0: cross-entropy + sum a log t
+
+
+LOSSES = {"cross_entropy": Loss.CROSS_ENTROPY, "kl": Loss.KL}  # loss= spelling -> code
 
 
 # Integer label dtypes, and the kind each is passed as.

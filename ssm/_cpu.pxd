@@ -7,6 +7,8 @@ cdef extern from "_kernels.h" nogil:
         SSM_I32
         SSM_I64
         SSM_SOFT
+        SSM_CROSS_ENTROPY
+        SSM_KL
 
     ctypedef struct ssm_problem:
         Py_ssize_t outer, C, inner, tile
@@ -20,6 +22,8 @@ cdef extern from "_kernels.h" nogil:
         const void *lens
         double smoothing
         double loss_cap
+        int loss
+        const double *label_terms
         const void *d_loss_map
         double grad_scale
         void *out

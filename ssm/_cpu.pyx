@@ -34,6 +34,7 @@ from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
+import math
 import os
 
 import numpy as np
@@ -324,23 +325,25 @@ KERNEL_DOUBLE = {np.dtype(np.float32): False, np.dtype(np.float64): True}
 
 
 def kernel_codes():
-    """The C values of the op selectors and target kinds, for tests/test_contract.py."""
+    """The C values of the op selectors, target kinds and loss kinds, for
+    tests/test_contract.py."""
     ops = dict(SOFTMAX=OP_SOFTMAX, LOG_SOFTMAX=OP_LOG_SOFTMAX, SOFTMAX_BWD=OP_SOFTMAX_BWD,
                SSWL_FWD=OP_SSWL_FWD, SSWL_FWD_BWD=OP_SSWL_FWD_BWD, SSWL_BWD=OP_SSWL_BWD)
     targets = dict(NONE=SSM_NO_TARGET, U8=SSM_U8, I32=SSM_I32, I64=SSM_I64, SOFT=SSM_SOFT)
-    return ops, targets
+    losses = dict(CROSS_ENTROPY=SSM_CROSS_ENTROPY, KL=SSM_KL)
+    return ops, targets, losses
 
 
 # Problem's fields by position, from its own field list: _fill reads the tuple directly
 # (17 attribute lookups cost about a microsecond per call).
 cdef Py_ssize_t F_GEOM, F_X, F_DPROB, F_TARGET, F_KIND, F_WEIGHTS, F_CLASS_WEIGHTS, F_LENS
-cdef Py_ssize_t F_SMOOTHING, F_IGNORE_INDEX, F_OUT, F_LOSS_CAP, F_D_LOSS, F_D_LOSS_MAP
-cdef Py_ssize_t F_DIVISOR, F_PROB_OUT, F_LOSS_MAP
+cdef Py_ssize_t F_SMOOTHING, F_IGNORE_INDEX, F_LOSS, F_OUT, F_LOSS_CAP, F_D_LOSS
+cdef Py_ssize_t F_D_LOSS_MAP, F_DIVISOR, F_PROB_OUT, F_LOSS_MAP
 (F_GEOM, F_X, F_DPROB, F_TARGET, F_KIND, F_WEIGHTS, F_CLASS_WEIGHTS, F_LENS, F_SMOOTHING,
- F_IGNORE_INDEX, F_OUT, F_LOSS_CAP, F_D_LOSS, F_D_LOSS_MAP, F_DIVISOR, F_PROB_OUT,
+ F_IGNORE_INDEX, F_LOSS, F_OUT, F_LOSS_CAP, F_D_LOSS, F_D_LOSS_MAP, F_DIVISOR, F_PROB_OUT,
  F_LOSS_MAP) = [Problem._fields.index(name) for name in (
     "geom", "x", "dprob", "target", "kind", "weights", "class_weights", "lens", "smoothing",
-    "ignore_index", "out", "loss_cap", "d_loss", "d_loss_map", "divisor", "prob_out",
+    "ignore_index", "loss", "out", "loss_cap", "d_loss", "d_loss_map", "divisor", "prob_out",
     "loss_map")]
 
 
@@ -360,12 +363,31 @@ cdef int _fill(ssm_problem *P, object problem_obj) except -1:
     P.w, P.cw = _ptr(problem[F_WEIGHTS]), _ptr(problem[F_CLASS_WEIGHTS])
     P.lens = _ptr(problem[F_LENS])
     P.smoothing, P.loss_cap = problem[F_SMOOTHING], problem[F_LOSS_CAP]
+    P.loss = problem[F_LOSS]
     P.d_loss_map = _ptr(problem[F_D_LOSS_MAP])
     P.grad_scale = d_loss / divisor if divisor != 0 else 0.0
     P.out, P.out2 = <void *>_ptr(problem[F_OUT]), <void *>_ptr(problem[F_PROB_OUT])
     P.loss_map = <void *>_ptr(problem[F_LOSS_MAP])
     P.stream = x.nbytes >= STREAM_BYTES
     return 0
+
+
+def label_terms(problem):
+    """The KL divergence's term of each label ``y`` with a lens or smoothing:
+    ``sum_c cw_c t_c log t_c`` (``0 log 0 = 0``) with ``t = (1 - e) lens[y] + e / C`` (or
+    the smoothed one-hot), a C-contiguous float64 array of C values: the kernels take
+    ``w_p`` times the entry of the pixel's label, in place of a log per element."""
+    C, e = problem.geom.C, problem.smoothing
+    cw = (np.ones(C) if problem.class_weights is None
+          else np.asarray(problem.class_weights, np.float64))
+    if problem.lens is not None:
+        t = (1.0 - e) * np.asarray(problem.lens, np.float64) + e / C
+        return np.ascontiguousarray((cw * t * np.log(np.where(t > 0, t, 1.0))).sum(axis=1))
+    # smoothing alone: t is e/C off the label, 1 - e + e/C at it (O(C), no C x C table)
+    lo, hi = e / C, 1.0 - e + e / C
+    tlogt_lo = lo * math.log(lo) if lo > 0 else 0.0
+    tlogt_hi = hi * math.log(hi) if hi > 0 else 0.0
+    return np.ascontiguousarray(cw * (tlogt_hi - tlogt_lo) + float((cw * tlogt_lo).sum()))
 
 
 def run(int op, problem, threads):
@@ -382,11 +404,16 @@ def run(int op, problem, threads):
     cdef double[::1] partial
     cdef int failed, team
     cdef bint capped, adaptive = threads[1]
+    cdef double[::1] table
     _fill(&P, problem)
     dbl = KERNEL_DOUBLE[problem.x.dtype]
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0
+    if ((op == OP_SSWL_FWD or op == OP_SSWL_FWD_BWD) and P.loss == SSM_KL
+            and P.target_kind != SSM_SOFT and (P.lens != NULL or P.smoothing != 0.0)):
+        table = label_terms(problem)
+        P.label_terms = &table[0]
     partial = np.empty(ntiles, dtype=np.float64)
     team = _team(threads, ntiles, P.outer * P.C * P.inner, &capped)
     with nogil:

@@ -110,7 +110,7 @@ def loss_normalizer(logits, target, weights=None, *, class_weights=None, ignore_
 
 def shard_pass(op, x, target, weights=None, d_loss=1.0, *, divisor=1.0, return_prob=False,
                loss_map=False, ignore_index=-1, class_weights=None, lens=None,
-               label_smoothing=0.0, layout="NCHW", threads=None):
+               label_smoothing=0.0, layout="NCHW", threads=None, loss="cross_entropy"):
     """One shard's SSWL_FWD, SSWL_FWD_BWD or SSWL_BWD pass with the labels already checked.
 
     ``divisor`` is the global one (the "mean" normaliser, ``N`` or 1), handed to the kernel
@@ -130,7 +130,7 @@ def shard_pass(op, x, target, weights=None, d_loss=1.0, *, divisor=1.0, return_p
         L = _loss_call(B, x, x_name, target, weights, ignore_index=ignore_index,
                        class_weights=class_weights, lens=lens,
                        label_smoothing=label_smoothing, reduction=reduction, layout=layout,
-                       validate=False, threads=threads)
+                       validate=False, threads=threads, loss=loss)
         P = L.problem
         xp = V.array_module(P.x)
         d, dmap = V.check_d_loss(d_loss, reduction, P.geom, P.x.dtype)

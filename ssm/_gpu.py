@@ -253,12 +253,12 @@ def _grad_scale(problem):
 # sswl_fwd(const T* x, const L* target, const T* w, const T* cw, const T* lens,
 #          const T* d_loss_map, long long outer, int C, long long inner, int group,
 #          long long ignore_index, double smoothing, double loss_cap, int want_grad,
-#          double d_loss, const double* d_loss_ptr, double divisor, const double* divisor_ptr,
-#          T* out, T* out2, T* loss_map, double* partials)
+#          int loss, double d_loss, const double* d_loss_ptr, double divisor,
+#          const double* divisor_ptr, T* out, T* out2, T* loss_map, double* partials)
 def sswl_fwd_args(problem, group, cw, lens, want_grad, partials):
     return (*_loss_inputs(problem, group, cw, lens), np.float64(problem.loss_cap),
-            np.int32(want_grad), *_grad_scale(problem), problem.out, _p(problem.prob_out),
-            _p(problem.loss_map), partials)
+            np.int32(want_grad), np.int32(problem.loss), *_grad_scale(problem),
+            _p(problem.out), _p(problem.prob_out), _p(problem.loss_map), partials)
 
 
 # sswl_bwd(const T* prob, const L* target, const T* w, const T* cw, const T* lens,

@@ -20,7 +20,8 @@
  *    back: the same math, no kernel per layout.
  * d) One core function per concept: softmax_fwd (log-softmax is its epilogue),
  *    softmax_bwd, sswl_fwd / sswl_fwd_bwd (one function: the epilogue writes either
- *    the probabilities or the gradient), sswl_bwd, and the label pre-pass sswl_stats.
+ *    the probabilities or the gradient; with no output, the loss alone, no epilogue
+ *    and no exp stored), sswl_bwd, and the label pre-pass sswl_stats.
  *    The fused loss+gradient reads the logits once, computes exp once per element
  *    and writes the gradient once.
  * e) Targets are staged per tile into a sparse form (class index + weight per pixel,
@@ -28,6 +29,9 @@
  *    lenses, smoothing). A label outside [0, C) is never used as an index. The loops
  *    that read labels are instantiated per label type (uint8, int32, int64) as the
  *    kernels are per float type, and picked once per tile by a switch on target_kind.
+ *    The KL divergence (loss SSM_KL) adds sum_c a_c log t_c to a dense target's pixel
+ *    loss: staged per pixel (ent), from a per-label table (label_terms, C values
+ *    computed once per call) or, for soft targets, a log per element.
  * f) Threads live in the Cython caller (prange over tiles); these functions are
  *    pure, nogil, allocation-free, and get their per-thread scratch passed in.
  * g) Precision: elementwise math runs in the storage type R. Per-pixel class sums (sum
@@ -124,8 +128,10 @@ SSM_INLINE float ssm_expf_nonpos(float x)
     return p * s1.f * s2.f;
 }
 
-/* target kinds: the values of ssm._codes.Target (tests/test_contract.py checks them) */
+/* target kinds and loss kinds: the values of ssm._codes.Target and ssm._codes.Loss
+   (tests/test_contract.py checks them) */
 enum { SSM_NO_TARGET = 0, SSM_U8 = 1, SSM_I32 = 2, SSM_I64 = 3, SSM_SOFT = 4 };
+enum { SSM_CROSS_ENTROPY = 0, SSM_KL = 1 };
 
 typedef struct {
     ptrdiff_t outer, C, inner;  /* logits viewed as (outer, C, inner) */
@@ -140,9 +146,11 @@ typedef struct {
     const void *lens;           /* (C, C) row-stochastic lens or NULL */
     double smoothing;           /* label smoothing e */
     double loss_cap;            /* per-unit-weight pixel loss cap (Caffe2 clamp); INFINITY if none */
+    int loss;                   /* SSM_CROSS_ENTROPY or SSM_KL (which adds sum_c a_c log t_c) */
+    const double *label_terms;  /* SSM_KL, dense labels: sum_c cw_c t_c log t_c per label (C) */
     const void *d_loss_map;     /* per-pixel d_loss (outer*inner) or NULL */
     double grad_scale;          /* gradient factor: d_loss / divisor */
-    void *out;                  /* prob, log-prob or dlogits */
+    void *out;                  /* prob, log-prob or dlogits; sswl_fwd: NULL for the loss alone */
     void *out2;                 /* prob, from the fused function, or NULL */
     void *loss_map;             /* per-pixel loss (outer*inner) or NULL */
     int stream;                 /* strided outputs: computed in scratch, streamed out */
@@ -197,8 +205,8 @@ static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)
    `rsize` bytes: per-pixel arrays, [C][tile] blocks and, for C > SSM_SUM_BLOCK, the
    two double accumulators of a class sum, each starting on a 64-byte boundary, plus
    64 for aligning the start of an unaligned buffer. */
-#define SSM_SCRATCH_PIXEL_R 12      /* per-pixel arrays of R */
-#define SSM_SCRATCH_PIXEL_DOUBLE 2  /* per-pixel arrays of double */
+#define SSM_SCRATCH_PIXEL_R 13      /* per-pixel arrays of R */
+#define SSM_SCRATCH_PIXEL_DOUBLE 3  /* per-pixel arrays of double */
 #define SSM_SCRATCH_BLOCKS 5        /* [C][tile] blocks of R */
 static inline size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
 {

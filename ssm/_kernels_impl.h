@@ -24,9 +24,11 @@ typedef struct {
     R *gfactor;     /* gradient factor f of dx_c = f e_c - ... (see ssm_grad_row) */
     R *asum;        /* dense targets: sum_c A[c, j] */
     R *dot;         /* softmax_bwd: sum_c p dp */
+    R *log_t;       /* soft targets, loss SSM_KL: log t_c of the class row being staged */
     int32_t *cls;   /* class index, or -1 (ignored, out of range, dense targets) */
     double *loss;   /* pixel loss */
     double *ax;     /* dense targets: sum_c A[c, j] x[c, j] */
+    double *ent;    /* dense targets, loss SSM_KL: sum_c A[c, j] log t_c (0 log 0 = 0) */
     double *hi, *lo;  /* wide accumulator of a class sum (ssm_sum_block_end), C > 32 only */
     /* [C][tile] blocks */
     R *X;           /* rows tiles: the input (logits or prob), transposed */
@@ -50,7 +52,7 @@ SSM_INLINE SSM_SFX(ssm_scratch) SSM_SFX(ssm_scratch_carve)(const ssm_problem *P,
     char *p = SSM_SFX(ssm_align)((char *)buf);
 #define SSM_TAKE(field, type, count) \
     (S.field = (type *)p, p = SSM_SFX(ssm_align)(p + (count) * sizeof(type)))
-    SSM_TAKE(xmax, R, T);     /* SSM_SCRATCH_PIXEL_R = 12 arrays of R */
+    SSM_TAKE(xmax, R, T);     /* SSM_SCRATCH_PIXEL_R = 13 arrays of R */
     SSM_TAKE(sumexp, R, T);
     SSM_TAKE(inv_sum, R, T);
     SSM_TAKE(log_sum, R, T);
@@ -62,9 +64,11 @@ SSM_INLINE SSM_SFX(ssm_scratch) SSM_SFX(ssm_scratch_carve)(const ssm_problem *P,
     SSM_TAKE(gfactor, R, T);
     SSM_TAKE(asum, R, T);
     SSM_TAKE(dot, R, T);
+    SSM_TAKE(log_t, R, T);
     SSM_TAKE(cls, int32_t, T);
-    SSM_TAKE(loss, double, T);  /* SSM_SCRATCH_PIXEL_DOUBLE = 2 arrays of double */
+    SSM_TAKE(loss, double, T);  /* SSM_SCRATCH_PIXEL_DOUBLE = 3 arrays of double */
     SSM_TAKE(ax, double, T);
+    SSM_TAKE(ent, double, T);
     SSM_TAKE(X, R, CT);         /* SSM_SCRATCH_BLOCKS = 5 blocks */
     SSM_TAKE(X2, R, CT);
     SSM_TAKE(O, R, CT);
@@ -520,13 +524,18 @@ SSM_CLONES void SSM_SFX(ssm_sswl_stats)(const ssm_problem *P, ptrdiff_t t, doubl
 /* ---- target staging ------------------------------------------------------------ */
 
 /* Soft targets: A[c][j] = w cw_c ((1-e) t_c + e/C); every pixel is active unless its
-   weight is 0, and has no class index. */
+   weight is 0, and has no class index. For the KL divergence also ent[j] = sum_c A[c][j]
+   log t'_c (t' the smoothed target; 0 where A is 0): the log in a loop of R alone, so
+   that it vectorises (see ssm_sswl_tile), the products summed in double. */
 SSM_INLINE void SSM_SFX(ssm_stage_soft)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
-                                        ptrdiff_t base, ptrdiff_t n, R keep, R spread)
+                                        ptrdiff_t base, ptrdiff_t n, R keep, R spread, int kl)
 {
     ptrdiff_t C = P->C, T = P->tile, c, j, st;
     const R *cw = (const R *)P->cw;
     const R *tb = SSM_SFX(ssm_load)(P, (const R *)P->target, base, n, S->X2, &st);
+    if (kl)
+        for (j = 0; j < n; j++)
+            S->ent[j] = 0.0;
     for (c = 0; c < C; c++) {
         R cwc = cw ? cw[c] : (R)1;
         const R *restrict tc = tb + c * st;
@@ -535,6 +544,16 @@ SSM_INLINE void SSM_SFX(ssm_stage_soft)(const ssm_problem *P, SSM_SFX(ssm_scratc
 #pragma omp simd
         for (j = 0; j < n; j++)
             Ac[j] = wv[j] * cwc * (keep * tc[j] + spread);
+        if (kl) {
+            R *restrict lt = S->log_t;
+            double *restrict ent = S->ent;
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                lt[j] = SSM_LOG(keep * tc[j] + spread);
+#pragma omp simd
+            for (j = 0; j < n; j++)
+                ent[j] += Ac[j] != 0 ? (double)Ac[j] * (double)lt[j] : 0.0;
+        }
     }
     for (j = 0; j < n; j++) {
         S->act[j] = S->weight[j] != 0 ? (R)1 : (R)0;  /* zero weight: inactive, exactly 0 */
@@ -545,7 +564,7 @@ SSM_INLINE void SSM_SFX(ssm_stage_soft)(const ssm_problem *P, SSM_SFX(ssm_scratc
 /* Labels with a lens or smoothing, from cls: A[c][j] = w cw_c ((1-e) b_c + e/C), with
    b = the lens row of the label, or its one-hot; 0 for a pixel without a class. */
 SSM_INLINE void SSM_SFX(ssm_stage_dense_labels)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
-                                                ptrdiff_t n, R keep, R spread)
+                                                ptrdiff_t n, R keep, R spread, int kl)
 {
     ptrdiff_t C = P->C, T = P->tile, c, j;
     const R *cw = (const R *)P->cw, *lens = (const R *)P->lens;
@@ -563,13 +582,19 @@ SSM_INLINE void SSM_SFX(ssm_stage_dense_labels)(const ssm_problem *P, SSM_SFX(ss
             Ac[j] = S->weight[j] * cwc * (keep * b + spread);
         }
     }
+    if (kl) {  /* ent = w sum_c cw_c t_c log t_c: the label's table entry */
+        const double *K = P->label_terms;
+        for (j = 0; j < n; j++)
+            S->ent[j] = S->cls[j] >= 0 ? (double)S->weight[j] * K[S->cls[j]] : 0.0;
+    }
 }
 
 /* Stage tile targets. Sparse form (returns 0): cls and act of ssm_stage_labels. Dense
    form (returns 1): the block A of ssm_stage_soft or ssm_stage_dense_labels and act,
-   the pixel's activity. Both fill weight, and gscale (0 unless `want_g`). */
+   the pixel's activity, and with `kl` (a loss pass of the KL divergence) ent. Both fill
+   weight, and gscale (0 unless `want_g`). */
 SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S, ptrdiff_t base,
-                                  ptrdiff_t pix, ptrdiff_t n, int want_g)
+                                  ptrdiff_t pix, ptrdiff_t n, int want_g, int kl)
 {
     ptrdiff_t C = P->C, j;
     const R *w = (const R *)P->w, *cw = (const R *)P->cw;
@@ -589,7 +614,7 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
 
     switch (P->target_kind) {
     case SSM_SOFT:
-        SSM_SFX(ssm_stage_soft)(P, S, base, n, keep, spread);
+        SSM_SFX(ssm_stage_soft)(P, S, base, n, keep, spread, kl);
         return 1;
     case SSM_U8:
         SSM_SFX(ssm_stage_labels_u8)((const uint8_t *)P->target + pix, n, C, ign, dense,
@@ -607,7 +632,7 @@ SSM_INLINE int SSM_SFX(ssm_stage)(const ssm_problem *P, SSM_SFX(ssm_scratch) *S,
         SSM_UNREACHABLE();
     }
     if (dense)
-        SSM_SFX(ssm_stage_dense_labels)(P, S, n, keep, spread);
+        SSM_SFX(ssm_stage_dense_labels)(P, S, n, keep, spread, kl);
     return dense;
 }
 
@@ -718,10 +743,11 @@ SSM_INLINE void SSM_SFX(ssm_sparse_terms)(SSM_SFX(ssm_scratch) *S, ptrdiff_t n, 
 }
 
 /* Dense targets (a = act, the activity): asum = A = sum_c A_c and ax = sum_c A_c x_c
-   (ssm_dense_sums); loss = a (A (m + log s) - ax); inv_sum = 1/s; gfactor = g a A / s
-   (0 as for labels). */
+   (ssm_dense_sums); loss = a (A (m + log s) - ax), plus a ent for the KL divergence
+   (kl); inv_sum = 1/s; gfactor = g a A / s (0 as for labels). */
 SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, ptrdiff_t sx,
-                                         ptrdiff_t C, ptrdiff_t n, ptrdiff_t T, int want_grad)
+                                         ptrdiff_t C, ptrdiff_t n, ptrdiff_t T, int want_grad,
+                                         int kl)
 {
     ptrdiff_t j;
     SSM_SFX(ssm_dense_sums)(S->A, T, x, sx, C, n, S->asum, S->ax, S->hi, S->lo);
@@ -731,10 +757,19 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
         const double *restrict ax = S->ax;
         R *restrict r = S->inv_sum, *restrict f = S->gfactor;
         double *restrict lp = S->loss;
+        if (kl) {
+            const double *restrict ent = S->ent;
 #pragma omp simd
-        for (j = 0; j < n; j++) {
-            double l = (double)Asum[j] * ((double)m[j] + (double)ls[j]) - ax[j];
-            lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * l;
+            for (j = 0; j < n; j++) {
+                double l = (double)Asum[j] * ((double)m[j] + (double)ls[j]) - ax[j] + ent[j];
+                lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * l;
+            }
+        } else {
+#pragma omp simd
+            for (j = 0; j < n; j++) {
+                double l = (double)Asum[j] * ((double)m[j] + (double)ls[j]) - ax[j];
+                lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * l;
+            }
         }
 #pragma omp simd
         for (j = 0; j < n; j++) {
@@ -744,23 +779,27 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
     }
 }
 
-/* want_grad = 0: out = prob.  want_grad = 1: out = dlogits, out2 = prob if given. */
+/* want_grad = 0: out = prob, or the loss alone if out is NULL (the exp values are summed,
+   never stored, and sweep 3 is skipped).  want_grad = 1: out = dlogits, out2 = prob if
+   given. */
 SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void *buf,
                                          int want_grad)
 {
     SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
-    ptrdiff_t base, pix, n, sx, so, so2 = 0, c, j, C = P->C, T = P->tile;
+    ptrdiff_t base, pix, n, sx, so = 0, so2 = 0, c, j, C = P->C, T = P->tile;
     const R *x;
-    R *o, *o2 = NULL;
+    R *o = NULL, *o2 = NULL;
     int dense;
     ssm_tile_geom(P, t, &base, &pix, &n);
-    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, want_grad);
+    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, want_grad, P->loss == SSM_KL);
     x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
-    o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
+    if (want_grad || P->out)
+        o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
     if (want_grad && P->out2)
         o2 = SSM_SFX(ssm_target_block)(P, (R *)P->out2, base, S.O2, &so2);
 
-    /* sweeps 1-2: max (and the label's logit), then e = exp(x - m) into `o`, s = sum e */
+    /* sweeps 1-2: max (and the label's logit), then e = exp(x - m) into `o` (if any),
+       s = sum e */
     SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.xmax, S.sumexp, S.hi, S.lo,
                             dense ? NULL : S.cls, S.xlabel, P->inner > 1);
 
@@ -771,9 +810,11 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
     for (j = 0; j < n; j++)
         S.log_sum[j] = SSM_LOG(S.sumexp[j]);
     if (dense)
-        SSM_SFX(ssm_dense_terms)(&S, x, sx, C, n, T, want_grad);
-    else
+        SSM_SFX(ssm_dense_terms)(&S, x, sx, C, n, T, want_grad, P->loss == SSM_KL);
+    else  /* one-hot t: the KL divergence is the cross-entropy */
         SSM_SFX(ssm_sparse_terms)(&S, n, P->loss_cap, want_grad);
+    if (!o)  /* the loss alone */
+        return SSM_SFX(ssm_tile_loss)(P, S.loss, pix, n);
 
     /* sweep 3: the epilogue, each row streamed out as soon as it is final */
     for (c = 0; c < C; c++) {
@@ -813,7 +854,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, 
     R *o, *f = S.gfactor;
     int dense;
     ssm_tile_geom(P, t, &base, &pix, &n);
-    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, 1);
+    dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, 1, 0);
     q = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sq);
     o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
     if (dense) {

@@ -13,10 +13,11 @@ SOFTMAX,       nothing else
 LOG_SOFTMAX
 SOFTMAX_BWD    ``dprob`` (``x`` holds prob)
 SSWL_FWD       target, kind, weights, class_weights, lens, smoothing, ignore_index,
-               loss_cap; writes ``out`` (prob) and ``loss_map``
+               loss, loss_cap; writes ``out`` (prob) and ``loss_map``; with ``out``
+               None, the loss alone (nothing of the logits' size is written)
 SSWL_FWD_BWD   as SSWL_FWD, plus ``d_loss``, ``d_loss_map``, ``divisor``; writes ``out``
                (dlogits), ``prob_out`` and ``loss_map``
-SSWL_BWD       as SSWL_FWD_BWD without ``loss_cap``, ``prob_out``, ``loss_map``
+SSWL_BWD       as SSWL_FWD_BWD without ``loss``, ``loss_cap``, ``prob_out``, ``loss_map``
                (``x`` holds prob)
 =============  ====================================================================
 ``stats`` (the label pre-pass) reads target, kind, weights, class_weights, ignore_index.
@@ -31,7 +32,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ._codes import Target
+from ._codes import Loss, Target
 from ._validation import Geometry, PositionsGeometry
 
 
@@ -52,6 +53,7 @@ class Problem(NamedTuple):
     lens: Any = None           # (C, C), rows are distributions, x's dtype
     smoothing: float = 0.0
     ignore_index: int = -1
+    loss: Loss = Loss.CROSS_ENTROPY  # the per-pixel criterion (the gradient is the same)
     # what the pass writes, and the gradient's scale: set by finish()
     out: Any = None            # prob, log-prob or dlogits
     loss_cap: float = math.inf  # per-unit-weight pixel loss cap (Caffe2's clamp)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._codes import LABEL_KINDS, Target  # LABEL_KINDS: the integer label dtypes
+from ._codes import LABEL_KINDS, LOSSES, Target  # LABEL_KINDS: the integer label dtypes
 
 # Float dtypes of logits (and of soft targets, weights, class weights, lenses, d_loss maps).
 FLOAT_DTYPES = {
@@ -137,6 +137,11 @@ def check_choice(value, name: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: {value!r} is not one of {_quote(choices)}")
     return value
+
+
+def check_loss(loss):
+    """The ``loss=`` option as its ssm._codes.Loss code."""
+    return LOSSES[check_choice(loss, "loss", tuple(LOSSES))]
 
 
 def check_float_dtype(a, name: str) -> None:

@@ -152,6 +152,7 @@ class _Call:
                          lens=_host_or_none(opts["lens"]))
         V.check_smoothing(opts["label_smoothing"])
         V.check_ignore_index(opts["ignore_index"])
+        V.check_loss(opts["loss"])
         self.threads = threads
         self.d, self.dmap = 1.0, None
         if d_loss is not None:
@@ -416,8 +417,8 @@ def _lens_rows(y, lens, cax):
 
 
 def _sharded_target(c: _Call):
-    """(a, active, bad): the per-class target weights a_c = w cw_c t_c (float64, chunked as
-    x), and the per-pixel masks of pixels that count and of bad labels."""
+    """(a, active, bad, t): the per-class target weights a_c = w cw_c t_c (float64, chunked
+    as x), the per-pixel masks of pixels that count and of bad labels, and t."""
     G, y = c.G, c.target
     C, e = G.C, c.opts["label_smoothing"]
     cw = c.opts["class_weights"]
@@ -453,7 +454,7 @@ def _sharded_target(c: _Call):
     if active is not None:
         a = da.where(_class_view(G, active), a, 0.0)
         a = da.where(_class_view(G, bad), np.nan, a)
-    return a, active, bad
+    return a, active, bad, t
 
 
 def _quotient(a, b):
@@ -468,13 +469,16 @@ def _sharded(c: _Call, op, return_prob=False):
     G = c.G
     x64 = c.x.astype(np.float64)
     divisor = _divisor_array(c)
-    a, active, bad = _sharded_target(c)
+    a, active, bad, t = _sharded_target(c)
     A = a.sum(axis=G.cax, keepdims=True)
     loss = q = None
     if op != Op.SSWL_BWD:
         lse = _lse(c.x, G.cax)
         q = da.exp(x64 - lse)
         lmap = (A * lse).squeeze(G.cax) - (a * x64).sum(axis=G.cax)
+        if c.opts["loss"] == "kl":  # + sum_c a_c log t_c, 0 log 0 = 0
+            lmap = lmap + da.where(a != 0, a * da.log(da.where(a != 0, t, 1.0)),
+                                   0.0).sum(axis=G.cax)
         if active is not None:
             lmap = da.where(active, lmap, 0.0)
             lmap = da.where(bad, np.nan, lmap)
@@ -505,47 +509,50 @@ def _sharded(c: _Call, op, return_prob=False):
 # ---- the public functions -----------------------------------------------------------
 
 def _loss(x, x_name, target, weights, d_loss, *, op, return_prob, ignore_index, class_weights,
-          lens, label_smoothing, reduction, layout, validate, threads):
+          lens, label_smoothing, reduction, layout, validate, threads, loss):
     opts = dict(ignore_index=ignore_index, class_weights=class_weights, lens=lens,
-                label_smoothing=label_smoothing, layout=layout)
+                label_smoothing=label_smoothing, layout=layout, loss=loss)
     c = _Call(x, x_name, target, weights, d_loss, opts, reduction, validate, threads)
     return (_sharded if c.G.sharded else _fused)(c, op, return_prob)
 
 
 def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,
                               class_weights=None, lens=None, label_smoothing=0.0,
-                              reduction="mean", layout="NCHW", validate=True, threads=None):
+                              reduction="mean", layout="NCHW", validate=True, threads=None,
+                              loss="cross_entropy"):
     """:func:`ssm.spatial_softmax_with_loss` on Dask arrays: ``(prob, loss)``, lazily.
 
     ``prob`` has the logits' chunks; ``loss`` is a 0-d Dask array (the loss map for
     ``reduction="none"``). See the module docstring for how the chunks are combined.
     """
-    loss, prob, _ = _loss(logits, "logits", target, weights, None, op=Op.SSWL_FWD,
-                          return_prob=False, ignore_index=ignore_index,
-                          class_weights=class_weights, lens=lens,
-                          label_smoothing=label_smoothing, reduction=reduction,
-                          layout=layout, validate=validate, threads=threads)
-    return prob, loss
+    value, prob, _ = _loss(logits, "logits", target, weights, None, op=Op.SSWL_FWD,
+                           return_prob=False, ignore_index=ignore_index,
+                           class_weights=class_weights, lens=lens,
+                           label_smoothing=label_smoothing, reduction=reduction,
+                           layout=layout, validate=validate, threads=threads, loss=loss)
+    return prob, value
 
 
 def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ignore_index=-1,
                                    class_weights=None, lens=None, label_smoothing=0.0,
                                    reduction="mean", layout="NCHW", validate=True,
-                                   threads=None):
+                                   threads=None, loss="cross_entropy"):
     """:func:`ssm.spatial_softmax_with_loss_grad` on Dask arrays: ``dlogits``, lazily,
     scaled by the global divisor. ``d_loss`` is a number, or for ``reduction="none"`` also
     an ``(N, *spatial)`` array (Dask or NumPy)."""
     _, dx, _ = _loss(prob, "prob", target, weights, d_loss, op=Op.SSWL_BWD,
                      return_prob=False, ignore_index=ignore_index,
                      class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
-                     reduction=reduction, layout=layout, validate=validate, threads=threads)
+                     reduction=reduction, layout=layout, validate=validate, threads=threads,
+                     loss=loss)
     return dx
 
 
 def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0, *,
                                        ignore_index=-1, class_weights=None, lens=None,
                                        label_smoothing=0.0, reduction="mean", layout="NCHW",
-                                       validate=True, return_prob=False, threads=None):
+                                       validate=True, return_prob=False, threads=None,
+                                       loss="cross_entropy"):
     """:func:`ssm.spatial_softmax_with_loss_and_grad` on Dask arrays, lazily.
 
     Returns ``(loss, dlogits)`` (``+ prob`` with ``return_prob=True``): ``loss`` a 0-d Dask
@@ -553,12 +560,12 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
     normaliser of the whole array, not per chunk.
     """
     return_prob = V.check_flag(return_prob, "return_prob")
-    loss, dx, prob = _loss(logits, "logits", target, weights, d_loss, op=Op.SSWL_FWD_BWD,
-                           return_prob=return_prob, ignore_index=ignore_index,
-                           class_weights=class_weights, lens=lens,
-                           label_smoothing=label_smoothing, reduction=reduction,
-                           layout=layout, validate=validate, threads=threads)
-    return (loss, dx, prob) if return_prob else (loss, dx)
+    value, dx, prob = _loss(logits, "logits", target, weights, d_loss, op=Op.SSWL_FWD_BWD,
+                            return_prob=return_prob, ignore_index=ignore_index,
+                            class_weights=class_weights, lens=lens,
+                            label_smoothing=label_smoothing, reduction=reduction,
+                            layout=layout, validate=validate, threads=threads, loss=loss)
+    return (value, dx, prob) if return_prob else (value, dx)
 
 
 def loss_normalizer(logits, target, weights=None, *, class_weights=None, ignore_index=-1,
@@ -566,7 +573,7 @@ def loss_normalizer(logits, target, weights=None, *, class_weights=None, ignore_
     """:func:`ssm.loss_normalizer` of the whole Dask array: a 0-d float64 Dask array, the
     chunks' normalisers added in chunk order (the logits are not read)."""
     opts = dict(ignore_index=ignore_index, class_weights=class_weights, lens=None,
-                label_smoothing=0.0, layout=layout)
+                label_smoothing=0.0, layout=layout, loss="cross_entropy")
     c = _Call(logits, "logits", target, weights, None, opts, "mean", validate, threads)
     norm = _divisor_array(c)
     return norm.map_blocks(_as_float64, dtype=np.float64, meta=_meta(norm))

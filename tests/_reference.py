@@ -5,7 +5,8 @@ channel axis moved to position 1 first and the outputs moved back. For every
 pixel the dense target distribution ``t`` is built explicitly (one-hot, lens
 row, smoothing, soft target), then ``a_c = w_p * cw_c * t_c`` and
 
-    l_p     = -sum_c a_c log q_c
+    l_p     = -sum_c a_c log q_c                (loss="cross_entropy")
+    l_p     = sum_c a_c (log t_c - log q_c)     (loss="kl", 0 log 0 = 0)
     dlogits = g_p * (A_p q - a),   A_p = sum_c a_c,   g_p = d_loss / norm.
 
 Nothing here shares code or structure with the implementation: no tiling, no
@@ -63,9 +64,10 @@ def _is_soft(target, logits_shape):
 
 def weighted_targets(target, C, *, spatial_shape, weights=None, ignore_index=-1,
                      class_weights=None, lens=None, label_smoothing=0.0, layout="NCHW",
-                     logits_shape=None):
+                     logits_shape=None, with_t=False):
     """Per-pixel weighted target ``a`` (N, C, *spatial), normaliser contributions
-    ``n`` (N, *spatial), ``ignored`` and ``bad`` (out-of-range label) masks."""
+    ``n`` (N, *spatial), ``ignored`` and ``bad`` (out-of-range label) masks; and the
+    target distribution ``t`` (N, C, *spatial) too with ``with_t=True``."""
     N = spatial_shape[0]
     pix_shape = tuple(spatial_shape)
     w = np.ones(pix_shape) if weights is None else _f64(weights)
@@ -98,7 +100,13 @@ def weighted_targets(target, C, *, spatial_shape, weights=None, ignore_index=-1,
         t = t * ok[:, None]
         n = np.where(ok, w * cw[ys], 0.0)
     a = w[:, None] * cw_b * t
-    return a, n, ignored, bad
+    return (a, n, ignored, bad, t) if with_t else (a, n, ignored, bad)
+
+
+def _a_log_t(a, t):
+    """sum_c a_c log t_c per pixel, with 0 log 0 = 0 (terms where a_c == 0 are 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(a != 0, a * np.log(np.where(a != 0, t, 1.0)), 0.0).sum(axis=1)
 
 
 def _norm(reduction, n, N):
@@ -111,18 +119,22 @@ def _norm(reduction, n, N):
 
 
 def sswl_loss(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
-              lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW"):
+              lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW",
+              loss="cross_entropy"):
     """Return ``(prob, loss)`` in float64 (prob in ``layout``, loss 0-d or a map)."""
+    assert loss in ("cross_entropy", "kl")
     logits = _f64(logits)
     x = to_nchw(logits, layout)
     N, C = x.shape[:2]
     pix_shape = (N,) + x.shape[2:]
-    a, n, ignored, bad = weighted_targets(
+    a, n, ignored, bad, t = weighted_targets(
         target, C, spatial_shape=pix_shape, weights=weights, ignore_index=ignore_index,
         class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
-        layout=layout, logits_shape=logits.shape)
+        layout=layout, logits_shape=logits.shape, with_t=True)
     logq = to_nchw(log_softmax(x), "NCHW")
     lmap = -(a * logq).sum(axis=1)
+    if loss == "kl":
+        lmap = lmap + _a_log_t(a, t)
     lmap = np.where(ignored, 0.0, lmap)
     lmap = np.where(bad, np.nan, lmap)
     prob = from_nchw(np.exp(logq), layout)
@@ -133,8 +145,10 @@ def sswl_loss(logits, target, weights=None, *, ignore_index=-1, class_weights=No
 
 
 def sswl_grad(prob, target, weights=None, d_loss=1.0, *, ignore_index=-1, class_weights=None,
-              lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW"):
-    """dlogits from the probabilities ``prob`` (in ``layout``), float64."""
+              lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW",
+              loss="cross_entropy"):
+    """dlogits from the probabilities ``prob`` (in ``layout``), float64: the same for
+    either ``loss`` (they differ by a term without logits)."""
     prob = _f64(prob)
     q = to_nchw(prob, layout)
     N, C = q.shape[:2]
@@ -152,20 +166,22 @@ def sswl_grad(prob, target, weights=None, d_loss=1.0, *, ignore_index=-1, class_
 
 
 def sswl_loss_scale(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
-                    lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW"):
+                    lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW",
+                    loss="cross_entropy"):
     """Magnitude of the terms summed into the loss, reduced like the loss.
 
-    ``A_p (|m_p| + log s_p) + sum_c |a_c x_c|``: a rounding-error bound for the loss is
-    a small multiple of eps times this (used to set absolute tolerances).
+    ``A_p (|m_p| + log s_p) + sum_c |a_c x_c|`` (plus ``sum_c |a_c log t_c|`` for the KL
+    divergence): a rounding-error bound for the loss is a small multiple of eps times
+    this (used to set absolute tolerances).
     """
     logits = _f64(logits)
     x = to_nchw(logits, layout)
     N, C = x.shape[:2]
     pix_shape = (N,) + x.shape[2:]
-    a, n, _, bad = weighted_targets(
+    a, n, _, bad, t = weighted_targets(
         target, C, spatial_shape=pix_shape, weights=weights, ignore_index=ignore_index,
         class_weights=class_weights, lens=lens, label_smoothing=label_smoothing,
-        layout=layout, logits_shape=logits.shape)
+        layout=layout, logits_shape=logits.shape, with_t=True)
     if x.size == 0:
         m = np.zeros(pix_shape)
         logs = np.zeros(pix_shape)
@@ -173,6 +189,8 @@ def sswl_loss_scale(logits, target, weights=None, *, ignore_index=-1, class_weig
         m = x.max(axis=1)
         logs = np.log(np.exp(x - m[:, None]).sum(axis=1))
     mag = np.abs(a).sum(axis=1) * (np.abs(m) + logs) + np.abs(a * x).sum(axis=1)
+    if loss == "kl":
+        mag = mag + np.abs(_a_log_t(np.abs(a), t))  # sum_c |a_c log t_c| (t <= 1)
     mag = np.where(bad, 0.0, mag)
     if reduction == "none":
         return mag

@@ -32,7 +32,7 @@ TINY = ["--shape", "2", "3", "8", "8", "--threads", "1", "--budget", "0.01", "--
 def _row(op, impl, threads, ms, other=None, nbytes=None):
     """A row whose times (ns) are ``ms`` (a list: median, min, max are known)."""
     nbytes = nbytes or (2 * X_BYTES if op in ("copy", "softmax") else X_BYTES if op == "read"
-                        else 2 * X_BYTES + L_BYTES)
+                        else X_BYTES + L_BYTES if op == "loss" else 2 * X_BYTES + L_BYTES)
     return Row(op, impl, threads, nbytes, [int(round(m * 1e6)) for m in ms], other)
 
 
@@ -126,6 +126,10 @@ def test_derive_floor_is_the_streaming_copy_where_timed(cpu_rows):
     assert _pick(d, "copy", "copy", 2)["x_floor"] == pytest.approx(0.5 / 0.4)  # copyto vs stream
     r = _pick(d, "read", "read", 2)
     assert r["floor"] == "read" and r["x_floor"] == pytest.approx(1.0)
+    # the loss alone writes nothing of X's size: its floor is the read floor, scaled to X + L
+    (loss,) = derive(rows + [_row("loss", "ssm", 2, [0.2])])[-1:]
+    assert loss["floor"] == "read" and loss["floor_ms"] == pytest.approx(0.15 * 1.1)
+    assert loss["x_floor"] == pytest.approx(0.2 / (0.15 * 1.1))
     (cols,) = [line for line in _summary(d) if line.startswith("Columns:")]
     assert cols.startswith("Columns: floor = the streaming copy, else the copy at the same")
     (cols,) = [line for line in _summary(derive(cpu_rows)) if line.startswith("Columns:")]
@@ -267,7 +271,7 @@ def test_check_agreement_cpu_peers_agree():
     pb = workloads.make_problem("", (2, 5, 3, 4), "float64", "int64", ssm)
     loss_cls = pytest.importorskip("sklearn._loss.loss").HalfMultinomialLoss
     checks = peers.check_agreement(ssm, pb, None, peers.SklearnFused(loss_cls, pb))
-    assert [c["impl"] for c in checks] == ["ssm forward", "numpy", "sklearn"]
+    assert [c["impl"] for c in checks] == ["ssm forward", "ssm loss alone", "numpy", "sklearn"]
     assert all(c["ok"] for c in checks), checks
 
 
@@ -328,7 +332,8 @@ def test_gpu_pieces_with_numpy_standing_in_for_cupy():
         assert all(r.times_ns == [1_500_000, 1_500_000] and r.other_cores is None
                    for r in rows)
     checks = peers.check_agreement(ssm, pb, None, None, device="cuda")
-    assert [c["impl"] for c in checks] == ["ssm forward"] and checks[0]["ok"]
+    assert [c["impl"] for c in checks] == ["ssm forward", "ssm loss alone"]
+    assert all(c["ok"] for c in checks)
 
 
 def test_cuda_modules_without_cupy_says_what_to_do():
@@ -400,9 +405,9 @@ def test_cli_run_prints_the_tables(tiny_run):
     assert lines[0].startswith("ssm.bench: 2x3x8x8 float32 logits, int64 labels (5% = -1)")
     assert "(small: data stays in cache)" in lines[0]
     for title in ("copy floors into", "read floor", "softmax (X -> P)", "loss forward",
-                  "loss backward", "fused loss+grad"):
+                  "loss backward", "fused loss+grad", "loss alone (X, y -> loss): 1X+L"):
         assert any(line.startswith(title) for line in lines), title
-    assert lines.count(report.HEADER) == 6
+    assert lines.count(report.HEADER) == 7
     assert any(line.startswith("Checked once: every loss agrees") for line in lines)
     assert lines[-1].startswith("Wall time ")
 
@@ -415,7 +420,9 @@ def test_cli_json_report(tiny_run):
     w = rep["workload"]
     assert w["shape"] == [2, 3, 8, 8] and w["dtype"] == "float32" and w["labels"] == "int64"
     assert w["op_bytes"]["fused"] == 2 * w["x_bytes"] + w["label_bytes"]
-    assert set(w["op_bytes"]) == {"copy", "read", "softmax", "forward", "backward", "fused"}
+    assert set(w["op_bytes"]) == {"copy", "read", "softmax", "forward", "backward", "fused",
+                                  "loss"}
+    assert w["op_bytes"]["loss"] == w["x_bytes"] + w["label_bytes"]
     m = rep["method"]
     assert (m["budget_s"], m["min_reps"], m["threads"], m["max_reps"]) == (0.01, 1, [1], MAX_REPS)
     assert set(rep["foreign_load_cores"]) == {"before", "during"}

@@ -18,14 +18,22 @@ import pytest
 
 from ssm import _cpu, _gpu
 from ssm import _validation as V
-from ssm._codes import LABEL_KINDS, Op, PosOp, Target
+from ssm._codes import LABEL_KINDS, LOSSES, Loss, Op, PosOp, Target
 from ssm._problem import PositionsGeometry, PositionsProblem, Problem
 
 
 def test_op_and_target_codes_match_the_c_values():
-    ops, targets = _cpu.kernel_codes()
+    ops, targets, losses = _cpu.kernel_codes()
     assert ops == {op.name: op.value for op in Op}
     assert targets == {kind.name: kind.value for kind in Target}
+    assert losses == {kind.name: kind.value for kind in Loss}
+    assert set(LOSSES.values()) == set(Loss)
+
+
+def test_cuda_loss_codes_match():
+    text = _gpu.source("sswl.cu")
+    for kind in Loss:
+        assert f"SSM_LOSS_{kind.name} = {kind.value}" in text
 
 
 def test_positions_codes_match_the_c_values():
@@ -84,7 +92,7 @@ def _full_problem(T, L):
     return Problem(_geom(outer, C, inner), x, out=np.zeros_like(x), dprob=np.zeros_like(x),
                    target=target, kind=kind, weights=np.ones((outer, inner), T),
                    class_weights=np.ones(C, T), lens=np.eye(C, dtype=T), smoothing=0.1,
-                   ignore_index=-1, loss_cap=3.0, d_loss=np.ones((), np.float64),
+                   ignore_index=-1, loss=Loss.KL, loss_cap=3.0, d_loss=np.ones((), np.float64),
                    d_loss_map=np.ones((outer, inner), T), divisor=np.ones((), np.float64),
                    prob_out=np.zeros_like(x), loss_map=np.zeros((outer, inner), T))
 
@@ -149,6 +157,15 @@ def test_argument_builders_match_the_cuda_signatures(T, L):
                     assert arg.dtype == pointee[ctype[:-1].strip()], f"{where}: {arg.dtype}"
                 else:
                     assert type(arg) is _SCALARS[ctype], f"{where}: got {type(arg).__name__}"
+
+
+def test_loss_alone_passes_a_null_output():
+    P = _full_problem(np.float32, np.int64)._replace(out=None)
+    params = [name for _, name in _kernel_signatures()["sswl_fwd"]]
+    args = _gpu.sswl_fwd_args(P, 1, P.class_weights, P.lens, False, np.zeros(4))
+    out = args[params.index("out")]
+    assert type(out) is np.uint64 and out == 0
+    assert args[params.index("loss")] == int(Loss.KL)
 
 
 def test_finish_is_replace_of_the_trailing_fields():

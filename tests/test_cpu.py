@@ -57,6 +57,11 @@ def check_loss_and_grad(logits, target, weights=None, d_loss=1.0, **opts):
     assert loss.shape == (pix_shape if reduction == "none" else ())
     assert_close(prob, rprob, dtype, scale=1e-6)
     assert_close(loss, rloss, dtype, scale=scale)
+    # the loss alone: the same bits, from a pass that writes no probabilities
+    alone = ssm.cross_entropy(logits, target, weights, **{k: v for k, v in opts.items()
+                                                          if k != "out"})
+    assert type(alone) is np.ndarray and alone.dtype == dtype and alone.shape == loss.shape
+    assert alone.tobytes() == loss.tobytes()
 
     dlogits = ssm.spatial_softmax_with_loss_grad(prob, target, weights, d_loss, **opts)
     rgrad = ref.sswl_grad(prob, target, weights, d_loss, **ropts)
@@ -214,6 +219,97 @@ def test_options(rng, option, shape, dtype, layout, reduction):
     target, weights, opts = _options(rng, option, N, C, spatial, dtype, layout)
     d_loss = rng.random((N, *spatial)).astype(dtype) if reduction == "none" else 1.5
     check_loss_and_grad(x, target, weights, d_loss, reduction=reduction, layout=layout, **opts)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "batch", "none"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", OPTION_SHAPES + [(1, 150, (3, 11))], ids=_sid)
+@pytest.mark.parametrize("option", OPTION_SETS)
+def test_kl_options(rng, option, shape, dtype, layout, reduction):
+    N, C, spatial = shape
+    x = make_logits(rng, logits_shape(N, C, spatial, layout), dtype)
+    target, weights, opts = _options(rng, option, N, C, spatial, dtype, layout)
+    d_loss = rng.random((N, *spatial)).astype(dtype) if reduction == "none" else 1.5
+    check_loss_and_grad(x, target, weights, d_loss, reduction=reduction, layout=layout,
+                        loss="kl", **opts)
+
+
+@pytest.mark.parametrize("option", ["plain", "weights", "class_weights", "ignore_-100",
+                                    "uint8_255"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_kl_is_cross_entropy_for_one_hot_targets(rng, option, dtype):
+    # t one-hot: sum_c a_c log t_c = 0; the same kernel path, the same bits
+    x = make_logits(rng, (2, 5, 7, 3), dtype)
+    target, weights, opts = _options(rng, option, 2, 5, (7, 3), dtype, "NCHW")
+    for reduction in REDUCTIONS:
+        opts["reduction"] = reduction
+        ce = ssm.spatial_softmax_with_loss(x, target, weights, **opts)
+        kl = ssm.spatial_softmax_with_loss(x, target, weights, loss="kl", **opts)
+        assert ce[0].tobytes() == kl[0].tobytes() and ce[1].tobytes() == kl[1].tobytes()
+        fce = ssm.spatial_softmax_with_loss_and_grad(x, target, weights, **opts)
+        fkl = ssm.spatial_softmax_with_loss_and_grad(x, target, weights, loss="kl", **opts)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(fce, fkl))
+        g = ssm.spatial_softmax_with_loss_grad(ce[0], target, weights, **opts)
+        gkl = ssm.spatial_softmax_with_loss_grad(ce[0], target, weights, loss="kl", **opts)
+        assert g.tobytes() == gkl.tobytes()
+
+
+def test_kl_lens_example():
+    # the confusion-lens example: softmax [.4, .3, .2, .1], lens row [.5, .5, 0, 0]:
+    # cross-entropy 1.0601, KL 0.5 log(.5/.4) + 0.5 log(.5/.3) = 0.3670
+    lens = np.array([[0.5, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    exact = 0.5 * np.log(0.5 / 0.4) + 0.5 * np.log(0.5 / 0.3)
+    for dtype in FLOAT_DTYPES:
+        x = np.log(np.array([[0.4, 0.3, 0.2, 0.1]])).astype(dtype)
+        _, loss = ssm.spatial_softmax_with_loss(x, np.array([0]), lens=lens, loss="kl")
+        alone = ssm.cross_entropy(x, np.array([0]), lens=lens, loss="kl")
+        np.testing.assert_allclose(loss, exact, rtol=8 * eps(dtype))
+        np.testing.assert_allclose(loss, 0.3670, atol=1e-4)
+        assert alone.tobytes() == loss.tobytes()
+        # the same divergence from the lens row given as a soft target
+        t = np.array([[0.5, 0.5, 0, 0]], dtype)
+        np.testing.assert_allclose(ssm.cross_entropy(x, t, loss="kl"), exact,
+                                   rtol=8 * eps(dtype))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_kl_of_the_prediction_itself_is_zero(rng, dtype, layout):
+    # KL(q || q) = 0 up to rounding of the terms; KL >= 0 for other targets
+    x = make_logits(rng, logits_shape(2, 7, (5, 3), layout), dtype)
+    q = ref.softmax(x, layout).astype(dtype)
+    lmap = ssm.cross_entropy(x, q, layout=layout, loss="kl", reduction="none")
+    scale = ref.sswl_loss_scale(x, q, layout=layout, loss="kl", reduction="none")
+    assert np.all(np.abs(lmap) <= 64 * eps(dtype) * scale)
+    t = make_soft_targets(rng, x.shape, dtype, layout)
+    assert np.all(ssm.cross_entropy(x, t, layout=layout, loss="kl", reduction="none")
+                  > -64 * eps(dtype) * scale)
+
+
+def test_loss_alone_writes_nothing_of_the_logits_size(rng):
+    import tracemalloc
+
+    x = make_logits(rng, (2, 21, 64, 64), np.float32)
+    y = make_labels(rng, (2, 64, 64), 21)
+    for opts in ({}, {"label_smoothing": 0.1, "loss": "kl"}, {"reduction": "none"}):
+        ssm.cross_entropy(x, y, **opts)
+        tracemalloc.start()
+        ssm.cross_entropy(x, y, threads=2, **opts)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < x.nbytes // 8, (opts, peak)  # the loss map, when asked for: x / 21
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "kl"])
+@pytest.mark.parametrize("option", ["plain", "lens_all", "soft_all"])
+def test_loss_alone_is_deterministic_across_threads(rng, option, loss):
+    x = make_logits(rng, (3, 21, 40, 50), np.float32)
+    target, weights, opts = _options(rng, option, 3, 21, (40, 50), np.float32, "NCHW")
+    first = ssm.cross_entropy(x, target, weights, threads=1, loss=loss, **opts)
+    for threads in (2, 3, 4):
+        again = ssm.cross_entropy(x, target, weights, threads=threads, loss=loss, **opts)
+        assert again.tobytes() == first.tobytes()
 
 
 def test_ignore_real_class_matches_dropping_pixels(rng):

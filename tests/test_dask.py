@@ -370,3 +370,37 @@ def test_device_chunks_on_the_simulator(rng, case):
         with pytest.raises(ValueError, match=re.escape("label 7 at index (2, 7, 1)")):
             sdask.spatial_softmax_with_loss(xd, cudasim.asarray(y), **opts)[1].compute(
                 scheduler="sync")
+
+
+# ---- loss="kl" -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split_c", [False, True], ids=["NC-chunks", "C-chunks"])
+@pytest.mark.parametrize("case", [CASES[6], CASES[7], CASES[8], CASES[9]],
+                         ids=["smoothing", "lens", "soft", "soft-nhwc-weights"])
+def test_kl(rng, case, split_c):
+    # the option is passed to every chunk's pass (the fused path: the single call's
+    # bits for the gradient, float64 sums of the loss in chunk order); chunks along C add
+    # sum_c a_c log t_c in their own Dask operations
+    x, y, w, opts = _problem(rng, **dict(case, shape_nc=(3, 40)))
+    dtype = x.dtype.type
+    xd = da.from_array(x, chunks=_chunks(x.shape, opts["layout"], split_c))
+    for reduction in REDUCTIONS:
+        L, dx = ssm.spatial_softmax_with_loss_and_grad(x, y, w, 0.5, reduction=reduction,
+                                                       loss="kl", **opts)
+        Lce = ssm.spatial_softmax_with_loss(x, y, w, reduction=reduction, **opts)[1]
+        assert not np.allclose(L, Lce)  # a dense target: the KL term is not 0
+        Ld, dxd = dask.compute(*sdask.spatial_softmax_with_loss_and_grad(
+            xd, y, w, 0.5, reduction=reduction, loss="kl", **opts))
+        Lf = dask.compute(sdask.spatial_softmax_with_loss(xd, y, w, reduction=reduction,
+                                                          loss="kl", **opts)[1])[0]
+        if split_c:
+            scale = np.abs(Lce).max()
+            assert_close(Ld, L, dtype, scale=scale, factor=16)
+            assert_close(Lf, L, dtype, scale=scale, factor=16)
+            assert_close(dxd, dx, dtype, scale=np.abs(dx).max(), factor=16)
+        else:
+            _loss_check(Ld, L, dtype, reduction == "none")
+            _loss_check(Lf, L, dtype, reduction == "none")
+            _grad_check(dxd, dx, dtype)
+    with pytest.raises(ValueError, match="loss: 'KL' is not one of"):
+        sdask.spatial_softmax_with_loss_grad(xd, y, loss="KL")

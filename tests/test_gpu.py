@@ -25,7 +25,7 @@ from conftest import (LABEL_DTYPES, assert_close, logits_shape, make_class_weigh
                       make_labels, make_lens, make_logits, make_soft_targets, make_weights)
 from ssm import _gpu
 from ssm import _validation as V
-from ssm._codes import LABEL_KINDS, Op, Target
+from ssm._codes import LABEL_KINDS, Loss, Op, Target
 from ssm._problem import Problem
 from test_cpu import OPTION_SETS, OPTION_SHAPES, SHAPES, SMALL_SHAPES, _options, _sid
 
@@ -139,6 +139,9 @@ def check_loss_and_grad_gpu(logits, target, weights=None, d_loss=1.0, **opts):
     close(fprob, rprob, dtype, scale=1e-6)
     # the fused kernel is the forward kernel with a gradient epilogue: same loss bits
     assert host(floss).tobytes() == host(loss).tobytes()
+    # and the loss alone is the forward kernel without sweep 3: the same bits again
+    alone = ssm.cross_entropy(xg, tg, wg, **{k: v for k, v in opts.items() if k != "out"})
+    assert type(alone) is cp.ndarray and host(alone).tobytes() == host(loss).tobytes()
     return prob, loss, dlogits
 
 
@@ -198,9 +201,10 @@ def test_backend_matches_cpu(rng, dtype, outer, C, inner, kind):
     _gpu.run(Op.SOFTMAX_BWD, Pg, one)
     close(Pg.out, P.out, dtype, scale=np.abs(P.out).max(), factor=factor)
 
-    option_sets = [{}, {"smoothing": 0.1}]
+    option_sets = [{}, {"smoothing": 0.1}, {"smoothing": 0.1, "loss": Loss.KL}]
     if kind != Target.SOFT:
-        option_sets += [{"lens": make_lens(rng, C, dtype)}, {"loss_cap": 1.5}]
+        option_sets += [{"lens": make_lens(rng, C, dtype)}, {"loss_cap": 1.5},
+                        {"lens": make_lens(rng, C, dtype), "loss": Loss.KL}]
     # Tolerances scale with the magnitude of the terms that were summed, never with the
     # result: with C = 1 the exact loss and gradient are 0, and the CPU's rounding noise
     # around 0 is no scale for an exact GPU result.
@@ -236,6 +240,13 @@ def test_backend_matches_cpu(rng, dtype, outer, C, inner, kind):
             value = _gpu.loss_value(tot_g, norm_g, x.dtype)
             assert value.shape == () and value.dtype == dtype
             close(value, tot_c / norm_c, dtype, scale=loss_scale / norm_c, factor=factor)
+        # the loss alone (out=None): each backend's forward loss, bit for bit
+        for B, Q in ((_cpu, P), (_gpu, Pg)):
+            lm = (np.empty if B is _cpu else _cp().empty)((outer, inner), dtype)
+            full = B.run(Op.SSWL_FWD, Q._replace(out=(np.empty_like if B is _cpu
+                                                       else _cp().empty_like)(Q.x)), one)
+            alone = B.run(Op.SSWL_FWD, Q._replace(loss_map=lm), one)
+            assert float(alone) == float(full)
         out_c, out_g = np.empty_like(x), _cp().empty_like(Pg.x)
         _cpu.run(Op.SSWL_BWD, P._replace(out=out_c, d_loss_map=g, d_loss=2.0), one)
         _gpu.run(Op.SSWL_BWD, Pg._replace(out=out_g, d_loss_map=gpu(g), d_loss=2.0), one)
@@ -353,6 +364,55 @@ def test_options(rng, option, shape, dtype, layout, reduction):
     d_loss = rng.random((N, *spatial)).astype(dtype) if reduction == "none" else 1.5
     check_loss_and_grad_gpu(x, target, weights, d_loss, reduction=reduction, layout=layout,
                             **_listify(opts))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", OPTION_SHAPES[1:3], ids=_sid)
+@pytest.mark.parametrize("option", ["plain", "smoothing_weighted", "lens", "lens_all", "soft",
+                                    "soft_all", "uint8_255"])
+def test_kl_options(rng, option, shape, dtype, layout, reduction):
+    N, C, spatial = shape
+    x = make_logits(rng, logits_shape(N, C, spatial, layout), dtype)
+    target, weights, opts = _options(rng, option, N, C, spatial, dtype, layout)
+    d_loss = rng.random((N, *spatial)).astype(dtype) if reduction == "none" else 1.5
+    check_loss_and_grad_gpu(x, target, weights, d_loss, reduction=reduction, layout=layout,
+                            loss="kl", **_listify(opts))
+
+
+def test_kl_lens_example():
+    lens = np.array([[0.5, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    exact = 0.5 * np.log(0.5 / 0.4) + 0.5 * np.log(0.5 / 0.3)
+    for dtype in GPU_DTYPES:
+        x = gpu(np.log(np.array([[0.4, 0.3, 0.2, 0.1]])).astype(dtype))
+        y = gpu(np.array([0]))
+        _, loss = ssm.spatial_softmax_with_loss(x, y, lens=lens, loss="kl")
+        rtol = 8 * float(np.finfo(np.float32 if dtype == np.float16 else dtype).eps)
+        np.testing.assert_allclose(host(loss), exact, rtol=max(rtol, 1e-3 * (dtype == np.float16)))
+        np.testing.assert_allclose(host(loss), 0.3670, atol=1e-3 if dtype == np.float16 else 1e-4)
+        alone = ssm.cross_entropy(x, y, lens=lens, loss="kl")
+        assert host(alone).tobytes() == host(loss).tobytes()
+
+
+def test_loss_alone_writes_only_its_loss(rng):
+    # sswl_fwd without an output: nothing of the logits' size is stored, and sweep 3 (a
+    # third pass over the pixel's logits, besides the max and the sum of exp) is skipped
+    cp = _cp()
+    if not _simulated():
+        pytest.skip("memory traffic is counted by the simulator")
+    x = gpu(make_logits(rng, (2, 21, 6, 5), np.float32))
+    y = gpu(make_labels(rng, (2, 6, 5), 21, np.int32))
+    for opts in ({}, {"label_smoothing": 0.1, "loss": "kl"}):
+        ssm.cross_entropy(x, y, **opts)
+        ssm.spatial_softmax_with_loss(x, y, **opts)
+        with cp.traffic() as log:
+            ssm.cross_entropy(x, y, **opts)
+            ssm.spatial_softmax_with_loss(x, y, **opts)
+        alone, full = [k for k in log if k.name.startswith("sswl_fwd")]
+        assert alone.store_bytes < 1024, alone  # per-block partial sums only
+        assert full.store_bytes >= x.nbytes
+        assert alone.load_bytes <= full.load_bytes - x.nbytes, (alone, full)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "batch"])
@@ -734,7 +794,9 @@ def test_no_host_synchronisation_with_validate_false(rng):
                                                validate=False)
             floss, _ = ssm.spatial_softmax_with_loss_and_grad(x, y, w, d_loss,
                                                               reduction=reduction, validate=False)
-            losses += [loss, floss]
+            alone = ssm.cross_entropy(x, y, w, reduction=reduction, validate=False,
+                                      label_smoothing=0.1, loss="kl")
+            losses += [loss, floss, alone]
             ssm.softmax(x)
             ssm.log_softmax(x)
     # the last reduction is "none": loss maps, read whole (float() takes only a size-1 array)

@@ -58,25 +58,34 @@ CASES = ["plain", "weights", "class_weights", "smoothing", "lens", "labels_all",
          "soft_all", "ignore_real_class"]
 
 
+def _loss_only(z, target, w, **opts):
+    """The loss, from ssm.cross_entropy for the KL divergence (the loss alone; both
+    functions get differentiated) and from the forward pass for the cross-entropy."""
+    if opts.get("loss") == "kl":
+        return ssm.cross_entropy(z, target, w, **opts)
+    return ssm.spatial_softmax_with_loss(z, target, w, **opts)[1]
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "kl"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("spatial", [(), (2, 3), (3,)], ids=["NC", "NCHW", "NCL"])
 @pytest.mark.parametrize("case", CASES)
-def test_loss_gradient_fd(rng, case, spatial, layout, reduction):
+def test_loss_gradient_fd(rng, case, spatial, layout, reduction, loss):
     N, C = 2, 4
     x = make_logits(rng, logits_shape(N, C, spatial, layout))
     target, w, opts = _case(rng, case, N, C, spatial, layout)
-    opts.update(layout=layout, reduction=reduction)
+    opts.update(layout=layout, reduction=reduction, loss=loss)
     if reduction == "none":
         d_loss = rng.standard_normal((N, *spatial))
 
         def f(z):
-            return float(np.sum(d_loss * ssm.spatial_softmax_with_loss(z, target, w, **opts)[1]))
+            return float(np.sum(d_loss * _loss_only(z, target, w, **opts)))
     else:
         d_loss = 0.7
 
         def f(z):
-            return d_loss * float(ssm.spatial_softmax_with_loss(z, target, w, **opts)[1])
+            return d_loss * float(_loss_only(z, target, w, **opts))
 
     numeric = numerical_gradient(f, x)
     f0 = f(x)

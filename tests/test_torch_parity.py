@@ -117,3 +117,52 @@ def test_batch_reduction_is_sum_over_n(rng):
     loss, g = ssm.spatial_softmax_with_loss_and_grad(x, y, label_smoothing=0.1, reduction="batch")
     assert_close(loss, tsum / 3, np.float64, scale=10)
     assert_close(g, tgrad / 3, np.float64, scale=1)
+
+
+# ---- loss="kl" against F.kl_div(log_softmax(x), t) ---------------------------------------
+
+KL_REDUCTIONS = {"sum": "sum", "batch": "batchmean", "none": "none", "mean": "none"}
+
+
+def torch_kl_and_grad(x, t, d_loss, reduction):
+    """F.kl_div on log-probabilities, reduced as ssm reduces (its "none" map is summed over
+    the class axis; ssm's "mean" over pixels is that map's mean), and its gradient."""
+    xt = torch.tensor(x, requires_grad=True)
+    loss = F.kl_div(F.log_softmax(xt, dim=1), torch.tensor(t), reduction=KL_REDUCTIONS[reduction])
+    if reduction in ("none", "mean"):
+        loss = loss.sum(dim=1)
+        if reduction == "mean":
+            loss = loss.mean()
+    loss.backward(torch.as_tensor(d_loss, dtype=torch.float64).expand_as(loss))
+    return loss.detach().numpy(), xt.grad.numpy()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batch", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+@pytest.mark.parametrize("case", ["probs", "probs_with_zeros", "lens"])
+def test_kl_div_parity(rng, case, shape, reduction):
+    N, C = shape[:2]
+    pix = (N, *shape[2:])
+    x = make_logits(rng, shape)
+    if case == "lens":
+        lens = rng.random((C, C)) ** 2
+        lens[:, 0] = 0  # zeros in the target: 0 log 0 = 0
+        lens /= lens.sum(axis=1, keepdims=True)
+        target = rng.integers(0, C, size=pix)
+        t = np.moveaxis(lens[target], -1, 1)
+        opts = {"lens": lens}
+    else:
+        t = make_soft_targets(rng, shape)
+        if case == "probs_with_zeros":
+            t[:, 1] = 0
+            t /= t.sum(axis=1, keepdims=True)
+        target, opts = t, {}
+    d_loss = rng.random(pix) if reduction == "none" else 0.6
+    tloss, tgrad = torch_kl_and_grad(x, t, d_loss, reduction)
+    loss, grad = ssm.spatial_softmax_with_loss_and_grad(x, target, None, d_loss, loss="kl",
+                                                        reduction=reduction, **opts)
+    alone = ssm.cross_entropy(x, target, loss="kl", reduction=reduction, **opts)
+    scale = np.max(ref.sswl_loss_scale(x, target, reduction=reduction, loss="kl", **opts))
+    assert_close(loss, tloss, np.float64, scale=scale)
+    assert alone.tobytes() == loss.tobytes()
+    assert_close(grad, tgrad, np.float64, scale=np.abs(tgrad).max())

@@ -606,3 +606,38 @@ def test_out_says_what_is_accepted(data):
                                         r"\(GPU\), or a writeable array of another library "
                                         r"with __dlpack__; got list"):
         ssm.softmax(x, out=x.tolist())
+
+
+# ---------------------------------------------------------------- loss=, and the loss alone
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS + ["cross_entropy"])
+@pytest.mark.parametrize("value", ["KL", "kl_div", "focal", "", None, 1])
+def test_loss_unknown(data, name, value):
+    x, y = data
+    with pytest.raises(ValueError, match=r"^loss: .* is not one of 'cross_entropy', 'kl'$"):
+        _call(name, x, y, loss=value)
+
+
+@pytest.mark.parametrize("name", LOSS_FUNCS + ["cross_entropy"])
+def test_loss_choices_accepted(data, name):
+    x, y = data
+    for value in ("cross_entropy", "kl"):
+        _call(name, x, y, label_smoothing=0.1, loss=value)
+
+
+def test_cross_entropy_checks_as_the_forward_pass(data):
+    x, y = data
+    with pytest.raises(TypeError, match=r"^logits: .*int32"):
+        ssm.cross_entropy(x.astype(np.int32), y)
+    with pytest.raises(ValueError, match=r"^reduction: .*'avg'"):
+        ssm.cross_entropy(x, y, reduction="avg")
+    with pytest.raises(ValueError, match=r"^lens: "):
+        ssm.cross_entropy(x, make_soft_targets(np.random.default_rng(0), x.shape, x.dtype),
+                          lens=np.eye(C))
+    bad = y.copy()
+    bad.flat[7] = C
+    with pytest.raises(ValueError, match=rf"^target: .*\b{C}\b"):
+        ssm.cross_entropy(x, bad)
+    with pytest.raises(TypeError, match="out"):
+        ssm.cross_entropy(x, y, out=np.empty_like(x))  # nothing of the logits' size to write

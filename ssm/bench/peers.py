@@ -34,7 +34,11 @@ def ssm_calls(ssm, pb, threads, **kw):
         return ssm.spatial_softmax_with_loss_and_grad(pb.x[i], pb.y[i], ignore_index=ig,
                                                       out=pb.out[i], threads=threads, **kw)
 
-    return {"softmax": softmax, "forward": forward, "backward": backward, "fused": fused}
+    def loss(i):
+        return ssm.cross_entropy(pb.x[i], pb.y[i], ignore_index=ig, threads=threads, **kw)
+
+    return {"softmax": softmax, "forward": forward, "backward": backward, "fused": fused,
+            "loss": loss}
 
 
 def copy_call(pb, threads, pool):
@@ -116,7 +120,9 @@ def numpy_calls(pb):
         numpy_grad_inplace(pb.out[i], pb.y[i], pb.ignore_index)
         return loss
 
-    return {"softmax": softmax, "forward": forward, "backward": backward, "fused": fused}
+    # the loss alone: NumPy has no pass without the probabilities (the forward's row)
+    return {"softmax": softmax, "forward": forward, "backward": backward, "fused": fused,
+            "loss": forward}
 
 
 def torch_bridge(torch, device):
@@ -153,7 +159,9 @@ def torch_calls(torch, pb, device="cpu"):
         loss = F.cross_entropy(leaves[i], ys[i], ignore_index=ig)
         return loss, torch.autograd.grad(loss, leaves[i])[0]
 
-    return {"softmax": softmax, "forward": forward, "backward": backward, "fused": fused}
+    # the loss alone is torch's forward (F.cross_entropy returns the loss only)
+    return {"softmax": softmax, "forward": forward, "backward": backward, "fused": fused,
+            "loss": forward}
 
 
 class SklearnFused:
@@ -224,7 +232,8 @@ def check_agreement(ssm, pb, torch=None, sk=None, device="cpu"):
     x, y, ig = pb.x[0], pb.y[0], pb.ignore_index
     loss, dx = ssm.spatial_softmax_with_loss_and_grad(x, y, ignore_index=ig, threads=1)
     found = {"ssm forward": (float(ssm.spatial_softmax_with_loss(x, y, ignore_index=ig)[1]),
-                             None)}
+                             None),
+             "ssm loss alone": (float(ssm.cross_entropy(x, y, ignore_index=ig)), None)}
     if device == "cpu":
         p = np.empty_like(x)
         m, s = numpy_softmax(x, p)

@@ -8,7 +8,8 @@ import json
 from .machine import machine_info, versions
 from .peers import GRAD_RTOL
 from .timing import BUSY_CORES, MAX_REPS, MIN_LOAD_WINDOW_S, WARMUP
-from .workloads import COPY_OP, FLOORS, IGNORE_FRACTION, IMPLS, OPS, READ_OP, SEED
+from .workloads import (COPY_OP, FLOORS, IGNORE_FRACTION, IMPLS, OPS, READ_ONLY_OPS, READ_OP,
+                        SEED)
 
 WIDE_SPREAD = 0.5                # (max - min) / median above this flags a row
 NOISY_ROWS = 0.25                # warn when more than this fraction of rows is flagged ~
@@ -27,9 +28,11 @@ def floor_rows(rows):
 
 def derive(rows):
     """Per row: GB/s, floor (and which), x floor, speedup and efficiency (vs its own lowest
-    thread count) and the peer's time over ssm's at the same thread count. A read row's
-    floor is itself (the read floor of a pass that writes nothing of X's size)."""
+    thread count) and the peer's time over ssm's at the same thread count. A pass that
+    writes nothing of X's size (READ_ONLY_OPS: the read itself, the loss alone) has the
+    read floor at its thread count (a copy floor where no read was timed: the GPU)."""
     copies = floor_rows(rows)
+    reads = {r.threads: r for r in rows if r.op == READ_OP}
     base = {}
     for r in rows:
         key = (r.op, r.impl)
@@ -43,7 +46,8 @@ def derive(rows):
              "max_ms": r.max_ms, "iqr_ms": list(r.quartiles_ms()),
              "gbps": r.nbytes / r.median_ms / 1e6, "other_cores": r.other_cores,
              "spread": r.spread, "times_ms": [t / 1e6 for t in r.times_ns]}
-        cp = r if r.op == READ_OP else copies.get(r.threads)
+        cp = (reads.get(r.threads) or copies.get(r.threads) if r.op in READ_ONLY_OPS
+              else copies.get(r.threads))
         d["floor"] = cp.impl if cp else None
         d["floor_ms"] = cp.median_ms * r.nbytes / cp.nbytes if cp else None
         d["x_floor"] = r.median_ms / d["floor_ms"] if cp else None
@@ -155,9 +159,11 @@ def summary_lines(derived, checks, notes, loads):
         lines.append(f"Checked once: every loss agrees with ssm's (worst rel {worst:.1e}) and "
                      f"every gradient to {GRAD_RTOL:g} of max|dX|.")
     lines += notes
-    floors = {d["floor"] for d in derived if d["op"] != READ_OP} - {None}
+    floors = {d["floor"] for d in derived if d["op"] not in READ_ONLY_OPS} - {None}
     which = ("the streaming copy (non-temporal stores)" if floors == {"stream"}
              else "the copy" if floors == {"copy"} else "the streaming copy, else the copy")
+    if any(d["op"] in READ_ONLY_OPS and d["op"] != READ_OP for d in derived):
+        which += " (the read for the loss alone, which writes nothing of X's size)"
     lines.append(f"Columns: floor = {which} at the same threads scaled to the op's bytes; "
                  "x floor = median / floor; speedup and eff vs the same impl's lowest thread "
                  "count; x ssm = time / ssm's time at the same threads; other = foreign "

@@ -38,7 +38,8 @@ def traffic_lines(ssm, dtype=np.float32):
                      "backward": lambda: ssm.spatial_softmax_with_loss_grad(
                          prob, yd, layout=layout, validate=False),
                      "fused": lambda: ssm.spatial_softmax_with_loss_and_grad(
-                         xd, yd, layout=layout, validate=False)}
+                         xd, yd, layout=layout, validate=False),
+                     "loss": lambda: ssm.cross_entropy(xd, yd, layout=layout, validate=False)}
             for op, call in calls.items():
                 with cudasim.traffic() as log:
                     call()

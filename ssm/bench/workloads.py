@@ -24,10 +24,13 @@ OPS = {
     "forward": ("loss forward (X, y -> P, loss)", 2, 1),
     "backward": ("loss backward (P, y -> dX)", 2, 1),
     "fused": ("fused loss+grad (X, y -> loss, dX)", 2, 1),
+    "loss": ("loss alone (X, y -> loss)", 1, 1),
 }
 COPY_OP = "copy"   # impls: "copy" (np.copyto, device copy), "stream" (non-temporal stores)
 READ_OP = "read"   # impl "read": every byte of X read once
 FLOORS = {COPY_OP: 2, READ_OP: 1}  # their bytes, in X
+# Passes that write nothing of X's size: their floor is the read floor, not a copy's.
+READ_ONLY_OPS = frozenset({READ_OP, "loss"})
 IMPLS = ("ssm", "torch", "numpy", "sklearn")
 IGNORE_FRACTION = 0.05
 SEED = 20261123

@@ -4,7 +4,8 @@
  * Kernels (T: ssm_half, float, double; L: the label type, unsigned char / int / long long,
  * or T itself for soft targets; `group`, an argument: 1 = strided channels, 32 = rows):
  *   sswl_stats<T, L>          label pre-pass: per-block sum of n_p and first bad label index
- *   sswl_fwd<T, L>            prob and per-pixel loss (map and per-block float64 sums);
+ *   sswl_fwd<T, L>            prob and per-pixel loss (map and per-block float64 sums),
+ *                             or the loss alone (out == nullptr: no sweep 3);
  *                             with want_grad = 1 it is sswl_fwd_bwd, the fused loss and
  *                             dlogits in one pass (and prob if out2 is given)
  *   sswl_bwd<T, L>            dlogits from prob
@@ -17,6 +18,7 @@
  *   a_c = w * cw_c * t_c,  A = sum_c a_c,  q_c = exp(x_c - m) / s
  *   sparse targets (plain labels): l = a * min(m - x_y + log s, loss_cap), a = w * cw_y
  *   dense targets (soft, lens, smoothing): l = a * (A (m + log s) - sum_c a_c x_c)
+ *   loss == SSM_KL adds a * sum_c a_c log t_c to a dense target's l (a one-hot t adds 0)
  *   gradient dx_c = g (A q_c - a_c), g = (d_loss / divisor) * d_loss_map[p] (grad_scale)
  * Ignored pixels have loss and gradient exactly 0; a label outside [0, C) that is not
  * ignore_index is never used as an index: its pixel's loss and gradient are NaN, and the
@@ -28,6 +30,10 @@
  * normaliser from sswl_stats), so no kernel argument ever needs a device-to-host read.
  */
 #include "common.cuh"
+
+/* the per-pixel criteria: the values of ssm._codes.Loss (as SSM_CROSS_ENTROPY, SSM_KL in
+   ssm/_kernels.h) */
+enum { SSM_LOSS_CROSS_ENTROPY = 0, SSM_LOSS_KL = 1 };
 
 /* ---- per-pixel helpers ---------------------------------------------------------------- */
 
@@ -69,8 +75,26 @@ __device__ __forceinline__ void stage_pixel(const L* __restrict__ target, const 
     }
 }
 
-/* Dense target weight a_c = w * cw_c * ((1 - e) * base_c + e / C) of class c, base the soft
-   target (at element `elem`), the lens row of cls, or one-hot(cls); 0 if cls < 0. */
+/* Dense target distribution t_c = (1 - e) * base_c + e / C of class c, base the soft target
+   (at element `elem`), the lens row of cls, or one-hot(cls); 0 if cls < 0. */
+template <typename T, typename L>
+__device__ __forceinline__ acc_t<T> class_dist(const L* __restrict__ target,
+                                               const T* __restrict__ lens, long long elem, int c,
+                                               int C, int cls, acc_t<T> keep, acc_t<T> spread)
+{
+    typedef acc_t<T> A;
+    A b;
+    if constexpr (same_type<T, L>::value) {
+        b = to_acc(target[elem]);
+    } else {
+        if (cls < 0)
+            return 0;
+        b = lens != nullptr ? to_acc(lens[(long long)cls * C + c]) : (A)(cls == c);
+    }
+    return keep * b + spread;
+}
+
+/* Dense target weight a_c = w * cw_c * t_c (class_dist); 0 if cls < 0. */
 template <typename T, typename L>
 __device__ __forceinline__ acc_t<T> class_target(const L* __restrict__ target,
                                                  const T* __restrict__ cw,
@@ -80,15 +104,11 @@ __device__ __forceinline__ acc_t<T> class_target(const L* __restrict__ target,
 {
     typedef acc_t<T> A;
     const A cwc = cw != nullptr ? to_acc(cw[c]) : (A)1;
-    A b;
-    if constexpr (same_type<T, L>::value) {
-        b = to_acc(target[elem]);
-    } else {
+    if constexpr (!same_type<T, L>::value) {
         if (cls < 0)
             return 0;
-        b = lens != nullptr ? to_acc(lens[(long long)cls * C + c]) : (A)(cls == c);
     }
-    return wv * cwc * (keep * b + spread);
+    return wv * cwc * class_dist(target, lens, elem, c, C, cls, keep, spread);
 }
 
 /* ---- sswl_stats ----------------------------------------------------------------------- */
@@ -131,7 +151,10 @@ sswl_stats(const L* __restrict__ target, const T* __restrict__ w, const T* __res
 /* One group of `group` threads owns one pixel at a time: reads its C logits once (the sweeps'
    re-reads hit L1/L2), writes its C outputs, its loss to loss_map[p] (if given), and the
    block's float64 loss sum to partials[blockIdx.x].
-   want_grad == 0 (sswl_fwd): `out` = prob.
+   want_grad == 0 (sswl_fwd): `out` = prob, or nullptr for the loss alone (sweep 3 skipped).
+   loss: SSM_LOSS_CROSS_ENTROPY, or SSM_LOSS_KL (a log per element of a dense target: the
+   kernel is bound by memory traffic, so the log costs less here than a per-label table,
+   its launch and its scratch would; the CPU uses such a table).
    want_grad == 1 (sswl_fwd_bwd, the fused loss and gradient): `out` = dlogits, and
    `out2` = prob if given. One kernel for both, as ssm_sswl_tile on the CPU: the flag only
    changes the epilogue, and a second kernel would double the compile time. */
@@ -140,7 +163,7 @@ __global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
 sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restrict__ w,
          const T* __restrict__ cw, const T* __restrict__ lens, const T* __restrict__ d_loss_map,
          long long outer, int C, long long inner, int group, long long ignore_index,
-         double smoothing, double loss_cap, int want_grad, double d_loss,
+         double smoothing, double loss_cap, int want_grad, int loss, double d_loss,
          const double* __restrict__ d_loss_ptr, double divisor,
          const double* __restrict__ divisor_ptr,
          T* __restrict__ out, T* __restrict__ out2, T* __restrict__ loss_map,
@@ -181,7 +204,8 @@ sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restr
                relative to the terms) would not cancel against A (m + log s), and a loss that
                is exactly 0 (C = 1) would come out as ~1e-7 */
             A s = 0, asum = 0;
-            double ax = 0.0;
+            double ax = 0.0, ent = 0.0;
+            const bool kl = loss == SSM_LOSS_KL;
             for (int c = lane; c < C; c += group) {
                 const A v = to_acc(xr[c * inner]);
                 const A ac = class_target(target, cw, lens, base + c * inner, c, C, cls, wv, keep,
@@ -189,19 +213,24 @@ sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restr
                 s += ssm_exp(v - m);
                 asum += ac;
                 ax += ac != 0 ? (double)ac * (double)v : 0.0;  /* 0 log 0 = 0 */
+                if (kl && ac != 0)  /* sum_c a_c log t_c, 0 log 0 = 0 */
+                    ent += (double)ac * (double)ssm_log(class_dist(target, lens, base + c * inner,
+                                                                   c, C, cls, keep, spread));
             }
             s = group_reduce(s, op_sum(), group);
             asum = group_reduce(asum, op_sum(), group);
             ax = group_reduce(ax, op_sum(), group);
+            if (kl)
+                ent = group_reduce(ent, op_sum(), group);
             const A ls = ssm_log(s);
-            const double l = (double)asum * ((double)m + (double)ls) - ax;
+            const double l = (double)asum * ((double)m + (double)ls) - ax + ent;
             lp = a == 0 ? 0.0 : (double)a * l;
             r = (A)1 / s;
             f = want_grad && a != 0 ? g * a * asum * r : (A)0;  /* 0 when inactive, as above */
         }
 
         /* sweep 3: the epilogue; rows of inactive pixels (f == 0) are exactly 0 */
-        for (int c = lane; c < C; c += group) {
+        for (int c = lane; c < C && (want_grad || out != nullptr); c += group) {
             const long long e_off = c * inner;
             const A e = ssm_exp(to_acc(xr[e_off]) - m);
             if (!want_grad) {
