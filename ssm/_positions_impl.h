@@ -207,23 +207,8 @@ SSM_INLINE double SSM_SFX(ssm_pos_exp2_sep)(const R *restrict x, R *restrict e, 
     return t;
 }
 
-/* Copy a row of n elements to memory with non-temporal stores (large outputs: the lines
-   go to DRAM without first being read into the cache, as a plain store would). The
-   caller orders them with an sfence before its tile ends. */
-SSM_INLINE void SSM_SFX(ssm_pos_stream_row)(R *dst, const R *src, ptrdiff_t n)
-{
-#if defined(__SSE2__)
-    ptrdiff_t j = 0, per = 16 / (ptrdiff_t)sizeof(R);
-    for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
-        dst[j] = src[j];
-    for (; j + per <= n; j += per)
-        _mm_stream_si128((__m128i *)(dst + j), _mm_loadu_si128((const __m128i *)(src + j)));
-    for (; j < n; j++)
-        dst[j] = src[j];
-#else
-    memcpy(dst, src, (size_t)n * sizeof(R));
-#endif
-}
+/* Rows of large outputs are copied out with ssm_stream_row (_kernels_impl.h): non-temporal
+   stores, ordered by the caller's sfence before its tile ends. */
 
 /* The 2-D soft-argmax (D == 2, no variance) in three sweeps: the max, exp with its three
    sums, and (EXPECT_BWD) dx, written to `out` or, when `stream`, to h and streamed out. */
@@ -270,7 +255,7 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
             for (l = 0; l < n; l++)
                 o[l] = p[l] * rs;
             if (stream)
-                SSM_SFX(ssm_pos_stream_row)(out, h, n);
+                SSM_SFX(ssm_stream_row)(out, h, n);
         }
         return;
     }
@@ -303,7 +288,7 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
                 dts += SSM_SFX(ssm_pos_dtemp_sum)(o + c0, x + c0, m, it, P->from_prob,
                                                   c1 - c0);
             if (stream)
-                SSM_SFX(ssm_pos_stream_row)(out + c0, h, c1 - c0);
+                SSM_SFX(ssm_stream_row)(out + c0, h, c1 - c0);
         }
         if (P->dtemp)
             P->dtemp[r] = -dts;
@@ -441,7 +426,7 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_
                 SSM_SFX(ssm_pos_row)(P, op, r, x + r * L, x2 ? x2 + r * L : NULL,
                                      stream ? o : dst, e, h);
                 if (stream)
-                    SSM_SFX(ssm_pos_stream_row)(dst, o, L);
+                    SSM_SFX(ssm_stream_row)(dst, o, L);
             }
         }
 #if defined(__SSE2__)
