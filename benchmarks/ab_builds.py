@@ -1,0 +1,94 @@
+"""A/B of ssm builds in alternating processes: which build is faster, on a shared machine.
+
+Each build is a folder holding an ``ssm`` package with its extension built in place
+(``git worktree add /tmp/base REV && cd /tmp/base && python setup.py build_ext --inplace``),
+or ``installed`` for the ssm this Python imports. Per case and round, every build runs in
+its own fresh process (order reversed every other round, so that neither always goes
+first), times ``--calls`` calls after three warm-up calls and reports their median; the
+table gives the median over rounds of those medians and the ratio to the first build.
+
+    python benchmarks/ab_builds.py --builds /tmp/base,installed --cases fused:1,fused:2
+
+Cases are ``op:threads`` with op one of fused, softmax, forward, loss, smooth, fused_nhwc,
+on the VOC-like workload (8x21x256x256 float32; NHWC: 8x256x256x21), ``out=`` given.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def one(op, threads, calls):
+    """Time one case in this process; print {"median": seconds}."""
+    import ssm
+    rng = np.random.default_rng(0)
+    shape, layout = ((8, 256, 256, 21), "NHWC") if op.endswith("_nhwc") else ((8, 21, 256, 256),
+                                                                            "NCHW")
+    x = (2 * rng.standard_normal(shape)).astype(np.float32)
+    y = rng.integers(0, 21, shape[:1] + shape[2:] if layout == "NCHW" else shape[:-1])
+    out = np.empty_like(x)
+    kw = dict(threads=threads, layout=layout)
+    calls_of = {
+        "fused": lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, **kw),
+        "fused_nhwc": lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, **kw),
+        "smooth": lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out,
+                                                                 label_smoothing=0.1, **kw),
+        "forward": lambda: ssm.spatial_softmax_with_loss(x, y, out=out, **kw),
+        "loss": lambda: ssm.cross_entropy(x, y, **kw),
+        "softmax": lambda: ssm.softmax(x, out=out, **kw),
+    }
+    f = calls_of[op]
+    for _ in range(3):
+        f()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"median": float(np.median(times))}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--builds", required=True, help="comma-separated folders, or 'installed'")
+    p.add_argument("--cases", default="fused:1,fused:2", help="comma-separated op:threads")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=15)
+    p.add_argument("--one", nargs=2, metavar=("OP", "THREADS"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        return one(a.one[0], int(a.one[1]), a.calls)
+    builds = [b.strip() for b in a.builds.split(",") if b.strip()]
+    envs = {}
+    for b in builds:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        if b != "installed":
+            env["PYTHONPATH"] = os.path.abspath(b)
+        envs[b] = env
+    here = os.path.abspath(__file__)
+    for case in a.cases.split(","):
+        op, threads = case.split(":")
+        medians = {b: [] for b in builds}
+        for r in range(a.rounds):
+            for b in (builds if r % 2 == 0 else builds[::-1]):
+                out = subprocess.run([sys.executable, here, "--builds", b, "--calls", str(a.calls),
+                                      "--one", op, threads], env=envs[b], cwd="/",
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    last = (out.stderr.strip().splitlines() or ["?"])[-1]
+                    raise SystemExit(f"{b}: case {case} failed: {last}")
+                medians[b].append(json.loads(out.stdout.strip().splitlines()[-1])["median"])
+        first = statistics.median(medians[builds[0]])
+        print(f"{op:11s} T={threads}  " + "  ".join(
+            f"{os.path.basename(b.rstrip('/')) or b} {statistics.median(v) * 1e3:7.2f} ms "
+            f"({statistics.median(v) / first:5.3f})" for b, v in medians.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
