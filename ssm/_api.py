@@ -178,24 +178,33 @@ def _loss_call(B, x, x_name, target, weights, *, ignore_index, class_weights, le
                      _threads.resolve(threads))
 
 
+def label_pass(L: _LossCall):
+    """(normaliser, lowest flat index of a bad label or -1) of a validated loss call: the
+    label pre-pass, without raising (ssm._distributed and ssm.dask use it per shard).
+
+    The normaliser is a float (CPU) or a 0-d float64 device array; reading the bad index
+    to the host (only with ``validate=True`` and labels) is the one synchronisation.
+    """
+    P = L.problem
+    soft = P.kind == Target.SOFT
+    if soft and P.weights is None:
+        return float(P.geom.n_pixels), -1
+    norm, bad = L.B.stats(P, L.threads)
+    return norm, (int(bad) if L.validate and not soft else -1)
+
+
 def _divisor(L: _LossCall):
     """What the summed loss is divided by, after the label pre-pass has checked the labels.
 
-    Raises the bad-label ValueError here, before any output is written. On the GPU the
-    "mean" normaliser is a 0-d device array; reading the bad label's index
-    (``int(bad)``, with ``validate=True``) is the call's one synchronisation.
+    Raises the bad-label ValueError here, before any output is written. The pre-pass runs
+    only where its result is used: for "mean", or to check labels.
     """
     P = L.problem
     g = P.geom
-    soft = P.kind == Target.SOFT
-    if soft and P.weights is None:
-        norm = float(g.n_pixels)
-    elif L.reduction == "mean" or (L.validate and not soft):
-        norm, bad = L.B.stats(P, L.threads)
-        if L.validate and not soft:
-            bad = int(bad)
-            if bad >= 0:
-                raise V.bad_label_error(P.target, bad, g.C, P.ignore_index)
+    if L.reduction == "mean" or (L.validate and P.kind != Target.SOFT):
+        norm, bad = label_pass(L)
+        if bad >= 0:
+            raise V.bad_label_error(P.target, bad, g.C, P.ignore_index)
     else:
         norm = 0.0
     if L.reduction == "mean":

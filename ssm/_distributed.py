@@ -26,25 +26,10 @@ import numpy as np
 
 from . import _threads
 from . import _validation as V
-from ._api import _backend, _LossCall, _loss_call
-from ._codes import Op, Target
+from ._api import _backend, _LossCall, _loss_call, label_pass
+from ._codes import Op
 from ._interop import accepts_dlpack
 from ._problem import Problem
-
-
-def label_pass(L: _LossCall):
-    """(normaliser, lowest flat index of a bad label or -1) of a validated loss call.
-
-    The label pre-pass of the single call (``_api._divisor``), without raising: the
-    normaliser is a float (CPU) or a 0-d float64 device array; reading the bad index to
-    the host (only with ``validate=True`` and labels) is the one synchronisation.
-    """
-    P = L.problem
-    soft = P.kind == Target.SOFT
-    if soft and P.weights is None:
-        return float(P.geom.n_pixels), -1
-    norm, bad = L.B.stats(P, L.threads)
-    return norm, (int(bad) if L.validate and not soft else -1)
 
 
 def normalizer_call(logits, target, weights, *, class_weights, ignore_index, layout,

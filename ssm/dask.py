@@ -55,8 +55,9 @@ except ImportError as exc:
                       "pip install 'ssm[dask]'") from exc
 
 from . import _validation as V
+from ._api import label_pass
 from ._codes import LABEL_KINDS, Op, Target
-from ._distributed import label_pass, normalizer_call, shard_pass
+from ._distributed import normalizer_call, shard_pass
 
 __all__ = [
     "log_softmax",

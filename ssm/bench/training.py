@@ -112,7 +112,8 @@ def run_training(ssm, shape, thread_counts, budget, *, use_torch=True, use_jax=T
     use_torch = use_torch and available("torch")
     use_jax = use_jax and available("jax")
     rows = []
-    cases = {RAW_CASE: None}
+    cases = {RAW_CASE: lambda: ssm.spatial_softmax_with_loss_and_grad(
+        xn, yn, ignore_index=IGNORE, out=out)}
     if use_torch:
         import torch
         cases.update(_torch_cases(xn, yn, compile_too))
@@ -132,8 +133,6 @@ def run_training(ssm, shape, thread_counts, budget, *, use_torch=True, use_jax=T
             ssm.set_num_threads(threads)
             if use_torch:
                 torch.set_num_threads(threads)
-            cases[RAW_CASE] = lambda: ssm.spatial_softmax_with_loss_and_grad(
-                xn, yn, ignore_index=IGNORE, out=out)
             times = time_rounds(cases, budget, progress)
             if not quiet:
                 print(file=sys.stderr)
