@@ -294,7 +294,8 @@ def test_channels_last_is_read_in_place(rng, monkeypatch, reduction, soft):
                         lambda *a, **k: seen.append((a[0], k["layout"])) or fused(*a, **k))
     d = torch.tensor(rng.random((2, 3, 4)) if reduction == "none" else 0.5)
     loss, grad = _loss_and_grad(st.cross_entropy, x, t, d, reduction=reduction)
-    assert seen[0][0].is_contiguous()  # the (N, H, W, C) view of x's memory, not a copy
+    view = seen[0][0]  # the (N, H, W, C) view of x's memory (a NumPy array), not a copy
+    assert view.shape == (2, 3, 4, 5) and view.flags.c_contiguous
     assert [layout for _, layout in seen] == ["NHWC"]
     want_loss, want_grad = _loss_and_grad(F.cross_entropy, x, t, d, reduction=reduction)
     torch.testing.assert_close(loss, want_loss)
