@@ -154,6 +154,12 @@ def _ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout)
                 reduction=reduction, label_smoothing=label_smoothing, layout=layout)
 
 
+def _on_cpu(input, target):
+    # (the parameters were moved to input's device; a target elsewhere takes the DLPack
+    # path, whose error names it)
+    return input.device.type == "cpu" and target.device.type == "cpu"
+
+
 def _host(*tensors):
     """CPU tensors (or None) as NumPy arrays sharing their memory: ssm's NumPy path takes
     them without the DLPack import and export of a foreign array (about 0.05 ms of CPU time
@@ -172,7 +178,7 @@ def _fwd_bwd(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss and its gradient with respect to ``input`` (for ``d_loss = 1``), one pass."""
     options = _ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout)
-    if input.device.type == "cpu":  # NumPy views in and out: no DLPack round trip
+    if _on_cpu(input, target):  # NumPy views in and out: no DLPack round trip
         loss, grad = ssm.spatial_softmax_with_loss_and_grad(
             *_host(input, target, pixel_weights), 1.0, out=_grad_buffer(input),
             **_host_options(options))
@@ -265,7 +271,7 @@ def _cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor,
                        label_smoothing: float, layout: str) -> torch.Tensor:
     """The loss alone (no gradient work)."""
     options = _ssm_options(weight, ignore_index, reduction, label_smoothing, lens, layout)
-    if input.device.type == "cpu":
+    if _on_cpu(input, target):
         _, loss = ssm.spatial_softmax_with_loss(*_host(input, target, pixel_weights),
                                                 **_host_options(options))
         loss = torch.from_numpy(np.asarray(loss))
