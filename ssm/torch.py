@@ -206,7 +206,12 @@ def _(input, target, weight, pixel_weights, lens, ignore_index, reduction, label
 def _setup_context(ctx, inputs, output):
     ctx.options = inputs[5:]
     # The gradient output is never differentiated: without this, autograd would fill a
-    # logits-sized tensor of zeros as its incoming gradient in every backward.
+    # logits-sized tensor of zeros as its incoming gradient in every backward. Marked so,
+    # it has no grad_fn, and holding it on ctx makes no reference cycle (ctx -> gradient ->
+    # its grad_fn -> ctx), which kept a graph whose backward never ran (or ran with
+    # another incoming gradient than 1) and its logits-sized gradient alive until the
+    # cyclic garbage collector came by.
+    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     if torch.compiler.is_compiling():  # traced: the saved gradient, scaled in backward
         ctx.grad = None

@@ -361,3 +361,30 @@ def test_the_gradient_memory_is_reused_only_once_nothing_uses_it(rng):
     del current, again
     kept = step(ys[2]).data_ptr()
     assert step(ys[3]).data_ptr() == kept  # and reuse resumes
+
+
+def test_a_dropped_or_scaled_step_frees_its_gradient_at_once(rng):
+    # No reference cycle holds a step's gradient: a loss dropped without backward, and a
+    # backward through a scaled loss (a gradient scaler's), free it without the cyclic
+    # garbage collector, so that the next step writes into the same memory.
+    import gc
+    x = torch.tensor(make_logits(rng, (2, 5, 128, 128), np.float64), requires_grad=True)
+    y = torch.tensor(make_labels(rng, (2, 128, 128), 5, ignore_index=-100))
+    st.cross_entropy(x, y).backward()
+    first = x.grad.data_ptr()
+    want = x.grad.clone()
+    gc.disable()
+    try:
+        x.grad = None
+        st.cross_entropy(x, y)  # dropped, no backward
+        st.cross_entropy(x, y).backward()
+        assert x.grad.data_ptr() == first
+        x.grad = None
+        (2.5 * st.cross_entropy(x, y)).backward()
+        torch.testing.assert_close(x.grad, 2.5 * want)
+        x.grad = None
+        st.cross_entropy(x, y).backward()
+        assert x.grad.data_ptr() == first
+    finally:
+        gc.enable()
+    torch.testing.assert_close(x.grad, want)
