@@ -14,9 +14,9 @@ The logits are a leaf tensor that requires grad (``.grad`` set to None before ea
 as ``optimizer.zero_grad()`` does). Cases alternate within each round (a slow moment of a
 shared machine hits all of them); medians. The minor page faults of each step (the
 process's, median) show what fresh memory a case pays for: XLA allocates every output
-afresh, PyTorch's CPU allocator returns large blocks to the system. PyTorch's and ssm's threads are set to the
-row's count; XLA's CPU thread pool cannot be limited after start-up (the JAX rows say
-how many cores it may use).
+afresh, PyTorch's CPU allocator returns large blocks to the system. PyTorch's and ssm's
+threads are set to the row's count; XLA's CPU thread pool cannot be limited after
+start-up (the JAX rows say how many cores it may use).
 """
 from __future__ import annotations
 
