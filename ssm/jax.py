@@ -34,6 +34,7 @@ except ImportError as exc:
 import numpy as np
 
 import ssm
+from ssm._pages import advise_huge
 
 try:  # zero-copy host callbacks (JAX 0.7 and later)
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -71,7 +72,10 @@ def _on_host(fill, structs, *args, alias=None):
     without it) ``pure_callback``, which copies the results into JAX's buffers."""
     if _buffer_callback is not None and jax.default_backend() == "cpu":
         def callback(ctx, outs, *bufs):
-            fill(tuple(np.from_dlpack(o) for o in outs), *map(_host_array, bufs))
+            outs = tuple(np.from_dlpack(o) for o in outs)
+            for o in outs:  # XLA's fresh output blocks: first touched by ssm (ssm/_pages.py)
+                advise_huge(o)
+            fill(outs, *map(_host_array, bufs))
 
         return _buffer_callback(callback, structs, vmap_method="sequential",
                                 input_output_aliases=alias)(*args)

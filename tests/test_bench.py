@@ -501,9 +501,12 @@ def test_training_step_lines_from_synthetic_rows():
                          ("F.cross_entropy eager", 0.080), ("F.cross_entropy compiled", 0.030),
                          ("ssm.jax jit(value_and_grad)", 0.020),
                          ("jax.nn jit(value_and_grad)", 0.050))]
+    rows[1]["minor_faults"] = 535
     lines = training.format_lines(rows, (8, 21, 256, 256))
     assert lines[0].startswith("Training step: loss + gradient") and "8x21x256x256" in lines[0]
-    assert lines[2].split()[-4:] == ["1", "5.00", "5.00-5.00", "7"]
+    assert lines[1].split()[-1] == "faults"
+    assert lines[2].split()[-5:] == ["1", "5.00", "5.00-5.00", "7", "-"]
+    assert lines[3].split()[-5:] == ["1", "10.00", "10.00-10.00", "7", "535"]
     (one,) = [line for line in lines if line.startswith("1 thread(s): ")]
     assert one == ("1 thread(s): ssm.torch vs F.cross_entropy eager: 8.00x; ssm.torch vs "
                    "F.cross_entropy compiled: 3.00x; ssm.jax vs jax.nn, both "
@@ -527,6 +530,7 @@ def test_training_step_mode(tmp_path, monkeypatch, capsys):
     assert rep["tool"] == "ssm.bench --training-step" and rep["argv"] == argv
     cases = [r["case"] for r in rep["rows"]]
     assert cases[0] == training.RAW_CASE and all(r["rounds"] >= 2 for r in rep["rows"])
+    assert all(type(r["minor_faults"]) is int and r["minor_faults"] >= 0 for r in rep["rows"])
     if importlib.util.find_spec("torch") is not None:
         assert {"ssm.torch eager", "F.cross_entropy eager"} <= set(cases)
         assert "ssm.torch compiled" not in cases

@@ -146,3 +146,37 @@ def test_training_loop_matches_optax(rng):
             losses[name].append(float(loss))
     assert losses["optax"][-1] < losses["optax"][0]
     np.testing.assert_allclose(losses["ssm"], losses["optax"], rtol=1e-5)
+
+
+def test_xla_gradient_blocks_are_advised_huge_pages(rng, monkeypatch):
+    # XLA allocates each output afresh; ssm advises huge pages on the ones it writes
+    # (ssm/_pages.py), the gradient included, before writing them.
+    seen = []
+    monkeypatch.setattr(sj, "advise_huge", lambda a: seen.append((a.shape, a.dtype)))
+    x = jnp.asarray(make_logits(rng, SHAPE, np.float32))
+    y = jnp.asarray(make_labels(rng, PIX, C, np.int32))
+    jax.block_until_ready(jax.jit(jax.value_and_grad(sj.cross_entropy))(x, y))
+    if sj._buffer_callback is not None and jax.default_backend() == "cpu":
+        assert (SHAPE, np.float32) in seen
+
+
+def test_advise_huge_marks_the_mapping():
+    # Linux records the advice as the "hg" flag of the mapping in /proc/self/smaps.
+    import mmap
+
+    from ssm import _pages
+    block = np.frombuffer(mmap.mmap(-1, 2 * _pages.HUGE_BYTES, flags=mmap.MAP_PRIVATE), np.uint8)
+    assert not _pages.advise_huge(block[:_pages.HUGE_BYTES - 1])  # small: left alone
+    if not _pages.advise_huge(block[1:]):  # not Linux, or no THP in this kernel
+        pytest.skip("madvise(MADV_HUGEPAGE) is not available here")
+    start = block.ctypes.data
+    with open("/proc/self/smaps") as f:
+        text = f.read()
+    for entry in text.split("\n")[:-1]:
+        if "-" in entry.split(" ")[0] and ":" not in entry.split(" ")[0]:
+            lo, hi = (int(v, 16) for v in entry.split(" ")[0].split("-"))
+            inside = lo <= start + mmap.PAGESIZE < hi
+        elif entry.startswith("VmFlags:") and inside:
+            assert " hg" in entry
+            return
+    pytest.fail("the block's mapping was not found in /proc/self/smaps")

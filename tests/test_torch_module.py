@@ -294,7 +294,8 @@ def test_channels_last_is_read_in_place(rng, monkeypatch, reduction, soft):
                         lambda *a, **k: seen.append((a[0], k["layout"])) or fused(*a, **k))
     d = torch.tensor(rng.random((2, 3, 4)) if reduction == "none" else 0.5)
     loss, grad = _loss_and_grad(st.cross_entropy, x, t, d, reduction=reduction)
-    assert seen[0][0].is_contiguous()  # the (N, H, W, C) view of x's memory, not a copy
+    view = seen[0][0]  # the (N, H, W, C) view of x's memory (a NumPy array), not a copy
+    assert view.shape == (2, 3, 4, 5) and view.flags.c_contiguous
     assert [layout for _, layout in seen] == ["NHWC"]
     want_loss, want_grad = _loss_and_grad(F.cross_entropy, x, t, d, reduction=reduction)
     torch.testing.assert_close(loss, want_loss)
@@ -360,3 +361,30 @@ def test_the_gradient_memory_is_reused_only_once_nothing_uses_it(rng):
     del current, again
     kept = step(ys[2]).data_ptr()
     assert step(ys[3]).data_ptr() == kept  # and reuse resumes
+
+
+def test_a_dropped_or_scaled_step_frees_its_gradient_at_once(rng):
+    # No reference cycle holds a step's gradient: a loss dropped without backward, and a
+    # backward through a scaled loss (a gradient scaler's), free it without the cyclic
+    # garbage collector, so that the next step writes into the same memory.
+    import gc
+    x = torch.tensor(make_logits(rng, (2, 5, 128, 128), np.float64), requires_grad=True)
+    y = torch.tensor(make_labels(rng, (2, 128, 128), 5, ignore_index=-100))
+    st.cross_entropy(x, y).backward()
+    first = x.grad.data_ptr()
+    want = x.grad.clone()
+    gc.disable()
+    try:
+        x.grad = None
+        st.cross_entropy(x, y)  # dropped, no backward
+        st.cross_entropy(x, y).backward()
+        assert x.grad.data_ptr() == first
+        x.grad = None
+        (2.5 * st.cross_entropy(x, y)).backward()
+        torch.testing.assert_close(x.grad, 2.5 * want)
+        x.grad = None
+        st.cross_entropy(x, y).backward()
+        assert x.grad.data_ptr() == first
+    finally:
+        gc.enable()
+    torch.testing.assert_close(x.grad, want)

@@ -12,14 +12,17 @@ PyTorch users write ``loss = F.cross_entropy(logits, target); loss.backward()``;
 
 The logits are a leaf tensor that requires grad (``.grad`` set to None before each step,
 as ``optimizer.zero_grad()`` does). Cases alternate within each round (a slow moment of a
-shared machine hits all of them); medians. PyTorch's and ssm's threads are set to the
-row's count; XLA's CPU thread pool cannot be limited after start-up (the JAX rows say
-how many cores it may use).
+shared machine hits all of them); medians. The minor page faults of each step (the
+process's, median) show what fresh memory a case pays for: XLA allocates every output
+afresh, PyTorch's CPU allocator returns large blocks to the system. PyTorch's and ssm's
+threads are set to the row's count; XLA's CPU thread pool cannot be limited after
+start-up (the JAX rows say how many cores it may use).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 import sys
 import time
 
@@ -87,19 +90,29 @@ def available(name):
     return importlib.util.find_spec(name) is not None
 
 
-def time_rounds(cases, budget, progress=lambda: None):
+def _minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_rounds(cases, budget, progress=lambda: None, faults=None):
     """Seconds per call of every case, in alternating rounds: at least MIN_ROUNDS, then
-    until ``budget`` seconds have passed."""
+    until ``budget`` seconds have passed. ``faults``, a dict, receives each case's minor
+    page faults per call."""
     for f in cases.values():  # warm-up: compilation, first touch, thread start
         f()
         f()
     times = {k: [] for k in cases}
+    if faults is not None:
+        faults.update({k: [] for k in cases})
     end = time.perf_counter() + budget
     while min(len(v) for v in times.values()) < MIN_ROUNDS or time.perf_counter() < end:
         for k, f in cases.items():
+            f0 = _minor_faults()
             t0 = time.perf_counter_ns()
             f()
             times[k].append((time.perf_counter_ns() - t0) * 1e-9)
+            if faults is not None:
+                faults[k].append(_minor_faults() - f0)
         progress()
     return times
 
@@ -133,13 +146,15 @@ def run_training(ssm, shape, thread_counts, budget, *, use_torch=True, use_jax=T
             ssm.set_num_threads(threads)
             if use_torch:
                 torch.set_num_threads(threads)
-            times = time_rounds(cases, budget, progress)
+            faults = {}
+            times = time_rounds(cases, budget, progress, faults)
             if not quiet:
                 print(file=sys.stderr)
             for name, v in times.items():
                 rows.append({"case": name, "threads": threads, "rounds": len(v),
                              "median_s": float(np.median(v)), "min_s": float(np.min(v)),
-                             "max_s": float(np.max(v))})
+                             "max_s": float(np.max(v)),
+                             "minor_faults": int(np.median(faults[name]))})
     finally:  # the process's thread settings as they were
         ssm._threads._default = saved[0]
         if use_torch:
@@ -159,10 +174,13 @@ def format_lines(rows, shape, use_torch=True, use_jax=True):
     lines = [f"Training step: loss + gradient as training code calls it, logits "
              f"{'x'.join(map(str, shape))} float32 NCHW (a leaf that requires grad), int64 "
              f"labels with 5% ignored ({IGNORE}); medians of alternating rounds.",
-             f"{'case':<30} {'thr':>3} {'median ms':>10} {'min-max ms':>17} {'rounds':>6}"]
+             f"{'case':<30} {'thr':>3} {'median ms':>10} {'min-max ms':>17} {'rounds':>6} "
+             f"{'faults':>7}"]
     for r in rows:
+        faults = r.get("minor_faults")
         lines.append(f"{r['case']:<30} {r['threads']:>3} {r['median_s'] * 1e3:>10.2f} "
-                     f"{r['min_s'] * 1e3:>8.2f}-{r['max_s'] * 1e3:<8.2f} {r['rounds']:>6}")
+                     f"{r['min_s'] * 1e3:>8.2f}-{r['max_s'] * 1e3:<8.2f} {r['rounds']:>6} "
+                     f"{'-' if faults is None else faults:>7}")
     pairs = [("F.cross_entropy eager", "ssm.torch eager", "ssm.torch vs F.cross_entropy eager"),
              ("F.cross_entropy compiled", "ssm.torch eager",
               "ssm.torch vs F.cross_entropy compiled"),
