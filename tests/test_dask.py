@@ -234,6 +234,19 @@ def test_bad_label_in_one_chunk_names_the_global_index(client, rng, split_c):
     assert "(2, 9, 4)" in str(single.value)
     with pytest.raises(ValueError, match=re.escape(str(single.value))):
         sdask.spatial_softmax_with_loss(xd, y)[0].compute(scheduler="threads")
+    # 18 pixel blocks: label pre-passes in groups of ssm.dask.LABEL_PASS_GROUP, the bad
+    # labels in the last group, then a lower one in the first
+    fine = da.from_array(x, chunks=(1, 40, 2, 13))
+    assert fine.numblocks[0] * fine.numblocks[2] > 2 * sdask.LABEL_PASS_GROUP
+    with pytest.raises(ValueError, match=re.escape(str(single.value))):
+        sdask.spatial_softmax_with_loss_and_grad(fine, y)[1].compute()
+    y[0, 3, 1] = 41
+    with pytest.raises(ValueError) as single:
+        ssm.spatial_softmax_with_loss(x, y)
+    assert "(0, 3, 1)" in str(single.value)
+    with pytest.raises(ValueError, match=re.escape(str(single.value))):
+        sdask.spatial_softmax_with_loss(fine, y)[1].compute()
+    y[0, 3, 1] = 0
     # validate=False: the bad pixels' loss is NaN, as in the single call
     Ld = sdask.spatial_softmax_with_loss(xd, y, validate=False, reduction="none")[1].compute()
     assert np.isnan(Ld[2, 9, 4]) and np.isnan(Ld[2, 10, 0]) and np.isfinite(Ld[0]).all()
