@@ -22,8 +22,12 @@ Two paths, chosen by the chunks of the class axis:
   vector body or its scalar remainder depends on the chunk's extent, and the kernels' exp
   is one inlined function with the same bits in both. Their log is glibc's (``logf``,
   ``log``, vectorised through libmvec, whose results can differ from the scalar ones by
-  an ulp): the loss map and log-softmax are within a few ulps at a chunk's edge. The
-  reduced loss differs from the single call's only by the order of the float64
+  an ulp): the loss map and log-softmax are within a few ulps at a chunk's edge. On the
+  GPU every thread runs the same exp and log, so the same holds for the log too, except
+  for a chunk one pixel wide per image with C > 4: its (n, C, 1) view takes the
+  contiguous-row kernel shape (a warp per pixel, the class sums in another order), a
+  few ulps from the single call's (seen on the simulator; the CPU has no such switch).
+  The reduced loss differs from the single call's only by the order of the float64
   sums (per-pixel values are those above): at most ``(k - 1) * 2**-53 * sum_p |l_p|``
   apart before the one final rounding to the logits' dtype. For a given chunking every
   result is bit-identical run to run (a fixed graph, sums in chunk order, no atomics).

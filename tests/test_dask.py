@@ -377,8 +377,9 @@ def _blocks(arr, cudasim, *extra):
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("case", [dict(), dict(weights=True, cw=True), dict(target="soft")],
-                         ids=["plain", "weights", "soft"])
+@pytest.mark.parametrize("case", [dict(), dict(weights=True, cw=True), dict(target="soft"),
+                                  dict(dtype=np.float64)],
+                         ids=["plain", "weights", "soft", "float64"])
 def test_device_chunks_on_the_simulator(rng, case):
     from ssm.testing import cudasim
     x, y, w, opts = _problem(rng, spatial=(8, 8), **case)
