@@ -43,8 +43,8 @@ Two paths, chosen by the chunks of the class axis:
 Cost: per chunk, the fused pass and one task per output read from it (the gradient, the
 loss's float64 sum; the backward pass alone is one task), and one label pre-pass task per
 ``LABEL_PASS_GROUP`` chunks. On a ``dask.distributed`` cluster every task costs the
-scheduler and a worker a round trip (about 0.2 ms on an idle machine, several ms on a
-loaded one), so chunks should be tens of MB (a few 256 x 256 images of 21 classes in
+scheduler and a worker a round trip (about 1 ms by Dask's documentation; 3 ms measured on
+a loaded 2-core machine), so chunks should be tens of MB (a few 256 x 256 images of 21 classes in
 float32, 5.5 MB each): then the chunks' passes outweigh it.
 
 A bad label in any chunk (``validate=True``) raises the single call's ``ValueError``,
@@ -82,8 +82,8 @@ __all__ = [
 ]
 
 # Chunks per label pre-pass task. Every task costs the distributed scheduler and a worker
-# a round trip (0.2 ms on an idle machine, several ms on a loaded one: more than the
-# pre-pass of a chunk of labels); the grouped labels are small beside the logits.
+# a round trip (about 1 ms, more on a loaded machine: more than the pre-pass of a chunk
+# of labels); the grouped labels are small beside the logits.
 LABEL_PASS_GROUP = 8
 
 
