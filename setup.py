@@ -1,6 +1,6 @@
 """Build of the ssm CPU extension; the only place with compiler flags.
 
--O3 -fno-math-errno -fopenmp lets gcc vectorise logf/exp through libmvec (see the
+-O3 -fno-math-errno -fopenmp lets gcc vectorise logf/log through libmvec (see the
 design block of ssm/_kernels.h); libm must be linked explicitly or the vector
 symbols are unresolved at import. -fno-trapping-math lets gcc if-convert the
 branches of the inlined exp (without it the AVX2 and SSE2 clones ran the exp

@@ -11,7 +11,7 @@
  *    shape, never on the thread count: per-tile float64 partial sums, added in tile
  *    order by the caller, make every reduction bit-identical for any thread count.
  * c) Inside a tile the math runs on channel-major [C][tile] blocks so that the inner
- *    loops walk contiguous pixels and vectorise (exp through libmvec, see below).
+ *    loops walk contiguous pixels and vectorise (exp inlined, log through libmvec).
  *    Strided channels (inner > 1) are read in place with channel stride `inner`
  *    (the rows two tiles ahead prefetched into L2) and written in place, or, for outputs larger
  *    than the caches, computed in scratch and written with non-temporal stores, which
@@ -40,9 +40,11 @@
  *    float64 at any C, and the plain float sum, bit for bit, for C <= 32. Per-pixel
  *    losses and every loss reduction are double.
  *
- * Vector exp/log without -ffast-math: glibc only declares the SIMD variants of expf,
- * exp, logf and log under __FAST_MATH__, so we declare them ourselves with
- * `omp declare simd`; with -fno-math-errno and -fopenmp gcc then calls libmvec.
+ * exp is ours, inlined (ssm_expf_nonpos, ssm_exp_nonpos: the same bits in vector and
+ * scalar code). Vector log without -ffast-math: glibc only declares the SIMD variants
+ * of logf and log under __FAST_MATH__, so we declare them ourselves with `omp declare
+ * simd`; with -fno-math-errno and -fopenmp gcc then calls libmvec (whose results can
+ * differ from the scalar log's in a loop's remainder by an ulp).
  * target_clones builds each tile driver for AVX-512, AVX2 and the x86-64 baseline,
  * picked once at load time (ifunc); everything below the drivers is always_inline,
  * so it is compiled for each clone. Only with gcc on x86-64 glibc (SSM_ISA_NAMES);
@@ -62,8 +64,6 @@
 
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) \
     && !defined(__FAST_MATH__) && !defined(SSM_NO_CLONES)
-#pragma omp declare simd notinbranch
-extern double exp(double);
 #pragma omp declare simd notinbranch
 extern float logf(float);
 #pragma omp declare simd notinbranch
@@ -125,6 +125,50 @@ SSM_INLINE float ssm_expf_nonpos(float x)
     k1 = k >> 1;                                /* k in [-150, 0]; garbage for NaN x */
     s1.u = (uint32_t)(k1 + 127) << 23;          /* shifted unsigned: defined for any k */
     s2.u = (uint32_t)(k - k1 + 127) << 23;
+    return p * s1.f * s2.f;
+}
+
+/* exp(x) for double x <= 0 (or NaN): ssm_expf_nonpos's scheme in double, for the same
+   reason and one more: gcc vectorises glibc's exp through libmvec in a loop's body but
+   calls the scalar exp in its remainder, and the two differ in the last bit for some
+   arguments, so a pixel's value depended on where the tile's extent put it (results
+   changed with the chunking of the array). Inlined, this is one function in vector and
+   scalar code alike (the same operations, fused the same way in a given clone).
+   x = k ln2 + r, |r| <= ln2/2 (ln2's high part has 32 bits: k * hi is exact for any
+   k here), e^r = 1 + r + r^2 g(r) with g of degree 9 (a Chebyshev fit of (e^r - 1 - r)
+   / r^2: 0.08 ulp of e^r; 0.95 ulp measured with FMA, 1.24 without: tests/test_exp.py),
+   scaled by 2^k in two steps so that results below DBL_MIN underflow gradually to
+   denormals, as exp does. x < -746 gives 0
+   (e^-745.2 rounds to 0), -inf gives 0, NaN gives NaN. Integer work in unsigned 64-bit
+   lanes, no arithmetic shift (AVX2 has none for 64-bit lanes). */
+SSM_INLINE double ssm_exp_nonpos(double x)
+{
+    const double shifter = 6755399441055744.0;  /* 1.5 * 2^52: round to nearest int */
+    union { double f; uint64_t u; } tb, s1, s2;
+    double t, kf, r, p;
+    uint64_t mk, h;
+    x = x < -746.0 ? -746.0 : x;
+    t = x * 1.4426950408889634 + shifter;
+    kf = t - shifter;
+    tb.f = t;                                   /* -k = kf, read off t's low bits */
+    mk = 0x4338000000000000u - tb.u;            /* -k in [0, 1077]; garbage for NaN x */
+    r = x - kf * 6.93147180369123816490e-01;    /* ln2, high part: exact product */
+    r = r - kf * 1.90821492927058770002e-10;    /* ln2, low part */
+    p = 2.510038549551032e-08;
+    p = p * r + 2.7620088445409746e-07;
+    p = p * r + 2.7557268459997064e-06;
+    p = p * r + 2.4801521295954376e-05;
+    p = p * r + 0.00019841269863053618;
+    p = p * r + 0.0013888888917213717;
+    p = p * r + 0.008333333333330062;
+    p = p * r + 0.04166666666662413;
+    p = p * r + 0.16666666666666669;
+    p = p * r + 0.5000000000000001;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    h = mk >> 1;                                /* 2^k = 2^-h 2^-(mk - h), both normal */
+    s1.u = (1023u - h) << 52;                   /* unsigned: defined for any mk */
+    s2.u = (1023u - (mk - h)) << 52;
     return p * s1.f * s2.f;
 }
 
@@ -407,7 +451,7 @@ static inline int ssm_cpu_has_avx(void)
 
 #define R double
 #define SSM_SFX(name) name##_d
-#define SSM_EXP exp
+#define SSM_EXP ssm_exp_nonpos
 #define SSM_LOG log
 #include "_kernels_impl.h"
 #undef R

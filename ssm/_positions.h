@@ -97,7 +97,7 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 
 #define R double
 #define SSM_SFX(name) name##_d
-#define SSM_EXP exp
+#define SSM_EXP ssm_exp_nonpos
 #define SSM_LOG log
 #include "_positions_impl.h"
 #undef R

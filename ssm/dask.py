@@ -17,12 +17,17 @@ Two paths, chosen by the chunks of the class axis:
   ``d_loss / divisor``, so the gradient is the single call's whenever the global
   normaliser is (always for unweighted labels and for "sum", "batch" and "none": a count
   or no normaliser; with float weights the two float64 sums differ only in their order,
-  a relative ``k * 2**-53`` at most for ``k`` partial sums), bit for bit in float32, and
-  so are the probabilities. The exceptions are the kernels' loop remainders: at a chunk's
-  edge a pixel may take the scalar path where the single call took the vector one, and
-  glibc's scalar ``exp``/``log`` (double) differ from libmvec's by an ulp or so: float64
-  gradients and probabilities, the float32 loss map and log-softmax are then within a few
-  ulps. The reduced loss differs from the single call's only by the order of the float64
+  a relative ``k * 2**-53`` at most for ``k`` partial sums), bit for bit in float32 and
+  float64, and so are the probabilities and softmax: which pixels fall in a kernel loop's
+  vector body or its scalar remainder depends on the chunk's extent, and the kernels' exp
+  is one inlined function with the same bits in both. Their log is glibc's (``logf``,
+  ``log``, vectorised through libmvec, whose results can differ from the scalar ones by
+  an ulp): the loss map and log-softmax are within a few ulps at a chunk's edge. On the
+  GPU every thread runs the same exp and log, so the same holds for the log too, except
+  for a chunk one pixel wide per image with C > 4: its (n, C, 1) view takes the
+  contiguous-row kernel shape (a warp per pixel, the class sums in another order), a
+  few ulps from the single call's (seen on the simulator; the CPU has no such switch).
+  The reduced loss differs from the single call's only by the order of the float64
   sums (per-pixel values are those above): at most ``(k - 1) * 2**-53 * sum_p |l_p|``
   apart before the one final rounding to the logits' dtype. For a given chunking every
   result is bit-identical run to run (a fixed graph, sums in chunk order, no atomics).
@@ -34,6 +39,13 @@ Two paths, chosen by the chunks of the class axis:
   no kernel for this: it is written in Dask array operations (NumPy or CuPy per chunk),
   in float64, and matches the single call to float tolerance. The normaliser and the
   label check are ssm's label pre-pass, as above.
+
+Cost: per chunk, the fused pass and one task per output read from it (the gradient, the
+loss's float64 sum; the backward pass alone is one task), and one label pre-pass task per
+``LABEL_PASS_GROUP`` chunks. On a ``dask.distributed`` cluster every task costs the
+scheduler and a worker a round trip (about 1 ms by Dask's documentation; 3 ms measured on
+a loaded 2-core machine), so chunks should be tens of MB (a few 256 x 256 images of 21 classes in
+float32, 5.5 MB each): then the chunks' passes outweigh it.
 
 A bad label in any chunk (``validate=True``) raises the single call's ``ValueError``,
 naming the label's index in the whole array (the lowest flat index wins), when the result
@@ -68,6 +80,11 @@ __all__ = [
     "spatial_softmax_with_loss_and_grad",
     "spatial_softmax_with_loss_grad",
 ]
+
+# Chunks per label pre-pass task. Every task costs the distributed scheduler and a worker
+# a round trip (about 1 ms, more on a loaded machine: more than the pre-pass of a chunk
+# of labels); the grouped labels are small beside the logits.
+LABEL_PASS_GROUP = 8
 
 
 # ---- arguments ---------------------------------------------------------------------
@@ -213,13 +230,22 @@ def _block_stats(y, w, *, C, cax, dtype, block, offset, shape, opts, validate, t
     return norm, (int(np.ravel_multi_index(index, shape)), value, index)
 
 
+def _group_stats(ys, ws, *, blocks, offsets, **kw):
+    """The label pre-pass of several pixel blocks in one task: their (normaliser, bad)
+    in chunk order."""
+    return [_block_stats(y, w, block=b, offset=o, **kw)
+            for y, w, b, o in zip(ys, ws, blocks, offsets)]
+
+
 def _ordered_sum(values):
     """The values added in the given (chunk) order: floats, or 0-d device arrays."""
     return functools.reduce(operator.add, values)
 
 
-def _combine_stats(stats, *, C, ignore_index, reduction, N, pixels):
-    """The global divisor from the blocks' label pre-passes; the lowest bad label raises."""
+def _combine_stats(groups, *, C, ignore_index, reduction, N, pixels):
+    """The global divisor from the blocks' label pre-passes (added in chunk order); the
+    lowest bad label raises."""
+    stats = [s for g in groups for s in g]
     bads = [b for _, b in stats if b is not None]
     if bads:
         _, value, index = min(bads)
@@ -260,16 +286,18 @@ def _divisor_graph(c: _Call):
     stats_name = "ssm-label-pass-" + name[len("ssm-divisor-"):]
     y, w = (None if c.soft else c.target), c.weights
     offs = _offsets(G.pixel_chunks)
+    pidxs = list(np.ndindex(*[len(ch) for ch in G.pixel_chunks]))
     skeys = []
-    for pidx in np.ndindex(*[len(ch) for ch in G.pixel_chunks]):
+    for g0 in range(0, len(pidxs), LABEL_PASS_GROUP):
+        group = pidxs[g0:g0 + LABEL_PASS_GROUP]
         f = functools.partial(
-            _block_stats, C=G.C, cax=G.cax, dtype=G.dtype,
-            block=tuple(ch[i] for ch, i in zip(G.pixel_chunks, pidx)),
-            offset=tuple(o[i] for o, i in zip(offs, pidx)),
+            _group_stats, C=G.C, cax=G.cax, dtype=G.dtype,
+            blocks=[tuple(ch[i] for ch, i in zip(G.pixel_chunks, pidx)) for pidx in group],
+            offsets=[tuple(o[i] for o, i in zip(offs, pidx)) for pidx in group],
             shape=G.g.pixel_shape, opts=c.opts, validate=c.validate, threads=c.threads)
-        skey = (stats_name, *pidx)
-        layer[skey] = (f, (y.name, *pidx) if y is not None else None,
-                       (w.name, *pidx) if w is not None else None)
+        skey = (stats_name, g0 // LABEL_PASS_GROUP)
+        layer[skey] = (f, [(y.name, *pidx) if y is not None else None for pidx in group],
+                       [(w.name, *pidx) if w is not None else None for pidx in group])
         skeys.append(skey)
     layer[key] = (functools.partial(_combine_stats, C=G.C, ignore_index=c.opts["ignore_index"],
                                     **kw), skeys)
@@ -285,9 +313,11 @@ def _scalar(graph_layer, key, deps, meta):
     return _array(key[0], graph_layer, deps, key[0], (), meta)
 
 
-def _block_pass(x, y, w, dmap, divisor, *, op, d, return_prob, loss_map, opts, threads):
-    return shard_pass(op, x, y, w, dmap if dmap is not None else d, divisor=divisor,
-                      return_prob=return_prob, loss_map=loss_map, threads=threads, **opts)
+def _block_pass(x, y, w, dmap, divisor, *, op, d, return_prob, loss_map, opts, threads,
+                only_out=False):
+    r = shard_pass(op, x, y, w, dmap if dmap is not None else d, divisor=divisor,
+                   return_prob=return_prob, loss_map=loss_map, threads=threads, **opts)
+    return r[1] if only_out else r
 
 
 def _fused(c: _Call, op, return_prob=False):
@@ -300,15 +330,23 @@ def _fused(c: _Call, op, return_prob=False):
     pname, oname, prname, tname, lname = (f"ssm-{s}-{token}" for s in
                                           ("pass", "out", "prob", "total", "loss"))
     want_map = c.reduction == "none"
+    # one task per chunk where only the output is wanted (the backward pass); else the
+    # pass's tuple, picked apart by a getitem per output (the loss's float64 sum too: the
+    # task that adds them must not fetch the tuples, which hold the chunks' gradients)
+    only_out = op == Op.SSWL_BWD and not return_prob
     f = functools.partial(_block_pass, op=op, d=c.d, return_prob=return_prob,
-                          loss_map=want_map, opts=c.opts, threads=c.threads)
+                          loss_map=want_map, opts=c.opts, threads=c.threads, only_out=only_out)
     tkeys = []
     for idx in np.ndindex(*x.numblocks):
         pidx = _pixel_index(idx, G.cax)
         ykey = (c.target.name, *(idx if c.soft else pidx))
         wkey = (c.weights.name, *pidx) if c.weights is not None else None
         mkey = (c.dmap.name, *pidx) if c.dmap is not None else None
-        layer[(pname, *idx)] = (f, (x.name, *idx), ykey, wkey, mkey, dkey)
+        task = (f, (x.name, *idx), ykey, wkey, mkey, dkey)
+        if only_out:
+            layer[(oname, *idx)] = task
+            continue
+        layer[(pname, *idx)] = task
         layer[(oname, *idx)] = (operator.getitem, (pname, *idx), 1)
         if return_prob:
             layer[(prname, *idx)] = (operator.getitem, (pname, *idx), 2)
@@ -337,18 +375,20 @@ def _fused(c: _Call, op, return_prob=False):
 
 def _with_outputs(graph, pname, names):
     """The graph with the keys of each output name moved out of layer ``pname`` into a
-    layer of that name (a Dask array's name must be a layer of its graph)."""
+    layer of that name (a Dask array's name must be a layer of its graph); the tasks of
+    the output layers may read any key of layer ``pname`` (the passes, the divisor), of
+    its dependencies (the inputs) and of the outputs before them."""
     layers, deps = dict(graph.layers), dict(graph.dependencies)
     tasks = dict(layers[pname])
-    for name in names:
+    made = set()
+    for name in names:  # a later output may read an earlier one (the loss, the totals)
         mine = {k: v for k, v in tasks.items() if k[0] == name}
         if mine:
             for k in mine:
                 del tasks[k]
             layers[name] = mine
-            deps[name] = {pname} | ({names[2]} if name == names[3] and
-                                    any(k[0] == names[2] for k in layers.get(names[2], {}))
-                                    else set())
+            deps[name] = {pname} | set(deps[pname]) | made
+            made.add(name)
     layers[pname] = tasks
     return HighLevelGraph(layers, deps)
 

@@ -194,6 +194,51 @@ def test_bitwise_identical_across_threads_and_runs(big_inputs, layout):
                  scale=ref.sswl_loss_scale(x, y, w, layout=layout))
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_pixels_split_anywhere_give_the_same_bits(rng, dtype, layout, soft):
+    """The same pixels computed in one array or cut into pieces at odd offsets (what
+    ssm.dask's chunks along N and space do) give the same probabilities and gradients, bit
+    for bit: which pixels fall in a vector loop's remainder depends on the extent, and
+    the kernels' exp is the same function in vector and scalar code (glibc's exp in
+    float64 was not: tests/test_exp.py). Not log-softmax and the loss map in float64,
+    whose log is libm's or libmvec's."""
+    n_pix, C = 997, 7
+    x, y, w, opts = _inputs(rng, dtype, (2, C, n_pix), soft)
+    opts.pop("lens", None)
+    if layout == "NHWC":  # rows (2 * 997, C), cut along the rows
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1)).reshape(-1, C)
+        y = np.ascontiguousarray(np.moveaxis(y, 1, -1)).reshape(-1, C) if soft \
+            else y.reshape(-1)
+        w = w.reshape(-1)
+        cuts = [0, 3, 10, 17, 130, 131, 500, 763, 1001, 1994]
+    else:
+        cuts = [0, 3, 10, 17, 130, 131, 500, 763, 997]
+    pix_axis = 0 if layout == "NHWC" else 2
+
+    def outputs(x, y, w):
+        p = ssm.softmax(x, layout=layout)
+        _, g, q = ssm.spatial_softmax_with_loss_and_grad(x, y, w, 0.5, reduction="sum",
+                                                         return_prob=True, layout=layout,
+                                                         **opts)
+        b = ssm.spatial_softmax_with_loss_grad(q, y, w, 0.5, reduction="sum", layout=layout,
+                                               **opts)
+        return p, g, q, b, ssm.softmax_grad(p, g, layout=layout)
+
+    def piece(a, lo, hi, axis):
+        return np.ascontiguousarray(np.take(a, np.arange(lo, hi), axis=axis))
+
+    whole = outputs(x, y, w)
+    parts = [outputs(piece(x, a, b, pix_axis),
+                     piece(y, a, b, pix_axis if soft else pix_axis - (layout == "NCHW")),
+                     piece(w, a, b, pix_axis - (layout == "NCHW")))
+             for a, b in zip(cuts, cuts[1:])]
+    for i, name in enumerate(("softmax", "grad", "prob", "backward grad", "softmax_grad")):
+        joined = np.concatenate([p[i] for p in parts], axis=pix_axis)
+        assert joined.tobytes() == whole[i].tobytes(), name
+
+
 def test_loss_bitwise_identical_soft_targets_across_threads(big_inputs):
     x, _, w = big_inputs
     t = make_soft_targets(np.random.default_rng(1), x.shape, np.float32)

@@ -8,8 +8,10 @@ call on one thread, under (a) the threaded scheduler with that many threads, (b)
 ``dask.distributed`` LocalCluster of that many worker processes of one thread, and (c) one
 worker process of that many threads. The chunks are in the workers' memory before the
 clock starts (``persist``), and the gradient stays there (``persist``; the loss is read
-back): what is timed is the graph (label pre-pass per chunk, the global normaliser, the
-fused pass per chunk, the loss), not moving data to it. Timed alternately (A/B), medians.
+back): what is timed is the graph (label pre-pass per group of chunks, the global
+normaliser, the fused pass per chunk, the loss), not moving data to it. Timed alternately
+(A/B), medians. On a cluster each task costs a scheduler round trip: ``--dask-chunk 4``
+shows how much of the gap larger chunks close.
 
 The single call allocates its gradient, as the chunks' calls do (a fresh 176 MB array is
 mapped and faulted in on every call, while the chunks' 5.5 MB arrays come back from the
