@@ -174,13 +174,27 @@ def logits_shape(N, C, spatial, layout):
 # ---------------------------------------------------------------- tolerances
 
 
+def is_half(dtype):
+    return np.dtype(dtype).name in V.HALF_DTYPE_NAMES
+
+
 def eps(dtype):
+    if np.dtype(dtype).name == "bfloat16":
+        import ml_dtypes
+        return float(ml_dtypes.finfo(dtype).eps)
     return float(np.finfo(dtype).eps)
 
 
 def tol(dtype, scale=1.0, factor=64):
     """``rtol`` and ``atol`` as ``factor`` eps of ``dtype``; ``atol`` is relative to ``scale``
-    (the magnitude of the terms that were summed)."""
+    (the magnitude of the terms that were summed). Half types are computed in float32 and
+    rounded once: ``factor`` float32 eps plus two half roundings (the output's, and that of
+    the class weights or lens, rounded to the logits' dtype as the inputs are: half an ulp
+    each, relative) and half the smallest float16 subnormal (absolute); not ``factor``
+    half eps."""
+    if is_half(dtype):
+        e = factor * eps(np.float32)
+        return {"rtol": e + eps(dtype), "atol": e * float(scale) + 2.0 ** -25}
     e = factor * eps(dtype)
     return {"rtol": e, "atol": e * float(scale)}
 
