@@ -359,6 +359,18 @@ KERNELS = {"float32": K_FLOAT, "float64": K_DOUBLE, "float16": K_FLOAT16,
            "bfloat16": K_BFLOAT16}
 
 
+def half_convert(src, bint bf16, bint software=False):
+    """The kernels' conversions, for tests: a C-contiguous uint16 array of float16 (or, with
+    ``bf16``, bfloat16) bits -> float32, or a float32 array -> uint16 bits; by the software
+    versions, or (``software=False``) by the path the kernels take on this CPU (F16C)."""
+    if src.dtype not in (np.uint16, np.float32) or not src.flags.c_contiguous:
+        raise TypeError("src: expected a C-contiguous uint16 or float32 array")
+    narrow = src.dtype == np.float32
+    dst = np.empty(src.shape, np.uint16 if narrow else np.float32)
+    ssm_half_convert(bf16, narrow, software, _ptr(src), <void *>_ptr(dst), src.size)
+    return dst
+
+
 def _widen(problem):
     """A half problem's per-pixel and small float inputs as float32 (ssm/_half.h reads
     them so; the logits, soft targets and outputs stay in the half type)."""
@@ -451,10 +463,11 @@ def run(int op, problem, threads):
     cdef int failed, team
     cdef bint capped, adaptive = threads[1]
     cdef double[::1] table
+    _fill(&P, problem)
     kind = KERNELS[problem.x.dtype.name]
     if kind >= K_FLOAT16:
         problem = _widen(problem)
-    _fill(&P, problem)
+        _fill(&P, problem)
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0
@@ -489,11 +502,12 @@ def stats(problem, threads):
     cdef double norm = 0.0
     cdef double[::1] partial
     cdef Py_ssize_t[::1] bads
+    _fill(&P, problem)
     kind = KERNELS[problem.x.dtype.name]
     if kind >= K_FLOAT16:  # reads labels and float32 weights: the float pre-pass
         problem = _widen(problem)
+        _fill(&P, problem)
     dbl = kind == K_DOUBLE
-    _fill(&P, problem)
     P.x = P.x2 = P.lens = P.d_loss_map = NULL  # the pre-pass reads labels and weights only
     P.out = P.out2 = P.loss_map = NULL
     ntiles = ssm_num_tiles(&P)

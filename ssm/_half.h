@@ -149,6 +149,33 @@ static inline size_t ssm_label_bytes(int kind)
     return kind == SSM_U8 ? 1 : kind == SSM_I32 ? 4 : kind == SSM_I64 ? 8 : 0;
 }
 
+/* Element-wise conversions, for the tests: half (bf16: bfloat16, else float16) to float
+   (narrow = 0) or back, by the software versions (software = 1) or by the path the drivers
+   take on this CPU. */
+static inline void ssm_half_convert(int bf16, int narrow, int software, const void *src,
+                                    void *dst, ptrdiff_t n)
+{
+    const uint16_t *h = (const uint16_t *)src;
+    const float *f = (const float *)src;
+    ptrdiff_t j;
+#if defined(SSM_F16C)
+    if (!bf16 && !software && ssm_cpu_has_f16c()) {
+        if (narrow)
+            ssm_f_to_f16_row_f16c(f, (uint16_t *)dst, n);
+        else
+            ssm_f16_to_f_row_f16c(h, (float *)dst, n);
+        return;
+    }
+#endif
+    (void)software;
+    for (j = 0; j < n; j++) {
+        if (narrow)
+            ((uint16_t *)dst)[j] = bf16 ? ssm_f_to_bf16(f[j]) : ssm_f_to_f16(f[j]);
+        else
+            ((float *)dst)[j] = bf16 ? ssm_bf16_to_f(h[j]) : ssm_f16_to_f(h[j]);
+    }
+}
+
 #define SSM_HSFX(name) name##_h
 #define SSM_H_TO_F ssm_f16_to_f
 #define SSM_F_TO_H ssm_f_to_f16

@@ -501,7 +501,7 @@ def check_caffe2_classes(shape: tuple, name: str) -> None:
 
 def check_caffe2_grad_output(shape: tuple, dtype: np.dtype, name: str) -> None:
     """The gradient of the loss: Caffe2 reads the first element of a float tensor."""
-    if dtype.kind != "f":
+    if not is_float(dtype):
         raise TypeError(f"{name}: dtype {dtype} is not a float dtype; expected the gradient "
                         f"of the loss, a float array whose first element is used")
     if math.prod(shape) < 1:
