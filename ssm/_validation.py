@@ -67,7 +67,7 @@ class _FloatDtypes(Mapping):
 FLOAT_DTYPES = _FloatDtypes({
     "cpu": (np.float16, np.float32, np.float64),
     "cuda": (np.float16, np.float32, np.float64),
-}, with_bfloat16=("cpu",))
+}, with_bfloat16=("cpu", "cuda"))
 HALF_DTYPE_NAMES = ("float16", "bfloat16")
 
 
