@@ -89,7 +89,8 @@ SHAPES = [(3, 5, ()), (2, 21, (9, 7)), (1, 150, (3, 11)), (2, 3, (1100,))]
 def _target(rng, kind, N, C, spatial, dtype, layout):
     if kind == "soft":
         return make_soft_targets(rng, logits_shape(N, C, spatial, layout), dtype, layout)
-    return make_labels(rng, (N, *spatial), C, dtype=kind, ignore_index=255 if kind == "uint8" else -1)
+    ignore = 255 if kind == "uint8" else -1
+    return make_labels(rng, (N, *spatial), C, dtype=kind, ignore_index=ignore)
 
 
 def _widened(a):
