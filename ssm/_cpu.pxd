@@ -47,6 +47,18 @@ cdef extern from "_kernels.h" nogil:
     double ssm_sswl_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
     double ssm_sswl_bwd_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf)
     double ssm_sswl_bwd_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf)
+    # half-width logits (ssm/_half.h): _h float16, _b bfloat16; float32 scratch
+    size_t ssm_half_scratch_bytes(const ssm_problem *P)
+    void ssm_half_convert(int bf16, int narrow, int software, const void *src, void *dst,
+                          Py_ssize_t n)
+    double ssm_softmax_fwd_tile_h(const ssm_problem *P, Py_ssize_t t, void *buf, int logspace)
+    double ssm_softmax_fwd_tile_b(const ssm_problem *P, Py_ssize_t t, void *buf, int logspace)
+    double ssm_softmax_bwd_tile_h(const ssm_problem *P, Py_ssize_t t, void *buf)
+    double ssm_softmax_bwd_tile_b(const ssm_problem *P, Py_ssize_t t, void *buf)
+    double ssm_sswl_tile_h(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
+    double ssm_sswl_tile_b(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
+    double ssm_sswl_bwd_tile_h(const ssm_problem *P, Py_ssize_t t, void *buf)
+    double ssm_sswl_bwd_tile_b(const ssm_problem *P, Py_ssize_t t, void *buf)
 
 
 # Declarations of the softmax-over-positions kernels (ssm/_positions.h).

@@ -82,8 +82,34 @@ cdef inline const void *_ptr(object a):
     return cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef inline double _tile(const ssm_problem *P, int op, bint dbl, Py_ssize_t t,
+# kernel families (KERNELS below)
+cdef enum:
+    K_FLOAT = 0
+    K_DOUBLE = 1
+    K_FLOAT16 = 2
+    K_BFLOAT16 = 3
+
+
+cdef inline double _half_tile(const ssm_problem *P, int op, bint bf16, Py_ssize_t t,
+                              void *buf) noexcept nogil:
+    if op == OP_SOFTMAX or op == OP_LOG_SOFTMAX:
+        if bf16:
+            return ssm_softmax_fwd_tile_b(P, t, buf, op == OP_LOG_SOFTMAX)
+        return ssm_softmax_fwd_tile_h(P, t, buf, op == OP_LOG_SOFTMAX)
+    if op == OP_SOFTMAX_BWD:
+        return ssm_softmax_bwd_tile_b(P, t, buf) if bf16 else ssm_softmax_bwd_tile_h(P, t, buf)
+    if op == OP_SSWL_BWD:
+        return ssm_sswl_bwd_tile_b(P, t, buf) if bf16 else ssm_sswl_bwd_tile_h(P, t, buf)
+    if bf16:
+        return ssm_sswl_tile_b(P, t, buf, op == OP_SSWL_FWD_BWD)
+    return ssm_sswl_tile_h(P, t, buf, op == OP_SSWL_FWD_BWD)
+
+
+cdef inline double _tile(const ssm_problem *P, int op, int kind, Py_ssize_t t,
                          void *buf) noexcept nogil:
+    cdef bint dbl = kind == K_DOUBLE
+    if kind >= K_FLOAT16:
+        return _half_tile(P, op, kind == K_BFLOAT16, t, buf)
     if op == OP_SOFTMAX or op == OP_LOG_SOFTMAX:
         if dbl:
             return ssm_softmax_fwd_tile_d(P, t, buf, op == OP_LOG_SOFTMAX)
@@ -242,12 +268,18 @@ def wtime():
     return openmp.omp_get_wtime()
 
 
-cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads, bint capped,
+cdef inline size_t _scratch_bytes(const ssm_problem *P, int kind) noexcept nogil:
+    if kind >= K_FLOAT16:
+        return ssm_half_scratch_bytes(P)
+    return ssm_scratch_bytes(P, 8 if kind == K_DOUBLE else 4)
+
+
+cdef int _run_tiles(const ssm_problem *P, int op, int kind, int n_threads, bint capped,
                     bint adaptive, double *partial) noexcept nogil:
     """Run `op` over every tile; returns 1 if a thread could not get its scratch."""
     global _settle
     cdef Py_ssize_t ntiles = ssm_num_tiles(P), t
-    cdef size_t nbytes = ssm_scratch_bytes(P, 8 if dbl else 4)
+    cdef size_t nbytes = _scratch_bytes(P, kind)
     cdef char *buf = NULL
     cdef int failed = 0, tid
     cdef int *failed_p = &failed
@@ -268,7 +300,7 @@ cdef int _run_tiles(const ssm_problem *P, int op, bint dbl, int n_threads, bint 
             failed_p[0] = 1
         for t in prange(ntiles, schedule="dynamic", chunksize=chunk):
             if buf != NULL:
-                partial[t] = _tile(P, op, dbl, t, buf)
+                partial[t] = _tile(P, op, kind, t, buf)
         if ends != NULL:  # the loop has no barrier (nowait): each thread's own end
             ends[tid] = openmp.omp_get_wtime()
         free(buf)
@@ -319,9 +351,34 @@ cdef inline Py_ssize_t _tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t ite
     return t
 
 
-# The kernel family of each float dtype this backend takes (the dtype table is
-# ssm._validation.FLOAT_DTYPES["cpu"]; tests/test_contract.py checks the two agree).
-KERNEL_DOUBLE = {np.dtype(np.float32): False, np.dtype(np.float64): True}
+# The kernel family of each float dtype this backend takes, by dtype name (bfloat16 is
+# ml_dtypes', imported only by callers that use it); the dtype table is
+# ssm._validation.FLOAT_DTYPES["cpu"]; tests/test_contract.py checks the two agree.
+# Half types run the float32 kernels on converted tiles (ssm/_half.h).
+KERNELS = {"float32": K_FLOAT, "float64": K_DOUBLE, "float16": K_FLOAT16,
+           "bfloat16": K_BFLOAT16}
+
+
+def half_convert(src, bint bf16, bint software=False):
+    """The kernels' conversions, for tests: a C-contiguous uint16 array of float16 (or, with
+    ``bf16``, bfloat16) bits -> float32, or a float32 array -> uint16 bits; by the software
+    versions, or (``software=False``) by the path the kernels take on this CPU (F16C)."""
+    if src.dtype not in (np.uint16, np.float32) or not src.flags.c_contiguous:
+        raise TypeError("src: expected a C-contiguous uint16 or float32 array")
+    narrow = src.dtype == np.float32
+    dst = np.empty(src.shape, np.uint16 if narrow else np.float32)
+    ssm_half_convert(bf16, narrow, software, _ptr(src), <void *>_ptr(dst), src.size)
+    return dst
+
+
+def _widen(problem):
+    """A half problem's per-pixel and small float inputs as float32 (ssm/_half.h reads
+    them so; the logits, soft targets and outputs stay in the half type)."""
+    f32 = np.float32
+    return problem._replace(**{
+        name: np.ascontiguousarray(getattr(problem, name), f32)
+        for name in ("weights", "class_weights", "lens", "d_loss_map")
+        if getattr(problem, name) is not None})
 
 
 def kernel_codes():
@@ -357,7 +414,8 @@ cdef int _fill(ssm_problem *P, object problem_obj) except -1:
     x = problem[F_X]
     memset(P, 0, sizeof(ssm_problem))
     P.outer, P.C, P.inner = g.outer, g.C, g.inner
-    P.tile = _tile_size(P.C, P.inner, x.itemsize)
+    # half tiles are worked on in float32: sized as float32 ones
+    P.tile = _tile_size(P.C, P.inner, x.itemsize if x.itemsize > 2 else 4)
     P.x, P.x2, P.target = _ptr(x), _ptr(problem[F_DPROB]), _ptr(problem[F_TARGET])
     P.target_kind, P.ignore_index = problem[F_KIND], problem[F_IGNORE_INDEX]
     P.w, P.cw = _ptr(problem[F_WEIGHTS]), _ptr(problem[F_CLASS_WEIGHTS])
@@ -398,7 +456,7 @@ def run(int op, problem, threads):
     STREAM_BYTES are written with non-temporal stores.
     """
     cdef ssm_problem P
-    cdef bint dbl
+    cdef int kind
     cdef Py_ssize_t t, ntiles
     cdef double total = 0.0
     cdef double[::1] partial
@@ -406,7 +464,10 @@ def run(int op, problem, threads):
     cdef bint capped, adaptive = threads[1]
     cdef double[::1] table
     _fill(&P, problem)
-    dbl = KERNEL_DOUBLE[problem.x.dtype]
+    kind = KERNELS[problem.x.dtype.name]
+    if kind >= K_FLOAT16:
+        problem = _widen(problem)
+        _fill(&P, problem)
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0
@@ -417,12 +478,12 @@ def run(int op, problem, threads):
     partial = np.empty(ntiles, dtype=np.float64)
     team = _team(threads, ntiles, P.outer * P.C * P.inner, &capped)
     with nogil:
-        failed = _run_tiles(&P, op, dbl, team, capped, adaptive, &partial[0])
+        failed = _run_tiles(&P, op, kind, team, capped, adaptive, &partial[0])
         if not failed:
             for t in range(ntiles):
                 total += partial[t]
     if failed:
-        raise MemoryError(f"ssm: could not allocate {ssm_scratch_bytes(&P, 8 if dbl else 4)} "
+        raise MemoryError(f"ssm: could not allocate {_scratch_bytes(&P, kind)} "
                           "bytes of per-thread scratch")
     return total
 
@@ -434,6 +495,7 @@ def stats(problem, threads):
     """
     cdef ssm_problem P
     cdef bint dbl
+    cdef int kind
     cdef Py_ssize_t t, ntiles, chunk, bad = -1
     cdef int n_threads
     cdef bint capped
@@ -441,7 +503,11 @@ def stats(problem, threads):
     cdef double[::1] partial
     cdef Py_ssize_t[::1] bads
     _fill(&P, problem)
-    dbl = KERNEL_DOUBLE[problem.x.dtype]
+    kind = KERNELS[problem.x.dtype.name]
+    if kind >= K_FLOAT16:  # reads labels and float32 weights: the float pre-pass
+        problem = _widen(problem)
+        _fill(&P, problem)
+    dbl = kind == K_DOUBLE
     P.x = P.x2 = P.lens = P.d_loss_map = NULL  # the pre-pass reads labels and weights only
     P.out = P.out2 = P.loss_map = NULL
     ntiles = ssm_num_tiles(&P)
@@ -559,7 +625,7 @@ def positions(int op, problem, threads):
     cdef double[::1] temp = problem.temperature
     g = problem.geom
     x = problem.x
-    dbl = KERNEL_DOUBLE[x.dtype]
+    dbl = KERNELS[x.dtype.name] == K_DOUBLE  # float32 or float64 (ssm/_validation.py)
     memset(&P, 0, sizeof(ssm_pos_problem))
     P.outer, P.L, P.inner, P.C = g.outer, g.L, g.inner, g.C
     P.D = 0 if problem.grid is None else problem.grid.shape[0]

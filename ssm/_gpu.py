@@ -54,9 +54,10 @@ OPTIONS = ("--std=c++17",)
 CUPY_ADDED_OPTIONS = ("-ftz=true",)
 CUDA_FILES = ("softmax.cu", "sswl.cu", "positions.cu")
 
-# C++ spelling of each dtype the kernels are instantiated for (ssm_half: common.cuh).
-FLOAT_CTYPES = {np.dtype(np.float16): "ssm_half", np.dtype(np.float32): "float",
-                np.dtype(np.float64): "double"}
+# C++ spelling of each dtype the kernels are instantiated for, by dtype name (bfloat16 is
+# ml_dtypes'; ssm_half and ssm_bf16: common.cuh).
+FLOAT_CTYPES = {"float16": "ssm_half", "bfloat16": "ssm_bf16", "float32": "float",
+                "float64": "double"}
 LABEL_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int32): "int",
                 np.dtype(np.int64): "long long"}
 
@@ -75,7 +76,7 @@ def source(filename: str) -> str:
 
 
 def _float_ctypes():
-    return [FLOAT_CTYPES[d] for d in V.FLOAT_DTYPES["cuda"]]
+    return [FLOAT_CTYPES[d.name] for d in V.FLOAT_DTYPES["cuda"]]
 
 
 def _target_ctypes(float_ctype):
@@ -146,7 +147,7 @@ def _launch(xp, module, name, grid, args, device_id):
 def _final_sum(xp, partials, n, divisor, out, device_id):
     """out[()] = sum(partials[:n]) / divisor (0 when it is 0): the fixed-order final pass.
     ``divisor``: a number or a 0-d float64 device array."""
-    t = FLOAT_CTYPES[out.dtype]
+    t = FLOAT_CTYPES[out.dtype.name]
     _launch(xp, _FINAL, f"reduce_partials<{t}>", 1,
             reduce_partials_args(partials, n, divisor, out), device_id)
 
@@ -347,7 +348,7 @@ def run(op, problem, threads=None):
         if n_pixels == 0:
             return xp.zeros((), np.float64) if op in LOSS_OPS else 0.0
         group, grid = launch_config(n_pixels, g.C, g.inner)
-        t = FLOAT_CTYPES[x.dtype]
+        t = FLOAT_CTYPES[x.dtype.name]
         if op in (Op.SOFTMAX, Op.LOG_SOFTMAX):
             _launch(xp, ("softmax.cu", t, None), f"softmax_fwd<{t}>", grid,
                     softmax_fwd_args(problem, group, op == Op.LOG_SOFTMAX), dev)
@@ -388,7 +389,7 @@ def stats(problem, threads=None):
         if n_pixels == 0:
             return xp.zeros((), np.float64), xp.full((), -1, np.int64)
         _, grid = launch_config(n_pixels, g.C, g.inner, logits=False)
-        t = FLOAT_CTYPES[x.dtype]
+        t = FLOAT_CTYPES[x.dtype.name]
         lab = _target_ctype(problem, t)
         norm_partials = xp.empty(grid, np.float64)
         bad_partials = xp.empty(grid, np.int64)
@@ -443,7 +444,7 @@ def positions(op, problem, threads=None):
         if g.rows == 0:
             return None
         group, grid = launch_config(g.rows, g.L, g.inner)
-        t = FLOAT_CTYPES[x.dtype]
+        t = FLOAT_CTYPES[x.dtype.name]
         module = ("positions.cu", t, None)
         if op == PosOp.SOFTMAX:
             _launch(xp, module, f"pos_softmax_fwd<{t}>", grid,

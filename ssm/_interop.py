@@ -19,6 +19,7 @@ arguments and nothing else.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import inspect
 import sys
@@ -61,6 +62,60 @@ def _device_words(dev) -> str:
     return f"DLPack device type {dev[0]} ({_DEVICE_NAMES.get(dev[0], 'unknown')}), id {dev[1]}"
 
 
+def _is_bfloat16(a) -> bool:
+    """A foreign array of bfloat16 (torch.bfloat16, JAX's ml_dtypes.bfloat16), by its dtype's
+    name: NumPy cannot import DLPack's kDLBfloat."""
+    return str(getattr(a, "dtype", "")).rpartition(".")[2] == "bfloat16"
+
+
+# DLPack's DLManagedTensor (legacy capsule "dltensor"): DLTensor first; its dtype's type
+# code is the byte after data (8), device (8) and ndim (4).
+_DLTENSOR_DTYPE_CODE = 20
+_KDLUINT, _KDLBFLOAT = 1, 4
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+class _Bits16:
+    """A bfloat16 DLPack export relabelled uint16 (same bits, same memory), for NumPy."""
+
+    def __init__(self, a):
+        self._device = a.__dlpack_device__()
+        self._capsule = a.__dlpack__()  # legacy: a "dltensor" capsule, consumed once
+        code = _capsule_pointer(self._capsule, b"dltensor") + _DLTENSOR_DTYPE_CODE
+        if ctypes.c_uint8.from_address(code).value != _KDLBFLOAT:
+            raise TypeError("the exporter did not describe its array as kDLBfloat")
+        ctypes.c_uint8.from_address(code).value = _KDLUINT
+
+    def __dlpack__(self, **kwargs):
+        return self._capsule
+
+    def __dlpack_device__(self):
+        return self._device
+
+
+def _bfloat16_host(a):
+    """A host bfloat16 array of another library as ml_dtypes.bfloat16, without a copy."""
+    bf16 = V.bfloat16()
+    if bf16 is None:
+        raise TypeError("bfloat16 arrays need ml_dtypes (pip install ml_dtypes)")
+    return np.from_dlpack(_Bits16(a)).view(bf16)
+
+
+def _bfloat16_back(like, convert, r):
+    """A bfloat16 NumPy result in ``like``'s library: its bits through DLPack as uint16,
+    reinterpreted there (torch: a view; JAX: bitcast_convert_type)."""
+    t = convert(r.view(np.uint16))
+    module = type(like).__module__.partition(".")[0]
+    if module == "torch":
+        return t.view(sys.modules["torch"].bfloat16)
+    if module.startswith("jax") and "jax" in sys.modules:
+        jax = sys.modules["jax"]
+        return jax.lax.bitcast_convert_type(t, jax.numpy.bfloat16)
+    return r
+
+
 def to_native(a, name: str):
     """A foreign array as a NumPy array (host) or a CuPy array (CUDA), sharing its memory."""
     dev = dlpack_device(a)
@@ -78,6 +133,8 @@ def to_native(a, name: str):
     else:
         raise TypeError(f"{name}: a {what} on {_device_words(dev)} is not supported; expected "
                         "an array in host memory (CPU) or on a CUDA device")
+    if convert is np.from_dlpack and _is_bfloat16(a):
+        convert = _bfloat16_host
     try:
         return convert(a)
     except Exception as exc:  # BufferError, RuntimeError, TypeError: the exporter's words
@@ -142,6 +199,8 @@ def _call(func, named, first, out=None):
         if out is not None and r is native.get("out"):
             return out  # the caller's buffer, as the caller passed it
         if convert is not None and _is_native_array(r):
+            if isinstance(r, np.ndarray) and r.dtype.name == "bfloat16":
+                return _bfloat16_back(first, convert, r)
             return convert(r)
         return r
 

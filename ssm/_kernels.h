@@ -459,6 +459,9 @@ static inline int ssm_cpu_has_avx(void)
 #undef SSM_EXP
 #undef SSM_LOG
 
+/* Half-width logits (float16, bfloat16): float tiles, converted on the way in and out. */
+#include "_half.h"
+
 /* The compiler this extension was built with, for show_config. */
 static inline const char *ssm_compiler(void)
 {

@@ -111,7 +111,7 @@ def _d_temperature(per_map, geom, scalar, dtype):
 
 def _common(B, x, name, layout, temperature, threads):
     layout = V.check_choice(layout, "layout", V.LAYOUTS)
-    x = V.check_float_array(x, name)
+    x = V.check_float_array(x, name, V.POSITIONS_FLOAT_DTYPES)
     geom = V.positions_geometry(x, name, layout)
     t, scalar = V.check_temperature(temperature, geom.C)
     return x, geom, t, scalar, _threads.resolve(threads)

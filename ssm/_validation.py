@@ -13,14 +13,69 @@ import math
 import numbers
 import operator
 import sys
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
 
 from ._codes import LABEL_KINDS, LOSSES, Target  # LABEL_KINDS: the integer label dtypes
 
+
+def bfloat16():
+    """``ml_dtypes.bfloat16`` as a NumPy dtype, or None where ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+class _FloatDtypes(Mapping):
+    """The float dtypes of each device: NumPy's, then bfloat16 where ml_dtypes is installed.
+    bfloat16 needs ml_dtypes imported (70 ms), so the table is built on first use, and
+    ``accepts`` answers NumPy's own dtypes without building it: ``import ssm`` and calls on
+    float32 never import ml_dtypes (a bfloat16 array means it is imported already)."""
+
+    def __init__(self, native, with_bfloat16):
+        self._native = {device: tuple(np.dtype(d) for d in ds) for device, ds in native.items()}
+        self._with_bfloat16 = with_bfloat16
+        self._table = None
+
+    def _built(self) -> dict:
+        if self._table is None:
+            bf16 = bfloat16()
+            self._table = {device: ds + ((bf16,) if bf16 is not None
+                                         and device in self._with_bfloat16 else ())
+                           for device, ds in self._native.items()}
+        return self._table
+
+    def __getitem__(self, device):
+        return self._built()[device]
+
+    def __iter__(self):
+        return iter(self._native)
+
+    def __len__(self):
+        return len(self._native)
+
+    def accepts(self, dtype, device: str) -> bool:
+        return dtype in self._native[device] or (dtype.name == "bfloat16" and dtype in self[device])
+
+
 # Float dtypes of logits (and of soft targets, weights, class weights, lenses, d_loss maps).
-FLOAT_DTYPES = {
+# Half types (float16, bfloat16) are stored as such and computed in float32.
+FLOAT_DTYPES = _FloatDtypes({
+    "cpu": (np.float16, np.float32, np.float64),
+    "cuda": (np.float16, np.float32, np.float64),
+}, with_bfloat16=("cpu", "cuda"))
+HALF_DTYPE_NAMES = ("float16", "bfloat16")
+
+
+def is_float(dtype) -> bool:
+    """A floating-point dtype: NumPy's (kind 'f') or ml_dtypes' bfloat16 (kind 'V')."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+# Softmax over positions (ssm/_positions.py) has no half kernels on the CPU yet.
+POSITIONS_FLOAT_DTYPES = {
     "cpu": (np.dtype(np.float32), np.dtype(np.float64)),
     "cuda": (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)),
 }
@@ -144,17 +199,18 @@ def check_loss(loss):
     return LOSSES[check_choice(loss, "loss", tuple(LOSSES))]
 
 
-def check_float_dtype(a, name: str) -> None:
-    """`a`'s dtype must be a float dtype its device computes in."""
+def check_float_dtype(a, name: str, table=FLOAT_DTYPES) -> None:
+    """`a`'s dtype must be a float dtype its device computes in (per ``table``)."""
     device = device_of(a)
-    if a.dtype not in FLOAT_DTYPES[device]:
+    ok = table.accepts(a.dtype, device) if table is FLOAT_DTYPES else a.dtype in table[device]
+    if not ok:
         raise TypeError(f"{name}: dtype {a.dtype} is not supported on the {device}; "
-                        f"expected one of {_dtype_names(FLOAT_DTYPES[device])}")
+                        f"expected one of {_dtype_names(table[device])}")
 
 
-def check_float_array(a, name: str):
+def check_float_array(a, name: str, table=FLOAT_DTYPES):
     a = as_array(a, name)
-    check_float_dtype(a, name)
+    check_float_dtype(a, name, table)
     return contiguous(a)
 
 
@@ -213,7 +269,7 @@ def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
     if t.dtype in LABEL_KINDS and t.shape == geom.pixel_shape:  # the common case: no message
         return contiguous(t), LABEL_KINDS[t.dtype]
     kinds = _target_kinds(geom, logits)
-    if t.dtype.kind == "f":
+    if is_float(t.dtype):
         if t.shape == geom.shape:
             if t.dtype != logits.dtype:
                 raise TypeError(f"target: soft targets of dtype {t.dtype} differ from "
@@ -251,7 +307,7 @@ def _small_float(value, name: str, shape: tuple) -> np.ndarray:
     a = as_array(value, name)
     if is_device_array(a):
         a = a.get()
-    if a.dtype.kind not in "biuf" or a.dtype == np.bool_:
+    if (a.dtype.kind not in "biuf" and not is_float(a.dtype)) or a.dtype == np.bool_:
         raise TypeError(f"{name}: dtype {a.dtype} is not a real number type")
     if a.shape != shape:
         raise ValueError(f"{name}: shape {a.shape} does not match the {shape[0]} classes; "
@@ -315,7 +371,7 @@ def check_d_loss(d_loss, reduction: str, geom: Geometry, dtype: np.dtype):
     if isinstance(d_loss, numbers.Real) and not isinstance(d_loss, bool):
         return float(d_loss), None
     d = as_array(d_loss, "d_loss")
-    if d.dtype.kind not in "iuf":
+    if d.dtype.kind not in "iuf" and not is_float(d.dtype):
         raise TypeError(f"d_loss: dtype {d.dtype} is not a real number type")
     xp = array_module(d)
     if reduction == "none" and d.shape == geom.pixel_shape:
@@ -381,13 +437,14 @@ def label_error(value: int, index: tuple, C: int, ignore_index: int) -> ValueErr
 # raise the same errors for the same inputs.
 
 # Every float dtype some device accepts: what ops.infer can be asked about.
-ANY_FLOAT_DTYPES = tuple(sorted(set().union(*FLOAT_DTYPES.values()), key=lambda d: d.itemsize))
+def any_float_dtypes() -> tuple:
+    return tuple(sorted(set().union(*FLOAT_DTYPES.values()), key=lambda d: (d.itemsize, d.name)))
 CAFFE2_ORDERS = ("NCHW", "nchw")  # Caffe2's StringToStorageOrder; only NCHW is implemented
 
 
 def _float_dtypes_by_device():
     cpu = FLOAT_DTYPES["cpu"]
-    return ", ".join(f"{d}" if d in cpu else f"{d} (GPU only)" for d in ANY_FLOAT_DTYPES)
+    return ", ".join(f"{d}" if d in cpu else f"{d} (GPU only)" for d in any_float_dtypes())
 
 
 def as_dtype(dtype, name: str) -> np.dtype:
@@ -408,7 +465,7 @@ def as_shape(shape, name: str) -> tuple:
 
 
 def check_any_float_dtype(dtype: np.dtype, name: str) -> None:
-    if dtype not in ANY_FLOAT_DTYPES:
+    if dtype not in any_float_dtypes():
         raise TypeError(f"{name}: dtype {dtype} is not supported; expected one of "
                         f"{_float_dtypes_by_device()}")
 
@@ -444,7 +501,7 @@ def check_caffe2_classes(shape: tuple, name: str) -> None:
 
 def check_caffe2_grad_output(shape: tuple, dtype: np.dtype, name: str) -> None:
     """The gradient of the loss: Caffe2 reads the first element of a float tensor."""
-    if dtype.kind != "f":
+    if not is_float(dtype):
         raise TypeError(f"{name}: dtype {dtype} is not a float dtype; expected the gradient "
                         f"of the loss, a float array whose first element is used")
     if math.prod(shape) < 1:

@@ -59,7 +59,9 @@ def softmax_grad(prob, dprob, layout="NCHW"):
 
 
 def _is_soft(target, logits_shape):
-    return np.asarray(target).dtype.kind == "f" and np.shape(target) == tuple(logits_shape)
+    dtype = np.asarray(target).dtype
+    return ((dtype.kind == "f" or dtype.name == "bfloat16")
+            and np.shape(target) == tuple(logits_shape))
 
 
 def weighted_targets(target, C, *, spatial_shape, weights=None, ignore_index=-1,

@@ -174,21 +174,45 @@ def logits_shape(N, C, spatial, layout):
 # ---------------------------------------------------------------- tolerances
 
 
+def is_half(dtype):
+    return np.dtype(dtype).name in V.HALF_DTYPE_NAMES
+
+
+def finfo(dtype):
+    """np.finfo, or ml_dtypes.finfo for bfloat16 (NumPy's does not know it)."""
+    if np.dtype(dtype).name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
+
+
 def eps(dtype):
-    return float(np.finfo(dtype).eps)
+    return float(finfo(dtype).eps)
 
 
 def tol(dtype, scale=1.0, factor=64):
     """``rtol`` and ``atol`` as ``factor`` eps of ``dtype``; ``atol`` is relative to ``scale``
-    (the magnitude of the terms that were summed)."""
+    (the magnitude of the terms that were summed). Half types are computed in float32 and
+    rounded once: ``factor`` float32 eps plus two half roundings (the output's, and that of
+    the class weights or lens, rounded to the logits' dtype as the inputs are: half an ulp
+    each, relative) and half the smallest float16 subnormal (absolute); not ``factor``
+    half eps."""
+    if is_half(dtype):
+        e = factor * eps(np.float32)
+        return {"rtol": e + eps(dtype), "atol": e * float(scale) + 2.0 ** -25}
     e = factor * eps(dtype)
     return {"rtol": e, "atol": e * float(scale)}
 
 
-def assert_close(actual, desired, dtype, scale=1.0, factor=64):
+def assert_close(actual, desired, dtype, scale=1.0, factor=64, rounded_input=False):
+    """``rounded_input``: one side was computed from an intermediate rounded to ``dtype``
+    (the gradient from a returned prob, against the fused one): for half types that moves
+    it by up to an ulp of the result's magnitude ``scale``, absolute (A q - a cancels)."""
     actual = np.asarray(actual)
-    np.testing.assert_allclose(actual.astype(np.float64), desired,
-                               **tol(dtype, scale, factor), equal_nan=True)
+    t = tol(dtype, scale, factor)
+    if rounded_input and is_half(dtype):
+        t["atol"] += eps(dtype) * float(scale)
+    np.testing.assert_allclose(actual.astype(np.float64), desired, **t, equal_nan=True)
 
 
 def child_process_kwargs(tmp_path):

@@ -40,10 +40,10 @@ def test_name_expressions_cover_the_dtype_tables():
     # Every dtype the validator accepts on the GPU has a C++ type, and every kernel is
     # instantiated for every dtype combination, in exactly one module.
     for dtype in V.FLOAT_DTYPES["cuda"]:
-        assert dtype in _gpu.FLOAT_CTYPES
+        assert dtype.name in _gpu.FLOAT_CTYPES
     for dtype in V.LABEL_KINDS:
         assert dtype in _gpu.LABEL_CTYPES
-    floats = [_gpu.FLOAT_CTYPES[d] for d in V.FLOAT_DTYPES["cuda"]]
+    floats = [_gpu.FLOAT_CTYPES[d.name] for d in V.FLOAT_DTYPES["cuda"]]
     labels = [_gpu.LABEL_CTYPES[d] for d in V.LABEL_KINDS]
     soft = _gpu.name_expressions("softmax.cu")
     sswl = _gpu.name_expressions("sswl.cu")

@@ -147,12 +147,26 @@ __global__ void half_conversions(const unsigned short* h, float* h_to_f, const f
         d_to_h[i] = from_double<ssm_half>(d[i]);
     }
 }
+
+/* the bfloat16 conversions of common.cuh, element-wise */
+__global__ void bf16_conversions(const unsigned short* h, float* h_to_f, const float* f,
+                                 ssm_bf16* f_to_h, const double* d, ssm_bf16* d_to_h, long long n)
+{
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        ssm_bf16 v;
+        v.bits = h[i];
+        h_to_f[i] = to_acc(v);
+        f_to_h[i] = from_acc<ssm_bf16>(f[i]);
+        d_to_h[i] = from_double<ssm_bf16>(d[i]);
+    }
+}
 """
 
 NAMES = ["barrier_divergent", "barrier_split", "shuffle_missing_lanes", "shuffle_outside_mask",
          "shuffle_ok", "shared_race", "shared_ok", "shared_uninitialised", "read_past_end",
          "write_past_end", "write_before_start", "add_scratch", "params", "copy_coalesced",
-         "copy_strided", "half_conversions"]
+         "copy_strided", "half_conversions", "bf16_conversions"]
 
 
 @pytest.fixture(scope="module")
@@ -442,6 +456,36 @@ def test_half_conversions_bit_exact(module, rng):
     assert np.isnan(h_to_f[~finite]).all()
     np.testing.assert_array_equal(f_to_h.view(np.uint16), f16.view(np.uint16))
     np.testing.assert_array_equal(d_to_h.view(np.uint16), d16.view(np.uint16))
+
+
+def test_bf16_conversions_bit_exact(module, rng):
+    # against ml_dtypes: widening exact, narrowing to nearest even (every midpoint between
+    # neighbouring bfloat16 values, and the floats either side), NaN to the canonical
+    # 0x7fff, doubles through float as ml_dtypes casts them
+    import ml_dtypes
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    n = 1 << 16
+    h = np.arange(n, dtype=np.uint16)
+    with np.errstate(invalid="ignore"):
+        v = h.view(bf16).astype(np.float64)
+    v = np.unique(v[np.isfinite(v)])
+    mid = ((v[:-1] + v[1:]) / 2).astype(np.float32)
+    f = np.concatenate([mid, np.nextafter(mid, np.float32(np.inf)),
+                        np.nextafter(mid, np.float32(-np.inf))])[:n]
+    f[:6] = [np.inf, -np.inf, np.nan, -np.nan, 3.4e38, -0.0]
+    d = rng.standard_normal(n) * np.exp(rng.uniform(-80, 80, n))
+    d[:2] = [1 + 2.0**-8 + 2.0**-40, 1 + 2.0**-8]  # float rounds the first onto a midpoint
+    outs = [cudasim.empty(n, np.float32), cudasim.empty(n, bf16), cudasim.empty(n, bf16)]
+    launch(module, "bf16_conversions", cudasim.asarray(h), outs[0], cudasim.asarray(f), outs[1],
+           cudasim.asarray(d), outs[2], np.int64(n), threads=256, blocks=64)
+    h_to_f, f_to_h, d_to_h = (cudasim.asnumpy(o) for o in outs)
+    np.testing.assert_array_equal(h_to_f.view(np.uint32), h.astype(np.uint32) << 16)
+    nan = np.isnan(f)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(f_to_h.view(np.uint16)[~nan],
+                                      f[~nan].astype(bf16).view(np.uint16))
+        np.testing.assert_array_equal(d_to_h.view(np.uint16), d.astype(bf16).view(np.uint16))
+    assert (f_to_h.view(np.uint16)[nan] == 0x7fff).all()
 
 
 def test_float_denormals_flush_to_zero():

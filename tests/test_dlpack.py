@@ -150,8 +150,37 @@ def test_torch_requires_grad_says_detach(rng, torch):
 
 
 def test_torch_unsupported_dtype(torch):
-    with pytest.raises(TypeError, match=r"^x: dtype float16 is not supported on the cpu"):
-        ssm.softmax(torch.zeros(SHAPE, dtype=torch.float16))
+    with pytest.raises(TypeError, match=r"^x: dtype complex64 is not supported on the cpu"):
+        ssm.softmax(torch.zeros(SHAPE, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_torch_half_in_torch_half_out(rng, torch, name):
+    # NumPy cannot import DLPack's kDLBfloat: ssm relabels the export uint16 and views it as
+    # ml_dtypes.bfloat16, without a copy; results go back as torch tensors of the same dtype
+    import ml_dtypes
+    tdtype = getattr(torch, name)
+    ndtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float16)
+    x = make_logits(rng, SHAPE, np.float32).astype(ndtype)
+    y = make_labels(rng, (2, 3, 4), 5)
+    xt = torch.from_numpy(x.view(np.uint16).astype(np.int32)).to(torch.int16).view(tdtype)
+    native = _interop.to_native(xt, "x")
+    assert native.dtype == ndtype and native.ctypes.data == xt.data_ptr()  # no copy
+    for (call, ours), (_, ref) in zip(_calls(xt, torch.from_numpy(y)), _calls(x, y)):
+        for got, want in zip(_as_tuple(ours()), _as_tuple(ref())):
+            assert isinstance(got, torch.Tensor) and got.dtype == tdtype, call
+            np.testing.assert_array_equal(got.view(torch.int16).numpy().view(np.uint16),
+                                          np.asarray(want).view(np.uint16))
+
+
+def test_jax_bfloat16_in_jax_out(rng):
+    jax = require_module("jax", "jax")
+    jnp = jax.numpy
+    x = make_logits(rng, SHAPE, np.float32).astype(jnp.bfloat16)
+    got = ssm.softmax(jnp.asarray(x))
+    assert isinstance(got, jax.Array) and got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                  ssm.softmax(x).view(np.uint16))
 
 
 def test_torch_errors_name_the_argument(rng, torch):

@@ -21,8 +21,9 @@ import pytest
 
 import _reference as ref
 import ssm
-from conftest import (LABEL_DTYPES, assert_close, logits_shape, make_class_weights,
-                      make_labels, make_lens, make_logits, make_soft_targets, make_weights)
+from conftest import (LABEL_DTYPES, assert_close, eps, is_half, logits_shape,
+                      make_class_weights, make_labels, make_lens, make_logits, make_soft_targets,
+                      make_weights)
 from ssm import _gpu
 from ssm import _validation as V
 from ssm._codes import LABEL_KINDS, Loss, Op, Target
@@ -83,13 +84,13 @@ def host(a):
 
 
 def close(actual, desired, dtype, scale=1.0, factor=64):
-    """assert_close for a device result. float16 is computed in float32 and rounded
-    once to float16: a few float16 eps (not 64), and at least the spacing of float16's
+    """assert_close for a device result. float16 and bfloat16 are computed in float32 and
+    rounded once: a few eps of their own (not 64), and at least the spacing of float16's
     subnormals (2**-24) in absolute terms."""
     actual = host(actual)
     assert actual.dtype == dtype
-    if dtype == np.float16:
-        e = 4 * float(np.finfo(np.float16).eps)
+    if is_half(dtype):  # float16, bfloat16
+        e = 4 * eps(dtype)
         np.testing.assert_allclose(actual.astype(np.float64), desired, rtol=e,
                                    atol=max(e * float(scale), 2.0**-24), equal_nan=True)
     else:
@@ -228,18 +229,22 @@ def test_backend_matches_cpu(rng, dtype, outer, C, inner, kind):
                                              divisor=norm_g, loss_map=lm_g), one)
             assert isinstance(tot_g, _cp().ndarray) and tot_g.shape == () \
                 and tot_g.dtype == np.float64
-            e = 64 * float(np.finfo(dtype).eps)
+            e = 64 * eps(np.float32 if is_half(dtype) else dtype)  # half: float32 sums
             np.testing.assert_allclose(float(tot_g), tot_c, rtol=e, atol=e * loss_scale)
             close(lm_g, lm_c, dtype, scale=pixel_scale, factor=factor)
             if C == 1 and dtype == np.float32:
                 # One class: every pixel loss is exactly 0, and float32 products are exact in
                 # double, so sum_c a_c x_c (summed in double) cancels exactly.
                 assert not host(lm_g).any() and float(tot_g) == 0.0
-            grad_scale = 0.5 / norm_c * 2 * cw.max()  # |g a_c| (g < 1)
+            # |g a_c| (g < 1); g = 0 when every weight is 0 (a few pixels, half types)
+            grad_scale = 0.5 / norm_c * 2 * cw.max() if norm_c else 0.0
             close(out_g, out_c, dtype, scale=max(np.abs(out_c).max(), grad_scale), factor=factor)
             value = _gpu.loss_value(tot_g, norm_g, x.dtype)
             assert value.shape == () and value.dtype == dtype
-            close(value, tot_c / norm_c, dtype, scale=loss_scale / norm_c, factor=factor)
+            if norm_c:  # else 0 on both devices (the "mean" rule)
+                close(value, tot_c / norm_c, dtype, scale=loss_scale / norm_c, factor=factor)
+            else:
+                assert float(host(value)) == 0.0
         # the loss alone (out=None): each backend's forward loss, bit for bit
         for B, Q in ((_cpu, P), (_gpu, Pg)):
             lm = (np.empty if B is _cpu else _cp().empty)((outer, inner), dtype)
@@ -388,9 +393,11 @@ def test_kl_lens_example():
         x = gpu(np.log(np.array([[0.4, 0.3, 0.2, 0.1]])).astype(dtype))
         y = gpu(np.array([0]))
         _, loss = ssm.spatial_softmax_with_loss(x, y, lens=lens, loss="kl")
-        rtol = 8 * float(np.finfo(np.float32 if dtype == np.float16 else dtype).eps)
-        np.testing.assert_allclose(host(loss), exact, rtol=max(rtol, 1e-3 * (dtype == np.float16)))
-        np.testing.assert_allclose(host(loss), 0.3670, atol=1e-3 if dtype == np.float16 else 1e-4)
+        half = is_half(dtype)  # the loss rounded to the half type: its eps
+        rtol = eps(dtype) if half else 8 * eps(dtype)
+        np.testing.assert_allclose(host(loss).astype(np.float64), exact, rtol=rtol)
+        np.testing.assert_allclose(host(loss).astype(np.float64), 0.3670,
+                                   atol=1e-4 + (eps(dtype) if half else 0.0))
         alone = ssm.cross_entropy(x, y, lens=lens, loss="kl")
         assert host(alone).tobytes() == host(loss).tobytes()
 
@@ -657,9 +664,9 @@ def test_bad_label_lowest_index_across_blocks(name):
 
 def test_float_dtypes_per_device(rng):
     x = make_logits(rng, (2, 3, 4), np.float16)
-    with pytest.raises(TypeError, match=r"^x: .*float16"):
-        ssm.softmax(x)
-    assert ssm.softmax(gpu(x)).dtype == np.float16
+    with pytest.raises(TypeError, match=r"^x: dtype float16 is not supported on the cpu"):
+        ssm.spatial_softmax(x)  # softmax over positions: no half kernels on the CPU
+    assert ssm.softmax(gpu(x)).dtype == np.float16 and ssm.softmax(x).dtype == np.float16
     with pytest.raises(TypeError, match=r"^x: .*int32"):
         ssm.softmax(gpu(x.astype(np.int32)))
     with pytest.raises(TypeError, match=r"^logits: .*bool"):

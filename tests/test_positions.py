@@ -384,8 +384,11 @@ def _host(xp, a):
     return a if isinstance(a, np.ndarray) else xp.asnumpy(a)
 
 
-def _gpu_factor(dtype):
-    return 4 if dtype == np.float16 else _factor(dtype)
+def _gpu_tol(dtype):
+    """(dtype, factor) for assert_close of a GPU result: float16 gets 4 float16 eps, the
+    rule these kernels were checked with (they round between passes), written as float32
+    eps (conftest's half rule, float32 math and one rounding, is the CPU's)."""
+    return (np.float32, 4 * 2**13) if dtype == np.float16 else (dtype, _factor(dtype))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -397,44 +400,44 @@ def test_gpu_against_the_references(xp, rng, case, dtype, layout):
     x = make_logits(rng, _shape(N, C, spatial, layout), dtype)
     T = 0.25 + 2 * rng.random(C)
     dk = rng.standard_normal((N, C, len(spatial))).astype(dtype)
-    f = _gpu_factor(dtype)
+    tdt, f = _gpu_tol(dtype)
     xd = xp.asarray(x)
     p = ssm.spatial_softmax(xd, temperature=T, layout=layout)
     assert type(p) is type(xd)
     p_ref = ref.spatial_softmax(x, T, layout)
-    assert_close(_host(xp, p), p_ref, dtype, factor=f)
+    assert_close(_host(xp, p), p_ref, tdt, factor=f)
     kp, var, p2 = ssm.soft_argmax(xd, temperature=T, layout=layout, return_variance=True,
                                   return_prob=True)
     kp_ref, var_ref = ref.soft_argmax(x, T, "normalized", layout)
-    assert_close(_host(xp, kp), kp_ref, dtype, factor=f)
-    assert_close(_host(xp, var), var_ref, dtype, factor=f)
-    assert_close(_host(xp, p2), p_ref, dtype, factor=f)
+    assert_close(_host(xp, kp), kp_ref, tdt, factor=f)
+    assert_close(_host(xp, var), var_ref, tdt, factor=f)
+    assert_close(_host(xp, p2), p_ref, tdt, factor=f)
     # the fused sweep (no variance) gives the same bits as a sweep per coordinate
     np.testing.assert_array_equal(_host(xp, ssm.soft_argmax(xd, temperature=T, layout=layout)),
                                   _host(xp, kp))
     kpx = ssm.soft_argmax(xd, coordinates="pixels", layout=layout)
-    assert_close(_host(xp, kpx), ref.soft_argmax(x, 1.0, "pixels", layout)[0], dtype,
+    assert_close(_host(xp, kpx), ref.soft_argmax(x, 1.0, "pixels", layout)[0], tdt,
                  scale=max(spatial), factor=f)
     dx, dT = ssm.soft_argmax_grad(xd, xp.asarray(dk), temperature=T, layout=layout,
                                   return_temperature_grad=True)
     dx_ref, dT_ref = ref.soft_argmax_grad(x, dk, T, "normalized", layout)
-    assert_close(_host(xp, dx), dx_ref, dtype, scale=np.abs(dk).max(), factor=f)
-    assert_close(_host(xp, dT), dT_ref, dtype, scale=8 * N, factor=8 * f)
+    assert_close(_host(xp, dx), dx_ref, tdt, scale=np.abs(dk).max(), factor=f)
+    assert_close(_host(xp, dT), dT_ref, tdt, scale=8 * N, factor=8 * f)
     pd = xp.asarray(p_ref.astype(dtype))
     dxp = ssm.soft_argmax_grad(pd, xp.asarray(dk), temperature=T, layout=layout,
                                from_prob=True)
-    assert_close(_host(xp, dxp), dx_ref, dtype, scale=np.abs(dk).max(), factor=f)
+    assert_close(_host(xp, dxp), dx_ref, tdt, scale=np.abs(dk).max(), factor=f)
     dp = rng.standard_normal(x.shape).astype(dtype)
     g, gT = ssm.spatial_softmax_grad(pd, xp.asarray(dp), temperature=T, layout=layout,
                                      return_temperature_grad=True)
     g_ref, gT_ref = ref.spatial_softmax_grad(p_ref.astype(dtype), dp, T, layout)
-    assert_close(_host(xp, g), g_ref, dtype, scale=np.abs(dp).max(), factor=f)
-    assert_close(_host(xp, gT), gT_ref, dtype, scale=8 * N, factor=8 * f)
+    assert_close(_host(xp, g), g_ref, tdt, scale=np.abs(dp).max(), factor=f)
+    assert_close(_host(xp, gT), gT_ref, tdt, scale=8 * N, factor=8 * f)
     grid = rng.standard_normal((*spatial, 2))
     E = ssm.spatial_expectation(pd, grid, layout=layout)
     E_ref, _ = ref.expectation(p_ref.astype(dtype), grid.reshape(-1, 2).T, layout)
     assert E.shape == (N, C, 2)
-    assert_close(_host(xp, E), E_ref, dtype, scale=4, factor=f)
+    assert_close(_host(xp, E), E_ref, tdt, scale=4, factor=f)
 
 
 @pytest.mark.parametrize("dtype", (np.float32, np.float64))

@@ -27,7 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 import _reference as ref  # noqa: E402
 import ssm  # noqa: E402
 from conftest import (FLOAT_DTYPES, LABEL_DTYPES, LAYOUTS, REDUCTIONS, assert_close,  # noqa: E402
-                      eps)
+                      eps, is_half)
 
 settings.register_profile(
     "ssm-ci", derandomize=True, deadline=None, database=None, print_blob=True,
@@ -101,8 +101,15 @@ def problems(draw, soft=None, allow_empty=True):
                 layout=layout, C=C, pix=pix)
 
 
-def _ref_opts(opts):
-    return {k: v for k, v in opts.items() if k not in ("validate", "threads", "out")}
+def _ref_opts(opts, dtype=None):
+    """The reference's options; for half logits, class weights and lenses rounded to their
+    dtype as the library uses them (see test_cpu._ref_opts)."""
+    ropts = {k: v for k, v in opts.items() if k not in ("validate", "threads", "out")}
+    if dtype is not None and is_half(dtype):
+        for k in ("class_weights", "lens"):
+            if ropts.get(k) is not None:
+                ropts[k] = np.asarray(ropts[k], np.float64).astype(dtype)
+    return ropts
 
 
 def _grad_scale(x, target, weights, d_loss, opts, layout):
@@ -126,7 +133,7 @@ def _grad_scale(x, target, weights, d_loss, opts, layout):
 @given(problems())
 def test_loss_and_grad_match_reference(p):
     x, t, w, d, opts, dtype = p["x"], p["target"], p["weights"], p["d_loss"], p["opts"], p["dtype"]
-    ropts = _ref_opts(opts)
+    ropts = _ref_opts(opts, dtype)
     red = opts["reduction"]
 
     prob, loss = ssm.spatial_softmax_with_loss(x, t, w, **opts)
@@ -226,10 +233,12 @@ def test_gradient_sums_to_zero_over_classes(p):
 @given(problems(), st.integers(-8, 8))
 def test_loss_invariant_to_per_pixel_shift(p, k):
     """Adding a constant to all logits of a pixel changes nothing. Logits are rounded to
-    multiples of 1/64 and shifts are integers (per pixel), so ``x + shift`` is exact and
-    the probabilities must be bit-identical; losses agree to rounding."""
+    multiples of 1/64 (1/4 for bfloat16's 8 bits) and shifts are integers (per pixel), so
+    ``x + shift`` is exact and the probabilities must be bit-identical; losses agree to
+    rounding."""
     x, dtype, layout = p["x"], p["dtype"], p["layout"]
-    x = (np.round(x.astype(np.float64) * 64) / 64).astype(dtype)
+    q = 4 if np.dtype(dtype).name == "bfloat16" else 64
+    x = (np.round(x.astype(np.float64) * q) / q).astype(dtype)
     rng = np.random.default_rng(abs(k) + x.size)
     shift = rng.integers(-abs(k), abs(k) + 1, p["pix"]).astype(dtype)
     shift_b = shift[:, None] if layout == "NCHW" else shift[..., None]

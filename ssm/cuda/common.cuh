@@ -20,9 +20,10 @@
  * c) Groups walk the pixels with a grid-stride loop; the grid size depends only on the
  *    problem shape (ssm/_gpu.py, launch_config), so per-block partial sums have a fixed
  *    partition and the reduced loss is bit-identical run to run. No float atomics.
- * d) Storage T is ssm_half, float or double; arithmetic runs in acc_t<T>: float for
- *    ssm_half and float, double for double. ssm_half is a 16-bit IEEE half converted with
- *    the PTX cvt instructions, so no CUDA header is needed (NVRTC finds none by default).
+ * d) Storage T is ssm_half, ssm_bf16, float or double; arithmetic runs in acc_t<T>: float
+ *    for ssm_half, ssm_bf16 and float, double for double. ssm_half is a 16-bit IEEE half,
+ *    ssm_bf16 a bfloat16, converted with the PTX cvt instructions (widening a bfloat16 is
+ *    a shift), so no CUDA header is needed (NVRTC finds none by default).
  * e) Element offsets and pixel indices are 64-bit (long long); only c is an int (C < 2^31,
  *    checked in ssm/_validation.py).
  *
@@ -48,9 +49,14 @@
 struct __align__(2) ssm_half {
     unsigned short bits;
 };
+/* bfloat16: the top 16 bits of a float (ml_dtypes.bfloat16 on the host) */
+struct __align__(2) ssm_bf16 {
+    unsigned short bits;
+};
 
 template <typename T> struct acc_type { typedef T type; };
 template <> struct acc_type<ssm_half> { typedef float type; };
+template <> struct acc_type<ssm_bf16> { typedef float type; };
 template <typename T> using acc_t = typename acc_type<T>::type;
 
 template <typename A, typename B> struct same_type { static constexpr bool value = false; };
@@ -61,6 +67,10 @@ __device__ __forceinline__ float to_acc(ssm_half h)
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
     return f;
+}
+__device__ __forceinline__ float to_acc(ssm_bf16 h)
+{
+    return __int_as_float((int)((unsigned int)h.bits << 16));  /* exact */
 }
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -73,13 +83,26 @@ template <> __device__ __forceinline__ ssm_half from_acc<ssm_half>(float v)
     return h;
 }
 
-/* A double rounded once to T (the reduced loss, as NumPy's cast does on the CPU). */
+/* Round to nearest even (sm_80's cvt; NaN gives the canonical NaN 0x7fff). */
+template <> __device__ __forceinline__ ssm_bf16 from_acc<ssm_bf16>(float v)
+{
+    ssm_bf16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    return h;
+}
+
+/* A double rounded once to T (the reduced loss, as NumPy's cast does on the CPU);
+   bfloat16 through float, as ml_dtypes' cast does (twice rounded, like the CPU path). */
 template <typename T> __device__ __forceinline__ T from_double(double v) { return (T)v; }
 template <> __device__ __forceinline__ ssm_half from_double<ssm_half>(double v)
 {
     ssm_half h;
     asm("cvt.rn.f16.f64 %0, %1;" : "=h"(h.bits) : "d"(v));
     return h;
+}
+template <> __device__ __forceinline__ ssm_bf16 from_double<ssm_bf16>(double v)
+{
+    return from_acc<ssm_bf16>((float)v);
 }
 
 __device__ __forceinline__ float ssm_exp(float v) { return expf(v); }

@@ -1,7 +1,7 @@
 /*
  * ssm/cuda/positions.cu -- softmax over positions on the GPU (spatial softmax, soft-argmax).
  *
- * Kernels (T: ssm_half, float, double; `group`: 1 = strided rows, 32 = contiguous rows):
+ * Kernels (T: ssm_half, ssm_bf16, float, double; `group`: 1 = strided rows, 32 = contiguous rows):
  *   pos_softmax_fwd<T>  p = exp((x - m) / T_c) / s over the L positions of each map
  *   pos_softmax_bwd<T>  dx = p (dp - sum_l p dp) / T_c, and the temperature's gradient
  *                       per map, -(1/T_c) sum_l dy log p

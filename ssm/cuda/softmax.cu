@@ -1,7 +1,7 @@
 /*
  * ssm/cuda/softmax.cu -- the softmax family on the GPU.
  *
- * Kernels (T: ssm_half, float, double; `group`: 1 = strided channels, 32 = contiguous rows):
+ * Kernels (T: ssm_half, ssm_bf16, float, double; `group`: 1 = strided channels, 32 = contiguous rows):
  *   softmax_fwd<T>      prob = exp(x - m) / s, or with `logspace` the log-softmax epilogue
  *                       (x - m) - log s; m the pixel's max, s = sum_c exp(x_c - m)
  *   softmax_bwd<T>      dx = p * (dp - sum_c p * dp)

@@ -1,7 +1,7 @@
 /*
  * ssm/cuda/sswl.cu -- SpatialSoftmaxWithLoss on the GPU: loss, gradient, label pre-pass.
  *
- * Kernels (T: ssm_half, float, double; L: the label type, unsigned char / int / long long,
+ * Kernels (T: ssm_half, ssm_bf16, float, double; L: the label type, unsigned char / int / long long,
  * or T itself for soft targets; `group`, an argument: 1 = strided channels, 32 = rows):
  *   sswl_stats<T, L>          label pre-pass: per-block sum of n_p and first bad label index
  *   sswl_fwd<T, L>            prob and per-pixel loss (map and per-block float64 sums),

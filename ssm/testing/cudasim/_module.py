@@ -55,6 +55,7 @@ _PTX = {
     "cvt.f32.f16 %0, %1;": "ssm_sim::cvt_f32_f16",
     "cvt.rn.f16.f32 %0, %1;": "ssm_sim::cvt_rn_f16_f32",
     "cvt.rn.f16.f64 %0, %1;": "ssm_sim::cvt_rn_f16_f64",
+    "cvt.rn.bf16.f32 %0, %1;": "ssm_sim::cvt_rn_bf16_f32",
 }
 _ASM = re.compile(r'asm\s*(?:volatile\s*)?\(\s*"([^"]*)"\s*:\s*"=\w"\s*\(([^()]+)\)\s*'
                   r':\s*"\w"\s*\(([^()]+)\)\s*\)')

@@ -123,6 +123,17 @@ inline unsigned short cvt_rn_f16_f64(double v)  /* one rounding, as cvt.rn.f16.f
     return b;
 }
 
+/* cvt.rn.bf16.f32: round to nearest even (overflow to inf); every NaN gives the
+   canonical NaN 0x7fff, as PTX specifies for conversions to bf16. */
+inline unsigned short cvt_rn_bf16_f32(float v)
+{
+    unsigned int u;
+    std::memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return 0x7fff;
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* ---- fibers ------------------------------------------------------------------------- */
 
 struct Context {

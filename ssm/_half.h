@@ -1,0 +1,199 @@
+/*
+ * ssm/_half.h -- half-width logits (float16, bfloat16) on the CPU: the conversions and
+ * the tile drivers (_half_impl.h, instantiated once per half type). Included by
+ * _kernels.h after the float and double kernels.
+ *
+ * Design
+ * ------
+ * a) Storage is 16 bits, arithmetic float32: a half tile is converted into a float32
+ *    [C][n] block (strided channels) or [n][C] rows (contiguous rows), the float tile
+ *    function of _kernels_impl.h runs on a sub-problem that describes that block (one
+ *    tile covering it, outputs in float scratch, stream off), and its outputs are
+ *    rounded once to the half type and written out (non-temporal for large outputs, as
+ *    the float path does). The math is therefore the float32 path's, bit for bit, on
+ *    the widened inputs; the DRAM traffic is half of it.
+ * b) Per-pixel inputs (weights, d_loss maps) and the small ones (class weights, lenses)
+ *    arrive widened to float32 by ssm/_cpu.pyx, so the label pre-pass is the float one;
+ *    labels are read in place (offset to the tile's first pixel); soft targets, prob and
+ *    dprob are converted per tile like the logits; a loss map goes through a float row.
+ * c) Conversions are exact, round to nearest even, with subnormals, inf and NaN
+ *    (NaN stays NaN, quieted as F16C does). float16 uses the CPU's F16C instructions
+ *    where present (checked at run time, like the AVX transposes: the baseline clone may
+ *    run on such a CPU), else a branch-free software version that vectorises; bfloat16
+ *    is a shift one way and integer rounding the other, vectorised in every clone.
+ *    tests/test_cpu.py checks every float16 bit pattern and the rounding edge cases
+ *    against NumPy and ml_dtypes.
+ */
+#ifndef SSM_HALF_H
+#define SSM_HALF_H
+
+typedef union { uint32_t u; float f; } ssm_f32_bits;
+
+/* float16 bits -> float, exact: the exponent is rebiased by a multiplication by
+   2^(127-15), which is exact for subnormal halves too; inf and NaN (quieted) apart. */
+SSM_INLINE float ssm_f16_to_f(uint16_t h)
+{
+    ssm_f32_bits v;
+    uint32_t em = h & 0x7fffu;
+    v.u = em << 13;
+    v.f *= 5.192296858534828e33f;  /* 2^112 */
+    if (em >= 0x7c00u)
+        v.u = 0x7f800000u | (em << 13) | (em > 0x7c00u ? 0x00400000u : 0u);
+    v.u |= (uint32_t)(h & 0x8000u) << 16;
+    return v.f;
+}
+
+/* float -> float16 bits, round to nearest even. Below 2^-14 (subnormal halves) the
+   float addition of 0.5, whose ulp is the half subnormal spacing 2^-24, does the
+   rounding; above, the rebiased bits are rounded by adding 0xfff plus the kept lsb.
+   2^16 and up (after rounding, 65520 and up) is inf; NaN keeps its top payload bits. */
+SSM_INLINE uint16_t ssm_f_to_f16(float f)
+{
+    ssm_f32_bits v, d;
+    uint32_t sign, u, r;
+    v.f = f;
+    sign = (v.u >> 16) & 0x8000u;
+    u = v.u & 0x7fffffffu;
+    d.u = u;
+    d.f += 0.5f;
+    if (u >= 0x47800000u)
+        r = u > 0x7f800000u ? 0x7e00u | ((u >> 13) & 0x3ffu) : 0x7c00u;
+    else if (u < 0x38800000u)
+        r = d.u - 0x3f000000u;
+    else
+        r = (u + 0xc8000fffu + ((u >> 13) & 1u)) >> 13;  /* 0xc8000000: -112 << 23 */
+    return (uint16_t)(sign | r);
+}
+
+/* bfloat16 bits -> float: the top half of the float, exact. */
+SSM_INLINE float ssm_bf16_to_f(uint16_t h)
+{
+    ssm_f32_bits v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+/* float -> bfloat16 bits, round to nearest even (overflow rounds to inf); NaN quieted. */
+SSM_INLINE uint16_t ssm_f_to_bf16(float f)
+{
+    ssm_f32_bits v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((v.u >> 16) | 0x40u);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+#if defined(SSM_ISA_NAMES)
+#define SSM_F16C 1
+/* The CPU has F16C (vcvtph2ps, vcvtps2ph). */
+static inline int ssm_cpu_has_f16c(void)
+{
+    return __builtin_cpu_supports("f16c");
+}
+
+__attribute__((target("avx,f16c"))) static void ssm_f16_to_f_row_f16c(
+    const uint16_t *restrict h, float *restrict f, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(f + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+    for (; j < n; j++)
+        f[j] = ssm_f16_to_f(h[j]);
+}
+
+__attribute__((target("avx,f16c"))) static void ssm_f_to_f16_row_f16c(
+    const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(h + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < n; j++)
+        h[j] = ssm_f_to_f16(f[j]);
+}
+#endif
+
+/* Copy n 16-bit elements with non-temporal stores (see ssm_stream_row in
+   _kernels_impl.h); ordered by an sfence before the tile ends. */
+SSM_INLINE void ssm_stream_u16(uint16_t *dst, const uint16_t *src, ptrdiff_t n)
+{
+#if defined(__SSE2__)
+    ptrdiff_t j = 0;
+    for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
+        dst[j] = src[j];
+    for (; j + 8 <= n; j += 8)
+        _mm_stream_si128((__m128i *)(dst + j), _mm_loadu_si128((const __m128i *)(src + j)));
+    for (; j < n; j++)
+        dst[j] = src[j];
+#else
+    memcpy(dst, src, (size_t)n * sizeof(uint16_t));
+#endif
+}
+
+/* Per-tile scratch of a half driver, in bytes: the float tile function's own
+   (ssm_scratch_bytes for 4-byte elements: its sub-problems never exceed P's tile), then
+   four float [C][tile] blocks (the two inputs, the two outputs), a float row of tile
+   pixels (the loss map) and a 16-bit [C][tile] block (streamed outputs), each on a
+   64-byte boundary (the carve in _half_impl.h must match). */
+static inline size_t ssm_half_scratch_bytes(const ssm_problem *P)
+{
+    size_t T = (size_t)P->tile, CT = (size_t)P->C * T;
+    return ssm_round64(ssm_scratch_bytes(P, sizeof(float))) + 64
+         + 4 * ssm_round64(CT * sizeof(float)) + ssm_round64(T * sizeof(float))
+         + ssm_round64(CT * sizeof(uint16_t));
+}
+
+/* Bytes per label of a target kind (0: no labels). */
+static inline size_t ssm_label_bytes(int kind)
+{
+    return kind == SSM_U8 ? 1 : kind == SSM_I32 ? 4 : kind == SSM_I64 ? 8 : 0;
+}
+
+/* Element-wise conversions, for the tests: half (bf16: bfloat16, else float16) to float
+   (narrow = 0) or back, by the software versions (software = 1) or by the path the drivers
+   take on this CPU. */
+static inline void ssm_half_convert(int bf16, int narrow, int software, const void *src,
+                                    void *dst, ptrdiff_t n)
+{
+    const uint16_t *h = (const uint16_t *)src;
+    const float *f = (const float *)src;
+    ptrdiff_t j;
+#if defined(SSM_F16C)
+    if (!bf16 && !software && ssm_cpu_has_f16c()) {
+        if (narrow)
+            ssm_f_to_f16_row_f16c(f, (uint16_t *)dst, n);
+        else
+            ssm_f16_to_f_row_f16c(h, (float *)dst, n);
+        return;
+    }
+#endif
+    (void)software;
+    for (j = 0; j < n; j++) {
+        if (narrow)
+            ((uint16_t *)dst)[j] = bf16 ? ssm_f_to_bf16(f[j]) : ssm_f_to_f16(f[j]);
+        else
+            ((float *)dst)[j] = bf16 ? ssm_bf16_to_f(h[j]) : ssm_f16_to_f(h[j]);
+    }
+}
+
+#define SSM_HSFX(name) name##_h
+#define SSM_H_TO_F ssm_f16_to_f
+#define SSM_F_TO_H ssm_f_to_f16
+#define SSM_H_F16C 1
+#include "_half_impl.h"
+#undef SSM_HSFX
+#undef SSM_H_TO_F
+#undef SSM_F_TO_H
+#undef SSM_H_F16C
+
+#define SSM_HSFX(name) name##_b
+#define SSM_H_TO_F ssm_bf16_to_f
+#define SSM_F_TO_H ssm_f_to_bf16
+#define SSM_H_F16C 0
+#include "_half_impl.h"
+#undef SSM_HSFX
+#undef SSM_H_TO_F
+#undef SSM_F_TO_H
+#undef SSM_H_F16C
+
+#endif /* SSM_HALF_H */

@@ -1,0 +1,220 @@
+/*
+ * ssm/_half_impl.h -- the tile drivers of one half type, included by _half.h with
+ * SSM_HSFX (name suffix: _h float16, _b bfloat16), SSM_H_TO_F, SSM_F_TO_H and
+ * SSM_H_F16C (1: use F16C where the CPU has it) defined. Not a standalone header.
+ *
+ * Each driver widens the tile's half inputs into float scratch, runs the float tile
+ * function on a sub-problem of exactly that tile, and narrows its outputs (see the
+ * design block of _half.h).
+ */
+
+/* n half elements -> float */
+SSM_INLINE void SSM_HSFX(ssm_widen)(const uint16_t *restrict h, float *restrict f, ptrdiff_t n)
+{
+    ptrdiff_t j;
+#if defined(SSM_F16C)
+    if (SSM_H_F16C && ssm_cpu_has_f16c()) {
+        ssm_f16_to_f_row_f16c(h, f, n);
+        return;
+    }
+#endif
+#pragma omp simd
+    for (j = 0; j < n; j++)
+        f[j] = SSM_H_TO_F(h[j]);
+}
+
+/* n floats -> half, into h */
+SSM_INLINE void SSM_HSFX(ssm_narrow)(const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
+{
+    ptrdiff_t j;
+#if defined(SSM_F16C)
+    if (SSM_H_F16C && ssm_cpu_has_f16c()) {
+        ssm_f_to_f16_row_f16c(f, h, n);
+        return;
+    }
+#endif
+#pragma omp simd
+    for (j = 0; j < n; j++)
+        h[j] = SSM_F_TO_H(f[j]);
+}
+
+/* n floats -> half at dst: directly, or through tmp and non-temporal stores */
+SSM_INLINE void SSM_HSFX(ssm_narrow_out)(const float *f, uint16_t *dst, ptrdiff_t n, int stream,
+                                         uint16_t *tmp)
+{
+    if (!stream) {
+        SSM_HSFX(ssm_narrow)(f, dst, n);
+        return;
+    }
+    SSM_HSFX(ssm_narrow)(f, tmp, n);
+    ssm_stream_u16(dst, tmp, n);
+}
+
+/* The tile of half input `src` as float: channel rows (strided channels, each row of the
+   tile after next prefetched, as the float path does) into blk[c * n + j], or the tile's
+   contiguous rows as they are. */
+SSM_INLINE void SSM_HSFX(ssm_half_load)(const ssm_problem *P, const void *src, ptrdiff_t base,
+                                        ptrdiff_t n, float *blk)
+{
+    const uint16_t *s = (const uint16_t *)src + base;
+    ptrdiff_t c, j;
+    if (P->inner == 1) {
+        SSM_HSFX(ssm_widen)(s, blk, n * P->C);
+        return;
+    }
+    for (c = 0; c < P->C; c++) {
+        const uint16_t *row = s + c * P->inner;
+        uintptr_t ahead = (uintptr_t)row + (uintptr_t)(2 * n) * sizeof(uint16_t);
+        for (j = 0; j < n; j += 32)
+            SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(uint16_t)));
+        SSM_HSFX(ssm_widen)(row, blk + c * n, n);
+    }
+}
+
+/* The float tile output blk (laid out as ssm_half_load's) -> half array dst. */
+SSM_INLINE void SSM_HSFX(ssm_half_store)(const ssm_problem *P, void *dst, ptrdiff_t base,
+                                         ptrdiff_t n, const float *blk, uint16_t *tmp)
+{
+    uint16_t *d = (uint16_t *)dst + base;
+    ptrdiff_t c;
+    if (P->inner == 1)
+        SSM_HSFX(ssm_narrow_out)(blk, d, n * P->C, P->stream, tmp);
+    else
+        for (c = 0; c < P->C; c++)
+            SSM_HSFX(ssm_narrow_out)(blk + c * n, d + c * P->inner, n, P->stream, tmp);
+#if defined(__SSE2__)
+    if (P->stream)
+        _mm_sfence();
+#endif
+}
+
+/* Tile t of P as a float problem in scratch. Labels, weights and d_loss maps (float32:
+   see _half.h) are read in place from the tile's first pixel; *hs gets the half driver's
+   blocks, *sub_buf the float function's scratch. The caller points x, x2, target (soft),
+   out, out2 and loss_map at float scratch. */
+SSM_INLINE ssm_problem SSM_HSFX(ssm_half_sub)(const ssm_problem *P, ptrdiff_t t, void *buf,
+                                              ptrdiff_t *base, ptrdiff_t *pix, ptrdiff_t *n,
+                                              float **blk, float **lmap, uint16_t **tmp,
+                                              void **sub_buf)
+{
+    ssm_problem S = *P;
+    size_t T = (size_t)P->tile, CT = (size_t)P->C * T;
+    char *p;
+    int k;
+    ssm_tile_geom(P, t, base, pix, n);
+    /* strided channels: (1, C, n); rows: (n, C, 1); one tile either way */
+    S.outer = P->inner > 1 ? 1 : *n;
+    S.inner = P->inner > 1 ? *n : 1;
+    S.tile = *n;
+    S.stream = 0;
+    S.x = S.x2 = NULL;
+    S.out = S.out2 = S.loss_map = NULL;
+    if (P->target_kind != SSM_SOFT && P->target)
+        S.target = (const char *)P->target + *pix * (ptrdiff_t)ssm_label_bytes(P->target_kind);
+    if (P->w)
+        S.w = (const float *)P->w + *pix;
+    if (P->d_loss_map)
+        S.d_loss_map = (const float *)P->d_loss_map + *pix;
+    *sub_buf = buf;
+    p = (char *)buf + ssm_round64(ssm_scratch_bytes(P, sizeof(float)));
+    p = (char *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+    for (k = 0; k < 4; k++) {  /* must match ssm_half_scratch_bytes */
+        blk[k] = (float *)p;
+        p += ssm_round64(CT * sizeof(float));
+    }
+    *lmap = (float *)p;
+    p += ssm_round64(T * sizeof(float));
+    *tmp = (uint16_t *)p;
+    return S;
+}
+
+/* The per-pixel loss map of a tile, from the float row. */
+SSM_INLINE void SSM_HSFX(ssm_half_loss_map)(const ssm_problem *P, ptrdiff_t pix, ptrdiff_t n,
+                                            const float *lmap)
+{
+    if (P->loss_map)
+        SSM_HSFX(ssm_narrow)(lmap, (uint16_t *)P->loss_map + pix, n);
+}
+
+SSM_CLONES double SSM_HSFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf,
+                                                 int logspace)
+{
+    ptrdiff_t base, pix, n;
+    float *blk[4], *lmap;
+    uint16_t *tmp;
+    void *sb;
+    double r;
+    ssm_problem S = SSM_HSFX(ssm_half_sub)(P, t, buf, &base, &pix, &n, blk, &lmap, &tmp, &sb);
+    SSM_HSFX(ssm_half_load)(P, P->x, base, n, blk[0]);
+    S.x = blk[0];
+    S.out = blk[2];
+    r = ssm_softmax_fwd_tile_f(&S, 0, sb, logspace);
+    SSM_HSFX(ssm_half_store)(P, P->out, base, n, blk[2], tmp);
+    return r;
+}
+
+SSM_CLONES double SSM_HSFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf)
+{
+    ptrdiff_t base, pix, n;
+    float *blk[4], *lmap;
+    uint16_t *tmp;
+    void *sb;
+    double r;
+    ssm_problem S = SSM_HSFX(ssm_half_sub)(P, t, buf, &base, &pix, &n, blk, &lmap, &tmp, &sb);
+    SSM_HSFX(ssm_half_load)(P, P->x, base, n, blk[0]);
+    SSM_HSFX(ssm_half_load)(P, P->x2, base, n, blk[1]);
+    S.x = blk[0];
+    S.x2 = blk[1];
+    S.out = blk[2];
+    r = ssm_softmax_bwd_tile_f(&S, 0, sb);
+    SSM_HSFX(ssm_half_store)(P, P->out, base, n, blk[2], tmp);
+    return r;
+}
+
+/* sswl_fwd (want_grad 0: prob, or the loss alone without out) and sswl_fwd_bwd */
+SSM_CLONES double SSM_HSFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void *buf,
+                                          int want_grad)
+{
+    ptrdiff_t base, pix, n;
+    float *blk[4], *lmap;
+    uint16_t *tmp;
+    void *sb;
+    double r;
+    ssm_problem S = SSM_HSFX(ssm_half_sub)(P, t, buf, &base, &pix, &n, blk, &lmap, &tmp, &sb);
+    SSM_HSFX(ssm_half_load)(P, P->x, base, n, blk[0]);
+    S.x = blk[0];
+    if (P->target_kind == SSM_SOFT) {
+        SSM_HSFX(ssm_half_load)(P, P->target, base, n, blk[1]);
+        S.target = blk[1];
+    }
+    S.out = P->out ? blk[2] : NULL;
+    S.out2 = P->out2 ? blk[3] : NULL;
+    S.loss_map = P->loss_map ? lmap : NULL;
+    r = ssm_sswl_tile_f(&S, 0, sb, want_grad);
+    if (P->out)
+        SSM_HSFX(ssm_half_store)(P, P->out, base, n, blk[2], tmp);
+    if (P->out2)
+        SSM_HSFX(ssm_half_store)(P, P->out2, base, n, blk[3], tmp);
+    SSM_HSFX(ssm_half_loss_map)(P, pix, n, lmap);
+    return r;
+}
+
+SSM_CLONES double SSM_HSFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf)
+{
+    ptrdiff_t base, pix, n;
+    float *blk[4], *lmap;
+    uint16_t *tmp;
+    void *sb;
+    double r;
+    ssm_problem S = SSM_HSFX(ssm_half_sub)(P, t, buf, &base, &pix, &n, blk, &lmap, &tmp, &sb);
+    SSM_HSFX(ssm_half_load)(P, P->x, base, n, blk[0]);
+    S.x = blk[0];
+    if (P->target_kind == SSM_SOFT) {
+        SSM_HSFX(ssm_half_load)(P, P->target, base, n, blk[1]);
+        S.target = blk[1];
+    }
+    S.out = blk[2];
+    r = ssm_sswl_bwd_tile_f(&S, 0, sb);
+    SSM_HSFX(ssm_half_store)(P, P->out, base, n, blk[2], tmp);
+    return r;
+}
