@@ -122,10 +122,57 @@ SSM_INLINE R *SSM_SFX(ssm_target_block)(const ssm_problem *P, R *dst, ptrdiff_t 
     return scratch;
 }
 
+#if defined(SSM_AVX_TRANSPOSE)
+/* ssm_stream_row 32 and 64 bytes a store: the 16-byte loop was 1.8 instructions per
+   element of the fused pass (callgrind, VOC, AVX2 clone); rows are few and long. */
+__attribute__((target("avx"))) static void SSM_SFX(ssm_stream_row_avx)(R *dst, const R *src,
+                                                                         ptrdiff_t n)
+{
+    ptrdiff_t j = 0, per = 32 / (ptrdiff_t)sizeof(R);
+    for (; j < n && ((uintptr_t)(dst + j) & 31) != 0; j++)
+        dst[j] = src[j];
+    for (; j + 2 * per <= n; j += 2 * per) {  /* two a pass: fewer loop instructions */
+        _mm256_stream_si256((__m256i *)(dst + j), _mm256_loadu_si256((const __m256i *)(src + j)));
+        _mm256_stream_si256((__m256i *)(dst + j + per), _mm256_loadu_si256((const __m256i *)(src + j + per)));
+    }
+    for (; j + per <= n; j += per)
+        _mm256_stream_si256((__m256i *)(dst + j), _mm256_loadu_si256((const __m256i *)(src + j)));
+    for (; j < n; j++)
+        dst[j] = src[j];
+}
+
+__attribute__((target("avx512f"))) static void SSM_SFX(ssm_stream_row_avx512)(
+    R *dst, const R *src, ptrdiff_t n)
+{
+    ptrdiff_t j = 0, per = 64 / (ptrdiff_t)sizeof(R);
+    for (; j < n && ((uintptr_t)(dst + j) & 63) != 0; j++)
+        dst[j] = src[j];
+    for (; j + 2 * per <= n; j += 2 * per) {  /* two a pass: fewer loop instructions */
+        _mm512_stream_si512((__m512i *)(dst + j), _mm512_loadu_si512((const void *)(src + j)));
+        _mm512_stream_si512((__m512i *)(dst + j + per), _mm512_loadu_si512((const void *)(src + j + per)));
+    }
+    for (; j + per <= n; j += per)
+        _mm512_stream_si512((__m512i *)(dst + j), _mm512_loadu_si512((const void *)(src + j)));
+    for (; j < n; j++)
+        dst[j] = src[j];
+}
+#endif
+
 /* Copy one row of n elements to memory with non-temporal stores: the lines go to
-   DRAM without first being read into the cache, as a plain store would. */
+   DRAM without first being read into the cache, as a plain store would. The widest
+   stores the CPU has (checked at run time, as for the transposes). */
 SSM_INLINE void SSM_SFX(ssm_stream_row)(R *dst, const R *src, ptrdiff_t n)
 {
+#if defined(SSM_AVX_TRANSPOSE)
+    if (ssm_cpu_has_avx512()) {
+        SSM_SFX(ssm_stream_row_avx512)(dst, src, n);
+        return;
+    }
+    if (ssm_cpu_has_avx()) {
+        SSM_SFX(ssm_stream_row_avx)(dst, src, n);
+        return;
+    }
+#endif
 #if defined(__SSE2__)
     ptrdiff_t j = 0, per = 16 / (ptrdiff_t)sizeof(R);
     for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
@@ -187,8 +234,14 @@ SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, int on)
     uintptr_t ahead = (uintptr_t)row + (uintptr_t)(2 * n) * sizeof(R);
     if (!on)
         return;
-    for (j = 0; j < n; j += 64 / (ptrdiff_t)sizeof(R))
+    /* four lines a pass: the loop's own instructions were 0.25 per element of a sweep;
+       up to three lines past the row are asked for: harmless, and the next tile's */
+    for (j = 0; j < n; j += 4 * 64 / (ptrdiff_t)sizeof(R)) {
         SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(R)));
+        SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(R) + 64));
+        SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(R) + 128));
+        SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(R) + 192));
+    }
 }
 
 /* ---- per-pixel class sums --------------------------------------------------------
@@ -316,9 +369,10 @@ SSM_NOINLINE SSM_CLONES void SSM_SFX(ssm_sumexp_blocks)(
    s[j] = sum_c exp(x[c, j] - m[j]) (in channel order; over C > SSM_SUM_BLOCK in
    blocks, with hi and lo as the accumulators: see ssm_sum_block_end). A NaN logit
    makes that pixel's sum NaN. If cls != NULL, also xy[j] = x[cls[j], j] (0 where
-   cls[j] < 0): a select per element in the max sweep costs less than a scalar
-   gather per pixel. Both sweeps take two rows per pass over j, so the per-pixel
-   m, s, xy are loaded and stored half as often. */
+   cls[j] < 0), by one gather per pixel after the max sweep (a vector gather in the
+   AVX2 and AVX-512 clones): a select per element in the max sweep cost 0.8
+   instructions per element (callgrind, VOC, AVX2 clone). The max sweep takes two
+   rows per pass over j, so m is loaded and stored half as often. */
 SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *restrict e,
                                         ptrdiff_t se, ptrdiff_t C, ptrdiff_t n,
                                         R *restrict m, R *restrict s,
@@ -331,42 +385,36 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
         m[j] = x[j];
         s[j] = 0;
     }
-    if (cls) {
-#pragma omp simd
-        for (j = 0; j < n; j++)
-            xy[j] = cls[j] == 0 ? x[j] : (R)0;
-    }
     for (c = 1; c + 1 < C; c += 2) {
         const R *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;
-        const int32_t k0 = (int32_t)c, k1 = k0 + 1;  /* int32 compares: full-width vectors */
-        if (cls) {
 #pragma omp simd
-            for (j = 0; j < n; j++) {
-                R v = x0[j] > m[j] ? x0[j] : m[j];
-                m[j] = x1[j] > v ? x1[j] : v;
-                xy[j] = cls[j] == k0 ? x0[j] : cls[j] == k1 ? x1[j] : xy[j];
-            }
-        } else {
-#pragma omp simd
-            for (j = 0; j < n; j++) {
-                R v = x0[j] > m[j] ? x0[j] : m[j];
-                m[j] = x1[j] > v ? x1[j] : v;
-            }
+        for (j = 0; j < n; j++) {
+            R v = x0[j] > m[j] ? x0[j] : m[j];
+            m[j] = x1[j] > v ? x1[j] : v;
         }
     }
     if (c < C) {  /* the last row when C is even */
         const R *restrict xc = x + c * sx;
-        const int32_t c32 = (int32_t)c;
-        if (cls) {
 #pragma omp simd
-            for (j = 0; j < n; j++) {
-                m[j] = xc[j] > m[j] ? xc[j] : m[j];
-                xy[j] = cls[j] == c32 ? xc[j] : xy[j];
-            }
-        } else {
+        for (j = 0; j < n; j++)
+            m[j] = xc[j] > m[j] ? xc[j] : m[j];
+    }
+    /* cls is -1 or in [0, C): row 0 stands in for -1, then the 0 is chosen. int32
+       offsets where they fit (vgatherdps; with 64-bit ones gcc 12 gathers scalar) */
+    if (cls && (C - 1) * sx + n <= INT32_MAX) {
+        const int32_t sx32 = (int32_t)sx;
 #pragma omp simd
-            for (j = 0; j < n; j++)
-                m[j] = xc[j] > m[j] ? xc[j] : m[j];
+        for (j = 0; j < n; j++) {
+            int32_t y = cls[j];
+            R v = x[(y < 0 ? 0 : y) * sx32 + (int32_t)j];
+            xy[j] = y < 0 ? (R)0 : v;
+        }
+    } else if (cls) {
+#pragma omp simd
+        for (j = 0; j < n; j++) {
+            int32_t y = cls[j];
+            R v = x[(ptrdiff_t)(y < 0 ? 0 : y) * sx + j];
+            xy[j] = y < 0 ? (R)0 : v;
         }
     }
     if (C <= SSM_SUM_BLOCK)
