@@ -105,11 +105,12 @@ extern double log(double);
    expf was 40% of the softmax time here, this is a few FMAs per element.
    Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, then a degree-6 polynomial
    (relative-error near-minimax fit of e^r on that interval: 0.29 half-ulp; about
-   1 ulp after float rounding), then p 2^k = (p 2^(k+64)) 2^-64: the first product is
-   exact (a normal float), the second rounds once, so results below FLT_MIN underflow
-   gradually to denormals, exactly as expf does. 2^(k+64) is built from t's bits alone
+   1 ulp after float rounding), then p 2^k = (2^-64 p) 2^(k+64), the 2^-64 folded
+   into the coefficients: one rounding, so results below FLT_MIN underflow gradually
+   to denormals, exactly as expf does (and bit for bit as the former two-step scaling). 2^(k+64) is built from t's bits alone
    (two integer ops: t = 1.5 2^23 + k holds k in its low mantissa bits). x < -104
    gives 0 (e^-104 rounds to 0), -inf gives 0, NaN gives NaN. */
+#define SSM_2M64 5.42101086242752217e-20f  /* 2^-64, exactly */
 SSM_INLINE float ssm_expf_nonpos(float x)
 {
     const float shifter = 12582912.0f;          /* 1.5 * 2^23: round to nearest int */
@@ -120,19 +121,21 @@ SSM_INLINE float ssm_expf_nonpos(float x)
     kf = t - shifter;
     r = x - kf * 0.693359375f;                  /* ln2, high part: exact product */
     r = r - kf * -2.12194440e-4f;               /* ln2, low part */
-    p = 0.0013843653723597527f;
-    p = p * r + 0.00837415549904108f;
-    p = p * r + 0.04166800156235695f;
-    p = p * r + 0.16666431725025177f;
-    p = p * r + 0.4999999403953552f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    /* the coefficients times 2^-64 (exact: every step is the unscaled one times 2^-64,
+       far from underflow), so p = 2^-64 P(r) and the last product is p 2^(k+64) */
+    p = 0.0013843653723597527f * SSM_2M64;
+    p = p * r + 0.00837415549904108f * SSM_2M64;
+    p = p * r + 0.04166800156235695f * SSM_2M64;
+    p = p * r + 0.16666431725025177f * SSM_2M64;
+    p = p * r + 0.4999999403953552f * SSM_2M64;
+    p = p * r + 1.0f * SSM_2M64;
+    p = p * r + 1.0f * SSM_2M64;
     /* k in [-150, 0]: tb.u = 0x4B400000 + k, and 0x4B400000 << 23 wraps to 0, so the
        shift leaves the exponent field k + 64 + 127 in [41, 191]: 2^(k+64). Unsigned
        arithmetic: defined for any bits (NaN x gives garbage here, NaN from p). */
     tb.f = t;
     s.u = (tb.u + 191u) << 23;
-    return p * s.f * 5.42101086242752217e-20f;  /* 2^-64 */
+    return p * s.f;
 }
 
 /* target kinds and loss kinds: the values of ssm._codes.Target and ssm._codes.Loss
