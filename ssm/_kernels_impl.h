@@ -793,8 +793,10 @@ SSM_INLINE void SSM_SFX(ssm_grad_row)(R *oc, const R *ec, const R *restrict f,
             oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - gscale[j] * Ac[j];
     } else {
 #pragma omp simd
-        for (j = 0; j < n; j++)
-            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - (cls[j] == c32 ? glabel[j] : (R)0);
+        for (j = 0; j < n; j++) {  /* glabel read unconditionally: a plain load, not masked */
+            R gl = glabel[j];
+            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - (cls[j] == c32 ? gl : (R)0);
+        }
     }
 }
 
