@@ -9,7 +9,10 @@ IEEE results, NaN and inf are unchanged. Never -ffast-math (gcc 12 links crtfast
 which flushes denormals in the whole process) and never -march=native (the wheel
 would die with SIGILL on older CPUs): the fast paths come from target_clones.
 SSM_CFLAGS adds flags for local experiments only; SSM_DEBUG=1 builds with -O0 -g
-and Cython's bounds checks.
+and Cython's bounds checks. SSM_CFLAGS=-DSSM_FORCE_CLONE=x86-64-v3 (or x86-64-v4,
+x86-64) builds the tile drivers for that one ISA instead of the three clones, so that
+the AVX2 (or baseline) code can be timed on an AVX-512 machine; ssm.show_config()
+then says so. Such a build dies with SIGILL on a CPU without that ISA.
 """
 import os
 import sys

@@ -68,7 +68,13 @@
 extern float logf(float);
 #pragma omp declare simd notinbranch
 extern double log(double);
+#if defined(SSM_FORCE_CLONE)  /* one clone only, e.g. -DSSM_FORCE_CLONE=x86-64-v3 (setup.py) */
+#define SSM_STR_(x) #x
+#define SSM_STR(x) SSM_STR_(x)
+#define SSM_CLONES __attribute__((target("arch=" SSM_STR(SSM_FORCE_CLONE))))
+#else
 #define SSM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 #define SSM_ISA_NAMES 1
 #else
 #define SSM_CLONES
@@ -99,33 +105,37 @@ extern double log(double);
    expf was 40% of the softmax time here, this is a few FMAs per element.
    Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, then a degree-6 polynomial
    (relative-error near-minimax fit of e^r on that interval: 0.29 half-ulp; about
-   1 ulp after float rounding), scaled by 2^k in two steps so that results below
-   FLT_MIN underflow gradually to denormals, exactly as expf does. x < -104 gives
-   0 (e^-104 rounds to 0), -inf gives 0, NaN gives NaN. */
+   1 ulp after float rounding), then p 2^k = (2^-64 p) 2^(k+64), the 2^-64 folded
+   into the coefficients: one rounding, so results below FLT_MIN underflow gradually
+   to denormals, exactly as expf does (and bit for bit as the former two-step scaling). 2^(k+64) is built from t's bits alone
+   (two integer ops: t = 1.5 2^23 + k holds k in its low mantissa bits). x < -104
+   gives 0 (e^-104 rounds to 0), -inf gives 0, NaN gives NaN. */
+#define SSM_2M64 5.42101086242752217e-20f  /* 2^-64, exactly */
 SSM_INLINE float ssm_expf_nonpos(float x)
 {
     const float shifter = 12582912.0f;          /* 1.5 * 2^23: round to nearest int */
-    union { float f; uint32_t u; } tb, s1, s2;
+    union { float f; uint32_t u; } tb, s;
     float t, kf, r, p;
-    int32_t k, k1;
     x = x < -104.0f ? -104.0f : x;
     t = x * 1.44269504088896341f + shifter;
     kf = t - shifter;
-    tb.f = t;                                   /* k = kf, read off t's low bits: no */
-    k = (int32_t)(tb.u - 0x4B400000u);          /* float-to-int conversion (UB for NaN) */
     r = x - kf * 0.693359375f;                  /* ln2, high part: exact product */
     r = r - kf * -2.12194440e-4f;               /* ln2, low part */
-    p = 0.0013843653723597527f;
-    p = p * r + 0.00837415549904108f;
-    p = p * r + 0.04166800156235695f;
-    p = p * r + 0.16666431725025177f;
-    p = p * r + 0.4999999403953552f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    k1 = k >> 1;                                /* k in [-150, 0]; garbage for NaN x */
-    s1.u = (uint32_t)(k1 + 127) << 23;          /* shifted unsigned: defined for any k */
-    s2.u = (uint32_t)(k - k1 + 127) << 23;
-    return p * s1.f * s2.f;
+    /* the coefficients times 2^-64 (exact: every step is the unscaled one times 2^-64,
+       far from underflow), so p = 2^-64 P(r) and the last product is p 2^(k+64) */
+    p = 0.0013843653723597527f * SSM_2M64;
+    p = p * r + 0.00837415549904108f * SSM_2M64;
+    p = p * r + 0.04166800156235695f * SSM_2M64;
+    p = p * r + 0.16666431725025177f * SSM_2M64;
+    p = p * r + 0.4999999403953552f * SSM_2M64;
+    p = p * r + 1.0f * SSM_2M64;
+    p = p * r + 1.0f * SSM_2M64;
+    /* k in [-150, 0]: tb.u = 0x4B400000 + k, and 0x4B400000 << 23 wraps to 0, so the
+       shift leaves the exponent field k + 64 + 127 in [41, 191]: 2^(k+64). Unsigned
+       arithmetic: defined for any bits (NaN x gives garbage here, NaN from p). */
+    tb.f = t;
+    s.u = (tb.u + 191u) << 23;
+    return p * s.f;
 }
 
 /* exp(x) for double x <= 0 (or NaN): ssm_expf_nonpos's scheme in double, for the same
@@ -435,6 +445,12 @@ static inline int ssm_cpu_has_avx(void)
 {
     return __builtin_cpu_supports("avx");
 }
+
+/* ... and AVX-512F (non-temporal stores 64 bytes wide). */
+static inline int ssm_cpu_has_avx512(void)
+{
+    return __builtin_cpu_supports("avx512f");
+}
 #endif
 
 /* The per-dtype kernels: one template, instantiated for float and double (each
@@ -489,7 +505,9 @@ static inline const char *ssm_build_flags(void)
 /* Which clone the loader picked, for show_config and the tests. */
 static inline const char *ssm_simd_path(void)
 {
-#if defined(SSM_ISA_NAMES)
+#if defined(SSM_ISA_NAMES) && defined(SSM_FORCE_CLONE)
+    return "arch=" SSM_STR(SSM_FORCE_CLONE) " only (SSM_FORCE_CLONE)";
+#elif defined(SSM_ISA_NAMES)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4"))
         return "x86-64-v4 (AVX-512)";

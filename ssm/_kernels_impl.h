@@ -122,10 +122,57 @@ SSM_INLINE R *SSM_SFX(ssm_target_block)(const ssm_problem *P, R *dst, ptrdiff_t 
     return scratch;
 }
 
+#if defined(SSM_AVX_TRANSPOSE)
+/* ssm_stream_row 32 and 64 bytes a store: the 16-byte loop was 1.8 instructions per
+   element of the fused pass (callgrind, VOC, AVX2 clone); rows are few and long. */
+__attribute__((target("avx"))) static void SSM_SFX(ssm_stream_row_avx)(R *dst, const R *src,
+                                                                         ptrdiff_t n)
+{
+    ptrdiff_t j = 0, per = 32 / (ptrdiff_t)sizeof(R);
+    for (; j < n && ((uintptr_t)(dst + j) & 31) != 0; j++)
+        dst[j] = src[j];
+    for (; j + 2 * per <= n; j += 2 * per) {  /* two a pass: fewer loop instructions */
+        _mm256_stream_si256((__m256i *)(dst + j), _mm256_loadu_si256((const __m256i *)(src + j)));
+        _mm256_stream_si256((__m256i *)(dst + j + per), _mm256_loadu_si256((const __m256i *)(src + j + per)));
+    }
+    for (; j + per <= n; j += per)
+        _mm256_stream_si256((__m256i *)(dst + j), _mm256_loadu_si256((const __m256i *)(src + j)));
+    for (; j < n; j++)
+        dst[j] = src[j];
+}
+
+__attribute__((target("avx512f"))) static void SSM_SFX(ssm_stream_row_avx512)(
+    R *dst, const R *src, ptrdiff_t n)
+{
+    ptrdiff_t j = 0, per = 64 / (ptrdiff_t)sizeof(R);
+    for (; j < n && ((uintptr_t)(dst + j) & 63) != 0; j++)
+        dst[j] = src[j];
+    for (; j + 2 * per <= n; j += 2 * per) {  /* two a pass: fewer loop instructions */
+        _mm512_stream_si512((__m512i *)(dst + j), _mm512_loadu_si512((const void *)(src + j)));
+        _mm512_stream_si512((__m512i *)(dst + j + per), _mm512_loadu_si512((const void *)(src + j + per)));
+    }
+    for (; j + per <= n; j += per)
+        _mm512_stream_si512((__m512i *)(dst + j), _mm512_loadu_si512((const void *)(src + j)));
+    for (; j < n; j++)
+        dst[j] = src[j];
+}
+#endif
+
 /* Copy one row of n elements to memory with non-temporal stores: the lines go to
-   DRAM without first being read into the cache, as a plain store would. */
+   DRAM without first being read into the cache, as a plain store would. The widest
+   stores the CPU has (checked at run time, as for the transposes). */
 SSM_INLINE void SSM_SFX(ssm_stream_row)(R *dst, const R *src, ptrdiff_t n)
 {
+#if defined(SSM_AVX_TRANSPOSE)
+    if (ssm_cpu_has_avx512()) {
+        SSM_SFX(ssm_stream_row_avx512)(dst, src, n);
+        return;
+    }
+    if (ssm_cpu_has_avx()) {
+        SSM_SFX(ssm_stream_row_avx)(dst, src, n);
+        return;
+    }
+#endif
 #if defined(__SSE2__)
     ptrdiff_t j = 0, per = 16 / (ptrdiff_t)sizeof(R);
     for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
@@ -147,6 +194,68 @@ SSM_INLINE void SSM_SFX(ssm_row_done)(const ssm_problem *P, R *dst, ptrdiff_t ba
 {
     if (P->inner > 1 && P->stream)
         SSM_SFX(ssm_stream_row)(dst + base + c * P->inner, row, n);
+}
+
+#if defined(SSM_AVX_TRANSPOSE)
+/* dst[j] = src[j] * r[j] with non-temporal stores 32 / 64 bytes wide (GCC vector types,
+   so one body serves float and double). */
+typedef R SSM_SFX(ssm_v32) __attribute__((vector_size(32), aligned(sizeof(R))));
+typedef R SSM_SFX(ssm_v64) __attribute__((vector_size(64), aligned(sizeof(R))));
+
+__attribute__((target("avx"))) static void SSM_SFX(ssm_stream_scaled_avx)(
+    R *dst, const R *src, const R *r, ptrdiff_t n)
+{
+    ptrdiff_t j = 0, per = 32 / (ptrdiff_t)sizeof(R);
+    for (; j < n && ((uintptr_t)(dst + j) & 31) != 0; j++)
+        dst[j] = src[j] * r[j];
+    for (; j + per <= n; j += per) {
+        SSM_SFX(ssm_v32) v = *(const SSM_SFX(ssm_v32) *)(src + j)
+                           * *(const SSM_SFX(ssm_v32) *)(r + j);
+        _mm256_stream_si256((__m256i *)(dst + j), (__m256i)v);
+    }
+    for (; j < n; j++)
+        dst[j] = src[j] * r[j];
+}
+
+__attribute__((target("avx512f"))) static void SSM_SFX(ssm_stream_scaled_avx512)(
+    R *dst, const R *src, const R *r, ptrdiff_t n)
+{
+    ptrdiff_t j = 0, per = 64 / (ptrdiff_t)sizeof(R);
+    for (; j < n && ((uintptr_t)(dst + j) & 63) != 0; j++)
+        dst[j] = src[j] * r[j];
+    for (; j + per <= n; j += per) {
+        SSM_SFX(ssm_v64) v = *(const SSM_SFX(ssm_v64) *)(src + j)
+                           * *(const SSM_SFX(ssm_v64) *)(r + j);
+        _mm512_stream_si512((__m512i *)(dst + j), (__m512i)v);
+    }
+    for (; j < n; j++)
+        dst[j] = src[j] * r[j];
+}
+#endif
+
+/* Row c of an output is row[j] * r[j] (probabilities from exp and 1/s): into out_row
+   (which may be row itself), then ssm_row_done. A streamed strided output on a CPU
+   with AVX gets the products by non-temporal stores directly, out_row untouched: one
+   pass over the row instead of two (callgrind, VOC softmax, AVX2 clone: -0.5
+   instructions per element). */
+SSM_INLINE void SSM_SFX(ssm_scaled_row_done)(const ssm_problem *P, R *dst, ptrdiff_t base,
+                                             ptrdiff_t c, ptrdiff_t n, const R *row,
+                                             const R *restrict r, R *out_row)
+{
+    ptrdiff_t j;
+#if defined(SSM_AVX_TRANSPOSE)
+    if (P->inner > 1 && P->stream && ssm_cpu_has_avx()) {
+        if (ssm_cpu_has_avx512())
+            SSM_SFX(ssm_stream_scaled_avx512)(dst + base + c * P->inner, row, r, n);
+        else
+            SSM_SFX(ssm_stream_scaled_avx)(dst + base + c * P->inner, row, r, n);
+        return;
+    }
+#endif
+#pragma omp simd
+    for (j = 0; j < n; j++)
+        out_row[j] = row[j] * r[j];
+    SSM_SFX(ssm_row_done)(P, dst, base, c, n, out_row);
 }
 
 /* Finish a tile's output block: rows are transposed back to the array; streamed
@@ -187,8 +296,14 @@ SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, int on)
     uintptr_t ahead = (uintptr_t)row + (uintptr_t)(2 * n) * sizeof(R);
     if (!on)
         return;
-    for (j = 0; j < n; j += 64 / (ptrdiff_t)sizeof(R))
+    /* four lines a pass: the loop's own instructions were 0.25 per element of a sweep;
+       up to three lines past the row are asked for: harmless, and the next tile's */
+    for (j = 0; j < n; j += 4 * 64 / (ptrdiff_t)sizeof(R)) {
         SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(R)));
+        SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(R) + 64));
+        SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(R) + 128));
+        SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(R) + 192));
+    }
 }
 
 /* ---- per-pixel class sums --------------------------------------------------------
@@ -316,9 +431,10 @@ SSM_NOINLINE SSM_CLONES void SSM_SFX(ssm_sumexp_blocks)(
    s[j] = sum_c exp(x[c, j] - m[j]) (in channel order; over C > SSM_SUM_BLOCK in
    blocks, with hi and lo as the accumulators: see ssm_sum_block_end). A NaN logit
    makes that pixel's sum NaN. If cls != NULL, also xy[j] = x[cls[j], j] (0 where
-   cls[j] < 0): a select per element in the max sweep costs less than a scalar
-   gather per pixel. Both sweeps take two rows per pass over j, so the per-pixel
-   m, s, xy are loaded and stored half as often. */
+   cls[j] < 0), by one gather per pixel after the max sweep (a vector gather in the
+   AVX2 and AVX-512 clones): a select per element in the max sweep cost 0.8
+   instructions per element (callgrind, VOC, AVX2 clone). The max sweep takes two
+   rows per pass over j, so m is loaded and stored half as often. */
 SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *restrict e,
                                         ptrdiff_t se, ptrdiff_t C, ptrdiff_t n,
                                         R *restrict m, R *restrict s,
@@ -331,42 +447,36 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
         m[j] = x[j];
         s[j] = 0;
     }
-    if (cls) {
-#pragma omp simd
-        for (j = 0; j < n; j++)
-            xy[j] = cls[j] == 0 ? x[j] : (R)0;
-    }
     for (c = 1; c + 1 < C; c += 2) {
         const R *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;
-        const int32_t k0 = (int32_t)c, k1 = k0 + 1;  /* int32 compares: full-width vectors */
-        if (cls) {
 #pragma omp simd
-            for (j = 0; j < n; j++) {
-                R v = x0[j] > m[j] ? x0[j] : m[j];
-                m[j] = x1[j] > v ? x1[j] : v;
-                xy[j] = cls[j] == k0 ? x0[j] : cls[j] == k1 ? x1[j] : xy[j];
-            }
-        } else {
-#pragma omp simd
-            for (j = 0; j < n; j++) {
-                R v = x0[j] > m[j] ? x0[j] : m[j];
-                m[j] = x1[j] > v ? x1[j] : v;
-            }
+        for (j = 0; j < n; j++) {
+            R v = x0[j] > m[j] ? x0[j] : m[j];
+            m[j] = x1[j] > v ? x1[j] : v;
         }
     }
     if (c < C) {  /* the last row when C is even */
         const R *restrict xc = x + c * sx;
-        const int32_t c32 = (int32_t)c;
-        if (cls) {
 #pragma omp simd
-            for (j = 0; j < n; j++) {
-                m[j] = xc[j] > m[j] ? xc[j] : m[j];
-                xy[j] = cls[j] == c32 ? xc[j] : xy[j];
-            }
-        } else {
+        for (j = 0; j < n; j++)
+            m[j] = xc[j] > m[j] ? xc[j] : m[j];
+    }
+    /* cls is -1 or in [0, C): row 0 stands in for -1, then the 0 is chosen. int32
+       offsets where they fit (vgatherdps; with 64-bit ones gcc 12 gathers scalar) */
+    if (cls && (C - 1) * sx + n <= INT32_MAX) {
+        const int32_t sx32 = (int32_t)sx;
 #pragma omp simd
-            for (j = 0; j < n; j++)
-                m[j] = xc[j] > m[j] ? xc[j] : m[j];
+        for (j = 0; j < n; j++) {
+            int32_t y = cls[j];
+            R v = x[(y < 0 ? 0 : y) * sx32 + (int32_t)j];
+            xy[j] = y < 0 ? (R)0 : v;
+        }
+    } else if (cls) {
+#pragma omp simd
+        for (j = 0; j < n; j++) {
+            int32_t y = cls[j];
+            R v = x[(ptrdiff_t)(y < 0 ? 0 : y) * sx + j];
+            xy[j] = y < 0 ? (R)0 : v;
         }
     }
     if (C <= SSM_SUM_BLOCK)
@@ -393,14 +503,9 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
 #pragma omp simd
         for (j = 0; j < n; j++)
             S.inv_sum[j] = (R)1 / S.sumexp[j];
-        for (c = 0; c < C; c++) {
-            R *restrict yc = y + c * sy;
-            const R *restrict r = S.inv_sum;
-#pragma omp simd
-            for (j = 0; j < n; j++)
-                yc[j] *= r[j];
-            SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, yc);
-        }
+        for (c = 0; c < C; c++)
+            SSM_SFX(ssm_scaled_row_done)(P, (R *)P->out, base, c, n, y + c * sy, S.inv_sum,
+                                         y + c * sy);
     } else {
         SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.xmax, S.sumexp, S.hi, S.lo, NULL, NULL,
                                 P->inner > 1);
@@ -688,8 +793,10 @@ SSM_INLINE void SSM_SFX(ssm_grad_row)(R *oc, const R *ec, const R *restrict f,
             oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - gscale[j] * Ac[j];
     } else {
 #pragma omp simd
-        for (j = 0; j < n; j++)
-            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - (cls[j] == c32 ? glabel[j] : (R)0);
+        for (j = 0; j < n; j++) {  /* glabel read unconditionally: a plain load, not masked */
+            R gl = glabel[j];
+            oc[j] = (f[j] != 0 ? f[j] * ec[j] : (R)0) - (cls[j] == c32 ? gl : (R)0);
+        }
     }
 }
 
@@ -821,19 +928,11 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
         R *restrict oc = o + c * so;
         const R *restrict r = S.inv_sum;
         if (!want_grad) {
-#pragma omp simd
-            for (j = 0; j < n; j++)
-                oc[j] *= r[j];
-            SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, oc);
+            SSM_SFX(ssm_scaled_row_done)(P, (R *)P->out, base, c, n, oc, r, oc);
             continue;
         }
-        if (o2) {
-            R *restrict pc = o2 + c * so2;
-#pragma omp simd
-            for (j = 0; j < n; j++)
-                pc[j] = oc[j] * r[j];
-            SSM_SFX(ssm_row_done)(P, (R *)P->out2, base, c, n, pc);
-        }
+        if (o2)
+            SSM_SFX(ssm_scaled_row_done)(P, (R *)P->out2, base, c, n, oc, r, o2 + c * so2);
         SSM_SFX(ssm_grad_row)(oc, oc, S.gfactor, S.glabel, S.gscale, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
         SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, oc);

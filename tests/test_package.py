@@ -11,7 +11,10 @@ from ssm import _config, _cpu
 from ssm._version import __version__
 
 SIMD_PATHS = ("x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2)", "x86-64 baseline (SSE2)",
-              "generic (no target clones)")
+              "generic (no target clones)",
+              # local builds with SSM_CFLAGS=-DSSM_FORCE_CLONE=... (setup.py)
+              "arch=x86-64-v4 only (SSM_FORCE_CLONE)", "arch=x86-64-v3 only (SSM_FORCE_CLONE)",
+              "arch=x86-64 only (SSM_FORCE_CLONE)")
 
 
 def test_one_version():
