@@ -30,7 +30,9 @@ def _function_text(name):
         src = f.read()
     m = re.search(r"^SSM_INLINE (?:double|float) " + name + r"\(.*?^\}\n", src, re.S | re.M)
     assert m, f"{name} not found in {KERNELS}"
-    return m.group(0)
+    # the numeric constants it may use (#define SSM_2M64 ..., say), as in the header
+    consts = re.findall(r"^#define SSM_\w+ [-+0-9.eEfx]+\b.*$", src, re.M)
+    return "\n".join(consts) + "\n" + m.group(0)
 
 
 def _cpu_flags():
