@@ -18,9 +18,10 @@ and confusion lens, and runs ssm's fused kernel:
   forward-only ``ssm.spatial_softmax_with_loss``: no gradient is computed.
 
 On the CPU a gradient of at least ``REUSE_BYTES`` is written into the memory of the
-thread's previous one once nothing uses that any more (``_grad_buffer``): a training loop
-does not pay the first touch of a fresh logits-sized block every step. One such block per
-thread stays allocated between steps.
+thread's previous ones once nothing uses that any more (``_grad_buffer``): a training loop
+does not pay the first touch of a fresh logits-sized block every step. Up to
+``KEEP_BLOCKS`` such blocks per thread (a step may have several losses) stay allocated
+between steps.
 
 Both are ``torch.library`` custom ops (``ssm::cross_entropy_fwd_bwd`` with its autograd
 formula registered, ``ssm::cross_entropy``), with fake implementations, so that
@@ -102,16 +103,20 @@ def _mean_is_nan(loss, input, target, weight, pixel_weights, ignore_index, layou
 # uses it: the tensor is a view of a NumPy array that only its storage references, and
 # a finalizer on that array says when the last tensor, view or .grad using it is gone.
 # No reference counts are guessed: while any user of the memory lives, a new buffer is
-# allocated (and becomes the kept one). Cost: one gradient-sized block per thread, held
-# between steps. GPU memory is left to PyTorch's caching allocator.
+# allocated. Each thread keeps up to KEEP_BLOCKS blocks, so that a step with several
+# losses (an auxiliary head, deep supervision, or two models trained in turn) reuses
+# each one's memory; beyond that a free block, else the oldest, makes room. Cost: up to
+# KEEP_BLOCKS gradient-sized blocks per thread, held between steps. GPU memory is left to
+# PyTorch's caching allocator.
 REUSE_BYTES = 1 << 20  # smaller gradients are cheap to allocate
+KEEP_BLOCKS = 4
 
 
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 class _Kept:
-    """One thread's kept gradient memory."""
+    """One block of a thread's kept gradient memory."""
 
     def __init__(self):
         self.memory = None  # a uint8 NumPy array, 64 bytes more than the gradient
@@ -137,10 +142,18 @@ def _grad_buffer(input: torch.Tensor):
     nbytes = input.numel() * dtype.itemsize
     if nbytes < REUSE_BYTES:
         return None
-    kept = getattr(_threads, "kept", None)
+    pool = getattr(_threads, "kept", None)
+    if pool is None:
+        pool = _threads.kept = []
+    kept = next((k for k in pool if k.free and k.memory.size == nbytes + 64), None)
     if kept is None:
-        kept = _threads.kept = _Kept()
-    if not (kept.free and kept.memory.size == nbytes + 64):
+        if len(pool) < KEEP_BLOCKS:
+            kept = _Kept()
+            pool.append(kept)
+        else:  # a free block of another size, else the oldest (its users keep theirs)
+            kept = next((k for k in pool if k.free), pool[0])
+            pool.remove(kept)
+            pool.append(kept)
         kept.memory = np.empty(nbytes + 64, np.uint8)
     kept.free = False
     start = -kept.memory.ctypes.data % 64  # aligned for any kernel

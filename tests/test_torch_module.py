@@ -322,6 +322,32 @@ def test_a_step_allocates_the_gradient_once(rng):
     assert backward_peak < x.nbytes + 64 * 1024  # the gradient, still held; no new copy
 
 
+def test_several_losses_a_step_each_reuse_their_memory(rng):
+    # a main and an auxiliary loss (two leaves, two sizes) in turn: after the first step
+    # each writes into its own kept block; up to KEEP_BLOCKS of them
+    shapes = [(2, 10, 128, 128), (2, 10, 64, 128)]  # float64: 2.5 and 1.25 MiB
+    xs = [torch.tensor(make_logits(rng, s, np.float64), requires_grad=True)
+          for s in shapes]
+    ys = [torch.tensor(make_labels(rng, (2,) + s[2:], 10, ignore_index=-100)) for s in shapes]
+    assert all(x.numel() * 8 >= st.REUSE_BYTES for x in xs)
+    assert len(xs) <= st.KEEP_BLOCKS
+
+    def step():
+        ptrs = []
+        for x, y in zip(xs, ys):
+            x.grad = None
+            st.cross_entropy(x, y).backward()
+            ptrs.append(x.grad.data_ptr())
+        return ptrs
+
+    first = step()
+    assert step() == first and step() == first
+    for x, y in zip(xs, ys):
+        x2 = x.detach().clone().requires_grad_()
+        F.cross_entropy(x2, y).backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+
+
 def test_the_gradient_memory_is_reused_only_once_nothing_uses_it(rng):
     # CPU gradients of REUSE_BYTES and more: a step whose gradient was dropped reuses its
     # memory (no page faults for a fresh block); one still used anywhere (held, a view, a

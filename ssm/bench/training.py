@@ -11,8 +11,13 @@ PyTorch users write ``loss = F.cross_entropy(logits, target); loss.backward()``;
 - ssm's NumPy call with ``out=`` (no allocation), for scale.
 
 The logits are a leaf tensor that requires grad (``.grad`` set to None before each step,
-as ``optimizer.zero_grad()`` does). Cases alternate within each round (a slow moment of a
-shared machine hits all of them); medians. The minor page faults of each step (the
+as ``optimizer.zero_grad()`` does). The NumPy and PyTorch cases alternate within each
+round (a slow moment of a shared machine hits all of them); medians. Each JAX case runs in
+a child process of its own, the two children alternating over ``JAX_ROUNDS`` rounds: in
+one process XLA's CPU runtime slows whatever runs after a jitted step (measured on the
+2-core EPYC: ssm.jax 11-13 ms alone, 23-27 ms alternating with the jax.nn step; ssm's
+NumPy call 4.8 ms alone, 7.8-10 ms right after it), which a training loop that calls one
+of them never sees. The minor page faults of each step (the
 process's, median) show what fresh memory a case pays for: XLA allocates every output
 afresh, PyTorch's CPU allocator returns large blocks to the system. PyTorch's and ssm's
 threads are set to the row's count; XLA's CPU thread pool cannot be limited after
@@ -22,7 +27,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import json
 import resource
+import subprocess
 import sys
 import time
 
@@ -35,6 +42,7 @@ TORCH_CASES = ("ssm.torch eager", "F.cross_entropy eager", "ssm.torch compiled",
                "F.cross_entropy compiled")
 JAX_CASES = ("ssm.jax jit(value_and_grad)", "jax.nn jit(value_and_grad)")
 RAW_CASE = "ssm NumPy, out="
+JAX_ROUNDS = 2
 
 
 def _inputs(shape, seed=20261130):
@@ -50,10 +58,14 @@ def _torch_cases(xn, yn, compile_too):
     import torch.nn.functional as F
 
     import ssm.torch as st
-    x = torch.from_numpy(xn.copy()).requires_grad_()
     y = torch.from_numpy(yn)
 
     def step(fn):
+        # each case its own leaf, as each training loop has its own parameters: setting
+        # .grad to None frees the case's own last gradient (with a shared leaf a case
+        # would free, and pay for unmapping, the previous case's)
+        x = torch.from_numpy(xn.copy()).requires_grad_()
+
         def run():
             x.grad = None
             fn(x, y, ignore_index=IGNORE).backward()
@@ -82,8 +94,40 @@ def _jax_cases(xn, yn):
 
     fs = jax.jit(jax.value_and_grad(lambda v, t: sj.cross_entropy(v, t, ignore_index=IGNORE)))
     fp = jax.jit(jax.value_and_grad(plain))
-    return {"ssm.jax jit(value_and_grad)": lambda: jax.block_until_ready(fs(x, y)),
-            "jax.nn jit(value_and_grad)": lambda: jax.block_until_ready(fp(x, y))}
+    return {JAX_CASES[0]: lambda: jax.block_until_ready(fs(x, y)),
+            JAX_CASES[1]: lambda: jax.block_until_ready(fp(x, y))}
+
+
+def _jax_child():
+    """A child process's part of the JAX rows: one case, its seconds and faults per step as
+    JSON on stdout (arguments: a JSON list [case, shape, threads, budget, min_rounds])."""
+    case, shape, threads, budget, min_rounds = json.loads(sys.argv[1])
+    import ssm
+    global MIN_ROUNDS
+    MIN_ROUNDS = min_rounds
+    ssm.set_num_threads(threads)
+    xn, yn = _inputs(tuple(shape))
+    faults = {}
+    times = time_rounds({case: _jax_cases(xn, yn)[case]}, budget, faults=faults)
+    print(json.dumps({"times": times[case], "faults": faults[case]}))
+
+
+def _jax_rounds(shape, threads, budget, progress):
+    """Seconds and faults per step of each JAX case, each in a child process per round."""
+    times = {c: [] for c in JAX_CASES}
+    faults = {c: [] for c in JAX_CASES}
+    code = "from ssm.bench.training import _jax_child; _jax_child()"
+    for _ in range(JAX_ROUNDS):
+        for case in JAX_CASES:
+            arg = json.dumps([case, list(shape), threads, budget / (JAX_ROUNDS * len(JAX_CASES)),
+                              max(1, -(-MIN_ROUNDS // JAX_ROUNDS))])
+            done = subprocess.run([sys.executable, "-c", code, arg], capture_output=True,
+                                  text=True, check=True)
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+            times[case] += got["times"]
+            faults[case] += got["faults"]
+            progress()
+    return times, faults
 
 
 def available(name):
@@ -130,8 +174,6 @@ def run_training(ssm, shape, thread_counts, budget, *, use_torch=True, use_jax=T
     if use_torch:
         import torch
         cases.update(_torch_cases(xn, yn, compile_too))
-    if use_jax:
-        cases.update(_jax_cases(xn, yn))
     saved = (ssm._threads._default, torch.get_num_threads() if use_torch else None)
 
     def progress():
@@ -148,6 +190,10 @@ def run_training(ssm, shape, thread_counts, budget, *, use_torch=True, use_jax=T
                 torch.set_num_threads(threads)
             faults = {}
             times = time_rounds(cases, budget, progress, faults)
+            if use_jax:
+                jax_times, jax_faults = _jax_rounds(shape, threads, budget, progress)
+                times.update(jax_times)
+                faults.update(jax_faults)
             if not quiet:
                 print(file=sys.stderr)
             for name, v in times.items():
@@ -173,7 +219,8 @@ def format_lines(rows, shape, use_torch=True, use_jax=True):
     """The table and, per thread count, the speed-ups of ssm's adaptors over their peers."""
     lines = [f"Training step: loss + gradient as training code calls it, logits "
              f"{'x'.join(map(str, shape))} float32 NCHW (a leaf that requires grad), int64 "
-             f"labels with 5% ignored ({IGNORE}); medians of alternating rounds.",
+             f"labels with 5% ignored ({IGNORE}); medians of alternating rounds (each JAX case "
+             f"in child processes of its own).",
              f"{'case':<30} {'thr':>3} {'median ms':>10} {'min-max ms':>17} {'rounds':>6} "
              f"{'faults':>7}"]
     for r in rows:
