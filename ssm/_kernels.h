@@ -451,6 +451,65 @@ static inline int ssm_cpu_has_avx512(void)
 {
     return __builtin_cpu_supports("avx512f");
 }
+
+/* ... and AVX2 (256-bit integer compares). */
+static inline int ssm_cpu_has_avx2(void)
+{
+    return __builtin_cpu_supports("avx2");
+}
+
+/* One row of the fused gradient for sparse labels, float, sent to memory by
+   non-temporal stores as it is computed: dst[j] = (f != 0 ? f e : 0) - (cls == c ? gl : 0),
+   the operations of ssm_grad_row (no contraction: the same bits). The row of e stays
+   in scratch; without this the row was computed into scratch and copied out by
+   ssm_stream_row, a second pass over it. */
+SSM_INLINE float ssm_grad_sparse_one(const float *e, const float *f, const float *gl,
+                                     const int32_t *cls, int32_t c, ptrdiff_t j)
+{
+    float g = gl[j];
+    return (f[j] != 0 ? f[j] * e[j] : 0.0f) - (cls[j] == c ? g : 0.0f);
+}
+
+__attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
+    float *dst, const float *e, const float *f, const float *gl, const int32_t *cls,
+    int32_t c, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256i cv = _mm256_set1_epi32(c);
+    for (; j < n && ((uintptr_t)(dst + j) & 31) != 0; j++)
+        dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
+    for (; j + 8 <= n; j += 8) {
+        __m256 fv = _mm256_loadu_ps(f + j);
+        __m256 p = _mm256_and_ps(_mm256_mul_ps(fv, _mm256_loadu_ps(e + j)),
+                                 _mm256_cmp_ps(fv, zero, _CMP_NEQ_UQ));
+        __m256 at = _mm256_castsi256_ps(
+            _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(cls + j)), cv));
+        _mm256_stream_ps(dst + j, _mm256_sub_ps(p, _mm256_and_ps(at, _mm256_loadu_ps(gl + j))));
+    }
+    for (; j < n; j++)
+        dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
+}
+
+__attribute__((target("avx512f"))) static void ssm_grad_sparse_stream_avx512(
+    float *dst, const float *e, const float *f, const float *gl, const int32_t *cls,
+    int32_t c, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512i cv = _mm512_set1_epi32(c);
+    for (; j < n && ((uintptr_t)(dst + j) & 63) != 0; j++)
+        dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
+    for (; j + 16 <= n; j += 16) {
+        __m512 fv = _mm512_loadu_ps(f + j);
+        __mmask16 nz = _mm512_cmp_ps_mask(fv, zero, _CMP_NEQ_UQ);
+        __mmask16 at = _mm512_cmpeq_epi32_mask(_mm512_loadu_si512((const void *)(cls + j)), cv);
+        __m512 p = _mm512_maskz_mul_ps(nz, fv, _mm512_loadu_ps(e + j));
+        _mm512_stream_ps(dst + j, _mm512_mask_sub_ps(p, at, p, _mm512_loadu_ps(gl + j)));
+    }
+    for (; j < n; j++)
+        dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
+}
 #endif
 
 /* The per-dtype kernels: one template, instantiated for float and double (each

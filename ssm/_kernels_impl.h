@@ -800,6 +800,32 @@ SSM_INLINE void SSM_SFX(ssm_grad_row)(R *oc, const R *ec, const R *restrict f,
     }
 }
 
+/* Row c of the gradient for sparse targets, streamed out directly (ssm_grad_sparse_stream_*)
+   where that applies: a streamed strided output, float, a CPU with AVX2. Returns 0
+   where it does not (then ssm_grad_row and ssm_row_done). */
+SSM_INLINE int SSM_SFX(ssm_grad_row_streamed)(const ssm_problem *P, R *dst, ptrdiff_t base,
+                                              ptrdiff_t c, ptrdiff_t n, const R *ec,
+                                              const R *f, const R *glabel,
+                                              const int32_t *cls)
+{
+#if defined(SSM_AVX_TRANSPOSE)
+    if (sizeof(R) == sizeof(float) && P->inner > 1 && P->stream && ssm_cpu_has_avx2()) {
+        float *d = (float *)(dst + base + c * P->inner);
+        if (ssm_cpu_has_avx512())
+            ssm_grad_sparse_stream_avx512(d, (const float *)ec, (const float *)f,
+                                          (const float *)glabel, cls, (int32_t)c, n);
+        else
+            ssm_grad_sparse_stream_avx2(d, (const float *)ec, (const float *)f,
+                                        (const float *)glabel, cls, (int32_t)c, n);
+        return 1;
+    }
+#else
+    (void)P; (void)dst; (void)base; (void)c; (void)n; (void)ec; (void)f; (void)glabel;
+    (void)cls;
+#endif
+    return 0;
+}
+
 /* Tile loss: per-pixel losses into loss_map (if any) and their float64 sum. */
 SSM_INLINE double SSM_SFX(ssm_tile_loss)(const ssm_problem *P, const double *lp, ptrdiff_t pix,
                                          ptrdiff_t n)
@@ -827,9 +853,10 @@ SSM_INLINE double SSM_SFX(ssm_tile_loss)(const ssm_problem *P, const double *lp,
 /* Labels (a = act at the label, A = a): loss = a min(m + log s - x_y, cap), 0 for an
    inactive pixel (NaN stays NaN); inv_sum = 1/s; gfactor = g a / s, exactly 0 for an
    inactive pixel even where s is not finite, and without a gradient; glabel = g a.
-   The log runs in its own float-only loop before (see ssm_sswl_tile). */
+   The log runs in its own float-only loop before (see ssm_sswl_tile). The loss alone
+   (epilogue 0) stops after the loss. */
 SSM_INLINE void SSM_SFX(ssm_sparse_terms)(SSM_SFX(ssm_scratch) *S, ptrdiff_t n, double cap,
-                                          int want_grad)
+                                          int want_grad, int epilogue)
 {
     ptrdiff_t j;
     const R *restrict a = S->act, *restrict m = S->xmax, *restrict ls = S->log_sum;
@@ -841,6 +868,8 @@ SSM_INLINE void SSM_SFX(ssm_sparse_terms)(SSM_SFX(ssm_scratch) *S, ptrdiff_t n, 
         double nll = (double)m[j] - (double)xy[j] + (double)ls[j];
         lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * (nll > cap ? cap : nll);  /* NaN stays NaN */
     }
+    if (!epilogue)  /* the loss alone */
+        return;
 #pragma omp simd
     for (j = 0; j < n; j++) {
         r[j] = (R)1 / s[j];
@@ -851,10 +880,10 @@ SSM_INLINE void SSM_SFX(ssm_sparse_terms)(SSM_SFX(ssm_scratch) *S, ptrdiff_t n, 
 
 /* Dense targets (a = act, the activity): asum = A = sum_c A_c and ax = sum_c A_c x_c
    (ssm_dense_sums); loss = a (A (m + log s) - ax), plus a ent for the KL divergence
-   (kl); inv_sum = 1/s; gfactor = g a A / s (0 as for labels). */
+   (kl); inv_sum = 1/s; gfactor = g a A / s (0 as for labels); epilogue as for labels. */
 SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, ptrdiff_t sx,
                                          ptrdiff_t C, ptrdiff_t n, ptrdiff_t T, int want_grad,
-                                         int kl)
+                                         int kl, int epilogue)
 {
     ptrdiff_t j;
     SSM_SFX(ssm_dense_sums)(S->A, T, x, sx, C, n, S->asum, S->ax, S->hi, S->lo);
@@ -878,6 +907,8 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
                 lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * l;
             }
         }
+        if (!epilogue)  /* the loss alone */
+            return;
 #pragma omp simd
         for (j = 0; j < n; j++) {
             r[j] = (R)1 / s[j];
@@ -917,9 +948,9 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
     for (j = 0; j < n; j++)
         S.log_sum[j] = SSM_LOG(S.sumexp[j]);
     if (dense)
-        SSM_SFX(ssm_dense_terms)(&S, x, sx, C, n, T, want_grad, P->loss == SSM_KL);
+        SSM_SFX(ssm_dense_terms)(&S, x, sx, C, n, T, want_grad, P->loss == SSM_KL, o != NULL);
     else  /* one-hot t: the KL divergence is the cross-entropy */
-        SSM_SFX(ssm_sparse_terms)(&S, n, P->loss_cap, want_grad);
+        SSM_SFX(ssm_sparse_terms)(&S, n, P->loss_cap, want_grad, o != NULL);
     if (!o)  /* the loss alone */
         return SSM_SFX(ssm_tile_loss)(P, S.loss, pix, n);
 
@@ -933,6 +964,9 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
         }
         if (o2)
             SSM_SFX(ssm_scaled_row_done)(P, (R *)P->out2, base, c, n, oc, r, o2 + c * so2);
+        if (!dense && SSM_SFX(ssm_grad_row_streamed)(P, (R *)P->out, base, c, n, oc,
+                                                     S.gfactor, S.glabel, S.cls))
+            continue;
         SSM_SFX(ssm_grad_row)(oc, oc, S.gfactor, S.glabel, S.gscale, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
         SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, oc);
