@@ -254,6 +254,10 @@ static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)
    (see ssm_sum_block_end in _kernels_impl.h). Even: the row sweeps take rows in pairs. */
 #define SSM_SUM_BLOCK 32
 
+/* The loss alone runs its two sweeps over chunks of a tile whose C rows take about
+   this many bytes (at least 16 pixels): half of a 32 KiB L1 data cache. */
+#define SSM_L1_CHUNK 16384
+
 /* Per-tile scratch (the arrays of ssm_scratch in _kernels_impl.h, carved in this
    order by ssm_scratch_carve; the counts must match it), in bytes, for elements of
    `rsize` bytes: per-pixel arrays, [C][tile] blocks and, for C > SSM_SUM_BLOCK, the
@@ -462,7 +466,9 @@ static inline int ssm_cpu_has_avx2(void)
    non-temporal stores as it is computed: dst[j] = (f != 0 ? f e : 0) - (cls == c ? gl : 0),
    the operations of ssm_grad_row (no contraction: the same bits). The row of e stays
    in scratch; without this the row was computed into scratch and copied out by
-   ssm_stream_row, a second pass over it. */
+   ssm_stream_row, a second pass over it. 256 bits wide on AVX-512 CPUs too: a 512-bit
+   version (masked multiply and subtract, 64-byte streamed stores) made the VOC fused pass
+   11% slower on Zen 4 (A/B, 1 thread), this one is as fast as the copy it replaces. */
 SSM_INLINE float ssm_grad_sparse_one(const float *e, const float *f, const float *gl,
                                      const int32_t *cls, int32_t c, ptrdiff_t j)
 {
@@ -486,26 +492,6 @@ __attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
         __m256 at = _mm256_castsi256_ps(
             _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(cls + j)), cv));
         _mm256_stream_ps(dst + j, _mm256_sub_ps(p, _mm256_and_ps(at, _mm256_loadu_ps(gl + j))));
-    }
-    for (; j < n; j++)
-        dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
-}
-
-__attribute__((target("avx512f"))) static void ssm_grad_sparse_stream_avx512(
-    float *dst, const float *e, const float *f, const float *gl, const int32_t *cls,
-    int32_t c, ptrdiff_t n)
-{
-    ptrdiff_t j = 0;
-    const __m512 zero = _mm512_setzero_ps();
-    const __m512i cv = _mm512_set1_epi32(c);
-    for (; j < n && ((uintptr_t)(dst + j) & 63) != 0; j++)
-        dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
-    for (; j + 16 <= n; j += 16) {
-        __m512 fv = _mm512_loadu_ps(f + j);
-        __mmask16 nz = _mm512_cmp_ps_mask(fv, zero, _CMP_NEQ_UQ);
-        __mmask16 at = _mm512_cmpeq_epi32_mask(_mm512_loadu_si512((const void *)(cls + j)), cv);
-        __m512 p = _mm512_maskz_mul_ps(nz, fv, _mm512_loadu_ps(e + j));
-        _mm512_stream_ps(dst + j, _mm512_mask_sub_ps(p, at, p, _mm512_loadu_ps(gl + j)));
     }
     for (; j < n; j++)
         dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
