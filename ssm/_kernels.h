@@ -254,8 +254,8 @@ static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)
    (see ssm_sum_block_end in _kernels_impl.h). Even: the row sweeps take rows in pairs. */
 #define SSM_SUM_BLOCK 32
 
-/* The loss alone runs its two sweeps over chunks of a tile whose C rows take about
-   this many bytes (at least 16 pixels): half of a 32 KiB L1 data cache. */
+/* The max and sum-of-exp sweeps run over chunks of a tile whose C rows take about this
+   many bytes (ssm_max_sumexp_chunked): half of a 32 KiB L1 data cache. */
 #define SSM_L1_CHUNK 16384
 
 /* Per-tile scratch (the arrays of ssm_scratch in _kernels_impl.h, carved in this

@@ -490,7 +490,7 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
 }
 
 /* ssm_max_sumexp over the tile's n pixels in chunks whose C rows of x take about
-   SSM_L1_CHUNK bytes, so that the sum-of-exp sweep reads what the max sweep left in L1
+   SSM_L1_CHUNK bytes (64 pixels at least), so that the sum-of-exp sweep reads what the max sweep left in L1
    (the whole tile's rows are in L2 only). Per pixel the same operations: the same bits.
    Rows of the tile after next are prefetched as for the whole tile. */
 SSM_INLINE void SSM_SFX(ssm_max_sumexp_chunked)(const ssm_problem *P, const R *x, ptrdiff_t sx,
@@ -500,7 +500,9 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp_chunked)(const ssm_problem *P, const R *x
 {
     ptrdiff_t j0, nc, C = P->C, chunk = SSM_L1_CHUNK / (C * (ptrdiff_t)sizeof(R));
     ptrdiff_t pf = P->inner > 1 ? 2 * n : 0;
-    chunk = chunk < 16 ? 16 : chunk & ~(ptrdiff_t)15;
+    /* under 64 pixels (C > 64 for float) the row loops are too short: no chunks (their
+       setup, and prefetches of four lines a row, would outweigh the L1 hits) */
+    chunk = chunk < 64 ? n : chunk & ~(ptrdiff_t)15;
     for (j0 = 0; j0 < n; j0 += nc) {
         nc = n - j0 < chunk ? n - j0 : chunk;
         SSM_SFX(ssm_max_sumexp)(x + j0, sx, e ? e + j0 : NULL, se, C, nc, S->xmax + j0,
@@ -523,8 +525,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
     x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
     y = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &sy);
     if (!logspace) {
-        SSM_SFX(ssm_max_sumexp)(x, sx, y, sy, C, n, S.xmax, S.sumexp, S.hi, S.lo, NULL, NULL,
-                                P->inner > 1 ? 2 * n : 0);
+        SSM_SFX(ssm_max_sumexp_chunked)(P, x, sx, y, sy, n, &S, NULL, NULL);
 #pragma omp simd
         for (j = 0; j < n; j++)
             S.inv_sum[j] = (R)1 / S.sumexp[j];
@@ -532,8 +533,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
             SSM_SFX(ssm_scaled_row_done)(P, (R *)P->out, base, c, n, y + c * sy, S.inv_sum,
                                          y + c * sy);
     } else {
-        SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.xmax, S.sumexp, S.hi, S.lo, NULL, NULL,
-                                P->inner > 1 ? 2 * n : 0);
+        SSM_SFX(ssm_max_sumexp_chunked)(P, x, sx, NULL, 0, n, &S, NULL, NULL);
 #pragma omp simd
         for (j = 0; j < n; j++)
             S.log_sum[j] = SSM_LOG(S.sumexp[j]);
