@@ -17,7 +17,10 @@
  *    than the caches, computed in scratch and written with non-temporal stores, which
  *    spare DRAM the read of every output line a plain store costs. Contiguous rows
  *    (inner == 1) are transposed into per-thread scratch, computed, and transposed
- *    back: the same math, no kernel per layout.
+ *    back: the same math, no kernel per layout. The max and sum-of-exp sweeps run over
+ *    chunks of the tile whose rows fit in L1 (SSM_L1_CHUNK), so the second reads the
+ *    first's lines from L1; the epilogue sweeps take whole tile rows (row segments
+ *    streamed chunk by chunk were 25% slower: the non-temporal stores scatter).
  * d) One core function per concept: softmax_fwd (log-softmax is its epilogue),
  *    softmax_bwd, sswl_fwd / sswl_fwd_bwd (one function: the epilogue writes either
  *    the probabilities or the gradient; with no output, the loss alone, no epilogue
