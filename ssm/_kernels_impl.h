@@ -289,12 +289,14 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
    (locality 2): prefetching into L1 evicted the working tile and cost 15-25%, one
    tile ahead left less time for the lines to arrive (A/B, 2026-11-23). Prefetches
    never fault; the address is formed as an integer, since it may lie past the end
-   of the array. `on` is 0 for blocks in scratch (rows layouts). */
-SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, int on)
+   of the array. `dist` is how far ahead, in elements: 2n for a whole tile row, 0 for
+   blocks in scratch (rows layouts, no prefetch); a caller working on part of a tile
+   passes the whole tile's distance. */
+SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, ptrdiff_t dist)
 {
     ptrdiff_t j;
-    uintptr_t ahead = (uintptr_t)row + (uintptr_t)(2 * n) * sizeof(R);
-    if (!on)
+    uintptr_t ahead = (uintptr_t)row + (uintptr_t)dist * sizeof(R);
+    if (!dist)
         return;
     /* four lines a pass: the loop's own instructions were 0.25 per element of a sweep;
        up to three lines past the row are asked for: harmless, and the next tile's */
@@ -363,10 +365,11 @@ SSM_INLINE ptrdiff_t SSM_SFX(ssm_block_stop)(ptrdiff_t c0, ptrdiff_t C)
 
 /* s[j] += sum of exp(x[c, j] - m[j]) over rows c0 <= c < c1, stored in e as well if
    e != NULL. Rows go two per pass over j, so s is loaded and stored half as often.
-   pf: x is the array itself (strided channels): prefetch rows two tiles ahead. */
+   pf: x is the array itself (strided channels): prefetch rows two tiles ahead, pf
+   elements on (see ssm_prefetch_next); 0 for none. */
 SSM_INLINE void SSM_SFX(ssm_sumexp_rows)(const R *restrict x, ptrdiff_t sx, R *restrict e,
                                          ptrdiff_t se, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t n,
-                                         const R *restrict m, R *restrict s, int pf)
+                                         const R *restrict m, R *restrict s, ptrdiff_t pf)
 {
     ptrdiff_t c, j;
     for (c = c0; c + 1 < c1; c += 2) {
@@ -412,7 +415,7 @@ SSM_INLINE void SSM_SFX(ssm_sumexp_rows)(const R *restrict x, ptrdiff_t sx, R *r
    as they are for the class counts of one block (VOC fused lost 3% to a reload). */
 SSM_NOINLINE SSM_CLONES void SSM_SFX(ssm_sumexp_blocks)(
     const R *restrict x, ptrdiff_t sx, R *restrict e, ptrdiff_t se, ptrdiff_t C, ptrdiff_t n,
-    const R *restrict m, R *restrict s, double *restrict hi, double *restrict lo, int pf)
+    const R *restrict m, R *restrict s, double *restrict hi, double *restrict lo, ptrdiff_t pf)
 {
     ptrdiff_t c0, c1, j;
     for (c0 = 0; c0 < C; c0 = c1) {  /* see ssm_sum_block_end */
@@ -439,7 +442,8 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
                                         ptrdiff_t se, ptrdiff_t C, ptrdiff_t n,
                                         R *restrict m, R *restrict s,
                                         double *restrict hi, double *restrict lo,
-                                        const int32_t *restrict cls, R *restrict xy, int pf)
+                                        const int32_t *restrict cls, R *restrict xy,
+                                        ptrdiff_t pf)
 {
     ptrdiff_t c, j;
 #pragma omp simd
@@ -485,6 +489,29 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
         SSM_SFX(ssm_sumexp_blocks)(x, sx, e, se, C, n, m, s, hi, lo, pf);
 }
 
+/* ssm_max_sumexp over the tile's n pixels in chunks whose C rows of x take about
+   SSM_L1_CHUNK bytes (64 pixels at least), so that the sum-of-exp sweep reads what the max sweep left in L1
+   (the whole tile's rows are in L2 only). Per pixel the same operations: the same bits.
+   Rows of the tile after next are prefetched as for the whole tile. */
+SSM_INLINE void SSM_SFX(ssm_max_sumexp_chunked)(const ssm_problem *P, const R *x, ptrdiff_t sx,
+                                                R *e, ptrdiff_t se, ptrdiff_t n,
+                                                SSM_SFX(ssm_scratch) *S, const int32_t *cls,
+                                                R *xy)
+{
+    ptrdiff_t j0, nc, C = P->C, chunk = SSM_L1_CHUNK / (C * (ptrdiff_t)sizeof(R));
+    ptrdiff_t pf = P->inner > 1 ? 2 * n : 0;
+    /* under 64 pixels (C > 64 for float) the row loops are too short: no chunks (their
+       setup, and prefetches of four lines a row, would outweigh the L1 hits) */
+    chunk = chunk < 64 ? n : chunk & ~(ptrdiff_t)15;
+    for (j0 = 0; j0 < n; j0 += nc) {
+        nc = n - j0 < chunk ? n - j0 : chunk;
+        SSM_SFX(ssm_max_sumexp)(x + j0, sx, e ? e + j0 : NULL, se, C, nc, S->xmax + j0,
+                                S->sumexp + j0, S->hi ? S->hi + j0 : NULL,
+                                S->lo ? S->lo + j0 : NULL, cls ? cls + j0 : NULL,
+                                xy ? xy + j0 : NULL, pf);
+    }
+}
+
 /* ---- softmax_fwd / log_softmax_fwd -------------------------------------------- */
 
 SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf,
@@ -498,8 +525,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
     x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
     y = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &sy);
     if (!logspace) {
-        SSM_SFX(ssm_max_sumexp)(x, sx, y, sy, C, n, S.xmax, S.sumexp, S.hi, S.lo, NULL, NULL,
-                                P->inner > 1);
+        SSM_SFX(ssm_max_sumexp_chunked)(P, x, sx, y, sy, n, &S, NULL, NULL);
 #pragma omp simd
         for (j = 0; j < n; j++)
             S.inv_sum[j] = (R)1 / S.sumexp[j];
@@ -507,8 +533,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
             SSM_SFX(ssm_scaled_row_done)(P, (R *)P->out, base, c, n, y + c * sy, S.inv_sum,
                                          y + c * sy);
     } else {
-        SSM_SFX(ssm_max_sumexp)(x, sx, NULL, 0, C, n, S.xmax, S.sumexp, S.hi, S.lo, NULL, NULL,
-                                P->inner > 1);
+        SSM_SFX(ssm_max_sumexp_chunked)(P, x, sx, NULL, 0, n, &S, NULL, NULL);
 #pragma omp simd
         for (j = 0; j < n; j++)
             S.log_sum[j] = SSM_LOG(S.sumexp[j]);
@@ -545,8 +570,8 @@ SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t 
             dot[j] = 0;
         for (c = c0; c < c1; c++) {
             const R *restrict pc = p + c * sp, *restrict dc = dp + c * sd;
-            SSM_SFX(ssm_prefetch_next)(pc, n, P->inner > 1);
-            SSM_SFX(ssm_prefetch_next)(dc, n, P->inner > 1);
+            SSM_SFX(ssm_prefetch_next)(pc, n, P->inner > 1 ? 2 * n : 0);
+            SSM_SFX(ssm_prefetch_next)(dc, n, P->inner > 1 ? 2 * n : 0);
 #pragma omp simd
             for (j = 0; j < n; j++)
                 dot[j] += pc[j] * dc[j];
@@ -800,6 +825,28 @@ SSM_INLINE void SSM_SFX(ssm_grad_row)(R *oc, const R *ec, const R *restrict f,
     }
 }
 
+/* Row c of the gradient for sparse targets, streamed out directly (ssm_grad_sparse_stream_*)
+   where that applies: a streamed strided output, float, a CPU with AVX2. Returns 0
+   where it does not (then ssm_grad_row and ssm_row_done). */
+SSM_INLINE int SSM_SFX(ssm_grad_row_streamed)(const ssm_problem *P, R *dst, ptrdiff_t base,
+                                              ptrdiff_t c, ptrdiff_t n, const R *ec,
+                                              const R *f, const R *glabel,
+                                              const int32_t *cls)
+{
+#if defined(SSM_AVX_TRANSPOSE)
+    if (sizeof(R) == sizeof(float) && P->inner > 1 && P->stream && ssm_cpu_has_avx2()) {
+        ssm_grad_sparse_stream_avx2((float *)(dst + base + c * P->inner), (const float *)ec,
+                                    (const float *)f, (const float *)glabel, cls, (int32_t)c,
+                                    n);
+        return 1;
+    }
+#else
+    (void)P; (void)dst; (void)base; (void)c; (void)n; (void)ec; (void)f; (void)glabel;
+    (void)cls;
+#endif
+    return 0;
+}
+
 /* Tile loss: per-pixel losses into loss_map (if any) and their float64 sum. */
 SSM_INLINE double SSM_SFX(ssm_tile_loss)(const ssm_problem *P, const double *lp, ptrdiff_t pix,
                                          ptrdiff_t n)
@@ -827,9 +874,10 @@ SSM_INLINE double SSM_SFX(ssm_tile_loss)(const ssm_problem *P, const double *lp,
 /* Labels (a = act at the label, A = a): loss = a min(m + log s - x_y, cap), 0 for an
    inactive pixel (NaN stays NaN); inv_sum = 1/s; gfactor = g a / s, exactly 0 for an
    inactive pixel even where s is not finite, and without a gradient; glabel = g a.
-   The log runs in its own float-only loop before (see ssm_sswl_tile). */
+   The log runs in its own float-only loop before (see ssm_sswl_tile). The loss alone
+   (epilogue 0) stops after the loss. */
 SSM_INLINE void SSM_SFX(ssm_sparse_terms)(SSM_SFX(ssm_scratch) *S, ptrdiff_t n, double cap,
-                                          int want_grad)
+                                          int want_grad, int epilogue)
 {
     ptrdiff_t j;
     const R *restrict a = S->act, *restrict m = S->xmax, *restrict ls = S->log_sum;
@@ -841,6 +889,8 @@ SSM_INLINE void SSM_SFX(ssm_sparse_terms)(SSM_SFX(ssm_scratch) *S, ptrdiff_t n, 
         double nll = (double)m[j] - (double)xy[j] + (double)ls[j];
         lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * (nll > cap ? cap : nll);  /* NaN stays NaN */
     }
+    if (!epilogue)  /* the loss alone */
+        return;
 #pragma omp simd
     for (j = 0; j < n; j++) {
         r[j] = (R)1 / s[j];
@@ -851,10 +901,10 @@ SSM_INLINE void SSM_SFX(ssm_sparse_terms)(SSM_SFX(ssm_scratch) *S, ptrdiff_t n, 
 
 /* Dense targets (a = act, the activity): asum = A = sum_c A_c and ax = sum_c A_c x_c
    (ssm_dense_sums); loss = a (A (m + log s) - ax), plus a ent for the KL divergence
-   (kl); inv_sum = 1/s; gfactor = g a A / s (0 as for labels). */
+   (kl); inv_sum = 1/s; gfactor = g a A / s (0 as for labels); epilogue as for labels. */
 SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, ptrdiff_t sx,
                                          ptrdiff_t C, ptrdiff_t n, ptrdiff_t T, int want_grad,
-                                         int kl)
+                                         int kl, int epilogue)
 {
     ptrdiff_t j;
     SSM_SFX(ssm_dense_sums)(S->A, T, x, sx, C, n, S->asum, S->ax, S->hi, S->lo);
@@ -878,6 +928,8 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
                 lp[j] = a[j] == 0 ? 0.0 : (double)a[j] * l;
             }
         }
+        if (!epilogue)  /* the loss alone */
+            return;
 #pragma omp simd
         for (j = 0; j < n; j++) {
             r[j] = (R)1 / s[j];
@@ -906,9 +958,11 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
         o2 = SSM_SFX(ssm_target_block)(P, (R *)P->out2, base, S.O2, &so2);
 
     /* sweeps 1-2: max (and the label's logit), then e = exp(x - m) into `o` (if any),
-       s = sum e */
-    SSM_SFX(ssm_max_sumexp)(x, sx, o, so, C, n, S.xmax, S.sumexp, S.hi, S.lo,
-                            dense ? NULL : S.cls, S.xlabel, P->inner > 1);
+       s = sum e. The loss alone stores nothing per element: the sweeps run over chunks
+       of the tile's pixels whose C rows fit in L1 (SSM_L1_CHUNK bytes), so the second
+       reads what the first left there (VOC, 1 thread: 5% faster); per pixel the same
+       operations, so the same bits. */
+    SSM_SFX(ssm_max_sumexp_chunked)(P, x, sx, o, so, n, &S, dense ? NULL : S.cls, S.xlabel);
 
     /* per pixel: log s, in a float-only loop (libmvec has no logf variant of the width
        a loop mixing float and double would need, so the mixed loop stays scalar); then
@@ -917,9 +971,9 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
     for (j = 0; j < n; j++)
         S.log_sum[j] = SSM_LOG(S.sumexp[j]);
     if (dense)
-        SSM_SFX(ssm_dense_terms)(&S, x, sx, C, n, T, want_grad, P->loss == SSM_KL);
+        SSM_SFX(ssm_dense_terms)(&S, x, sx, C, n, T, want_grad, P->loss == SSM_KL, o != NULL);
     else  /* one-hot t: the KL divergence is the cross-entropy */
-        SSM_SFX(ssm_sparse_terms)(&S, n, P->loss_cap, want_grad);
+        SSM_SFX(ssm_sparse_terms)(&S, n, P->loss_cap, want_grad, o != NULL);
     if (!o)  /* the loss alone */
         return SSM_SFX(ssm_tile_loss)(P, S.loss, pix, n);
 
@@ -933,6 +987,9 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
         }
         if (o2)
             SSM_SFX(ssm_scaled_row_done)(P, (R *)P->out2, base, c, n, oc, r, o2 + c * so2);
+        if (!dense && SSM_SFX(ssm_grad_row_streamed)(P, (R *)P->out, base, c, n, oc,
+                                                     S.gfactor, S.glabel, S.cls))
+            continue;
         SSM_SFX(ssm_grad_row)(oc, oc, S.gfactor, S.glabel, S.gscale, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
         SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, oc);
@@ -970,7 +1027,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, 
         }
     }
     for (c = 0; c < C; c++) {
-        SSM_SFX(ssm_prefetch_next)(q + c * sq, n, P->inner > 1);
+        SSM_SFX(ssm_prefetch_next)(q + c * sq, n, P->inner > 1 ? 2 * n : 0);
         SSM_SFX(ssm_grad_row)(o + c * so, q + c * sq, f, S.glabel, S.gscale, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
         SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, o + c * so);
