@@ -73,22 +73,30 @@ SSM_INLINE float ssm_bf16_to_f(uint16_t h)
     return v.f;
 }
 
-/* float -> bfloat16 bits, round to nearest even (overflow rounds to inf); NaN quieted. */
+/* float -> bfloat16 bits, round to nearest even (overflow rounds to inf); NaN quieted.
+   Written as a select of two 32-bit values shifted once, so that it vectorises into few
+   instructions (the vector rows below compute the same). */
 SSM_INLINE uint16_t ssm_f_to_bf16(float f)
 {
     ssm_f32_bits v;
+    uint32_t r;
     v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((v.u >> 16) | 0x40u);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+    r = v.u + 0x7fffu + ((v.u >> 16) & 1u);
+    r = (v.u & 0x7fffffffu) > 0x7f800000u ? v.u | 0x00400000u : r;
+    return (uint16_t)(r >> 16);
 }
+
+/* The widest conversion rows the drivers may take: 2 AVX-512F, 1 AVX2 / F16C, 0 none
+   (the scalar loops, vectorised by the compiler). Lowered only by the tests
+   (ssm._cpu.half_isa), between calls, to check each path on one CPU. */
+static int ssm_half_isa = 2;
 
 #if defined(SSM_ISA_NAMES)
 #define SSM_F16C 1
-/* The CPU has F16C (vcvtph2ps, vcvtps2ph). */
+/* The CPU has F16C (vcvtph2ps, vcvtps2ph), and the drivers may use it. */
 static inline int ssm_cpu_has_f16c(void)
 {
-    return __builtin_cpu_supports("f16c");
+    return ssm_half_isa >= 1 && __builtin_cpu_supports("f16c");
 }
 
 __attribute__((target("avx,f16c"))) static void ssm_f16_to_f_row_f16c(
@@ -101,15 +109,129 @@ __attribute__((target("avx,f16c"))) static void ssm_f16_to_f_row_f16c(
         f[j] = ssm_f16_to_f(h[j]);
 }
 
+/* The narrowing rows below write h directly, with non-temporal stores when `stream` is
+   set (the first elements one by one up to an aligned address; the caller fences): one
+   pass over the float tile, no 16-bit staging block. */
 __attribute__((target("avx,f16c"))) static void ssm_f_to_f16_row_f16c(
-    const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
+    const float *restrict f, uint16_t *restrict h, ptrdiff_t n, int stream)
 {
     ptrdiff_t j = 0;
+    if (stream) {
+        for (; j < n && ((uintptr_t)(h + j) & 15) != 0; j++)
+            h[j] = ssm_f_to_f16(f[j]);
+        for (; j + 8 <= n; j += 8)
+            _mm_stream_si128((__m128i *)(h + j),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
+    }
     for (; j + 8 <= n; j += 8)
         _mm_storeu_si128((__m128i *)(h + j),
                          _mm256_cvtps_ph(_mm256_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
     for (; j < n; j++)
         h[j] = ssm_f_to_f16(f[j]);
+}
+
+/* float16 rows by AVX-512F's 16-wide vcvtph2ps / vcvtps2ph (the same instructions as
+   F16C's, twice as wide) */
+__attribute__((target("avx512f"))) static void ssm_f16_to_f_row_avx512(
+    const uint16_t *restrict h, float *restrict f, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        _mm512_storeu_ps(f + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + j))));
+    for (; j < n; j++)
+        f[j] = ssm_f16_to_f(h[j]);
+}
+
+__attribute__((target("avx512f"))) static void ssm_f_to_f16_row_avx512(
+    const float *restrict f, uint16_t *restrict h, ptrdiff_t n, int stream)
+{
+    ptrdiff_t j = 0;
+    if (stream) {
+        for (; j < n && ((uintptr_t)(h + j) & 31) != 0; j++)
+            h[j] = ssm_f_to_f16(f[j]);
+        for (; j + 16 <= n; j += 16)
+            _mm256_stream_si256((__m256i *)(h + j),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; j + 16 <= n; j += 16)
+        _mm256_storeu_si256((__m256i *)(h + j),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < n; j++)
+        h[j] = ssm_f_to_f16(f[j]);
+}
+
+/* The CPU has AVX2 / AVX-512F, and the drivers may use it. */
+static inline int ssm_cpu_has_avx2(void)
+{
+    return ssm_half_isa >= 1 && __builtin_cpu_supports("avx2");
+}
+
+static inline int ssm_cpu_has_avx512f(void)
+{
+    return ssm_half_isa >= 2 && __builtin_cpu_supports("avx512f");
+}
+
+/* 8 floats (bits) -> their bfloat16 bits in the low halves, as ssm_f_to_bf16 */
+__attribute__((target("avx2"))) static inline __m256i ssm_bf16_round8(__m256i u)
+{
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                     _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    return _mm256_srli_epi32(r, 16);
+}
+
+/* 16 floats -> 16 bfloat16 (the halves are at most 0xffff: packus does not saturate) */
+__attribute__((target("avx2"))) static inline __m256i ssm_bf16_round16(const float *f)
+{
+    __m256i a = ssm_bf16_round8(_mm256_castps_si256(_mm256_loadu_ps(f)));
+    __m256i b = ssm_bf16_round8(_mm256_castps_si256(_mm256_loadu_ps(f + 8)));
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xd8);
+}
+
+__attribute__((target("avx2"))) static void ssm_f_to_bf16_row_avx2(
+    const float *restrict f, uint16_t *restrict h, ptrdiff_t n, int stream)
+{
+    ptrdiff_t j = 0;
+    if (stream) {
+        for (; j < n && ((uintptr_t)(h + j) & 31) != 0; j++)
+            h[j] = ssm_f_to_bf16(f[j]);
+        for (; j + 16 <= n; j += 16)
+            _mm256_stream_si256((__m256i *)(h + j), ssm_bf16_round16(f + j));
+    }
+    for (; j + 16 <= n; j += 16)
+        _mm256_storeu_si256((__m256i *)(h + j), ssm_bf16_round16(f + j));
+    for (; j < n; j++)
+        h[j] = ssm_f_to_bf16(f[j]);
+}
+
+/* 16 floats -> 16 bfloat16: the NaN select by a mask, the narrowing by vpmovdw */
+__attribute__((target("avx512f"))) static inline __m256i ssm_bf16_round16_512(const float *f)
+{
+    __m512i u = _mm512_castps_si512(_mm512_loadu_ps(f));
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+__attribute__((target("avx512f"))) static void ssm_f_to_bf16_row_avx512(
+    const float *restrict f, uint16_t *restrict h, ptrdiff_t n, int stream)
+{
+    ptrdiff_t j = 0;
+    if (stream) {
+        for (; j < n && ((uintptr_t)(h + j) & 31) != 0; j++)
+            h[j] = ssm_f_to_bf16(f[j]);
+        for (; j + 16 <= n; j += 16)
+            _mm256_stream_si256((__m256i *)(h + j), ssm_bf16_round16_512(f + j));
+    }
+    for (; j + 16 <= n; j += 16)
+        _mm256_storeu_si256((__m256i *)(h + j), ssm_bf16_round16_512(f + j));
+    for (; j < n; j++)
+        h[j] = ssm_f_to_bf16(f[j]);
 }
 #endif
 
@@ -149,33 +271,6 @@ static inline size_t ssm_label_bytes(int kind)
     return kind == SSM_U8 ? 1 : kind == SSM_I32 ? 4 : kind == SSM_I64 ? 8 : 0;
 }
 
-/* Element-wise conversions, for the tests: half (bf16: bfloat16, else float16) to float
-   (narrow = 0) or back, by the software versions (software = 1) or by the path the drivers
-   take on this CPU. */
-static inline void ssm_half_convert(int bf16, int narrow, int software, const void *src,
-                                    void *dst, ptrdiff_t n)
-{
-    const uint16_t *h = (const uint16_t *)src;
-    const float *f = (const float *)src;
-    ptrdiff_t j;
-#if defined(SSM_F16C)
-    if (!bf16 && !software && ssm_cpu_has_f16c()) {
-        if (narrow)
-            ssm_f_to_f16_row_f16c(f, (uint16_t *)dst, n);
-        else
-            ssm_f16_to_f_row_f16c(h, (float *)dst, n);
-        return;
-    }
-#endif
-    (void)software;
-    for (j = 0; j < n; j++) {
-        if (narrow)
-            ((uint16_t *)dst)[j] = bf16 ? ssm_f_to_bf16(f[j]) : ssm_f_to_f16(f[j]);
-        else
-            ((float *)dst)[j] = bf16 ? ssm_bf16_to_f(h[j]) : ssm_f16_to_f(h[j]);
-    }
-}
-
 #define SSM_HSFX(name) name##_h
 #define SSM_H_TO_F ssm_f16_to_f
 #define SSM_F_TO_H ssm_f_to_f16
@@ -195,5 +290,33 @@ static inline void ssm_half_convert(int bf16, int narrow, int software, const vo
 #undef SSM_H_TO_F
 #undef SSM_F_TO_H
 #undef SSM_H_F16C
+
+/* Element-wise conversions, for the tests: half (bf16: bfloat16, else float16) to float
+   (narrow = 0) or back, by the scalar versions (software = 1) or by the rows the drivers
+   take on this CPU (below the ssm_half_isa cap). */
+static inline void ssm_half_convert(int bf16, int narrow, int software, const void *src,
+                                    void *dst, ptrdiff_t n)
+{
+    const uint16_t *h = (const uint16_t *)src;
+    const float *f = (const float *)src;
+    ptrdiff_t j;
+    if (!software) {
+        if (narrow && bf16)
+            ssm_narrow_b(f, (uint16_t *)dst, n);
+        else if (narrow)
+            ssm_narrow_h(f, (uint16_t *)dst, n);
+        else if (bf16)
+            ssm_widen_b(h, (float *)dst, n);
+        else
+            ssm_widen_h(h, (float *)dst, n);
+        return;
+    }
+    for (j = 0; j < n; j++) {
+        if (narrow)
+            ((uint16_t *)dst)[j] = bf16 ? ssm_f_to_bf16(f[j]) : ssm_f_to_f16(f[j]);
+        else
+            ((float *)dst)[j] = bf16 ? ssm_bf16_to_f(h[j]) : ssm_f16_to_f(h[j]);
+    }
+}
 
 #endif /* SSM_HALF_H */
