@@ -12,6 +12,13 @@
  *    rounded once to the half type and written out (non-temporal for large outputs, as
  *    the float path does). The math is therefore the float32 path's, bit for bit, on
  *    the widened inputs; the DRAM traffic is half of it.
+ *    Outputs are narrowed by vector rows (AVX-512F, AVX2 / F16C, checked at run time
+ *    below the test cap ssm_half_isa), a channel row at a time into an L1 row that
+ *    32-byte non-temporal stores copy out (see ssm_stream_u16). Cost: the float tile function is compute
+ *    bound (VOC fused loss+grad, one thread: 0.68 ns/element on an L2-resident problem,
+ *    0.72 from DRAM), so the widening pass, the narrowing pass and the float blocks'
+ *    L1/L2 traffic (about +0.1 ns/element) are as much as half the bytes saves; the
+ *    float32 tile size is the fastest for half too (smaller tiles were slower).
  * b) Per-pixel inputs (weights, d_loss maps) and the small ones (class weights, lenses)
  *    arrive widened to float32 by ssm/_cpu.pyx, so the label pre-pass is the float one;
  *    labels are read in place (offset to the tile's first pixel); soft targets, prob and
@@ -109,20 +116,10 @@ __attribute__((target("avx,f16c"))) static void ssm_f16_to_f_row_f16c(
         f[j] = ssm_f16_to_f(h[j]);
 }
 
-/* The narrowing rows below write h directly, with non-temporal stores when `stream` is
-   set (the first elements one by one up to an aligned address; the caller fences): one
-   pass over the float tile, no 16-bit staging block. */
 __attribute__((target("avx,f16c"))) static void ssm_f_to_f16_row_f16c(
-    const float *restrict f, uint16_t *restrict h, ptrdiff_t n, int stream)
+    const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
 {
     ptrdiff_t j = 0;
-    if (stream) {
-        for (; j < n && ((uintptr_t)(h + j) & 15) != 0; j++)
-            h[j] = ssm_f_to_f16(f[j]);
-        for (; j + 8 <= n; j += 8)
-            _mm_stream_si128((__m128i *)(h + j),
-                             _mm256_cvtps_ph(_mm256_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
-    }
     for (; j + 8 <= n; j += 8)
         _mm_storeu_si128((__m128i *)(h + j),
                          _mm256_cvtps_ph(_mm256_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
@@ -143,16 +140,9 @@ __attribute__((target("avx512f"))) static void ssm_f16_to_f_row_avx512(
 }
 
 __attribute__((target("avx512f"))) static void ssm_f_to_f16_row_avx512(
-    const float *restrict f, uint16_t *restrict h, ptrdiff_t n, int stream)
+    const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
 {
     ptrdiff_t j = 0;
-    if (stream) {
-        for (; j < n && ((uintptr_t)(h + j) & 31) != 0; j++)
-            h[j] = ssm_f_to_f16(f[j]);
-        for (; j + 16 <= n; j += 16)
-            _mm256_stream_si256((__m256i *)(h + j),
-                                _mm512_cvtps_ph(_mm512_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
-    }
     for (; j + 16 <= n; j += 16)
         _mm256_storeu_si256((__m256i *)(h + j),
                             _mm512_cvtps_ph(_mm512_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
@@ -191,15 +181,9 @@ __attribute__((target("avx2"))) static inline __m256i ssm_bf16_round16(const flo
 }
 
 __attribute__((target("avx2"))) static void ssm_f_to_bf16_row_avx2(
-    const float *restrict f, uint16_t *restrict h, ptrdiff_t n, int stream)
+    const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
 {
     ptrdiff_t j = 0;
-    if (stream) {
-        for (; j < n && ((uintptr_t)(h + j) & 31) != 0; j++)
-            h[j] = ssm_f_to_bf16(f[j]);
-        for (; j + 16 <= n; j += 16)
-            _mm256_stream_si256((__m256i *)(h + j), ssm_bf16_round16(f + j));
-    }
     for (; j + 16 <= n; j += 16)
         _mm256_storeu_si256((__m256i *)(h + j), ssm_bf16_round16(f + j));
     for (; j < n; j++)
@@ -219,15 +203,9 @@ __attribute__((target("avx512f"))) static inline __m256i ssm_bf16_round16_512(co
 }
 
 __attribute__((target("avx512f"))) static void ssm_f_to_bf16_row_avx512(
-    const float *restrict f, uint16_t *restrict h, ptrdiff_t n, int stream)
+    const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
 {
     ptrdiff_t j = 0;
-    if (stream) {
-        for (; j < n && ((uintptr_t)(h + j) & 31) != 0; j++)
-            h[j] = ssm_f_to_bf16(f[j]);
-        for (; j + 16 <= n; j += 16)
-            _mm256_stream_si256((__m256i *)(h + j), ssm_bf16_round16_512(f + j));
-    }
     for (; j + 16 <= n; j += 16)
         _mm256_storeu_si256((__m256i *)(h + j), ssm_bf16_round16_512(f + j));
     for (; j < n; j++)
@@ -235,10 +213,50 @@ __attribute__((target("avx512f"))) static void ssm_f_to_bf16_row_avx512(
 }
 #endif
 
+#if defined(SSM_AVX_TRANSPOSE)
+/* ssm_stream_u16 by 32-byte stores, two a pass (a whole line when aligned); 16-byte ones
+   up to the first 32-byte boundary and at the end. Scalar stores into a line that is
+   being streamed are slow: 25% of the Cityscapes call when the head went up to 32 bytes
+   by plain stores (numpy aligns large arrays to 16 bytes only). */
+__attribute__((target("avx"))) static void ssm_stream_u16_avx(uint16_t *dst, const uint16_t *src,
+                                                              ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
+        dst[j] = src[j];
+    if (j + 8 <= n && ((uintptr_t)(dst + j) & 31) != 0) {  /* numpy's 16-byte alignment */
+        _mm_stream_si128((__m128i *)(dst + j), _mm_loadu_si128((const __m128i *)(src + j)));
+        j += 8;
+    }
+    for (; j + 32 <= n; j += 32) {
+        _mm256_stream_si256((__m256i *)(dst + j), _mm256_loadu_si256((const __m256i *)(src + j)));
+        _mm256_stream_si256((__m256i *)(dst + j + 16),
+                            _mm256_loadu_si256((const __m256i *)(src + j + 16)));
+    }
+    for (; j + 16 <= n; j += 16)
+        _mm256_stream_si256((__m256i *)(dst + j), _mm256_loadu_si256((const __m256i *)(src + j)));
+    if (j + 8 <= n) {
+        _mm_stream_si128((__m128i *)(dst + j), _mm_loadu_si128((const __m128i *)(src + j)));
+        j += 8;
+    }
+    for (; j < n; j++)
+        dst[j] = src[j];
+}
+#endif
+
 /* Copy n 16-bit elements with non-temporal stores (see ssm_stream_row in
-   _kernels_impl.h); ordered by an sfence before the tile ends. */
+   _kernels_impl.h); ordered by an sfence before the tile ends. The half drivers narrow
+   into an L1 row and stream that: narrowing straight into the non-temporal stores, a
+   32-byte store after each 64-byte load from the float block, was 25% slower on
+   Cityscapes and ADE shapes (lines leave the write-combining buffers part-written). */
 SSM_INLINE void ssm_stream_u16(uint16_t *dst, const uint16_t *src, ptrdiff_t n)
 {
+#if defined(SSM_AVX_TRANSPOSE)
+    if (ssm_cpu_has_avx()) {
+        ssm_stream_u16_avx(dst, src, n);
+        return;
+    }
+#endif
 #if defined(__SSE2__)
     ptrdiff_t j = 0;
     for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)

@@ -30,27 +30,27 @@ SSM_INLINE void SSM_HSFX(ssm_widen)(const uint16_t *restrict h, float *restrict 
 /* n floats -> half, into h, by the vector rows of _half.h where the CPU has them
    (1), else not (0: nothing written). */
 SSM_INLINE int SSM_HSFX(ssm_narrow_isa)(const float *restrict f, uint16_t *restrict h,
-                                        ptrdiff_t n, int stream)
+                                        ptrdiff_t n)
 {
 #if defined(SSM_F16C)
     if (SSM_H_F16C) {
         if (ssm_cpu_has_avx512f()) {
-            ssm_f_to_f16_row_avx512(f, h, n, stream);
+            ssm_f_to_f16_row_avx512(f, h, n);
             return 1;
         }
         if (ssm_cpu_has_f16c()) {
-            ssm_f_to_f16_row_f16c(f, h, n, stream);
+            ssm_f_to_f16_row_f16c(f, h, n);
             return 1;
         }
     } else if (ssm_cpu_has_avx512f()) {
-        ssm_f_to_bf16_row_avx512(f, h, n, stream);
+        ssm_f_to_bf16_row_avx512(f, h, n);
         return 1;
     } else if (ssm_cpu_has_avx2()) {
-        ssm_f_to_bf16_row_avx2(f, h, n, stream);
+        ssm_f_to_bf16_row_avx2(f, h, n);
         return 1;
     }
 #endif
-    (void)f, (void)h, (void)n, (void)stream;
+    (void)f, (void)h, (void)n;
     return 0;
 }
 
@@ -58,15 +58,15 @@ SSM_INLINE int SSM_HSFX(ssm_narrow_isa)(const float *restrict f, uint16_t *restr
 SSM_INLINE void SSM_HSFX(ssm_narrow)(const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
 {
     ptrdiff_t j;
-    if (SSM_HSFX(ssm_narrow_isa)(f, h, n, 0))
+    if (SSM_HSFX(ssm_narrow_isa)(f, h, n))
         return;
 #pragma omp simd
     for (j = 0; j < n; j++)
         h[j] = SSM_F_TO_H(f[j]);
 }
 
-/* n floats -> half at dst: directly (non-temporal stores from the vector rows), or
-   through tmp and non-temporal stores */
+/* n floats -> half at dst: directly, or through the L1 row tmp and non-temporal stores
+   (see ssm_stream_u16) */
 SSM_INLINE void SSM_HSFX(ssm_narrow_out)(const float *f, uint16_t *dst, ptrdiff_t n, int stream,
                                          uint16_t *tmp)
 {
@@ -74,8 +74,6 @@ SSM_INLINE void SSM_HSFX(ssm_narrow_out)(const float *f, uint16_t *dst, ptrdiff_
         SSM_HSFX(ssm_narrow)(f, dst, n);
         return;
     }
-    if (SSM_HSFX(ssm_narrow_isa)(f, dst, n, 1))
-        return;
     SSM_HSFX(ssm_narrow)(f, tmp, n);
     ssm_stream_u16(dst, tmp, n);
 }
