@@ -12,9 +12,8 @@
  *    rounded once to the half type and written out (non-temporal for large outputs, as
  *    the float path does). The math is therefore the float32 path's, bit for bit, on
  *    the widened inputs; the DRAM traffic is half of it.
- *    Outputs are narrowed by vector rows (AVX-512F, AVX2 / F16C, checked at run time
- *    below the test cap ssm_half_isa), a channel row at a time into an L1 row that
- *    32-byte non-temporal stores copy out (see ssm_stream_u16). Cost: the float tile function is compute
+ *    Outputs are narrowed a channel row at a time into an L1 row that 32-byte
+ *    non-temporal stores copy out (see ssm_stream_u16). Cost: the float tile function is compute
  *    bound (VOC fused loss+grad, one thread: 0.68 ns/element on an L2-resident problem,
  *    0.72 from DRAM), so the widening pass, the narrowing pass and the float blocks'
  *    L1/L2 traffic (about +0.1 ns/element) are as much as half the bytes saves; the
@@ -93,17 +92,18 @@ SSM_INLINE uint16_t ssm_f_to_bf16(float f)
     return (uint16_t)(r >> 16);
 }
 
-/* The widest conversion rows the drivers may take: 2 AVX-512F, 1 AVX2 / F16C, 0 none
-   (the scalar loops, vectorised by the compiler). Lowered only by the tests
-   (ssm._cpu.half_isa), between calls, to check each path on one CPU. */
-static int ssm_half_isa = 2;
+/* 1: the drivers convert float16 by F16C where the CPU has it; 0: by the scalar loops,
+   vectorised by the compiler (as bfloat16 always is: in the AVX-512 clone its loops were
+   as fast as AVX-512 intrinsics, in the AVX2 one within 2% of AVX2 intrinsics). Set to
+   0 only by the tests (ssm._cpu.half_isa), between calls, to check both paths here. */
+static int ssm_half_isa = 1;
 
 #if defined(SSM_ISA_NAMES)
 #define SSM_F16C 1
 /* The CPU has F16C (vcvtph2ps, vcvtps2ph), and the drivers may use it. */
 static inline int ssm_cpu_has_f16c(void)
 {
-    return ssm_half_isa >= 1 && __builtin_cpu_supports("f16c");
+    return ssm_half_isa && __builtin_cpu_supports("f16c");
 }
 
 __attribute__((target("avx,f16c"))) static void ssm_f16_to_f_row_f16c(
@@ -125,91 +125,6 @@ __attribute__((target("avx,f16c"))) static void ssm_f_to_f16_row_f16c(
                          _mm256_cvtps_ph(_mm256_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
     for (; j < n; j++)
         h[j] = ssm_f_to_f16(f[j]);
-}
-
-/* float16 rows by AVX-512F's 16-wide vcvtph2ps / vcvtps2ph (the same instructions as
-   F16C's, twice as wide) */
-__attribute__((target("avx512f"))) static void ssm_f16_to_f_row_avx512(
-    const uint16_t *restrict h, float *restrict f, ptrdiff_t n)
-{
-    ptrdiff_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        _mm512_storeu_ps(f + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + j))));
-    for (; j < n; j++)
-        f[j] = ssm_f16_to_f(h[j]);
-}
-
-__attribute__((target("avx512f"))) static void ssm_f_to_f16_row_avx512(
-    const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
-{
-    ptrdiff_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        _mm256_storeu_si256((__m256i *)(h + j),
-                            _mm512_cvtps_ph(_mm512_loadu_ps(f + j), _MM_FROUND_TO_NEAREST_INT));
-    for (; j < n; j++)
-        h[j] = ssm_f_to_f16(f[j]);
-}
-
-/* The CPU has AVX2 / AVX-512F, and the drivers may use it. */
-static inline int ssm_cpu_has_avx2(void)
-{
-    return ssm_half_isa >= 1 && __builtin_cpu_supports("avx2");
-}
-
-static inline int ssm_cpu_has_avx512f(void)
-{
-    return ssm_half_isa >= 2 && __builtin_cpu_supports("avx512f");
-}
-
-/* 8 floats (bits) -> their bfloat16 bits in the low halves, as ssm_f_to_bf16 */
-__attribute__((target("avx2"))) static inline __m256i ssm_bf16_round8(__m256i u)
-{
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
-    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                     _mm256_set1_epi32(0x7f800000));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
-    return _mm256_srli_epi32(r, 16);
-}
-
-/* 16 floats -> 16 bfloat16 (the halves are at most 0xffff: packus does not saturate) */
-__attribute__((target("avx2"))) static inline __m256i ssm_bf16_round16(const float *f)
-{
-    __m256i a = ssm_bf16_round8(_mm256_castps_si256(_mm256_loadu_ps(f)));
-    __m256i b = ssm_bf16_round8(_mm256_castps_si256(_mm256_loadu_ps(f + 8)));
-    return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xd8);
-}
-
-__attribute__((target("avx2"))) static void ssm_f_to_bf16_row_avx2(
-    const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
-{
-    ptrdiff_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        _mm256_storeu_si256((__m256i *)(h + j), ssm_bf16_round16(f + j));
-    for (; j < n; j++)
-        h[j] = ssm_f_to_bf16(f[j]);
-}
-
-/* 16 floats -> 16 bfloat16: the NaN select by a mask, the narrowing by vpmovdw */
-__attribute__((target("avx512f"))) static inline __m256i ssm_bf16_round16_512(const float *f)
-{
-    __m512i u = _mm512_castps_si512(_mm512_loadu_ps(f));
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
-    __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                            _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
-
-__attribute__((target("avx512f"))) static void ssm_f_to_bf16_row_avx512(
-    const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
-{
-    ptrdiff_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        _mm256_storeu_si256((__m256i *)(h + j), ssm_bf16_round16_512(f + j));
-    for (; j < n; j++)
-        h[j] = ssm_f_to_bf16(f[j]);
 }
 #endif
 
@@ -310,8 +225,8 @@ static inline size_t ssm_label_bytes(int kind)
 #undef SSM_H_F16C
 
 /* Element-wise conversions, for the tests: half (bf16: bfloat16, else float16) to float
-   (narrow = 0) or back, by the scalar versions (software = 1) or by the rows the drivers
-   take on this CPU (below the ssm_half_isa cap). */
+   (narrow = 0) or back, by the scalar versions (software = 1) or by the path the drivers
+   take on this CPU (F16C unless ssm_half_isa is 0). */
 static inline void ssm_half_convert(int bf16, int narrow, int software, const void *src,
                                     void *dst, ptrdiff_t n)
 {

@@ -13,10 +13,6 @@ SSM_INLINE void SSM_HSFX(ssm_widen)(const uint16_t *restrict h, float *restrict 
 {
     ptrdiff_t j;
 #if defined(SSM_F16C)
-    if (SSM_H_F16C && ssm_cpu_has_avx512f()) {
-        ssm_f16_to_f_row_avx512(h, f, n);
-        return;
-    }
     if (SSM_H_F16C && ssm_cpu_has_f16c()) {
         ssm_f16_to_f_row_f16c(h, f, n);
         return;
@@ -27,39 +23,16 @@ SSM_INLINE void SSM_HSFX(ssm_widen)(const uint16_t *restrict h, float *restrict 
         f[j] = SSM_H_TO_F(h[j]);
 }
 
-/* n floats -> half, into h, by the vector rows of _half.h where the CPU has them
-   (1), else not (0: nothing written). */
-SSM_INLINE int SSM_HSFX(ssm_narrow_isa)(const float *restrict f, uint16_t *restrict h,
-                                        ptrdiff_t n)
-{
-#if defined(SSM_F16C)
-    if (SSM_H_F16C) {
-        if (ssm_cpu_has_avx512f()) {
-            ssm_f_to_f16_row_avx512(f, h, n);
-            return 1;
-        }
-        if (ssm_cpu_has_f16c()) {
-            ssm_f_to_f16_row_f16c(f, h, n);
-            return 1;
-        }
-    } else if (ssm_cpu_has_avx512f()) {
-        ssm_f_to_bf16_row_avx512(f, h, n);
-        return 1;
-    } else if (ssm_cpu_has_avx2()) {
-        ssm_f_to_bf16_row_avx2(f, h, n);
-        return 1;
-    }
-#endif
-    (void)f, (void)h, (void)n;
-    return 0;
-}
-
 /* n floats -> half, into h */
 SSM_INLINE void SSM_HSFX(ssm_narrow)(const float *restrict f, uint16_t *restrict h, ptrdiff_t n)
 {
     ptrdiff_t j;
-    if (SSM_HSFX(ssm_narrow_isa)(f, h, n))
+#if defined(SSM_F16C)
+    if (SSM_H_F16C && ssm_cpu_has_f16c()) {
+        ssm_f_to_f16_row_f16c(f, h, n);
         return;
+    }
+#endif
 #pragma omp simd
     for (j = 0; j < n; j++)
         h[j] = SSM_F_TO_H(f[j]);
