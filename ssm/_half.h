@@ -12,13 +12,13 @@
  *    rounded once to the half type and written out (non-temporal for large outputs, as
  *    the float path does). The math is therefore the float32 path's, bit for bit, on
  *    the widened inputs; the DRAM traffic is half of it.
- *    Outputs are narrowed a channel row at a time into an L1 row that 32-byte
- *    non-temporal stores copy out (see ssm_stream_u16). Cost: the float tile function
- *    is compute bound (VOC fused loss+grad, one thread: 0.68 ns/element on an
- *    L2-resident problem, 0.72 from DRAM), so the widening pass, the narrowing pass and
- *    the float blocks' L1/L2 traffic (about +0.1 ns/element) cost about what half the
- *    bytes saves; the float32 tile size is the fastest for half too (384- and
- *    192-pixel tiles were slower at C = 21, and so was 1024).
+ *    Outputs are narrowed a channel row at a time into an L1 row that non-temporal
+ *    stores copy out (see ssm_stream_u16). Cost: the float tile function is compute
+ *    bound (VOC fused loss+grad, one thread: 0.68 ns/element on an L2-resident problem,
+ *    0.72 from DRAM), so the widening pass, the narrowing pass and the float blocks'
+ *    L1/L2 traffic (about +0.1 ns/element) cost about what half the bytes saves; the
+ *    float32 tile size is the fastest for half too (384- and 192-pixel tiles were
+ *    slower at C = 21, and so was 1024).
  * b) Per-pixel inputs (weights, d_loss maps) and the small ones (class weights, lenses)
  *    arrive widened to float32 by ssm/_cpu.pyx, so the label pre-pass is the float one;
  *    labels are read in place (offset to the tile's first pixel); soft targets, prob and
@@ -130,51 +130,17 @@ __attribute__((target("avx,f16c"))) static void ssm_f_to_f16_row_f16c(
 }
 #endif
 
-#if defined(SSM_AVX_TRANSPOSE)
-/* ssm_stream_u16 by 32-byte stores, two a pass (a whole line when aligned); 16-byte ones
-   up to the first 32-byte boundary and at the end: 0.35 instructions per element, 0.875
-   for the 16-byte loop (callgrind, VOC, AVX2 clone). Plain stores into a line that is
-   being streamed are slow: a scalar head up to the 32-byte boundary (numpy aligns large
-   arrays to 16 bytes only) cost 25% of the Cityscapes and ADE calls. */
-__attribute__((target("avx"))) static void ssm_stream_u16_avx(uint16_t *dst, const uint16_t *src,
-                                                              ptrdiff_t n)
-{
-    ptrdiff_t j = 0;
-    for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
-        dst[j] = src[j];
-    if (j + 8 <= n && ((uintptr_t)(dst + j) & 31) != 0) {  /* numpy's 16-byte alignment */
-        _mm_stream_si128((__m128i *)(dst + j), _mm_loadu_si128((const __m128i *)(src + j)));
-        j += 8;
-    }
-    for (; j + 32 <= n; j += 32) {
-        _mm256_stream_si256((__m256i *)(dst + j), _mm256_loadu_si256((const __m256i *)(src + j)));
-        _mm256_stream_si256((__m256i *)(dst + j + 16),
-                            _mm256_loadu_si256((const __m256i *)(src + j + 16)));
-    }
-    for (; j + 16 <= n; j += 16)
-        _mm256_stream_si256((__m256i *)(dst + j), _mm256_loadu_si256((const __m256i *)(src + j)));
-    if (j + 8 <= n) {
-        _mm_stream_si128((__m128i *)(dst + j), _mm_loadu_si128((const __m128i *)(src + j)));
-        j += 8;
-    }
-    for (; j < n; j++)
-        dst[j] = src[j];
-}
-#endif
-
 /* Copy n 16-bit elements with non-temporal stores (see ssm_stream_row in
    _kernels_impl.h); ordered by an sfence before the tile ends. The half drivers narrow
-   a channel row into an L1 row and stream that (narrowing straight into the stores,
-   behind a scalar head up to 32 bytes, was the 25% slower version; it was not timed
-   with the 16-byte head). */
+   a channel row into an L1 row and stream that. Narrowing straight into 32-byte
+   non-temporal stores after a scalar head up to a 32-byte boundary was 25% slower on
+   Cityscapes and ADE (numpy aligns large arrays to 16 bytes: plain stores into lines
+   being streamed). Streaming the L1 row by 32-byte stores (after a 16-byte head) is
+   0.35 instructions per element against this loop's 0.875 (callgrind, VOC, AVX2
+   clone), but timed 4-6% slower on ADE (C = 150: 96-pixel rows), in three separate
+   A/B runs; VOC and Cityscapes within noise. */
 SSM_INLINE void ssm_stream_u16(uint16_t *dst, const uint16_t *src, ptrdiff_t n)
 {
-#if defined(SSM_AVX_TRANSPOSE)
-    if (ssm_cpu_has_avx()) {
-        ssm_stream_u16_avx(dst, src, n);
-        return;
-    }
-#endif
 #if defined(__SSE2__)
     ptrdiff_t j = 0;
     for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
