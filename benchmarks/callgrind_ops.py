@@ -5,7 +5,9 @@
     callgrind_annotate callgrind.out.<pid>
 
 ops: softmax, fused (loss+grad), forward (loss+prob), loss (the loss alone);
-layouts: nchw (strided channels) or nhwc (rows). Shape (1, 21, 256, 256), int64 labels
+layouts: nchw (strided channels) or nhwc (rows); an optional fourth argument, the
+logits' dtype: float32 (default), float16 or bfloat16 (count the half drivers with
+--toggle-collect='ssm_*_tile_[hb]*'). Shape (1, 21, 256, 256), int64 labels
 with 5% ignored (as ssm.bench), one thread, streamed stores forced on (as for the
 full-size workloads). Valgrind has no AVX-512: the AVX2 clone (or a build forced with
 SSM_FORCE_CLONE) is what runs. Instructions per element = Ir / 1376256.
@@ -19,8 +21,12 @@ from ssm import _cpu
 
 op, layout = sys.argv[1], sys.argv[2]
 C = int(sys.argv[3]) if len(sys.argv) > 3 else 21
+dtype = sys.argv[4] if len(sys.argv) > 4 else "float32"
+if dtype == "bfloat16":
+    import ml_dtypes
+    dtype = ml_dtypes.bfloat16
 rng = np.random.default_rng(0)
-x = (2 * rng.standard_normal((1, C, 256, 256))).astype(np.float32)
+x = (2 * rng.standard_normal((1, C, 256, 256))).astype(np.float32).astype(dtype)
 y = rng.integers(0, C, (1, 256, 256))
 y[rng.random(y.shape) < 0.05] = -1
 kw = {}

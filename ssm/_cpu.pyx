@@ -359,10 +359,24 @@ KERNELS = {"float32": K_FLOAT, "float64": K_DOUBLE, "float16": K_FLOAT16,
            "bfloat16": K_BFLOAT16}
 
 
+def half_isa(level=None):
+    """How the half drivers convert float16, for tests: 1 by F16C where the CPU has it, 0
+    by the compiler-vectorised scalar loops (bfloat16 always). Sets it if ``level`` is
+    given (between calls: no kernel may be running), and returns the previous level."""
+    global ssm_half_isa
+    cdef int old = ssm_half_isa
+    if level is not None:
+        if level not in (0, 1):
+            raise ValueError(f"level: expected 0 or 1, got {level!r}")
+        ssm_half_isa = level
+    return old
+
+
 def half_convert(src, bint bf16, bint software=False):
     """The kernels' conversions, for tests: a C-contiguous uint16 array of float16 (or, with
     ``bf16``, bfloat16) bits -> float32, or a float32 array -> uint16 bits; by the software
-    versions, or (``software=False``) by the path the kernels take on this CPU (F16C)."""
+    versions, or (``software=False``) by the path the kernels take on this CPU (F16C, or
+    not with half_isa(0))."""
     if src.dtype not in (np.uint16, np.float32) or not src.flags.c_contiguous:
         raise TypeError("src: expected a C-contiguous uint16 or float32 array")
     narrow = src.dtype == np.float32

@@ -12,6 +12,13 @@
  *    rounded once to the half type and written out (non-temporal for large outputs, as
  *    the float path does). The math is therefore the float32 path's, bit for bit, on
  *    the widened inputs; the DRAM traffic is half of it.
+ *    Outputs are narrowed a channel row at a time into an L1 row that non-temporal
+ *    stores copy out (see ssm_stream_u16). Cost: the float tile function is compute
+ *    bound (VOC fused loss+grad, one thread: 0.68 ns/element on an L2-resident problem,
+ *    0.72 from DRAM), so the widening pass, the narrowing pass and the float blocks'
+ *    L1/L2 traffic (about +0.1 ns/element) cost about what half the bytes saves; the
+ *    float32 tile size is the fastest for half too (384- and 192-pixel tiles were
+ *    slower at C = 21, and so was 1024).
  * b) Per-pixel inputs (weights, d_loss maps) and the small ones (class weights, lenses)
  *    arrive widened to float32 by ssm/_cpu.pyx, so the label pre-pass is the float one;
  *    labels are read in place (offset to the tile's first pixel); soft targets, prob and
@@ -73,22 +80,32 @@ SSM_INLINE float ssm_bf16_to_f(uint16_t h)
     return v.f;
 }
 
-/* float -> bfloat16 bits, round to nearest even (overflow rounds to inf); NaN quieted. */
+/* float -> bfloat16 bits, round to nearest even (overflow rounds to inf); NaN quieted.
+   Written as a select of two 32-bit values shifted once: the compiler's AVX2 loop is
+   2.3 instructions per element, 2.7 for the earlier two-return form (AVX2 intrinsics
+   measured 2.1, and no faster in the AVX-512 clone). */
 SSM_INLINE uint16_t ssm_f_to_bf16(float f)
 {
     ssm_f32_bits v;
+    uint32_t r;
     v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((v.u >> 16) | 0x40u);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+    r = v.u + 0x7fffu + ((v.u >> 16) & 1u);
+    r = (v.u & 0x7fffffffu) > 0x7f800000u ? v.u | 0x00400000u : r;
+    return (uint16_t)(r >> 16);
 }
+
+/* 1: the drivers convert float16 by F16C where the CPU has it; 0: by the scalar loops,
+   vectorised by the compiler (as bfloat16 always is: in the AVX-512 clone its loops were
+   as fast as AVX-512 intrinsics, in the AVX2 one within 2% of AVX2 intrinsics). Set to
+   0 only by the tests (ssm._cpu.half_isa), between calls, to check both paths here. */
+static int ssm_half_isa = 1;
 
 #if defined(SSM_ISA_NAMES)
 #define SSM_F16C 1
-/* The CPU has F16C (vcvtph2ps, vcvtps2ph). */
+/* The CPU has F16C (vcvtph2ps, vcvtps2ph), and the drivers may use it. */
 static inline int ssm_cpu_has_f16c(void)
 {
-    return __builtin_cpu_supports("f16c");
+    return ssm_half_isa && __builtin_cpu_supports("f16c");
 }
 
 __attribute__((target("avx,f16c"))) static void ssm_f16_to_f_row_f16c(
@@ -114,7 +131,14 @@ __attribute__((target("avx,f16c"))) static void ssm_f_to_f16_row_f16c(
 #endif
 
 /* Copy n 16-bit elements with non-temporal stores (see ssm_stream_row in
-   _kernels_impl.h); ordered by an sfence before the tile ends. */
+   _kernels_impl.h); ordered by an sfence before the tile ends. The half drivers narrow
+   a channel row into an L1 row and stream that. Narrowing straight into 32-byte
+   non-temporal stores after a scalar head up to a 32-byte boundary was 25% slower on
+   Cityscapes and ADE (numpy aligns large arrays to 16 bytes: plain stores into lines
+   being streamed). Streaming the L1 row by 32-byte stores (after a 16-byte head) is
+   0.35 instructions per element against this loop's 0.875 (callgrind, VOC, AVX2
+   clone), but timed 4-6% slower on ADE (C = 150: 96-pixel rows), in three separate
+   A/B runs; VOC and Cityscapes within noise. */
 SSM_INLINE void ssm_stream_u16(uint16_t *dst, const uint16_t *src, ptrdiff_t n)
 {
 #if defined(__SSE2__)
@@ -149,33 +173,6 @@ static inline size_t ssm_label_bytes(int kind)
     return kind == SSM_U8 ? 1 : kind == SSM_I32 ? 4 : kind == SSM_I64 ? 8 : 0;
 }
 
-/* Element-wise conversions, for the tests: half (bf16: bfloat16, else float16) to float
-   (narrow = 0) or back, by the software versions (software = 1) or by the path the drivers
-   take on this CPU. */
-static inline void ssm_half_convert(int bf16, int narrow, int software, const void *src,
-                                    void *dst, ptrdiff_t n)
-{
-    const uint16_t *h = (const uint16_t *)src;
-    const float *f = (const float *)src;
-    ptrdiff_t j;
-#if defined(SSM_F16C)
-    if (!bf16 && !software && ssm_cpu_has_f16c()) {
-        if (narrow)
-            ssm_f_to_f16_row_f16c(f, (uint16_t *)dst, n);
-        else
-            ssm_f16_to_f_row_f16c(h, (float *)dst, n);
-        return;
-    }
-#endif
-    (void)software;
-    for (j = 0; j < n; j++) {
-        if (narrow)
-            ((uint16_t *)dst)[j] = bf16 ? ssm_f_to_bf16(f[j]) : ssm_f_to_f16(f[j]);
-        else
-            ((float *)dst)[j] = bf16 ? ssm_bf16_to_f(h[j]) : ssm_f16_to_f(h[j]);
-    }
-}
-
 #define SSM_HSFX(name) name##_h
 #define SSM_H_TO_F ssm_f16_to_f
 #define SSM_F_TO_H ssm_f_to_f16
@@ -195,5 +192,33 @@ static inline void ssm_half_convert(int bf16, int narrow, int software, const vo
 #undef SSM_H_TO_F
 #undef SSM_F_TO_H
 #undef SSM_H_F16C
+
+/* Element-wise conversions, for the tests: half (bf16: bfloat16, else float16) to float
+   (narrow = 0) or back, by the scalar versions (software = 1) or by the path the drivers
+   take on this CPU (F16C unless ssm_half_isa is 0). */
+static inline void ssm_half_convert(int bf16, int narrow, int software, const void *src,
+                                    void *dst, ptrdiff_t n)
+{
+    const uint16_t *h = (const uint16_t *)src;
+    const float *f = (const float *)src;
+    ptrdiff_t j;
+    if (!software) {
+        if (narrow && bf16)
+            ssm_narrow_b(f, (uint16_t *)dst, n);
+        else if (narrow)
+            ssm_narrow_h(f, (uint16_t *)dst, n);
+        else if (bf16)
+            ssm_widen_b(h, (float *)dst, n);
+        else
+            ssm_widen_h(h, (float *)dst, n);
+        return;
+    }
+    for (j = 0; j < n; j++) {
+        if (narrow)
+            ((uint16_t *)dst)[j] = bf16 ? ssm_f_to_bf16(f[j]) : ssm_f_to_f16(f[j]);
+        else
+            ((float *)dst)[j] = bf16 ? ssm_bf16_to_f(h[j]) : ssm_f16_to_f(h[j]);
+    }
+}
 
 #endif /* SSM_HALF_H */

@@ -38,7 +38,8 @@ SSM_INLINE void SSM_HSFX(ssm_narrow)(const float *restrict f, uint16_t *restrict
         h[j] = SSM_F_TO_H(f[j]);
 }
 
-/* n floats -> half at dst: directly, or through tmp and non-temporal stores */
+/* n floats -> half at dst: directly, or through the L1 row tmp and non-temporal stores
+   (see ssm_stream_u16) */
 SSM_INLINE void SSM_HSFX(ssm_narrow_out)(const float *f, uint16_t *dst, ptrdiff_t n, int stream,
                                          uint16_t *tmp)
 {

@@ -4,7 +4,8 @@ such and computed in float32.
 - The conversions, exact: every float16 and bfloat16 bit pattern widened, and floats
   narrowed (random bit patterns, every midpoint between neighbouring halves and its two
   float neighbours, the overflow and subnormal edges) against NumPy's and ml_dtypes'
-  casts; by the software versions and by the path the kernels take here (F16C).
+  casts; by the software versions and by each path the kernels take here (F16C where the
+  CPU has it, and the compiler-vectorised loops).
 - Each function on half inputs is the float32 path on the widened inputs, its outputs
   rounded once: bit for bit (the reduced loss: within its one rounding). The float32 path
   itself is checked against the float64 reference in test_cpu.py, which runs the half
@@ -26,6 +27,20 @@ HALF = (np.dtype(np.float16), BF16)
 ALL_BITS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 
 
+# conversion paths: (software, half_isa level) -- the scalar versions, or the drivers'
+# with F16C where the CPU has it (1) or their compiler-vectorised loops (0)
+PATHS = [(True, 1), (False, 1), (False, 0)]
+PATH_IDS = ["software", "native", "loops"]
+
+
+@pytest.fixture
+def isa_level():
+    """Set the drivers' float16 conversions (_cpu.half_isa) for one test."""
+    old = _cpu.half_isa()
+    yield _cpu.half_isa
+    _cpu.half_isa(old)
+
+
 def _same_floats(a, b):
     """Bitwise equal, NaN with NaN of the same sign (payloads may differ: F16C quiets)."""
     a, b = np.asarray(a), np.asarray(b)
@@ -38,9 +53,10 @@ def _same_floats(a, b):
     np.testing.assert_array_equal(bits[na] & sign, rbits[na] & sign)
 
 
-@pytest.mark.parametrize("software", [True, False], ids=["software", "native"])
+@pytest.mark.parametrize("software, level", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_every_half_widens_exactly(dtype, software):
+def test_every_half_widens_exactly(dtype, software, level, isa_level):
+    isa_level(level)
     got = _cpu.half_convert(ALL_BITS, dtype == BF16, software)
     _same_floats(got, ALL_BITS.view(dtype).astype(np.float32))
 
@@ -67,9 +83,10 @@ def _narrowing_cases(dtype, rng):
     return np.concatenate([cases, -cases])
 
 
-@pytest.mark.parametrize("software", [True, False], ids=["software", "native"])
+@pytest.mark.parametrize("software, level", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_floats_narrow_to_nearest_even(rng, dtype, software):
+def test_floats_narrow_to_nearest_even(rng, dtype, software, level, isa_level):
+    isa_level(level)
     f = _narrowing_cases(dtype, rng)
     got = _cpu.half_convert(f, dtype == BF16, software).view(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -164,15 +181,26 @@ def test_half_results_do_not_depend_on_threads(rng, dtype):
         assert grad.tobytes() == runs[0][1].tobytes()
 
 
-def test_streamed_half_outputs(rng, monkeypatch):
-    # outputs of at least STREAM_BYTES go out with non-temporal stores: the same bits
-    x = make_logits(rng, (2, 7, 33, 35), BF16)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_streamed_half_outputs(rng, monkeypatch, isa_level, dtype, layout):
+    # outputs of at least STREAM_BYTES go out with non-temporal stores (rows streamed
+    # from unaligned starts): the same bits, by every conversion path
+    # (test_half_is_the_float32_path_rounded checks the default one)
+    x = make_logits(rng, logits_shape(2, 7, (33, 35), layout), dtype)
     y = make_labels(rng, (2, 33, 35), 7)
-    plain = ssm.spatial_softmax_with_loss_and_grad(x, y, return_prob=True)
-    monkeypatch.setattr(_cpu, "STREAM_BYTES", 1024)
-    streamed = ssm.spatial_softmax_with_loss_and_grad(x, y, return_prob=True)
-    for a, b in zip(plain, streamed):
-        assert a.tobytes() == b.tobytes()
+    x[(0,) * x.ndim] = np.nan
+    runs = []
+    for level in (1, 0):
+        isa_level(level)
+        for stream_bytes in (1 << 62, 1024):
+            monkeypatch.setattr(_cpu, "STREAM_BYTES", stream_bytes)
+            runs.append(ssm.spatial_softmax_with_loss_and_grad(
+                x, y, reduction="none", return_prob=True, layout=layout)
+                + (ssm.softmax(x, layout=layout),))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert a.tobytes() == b.tobytes()
 
 
 def test_half_dtypes_are_in_the_cpu_table():
