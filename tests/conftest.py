@@ -178,6 +178,19 @@ def is_half(dtype):
     return np.dtype(dtype).name in V.HALF_DTYPE_NAMES
 
 
+def ref_opts(opts, dtype=None):
+    """The reference's options of a call's; for half logits, class weights and lenses as
+    the library uses them: rounded to the logits' dtype (the GPU's rule), so that the
+    comparison measures the computation, not that rounding amplified by cancellation in
+    A q - a."""
+    ropts = {k: v for k, v in opts.items() if k not in ("validate", "threads", "out")}
+    if dtype is not None and is_half(dtype):
+        for k in ("class_weights", "lens"):
+            if ropts.get(k) is not None:
+                ropts[k] = np.asarray(ropts[k], np.float64).astype(dtype)
+    return ropts
+
+
 def finfo(dtype):
     """np.finfo, or ml_dtypes.finfo for bfloat16 (NumPy's does not know it)."""
     if np.dtype(dtype).name == "bfloat16":

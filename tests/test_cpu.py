@@ -7,7 +7,7 @@ import _reference as ref
 import ssm
 from conftest import (FLOAT_DTYPES, LABEL_DTYPES, LAYOUTS, REDUCTIONS, assert_close, eps, is_half,
                       logits_shape, make_class_weights, make_labels, make_lens, make_logits,
-                      make_soft_targets, make_weights)
+                      make_soft_targets, make_weights, ref_opts)
 
 # (N, C, spatial): 0 to 3 spatial dims, odd pixel counts (1, 7, 33, 257, 1000+) so
 # tiles and SIMD tails are hit, C in {1, 2, 5, 21, 150}.
@@ -35,23 +35,11 @@ def _sid(shape):
     return f"N{N}C{C}S{'x'.join(map(str, spatial)) or '-'}"
 
 
-def _ref_opts(opts, dtype=None):
-    """The reference's options; for half logits, class weights and lenses as the library
-    uses them: rounded to the logits' dtype (the GPU's rule), so that the comparison
-    measures the computation, not that rounding amplified by cancellation in A q - a."""
-    ropts = {k: v for k, v in opts.items() if k not in ("validate", "threads", "out")}
-    if dtype is not None and is_half(dtype):
-        for k in ("class_weights", "lens"):
-            if ropts.get(k) is not None:
-                ropts[k] = np.asarray(ropts[k], np.float64).astype(dtype)
-    return ropts
-
-
 def check_loss_and_grad(logits, target, weights=None, d_loss=1.0, **opts):
     """Run the three loss functions and compare each output with the reference."""
     dtype = logits.dtype
     reduction = opts.get("reduction", "mean")
-    ropts = _ref_opts(opts, dtype)
+    ropts = ref_opts(opts, dtype)
     N = logits.shape[0]
     pix_shape = (N,) + (logits.shape[2:] if opts.get("layout", "NCHW") == "NCHW"
                         else logits.shape[1:-1])

@@ -27,7 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 import _reference as ref  # noqa: E402
 import ssm  # noqa: E402
 from conftest import (FLOAT_DTYPES, LABEL_DTYPES, LAYOUTS, REDUCTIONS, assert_close,  # noqa: E402
-                      eps, is_half)
+                      eps, is_half, ref_opts)
 
 settings.register_profile(
     "ssm-ci", derandomize=True, deadline=None, database=None, print_blob=True,
@@ -101,21 +101,10 @@ def problems(draw, soft=None, allow_empty=True):
                 layout=layout, C=C, pix=pix)
 
 
-def _ref_opts(opts, dtype=None):
-    """The reference's options; for half logits, class weights and lenses rounded to their
-    dtype as the library uses them (see test_cpu._ref_opts)."""
-    ropts = {k: v for k, v in opts.items() if k not in ("validate", "threads", "out")}
-    if dtype is not None and is_half(dtype):
-        for k in ("class_weights", "lens"):
-            if ropts.get(k) is not None:
-                ropts[k] = np.asarray(ropts[k], np.float64).astype(dtype)
-    return ropts
-
-
 def _grad_scale(x, target, weights, d_loss, opts, layout):
     """Magnitude of the terms of the gradient: max over pixels of |g_p| A_p (the gradient
     is g (A q - a); where it cancels to ~0 the rounding error is relative to this)."""
-    ropts = _ref_opts(opts)
+    ropts = ref_opts(opts)
     red = ropts.pop("reduction", "mean")
     xs = ref.to_nchw(x, layout)
     N, C = xs.shape[:2]
@@ -133,7 +122,7 @@ def _grad_scale(x, target, weights, d_loss, opts, layout):
 @given(problems())
 def test_loss_and_grad_match_reference(p):
     x, t, w, d, opts, dtype = p["x"], p["target"], p["weights"], p["d_loss"], p["opts"], p["dtype"]
-    ropts = _ref_opts(opts, dtype)
+    ropts = ref_opts(opts, dtype)
     red = opts["reduction"]
 
     prob, loss = ssm.spatial_softmax_with_loss(x, t, w, **opts)
@@ -250,7 +239,7 @@ def test_loss_invariant_to_per_pixel_shift(p, k):
     np.testing.assert_array_equal(prob1, prob0)
     np.testing.assert_array_equal(ssm.log_softmax(xs, layout=layout),
                                   ssm.log_softmax(x, layout=layout))
-    scale = np.max(ref.sswl_loss_scale(xs, p["target"], p["weights"], **_ref_opts(opts)),
+    scale = np.max(ref.sswl_loss_scale(xs, p["target"], p["weights"], **ref_opts(opts)),
                    initial=0.0)
     assert_close(loss1, loss0.astype(np.float64), dtype, scale=scale)
     l0, g0 = ssm.spatial_softmax_with_loss_and_grad(x, p["target"], p["weights"], p["d_loss"],
@@ -278,7 +267,7 @@ def test_nhwc_is_nchw_transposed(p):
     assert_close(np.moveaxis(p1, dst, src), p0.astype(np.float64), dtype, scale=1e-6, factor=8)
     gscale = max(np.max(np.abs(g0), initial=0.0), _grad_scale(x, t, w, d, p["opts"], layout))
     assert_close(np.moveaxis(g1, dst, src), g0.astype(np.float64), dtype, scale=gscale, factor=16)
-    scale = np.max(ref.sswl_loss_scale(x, t, w, **_ref_opts(p["opts"])), initial=0.0)
+    scale = np.max(ref.sswl_loss_scale(x, t, w, **ref_opts(p["opts"])), initial=0.0)
     assert_close(l1, l0.astype(np.float64), dtype, scale=scale)
     assert_close(np.moveaxis(ssm.softmax(xo, layout=other), dst, src),
                  ssm.softmax(x, layout=layout).astype(np.float64), dtype, scale=1e-6, factor=8)
@@ -303,7 +292,7 @@ def test_hard_labels_equal_one_hot_soft_targets(p):
     l1, g1 = ssm.spatial_softmax_with_loss_and_grad(x, soft.astype(dtype), w, p["d_loss"], **opts)
     if opts["reduction"] == "mean" and opts.get("class_weights") is not None:
         return  # the mean divisors differ by design: sum(w cw[y]) vs sum(w)
-    scale = np.max(ref.sswl_loss_scale(x, y, w, lens=lens, **_ref_opts(opts)), initial=0.0)
+    scale = np.max(ref.sswl_loss_scale(x, y, w, lens=lens, **ref_opts(opts)), initial=0.0)
     assert_close(l1, l0.astype(np.float64), dtype, scale=scale, factor=128)
     gscale = max(np.max(np.abs(g0), initial=0.0),
                  _grad_scale(x, y, w, p["d_loss"], dict(opts, lens=lens), p["layout"]))
@@ -326,7 +315,7 @@ def test_reductions_are_consistent(p, red):
     elif red == "batch":
         want = total / N if N else 0.0
     else:
-        ropts = _ref_opts(opts)
+        ropts = ref_opts(opts)
         ropts.pop("reduction")
         C = p["C"]
         soft = t.shape == x.shape
