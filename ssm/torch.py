@@ -272,10 +272,12 @@ class _FwdBwdEager(torch.autograd.Function):
     VOC-sized step). Compiled or traced code and other devices go through the op."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd_bwd(*inputs)
+    def forward(*inputs):
+        return _fwd_bwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (separate: torch.func's transforms need it)
         _setup_context(ctx, inputs, output)
-        return output
 
     @staticmethod
     def backward(ctx, grad_loss, grad_of_grad):

@@ -322,6 +322,19 @@ def test_a_step_allocates_the_gradient_once(rng):
     assert backward_peak < x.nbytes + 64 * 1024  # the gradient, still held; no new copy
 
 
+@pytest.mark.parametrize("kw", [{}, dict(label_smoothing=0.1, weight=True),
+                                dict(reduction="sum"), dict(reduction="none")])
+def test_torch_func_grad(rng, kw):
+    x = torch.tensor(make_logits(rng, (2, 5, 6, 7), np.float64))
+    y = torch.tensor(make_labels(rng, (2, 6, 7), 5, ignore_index=-100))
+    if kw.get("weight"):
+        kw = dict(kw, weight=torch.rand(5, dtype=torch.float64))
+    g, loss = torch.func.grad_and_value(lambda v: st.cross_entropy(v, y, **kw).sum())(x)
+    g2, loss2 = torch.func.grad_and_value(lambda v: F.cross_entropy(v, y, **kw).sum())(x)
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(g, g2)
+
+
 def test_several_losses_a_step_each_reuse_their_memory(rng):
     # a main and an auxiliary loss (two leaves, two sizes) in turn: after the first step
     # each writes into its own kept block; up to KEEP_BLOCKS of them
