@@ -117,12 +117,22 @@ def _jax_rounds(shape, threads, budget, progress):
     times = {c: [] for c in JAX_CASES}
     faults = {c: [] for c in JAX_CASES}
     code = "from ssm.bench.training import _jax_child; _jax_child()"
+    # the child imports the ssm this process runs: its parent folder first on the path,
+    # and run from there (from a source checkout's root, `python -c` would find the
+    # uncompiled ssm/ folder of the current directory first)
+    import ssm
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ssm.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     for _ in range(JAX_ROUNDS):
         for case in JAX_CASES:
             arg = json.dumps([case, list(shape), threads, budget / (JAX_ROUNDS * len(JAX_CASES)),
                               max(1, -(-MIN_ROUNDS // JAX_ROUNDS))])
             done = subprocess.run([sys.executable, "-c", code, arg], capture_output=True,
-                                  text=True, check=True)
+                                  text=True, cwd=root, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"the JAX case {case!r} failed in its child process:\n"
+                                   f"{done.stderr[-2000:]}")
             got = json.loads(done.stdout.strip().splitlines()[-1])
             times[case] += got["times"]
             faults[case] += got["faults"]
