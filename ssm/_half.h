@@ -128,6 +128,9 @@ __attribute__((target("avx,f16c"))) static void ssm_f_to_f16_row_f16c(
     for (; j < n; j++)
         h[j] = ssm_f_to_f16(f[j]);
 }
+#else
+/* (no F16C path here: the setting is kept, and read, for ssm._cpu.half_isa alone) */
+static inline int ssm_half_isa_setting(void) { return ssm_half_isa; }
 #endif
 
 /* Copy n 16-bit elements with non-temporal stores (see ssm_stream_row in
