@@ -103,12 +103,11 @@ def _jax_child():
     JSON on stdout (arguments: a JSON list [case, shape, threads, budget, min_rounds])."""
     case, shape, threads, budget, min_rounds = json.loads(sys.argv[1])
     import ssm
-    global MIN_ROUNDS
-    MIN_ROUNDS = min_rounds
     ssm.set_num_threads(threads)
     xn, yn = _inputs(tuple(shape))
     faults = {}
-    times = time_rounds({case: _jax_cases(xn, yn)[case]}, budget, faults=faults)
+    times = time_rounds({case: _jax_cases(xn, yn)[case]}, budget, faults=faults,
+                        min_rounds=min_rounds)
     print(json.dumps({"times": times[case], "faults": faults[case]}))
 
 
@@ -148,10 +147,10 @@ def _minor_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_rounds(cases, budget, progress=lambda: None, faults=None):
-    """Seconds per call of every case, in alternating rounds: at least MIN_ROUNDS, then
-    until ``budget`` seconds have passed. ``faults``, a dict, receives each case's minor
-    page faults per call."""
+def time_rounds(cases, budget, progress=lambda: None, faults=None, min_rounds=None):
+    """Seconds per call of every case, in alternating rounds: at least ``min_rounds``
+    (default MIN_ROUNDS), then until ``budget`` seconds have passed. ``faults``, a dict,
+    receives each case's minor page faults per call."""
     for f in cases.values():  # warm-up: compilation, first touch, thread start
         f()
         f()
@@ -159,7 +158,8 @@ def time_rounds(cases, budget, progress=lambda: None, faults=None):
     if faults is not None:
         faults.update({k: [] for k in cases})
     end = time.perf_counter() + budget
-    while min(len(v) for v in times.values()) < MIN_ROUNDS or time.perf_counter() < end:
+    least = MIN_ROUNDS if min_rounds is None else min_rounds
+    while min(len(v) for v in times.values()) < least or time.perf_counter() < end:
         for k, f in cases.items():
             f0 = _minor_faults()
             t0 = time.perf_counter_ns()
