@@ -477,10 +477,11 @@ def run(int op, problem, threads):
     cdef int failed, team
     cdef bint capped, adaptive = threads[1]
     cdef double[::1] table
+    _fill(&P, problem)
     kind = KERNELS[problem.x.dtype.name]
     if kind >= K_FLOAT16:
         problem = _widen(problem)
-    _fill(&P, problem)
+        _fill(&P, problem)
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0
@@ -515,10 +516,11 @@ def stats(problem, threads):
     cdef double norm = 0.0
     cdef double[::1] partial
     cdef Py_ssize_t[::1] bads
+    _fill(&P, problem)
     kind = KERNELS[problem.x.dtype.name]
     if kind >= K_FLOAT16:  # reads labels and float32 weights: the float pre-pass
         problem = _widen(problem)
-    _fill(&P, problem)
+        _fill(&P, problem)
     dbl = kind == K_DOUBLE
     P.x = P.x2 = P.lens = P.d_loss_map = NULL  # the pre-pass reads labels and weights only
     P.out = P.out2 = P.loss_map = NULL
