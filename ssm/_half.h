@@ -128,6 +128,97 @@ __attribute__((target("avx,f16c"))) static void ssm_f_to_f16_row_f16c(
     for (; j < n; j++)
         h[j] = ssm_f_to_f16(f[j]);
 }
+
+/* ---- output rows narrowed in registers, streamed 16 bytes at a time ----------------
+ * One class row of a direct tile's output (see SSM_HSFX(ssm_sswl_tile_direct)) from the
+ * row of e = exp(x - m) in scratch: the probabilities e r (grad 0) or the gradient of
+ * ssm_grad_sparse_one (grad 1, r = the factor f), each rounded to the half type as it
+ * is computed and sent to memory by 16-byte non-temporal stores, one pass over the row.
+ * 16-byte stores, not 32: the rows of numpy's large arrays start 16 bytes off a 32-byte
+ * boundary, and a plain-stored head in a line the loop streams was 25% slower (see
+ * ssm_stream_u16). bfloat16 rounds by integer operations, the bits of ssm_f_to_bf16:
+ * not by AVX512-BF16's vcvtneps2bf16, which flushes subnormal floats to zero (a small
+ * gradient would change bits). float16 by vcvtps2ph, round to nearest even, exact. */
+__attribute__((target("avx2"))) static inline __m128i ssm_bf16_pack8_avx2(__m256 v)
+{
+    const __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                 _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                  _mm256_set1_epi32(1)));
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                     _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    r = _mm256_srli_epi32(r, 16);  /* < 2^16: the unsigned-saturating pack is exact */
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+__attribute__((target("avx2,f16c"))) static inline __attribute__((always_inline)) void
+ssm_half_row_body_avx2(uint16_t *dst, const float *e, const float *r, const float *gl,
+                       const int32_t *cls, int32_t c, ptrdiff_t n, int grad, int bf16)
+{
+    ptrdiff_t j = 0;
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256i cv = _mm256_set1_epi32(c);
+    for (; j < n; j++) {  /* up to a 16-byte boundary, and all of a short row */
+        float v;
+        if (((uintptr_t)(dst + j) & 15) == 0 && j + 8 <= n)
+            break;
+        v = grad ? ssm_grad_sparse_one(e, r, gl, cls, c, j) : e[j] * r[j];
+        dst[j] = bf16 ? ssm_f_to_bf16(v) : ssm_f_to_f16(v);
+    }
+    for (; j + 8 <= n; j += 8) {
+        __m256 v, rv = _mm256_loadu_ps(r + j), ev = _mm256_loadu_ps(e + j);
+        if (grad) {  /* the operations of ssm_grad_sparse_stream_avx2: the same bits */
+            __m256 p = _mm256_and_ps(_mm256_mul_ps(rv, ev), _mm256_cmp_ps(rv, zero, _CMP_NEQ_UQ));
+            __m256 at = _mm256_castsi256_ps(
+                _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(cls + j)), cv));
+            v = _mm256_sub_ps(p, _mm256_and_ps(at, _mm256_loadu_ps(gl + j)));
+        } else {
+            v = _mm256_mul_ps(ev, rv);
+        }
+        _mm_stream_si128((__m128i *)(dst + j),
+                         bf16 ? ssm_bf16_pack8_avx2(v)
+                              : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; j < n; j++) {
+        float v = grad ? ssm_grad_sparse_one(e, r, gl, cls, c, j) : e[j] * r[j];
+        dst[j] = bf16 ? ssm_f_to_bf16(v) : ssm_f_to_f16(v);
+    }
+}
+
+/* The CPU has what the row functions below need (AVX2 and F16C: every AVX2 CPU so far). */
+static inline int ssm_cpu_has_avx2_f16c(void)
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+
+/* The four instances: (probabilities, gradient) x (float16, bfloat16). Callers check
+   ssm_cpu_has_avx2_f16c, and for float16 ssm_cpu_has_f16c (ssm_half_isa) too. */
+__attribute__((target("avx2,f16c"))) static void ssm_half_prob_row_avx2_h(
+    uint16_t *dst, const float *e, const float *r, ptrdiff_t n)
+{
+    ssm_half_row_body_avx2(dst, e, r, NULL, NULL, 0, n, 0, 0);
+}
+
+__attribute__((target("avx2,f16c"))) static void ssm_half_prob_row_avx2_b(
+    uint16_t *dst, const float *e, const float *r, ptrdiff_t n)
+{
+    ssm_half_row_body_avx2(dst, e, r, NULL, NULL, 0, n, 0, 1);
+}
+
+__attribute__((target("avx2,f16c"))) static void ssm_half_grad_row_avx2_h(
+    uint16_t *dst, const float *e, const float *f, const float *gl, const int32_t *cls,
+    int32_t c, ptrdiff_t n)
+{
+    ssm_half_row_body_avx2(dst, e, f, gl, cls, c, n, 1, 0);
+}
+
+__attribute__((target("avx2,f16c"))) static void ssm_half_grad_row_avx2_b(
+    uint16_t *dst, const float *e, const float *f, const float *gl, const int32_t *cls,
+    int32_t c, ptrdiff_t n)
+{
+    ssm_half_row_body_avx2(dst, e, f, gl, cls, c, n, 1, 1);
+}
 #else
 /* (no F16C path here: the setting is kept, and read, for ssm._cpu.half_isa alone) */
 static inline int ssm_half_isa_setting(void) { return ssm_half_isa; }

@@ -137,6 +137,114 @@ SSM_INLINE void SSM_HSFX(ssm_half_loss_map)(const ssm_problem *P, ptrdiff_t pix,
         SSM_HSFX(ssm_narrow)(lmap, (uint16_t *)P->loss_map + pix, n);
 }
 
+/* ---- direct tiles: strided channels, labels ------------------------------------
+ * The loss passes of the common case (NCHW, integer labels, no lens, no smoothing) skip
+ * the widened tile and the float output blocks: the logits are widened an L1 chunk at a
+ * time (the chunks of ssm_max_sumexp_chunked, so that the two sweeps that follow read
+ * the chunk from L1 as the float path reads its own), and each output row is computed
+ * from the row of exp in scratch, rounded and streamed in one pass (ssm_half_*_row_avx2).
+ * Every float operation is the float path's, on the same values, in the same order: the
+ * bits of the widened path (tests/test_half.py compares the two). */
+
+/* The tile goes the direct way: strided channels, sparse targets (ssm_stage's
+   test), and the label pre-pass's staging. */
+SSM_INLINE int SSM_HSFX(ssm_half_direct)(const ssm_problem *P)
+{
+    return P->inner > 1 && P->target_kind != SSM_SOFT && P->target_kind != SSM_NO_TARGET
+        && P->lens == NULL && P->smoothing == 0.0;
+}
+
+/* Row c of an output: probabilities e r (f == NULL) or the sparse gradient (factor f,
+   glabel gl) into the half array at dst (the row's first pixel), from the float row e.
+   Streamed in one pass where the CPU allows; else computed into the float row `row`
+   (which may be e), rounded and written out as the widened path does. */
+SSM_INLINE void SSM_HSFX(ssm_half_out_row)(const ssm_problem *P, uint16_t *dst, float *e,
+                                           const float *r, const float *f, const float *gl,
+                                           const int32_t *cls, ptrdiff_t c, ptrdiff_t n,
+                                           float *row, uint16_t *tmp)
+{
+    ptrdiff_t j;
+#if defined(SSM_F16C)
+    if (P->stream && ssm_cpu_has_avx2_f16c() && (!SSM_H_F16C || ssm_cpu_has_f16c())) {
+        if (f)
+            SSM_HSFX(ssm_half_grad_row_avx2)(dst, e, f, gl, cls, (int32_t)c, n);
+        else
+            SSM_HSFX(ssm_half_prob_row_avx2)(dst, e, r, n);
+        return;
+    }
+#endif
+    if (f) {
+        ssm_grad_row_f(row, e, f, gl, NULL, cls, NULL, c, n);
+    } else {
+#pragma omp simd
+        for (j = 0; j < n; j++)
+            row[j] = e[j] * r[j];
+    }
+    SSM_HSFX(ssm_narrow_out)(row, dst, n, P->stream, tmp);
+}
+
+/* sswl_fwd and sswl_fwd_bwd of a direct tile (as ssm_sswl_tile_f, see there). */
+SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t t, void *buf,
+                                                 int want_grad)
+{
+    ssm_scratch_f S = ssm_scratch_carve_f(P, buf);
+    ssm_problem L = *P;
+    ptrdiff_t base, pix, n, c, j, j0, nc, C = P->C, T = P->tile, chunk;
+    float *blk[4], *lmap, *o = NULL, *W;
+    uint16_t *tmp, *out = (uint16_t *)P->out, *out2 = (uint16_t *)P->out2;
+    void *sb;
+    double r;
+    (void)SSM_HSFX(ssm_half_sub)(P, t, buf, &base, &pix, &n, blk, &lmap, &tmp, &sb);
+    (void)ssm_stage_f(P, &S, base, pix, n, want_grad, P->loss == SSM_KL);  /* sparse */
+    if (want_grad || P->out)
+        o = S.O;  /* the rows of e, in scratch */
+    W = blk[0];   /* the widened chunk */
+    chunk = SSM_L1_CHUNK / (C * (ptrdiff_t)sizeof(float));
+    chunk = chunk < 64 ? n : chunk & ~(ptrdiff_t)15;  /* must match ssm_max_sumexp_chunked */
+    for (j0 = 0; j0 < n; j0 += nc) {
+        nc = n - j0 < chunk ? n - j0 : chunk;
+        for (c = 0; c < C; c++) {
+            const uint16_t *row = (const uint16_t *)P->x + base + c * P->inner + j0;
+            /* the same pixels of the tile after next, into L2 (see ssm_prefetch_next) */
+            uintptr_t ahead = (uintptr_t)row + (uintptr_t)(2 * n) * sizeof(uint16_t);
+            for (j = 0; j < nc; j += 32)
+                SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(uint16_t)));
+            SSM_HSFX(ssm_widen)(row, W + c * nc, nc);
+        }
+        ssm_max_sumexp_f(W, nc, o ? o + j0 : NULL, T, C, nc, S.xmax + j0, S.sumexp + j0,
+                         S.hi ? S.hi + j0 : NULL, S.lo ? S.lo + j0 : NULL, S.cls + j0,
+                         S.xlabel + j0, 0);
+    }
+#pragma omp simd
+    for (j = 0; j < n; j++)
+        S.log_sum[j] = logf(S.sumexp[j]);
+    ssm_sparse_terms_f(&S, n, P->loss_cap, want_grad, o != NULL);
+    L.loss_map = P->loss_map ? lmap : NULL;  /* float, then rounded, as the widened path */
+    r = ssm_tile_loss_f(&L, S.loss, 0, n);
+    SSM_HSFX(ssm_half_loss_map)(P, pix, n, lmap);
+    if (!o)  /* the loss alone */
+        return r;
+    for (c = 0; c < C; c++) {
+        float *ec = o + c * T;
+        ptrdiff_t at = base + c * P->inner;
+        if (!want_grad) {
+            SSM_HSFX(ssm_half_out_row)(P, out + at, ec, S.inv_sum, NULL, NULL, NULL, c, n, ec,
+                                       tmp);
+            continue;
+        }
+        if (out2)  /* before the gradient overwrites e in the fallback */
+            SSM_HSFX(ssm_half_out_row)(P, out2 + at, ec, S.inv_sum, NULL, NULL, NULL, c, n,
+                                       blk[1], tmp);
+        SSM_HSFX(ssm_half_out_row)(P, out + at, ec, NULL, S.gfactor, S.glabel, S.cls, c, n, ec,
+                                   tmp);
+    }
+#if defined(__SSE2__)
+    if (P->stream)
+        _mm_sfence();
+#endif
+    return r;
+}
+
 SSM_CLONES double SSM_HSFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf,
                                                  int logspace)
 {
@@ -181,7 +289,10 @@ SSM_CLONES double SSM_HSFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, voi
     uint16_t *tmp;
     void *sb;
     double r;
-    ssm_problem S = SSM_HSFX(ssm_half_sub)(P, t, buf, &base, &pix, &n, blk, &lmap, &tmp, &sb);
+    ssm_problem S;
+    if (SSM_HSFX(ssm_half_direct)(P))
+        return SSM_HSFX(ssm_sswl_tile_direct)(P, t, buf, want_grad);
+    S = SSM_HSFX(ssm_half_sub)(P, t, buf, &base, &pix, &n, blk, &lmap, &tmp, &sb);
     SSM_HSFX(ssm_half_load)(P, P->x, base, n, blk[0]);
     S.x = blk[0];
     if (P->target_kind == SSM_SOFT) {

@@ -171,6 +171,66 @@ def test_half_is_the_float32_path_rounded(rng, shape, dtype, layout):
                                            rtol=float(ml_dtypes.finfo(dtype).eps))
 
 
+# the direct tiles (NCHW, integer labels, no lens or smoothing: ssm_sswl_tile_direct in
+# ssm/_half_impl.h), which the test above never reaches (it smooths every label):
+# widths that leave vector remainders, C over one summation block, rows from unaligned
+# starts, streamed and plain outputs, F16C and the compiler's loops
+DIRECT_SHAPES = [(2, 21, (9, 37)), (1, 150, (5, 13)), (2, 3, (1100,)), (1, 40, (33, 33)),
+                 (1, 2, (1,))]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("shape", DIRECT_SHAPES, ids=str)
+def test_direct_half_tiles_are_the_float32_path_rounded(rng, monkeypatch, isa_level, shape,
+                                                       dtype):
+    N, C, spatial = shape
+    x = make_logits(rng, (N, C, *spatial), dtype)
+    x.flat[::89] = -60.0   # exp underflows to float32 subnormals: gradients round there too
+    x.flat[3::101] = np.nan
+    x32 = x.astype(np.float32)
+
+    def same(half, full):
+        assert half.dtype == dtype and half.shape == full.shape
+        _same_floats(half, full.astype(dtype))
+
+    cases = []
+    for kind in ("uint8", "int32", "int64"):
+        t = _target(rng, kind, N, C, spatial, dtype, "NCHW")
+        ign = 255 if kind == "uint8" else -1
+        w = make_weights(rng, (N, *spatial), dtype)
+        cw = make_class_weights(rng, C).astype(dtype)
+        cases += [(t, None, dict(ignore_index=ign)),
+                  (t, w, dict(ignore_index=ign, class_weights=cw)),
+                  (t, w, dict(ignore_index=ign, loss="kl"))]
+    for stream_bytes, level in ((1 << 62, 1), (0, 1), (0, 0)):
+        monkeypatch.setattr(_cpu, "STREAM_BYTES", stream_bytes)
+        isa_level(level)
+        for t, w, opts in cases:
+            w32 = _widened(w)
+            for reduction in ("mean", "sum", "none"):
+                d_loss = make_weights(rng, (N, *spatial), dtype) if reduction == "none" else 0.5
+                d32 = _widened(d_loss)
+                hl, hg, hq = ssm.spatial_softmax_with_loss_and_grad(
+                    x, t, w, d_loss, reduction=reduction, return_prob=True, **opts)
+                fl, fg, fq = ssm.spatial_softmax_with_loss_and_grad(
+                    x32, t, w32, d32, reduction=reduction, return_prob=True, **opts)
+                same(hg, fg)
+                same(hq, fq)
+                hg2 = ssm.spatial_softmax_with_loss_and_grad(x, t, w, d_loss,
+                                                             reduction=reduction, **opts)[1]
+                assert hg2.tobytes() == hg.tobytes()
+                hp, hl2 = ssm.spatial_softmax_with_loss(x, t, w, reduction=reduction, **opts)
+                same(hp, fq)
+                alone = ssm.cross_entropy(x, t, w, reduction=reduction, **opts)
+                assert alone.tobytes() == hl.tobytes() == hl2.tobytes()
+                if reduction == "none":
+                    same(hl, fl)
+                else:  # as above (NaN where a NaN logit counts)
+                    assert hl.dtype == dtype and hl.shape == ()
+                    np.testing.assert_allclose(hl.astype(np.float64), float(fl),
+                                               rtol=float(ml_dtypes.finfo(dtype).eps))
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_results_do_not_depend_on_threads(rng, dtype):
     x = make_logits(rng, (2, 21, 37, 41), dtype)
