@@ -139,17 +139,31 @@ __attribute__((target("avx,f16c"))) static void ssm_f_to_f16_row_f16c(
  * ssm_stream_u16). bfloat16 rounds by integer operations, the bits of ssm_f_to_bf16:
  * not by AVX512-BF16's vcvtneps2bf16, which flushes subnormal floats to zero (a small
  * gradient would change bits). float16 by vcvtps2ph, round to nearest even, exact. */
-__attribute__((target("avx2"))) static inline __m128i ssm_bf16_pack8_avx2(__m256 v)
+/* Eight floats -> bfloat16 bits in the high halves of their lanes, as ssm_f_to_bf16 */
+__attribute__((target("avx2"))) static inline __m256i ssm_bf16_round8_avx2(__m256 v)
 {
     const __m256i u = _mm256_castps_si256(v);
-    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                                 _mm256_and_si256(_mm256_srli_epi32(u, 16),
-                                                  _mm256_set1_epi32(1)));
-    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                     _mm256_set1_epi32(0x7f800000));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
-    r = _mm256_srli_epi32(r, 16);  /* < 2^16: the unsigned-saturating pack is exact */
-    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                                      _mm256_set1_epi32(1))));
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)),
+                              _mm256_castps_si256(nan));
+}
+
+/* The gradient (grad 1: f = r, ssm_grad_sparse_one's operations, the same bits) or the
+   probabilities e r (grad 0) of the eight pixels at j. */
+__attribute__((target("avx2"))) static inline __attribute__((always_inline)) __m256
+ssm_half_out8_avx2(const float *e, const float *r, const float *gl, const int32_t *cls,
+                   __m256i cv, ptrdiff_t j, int grad)
+{
+    __m256 rv = _mm256_loadu_ps(r + j), ev = _mm256_loadu_ps(e + j), p, at;
+    if (!grad)
+        return _mm256_mul_ps(ev, rv);
+    p = _mm256_and_ps(_mm256_mul_ps(rv, ev), _mm256_cmp_ps(rv, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    at = _mm256_castsi256_ps(
+        _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(cls + j)), cv));
+    return _mm256_sub_ps(p, _mm256_and_ps(at, _mm256_loadu_ps(gl + j)));
 }
 
 __attribute__((target("avx2,f16c"))) static inline __attribute__((always_inline)) void
@@ -157,28 +171,28 @@ ssm_half_row_body_avx2(uint16_t *dst, const float *e, const float *r, const floa
                        const int32_t *cls, int32_t c, ptrdiff_t n, int grad, int bf16)
 {
     ptrdiff_t j = 0;
-    const __m256 zero = _mm256_setzero_ps();
     const __m256i cv = _mm256_set1_epi32(c);
     for (; j < n; j++) {  /* up to a 16-byte boundary, and all of a short row */
         float v;
-        if (((uintptr_t)(dst + j) & 15) == 0 && j + 8 <= n)
+        if (((uintptr_t)(dst + j) & 15) == 0 && j + 16 <= n)
             break;
         v = grad ? ssm_grad_sparse_one(e, r, gl, cls, c, j) : e[j] * r[j];
         dst[j] = bf16 ? ssm_f_to_bf16(v) : ssm_f_to_f16(v);
     }
-    for (; j + 8 <= n; j += 8) {
-        __m256 v, rv = _mm256_loadu_ps(r + j), ev = _mm256_loadu_ps(e + j);
-        if (grad) {  /* the operations of ssm_grad_sparse_stream_avx2: the same bits */
-            __m256 p = _mm256_and_ps(_mm256_mul_ps(rv, ev), _mm256_cmp_ps(rv, zero, _CMP_NEQ_UQ));
-            __m256 at = _mm256_castsi256_ps(
-                _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(cls + j)), cv));
-            v = _mm256_sub_ps(p, _mm256_and_ps(at, _mm256_loadu_ps(gl + j)));
+    for (; j + 16 <= n; j += 16) {
+        __m256 v0 = ssm_half_out8_avx2(e, r, gl, cls, cv, j, grad);
+        __m256 v1 = ssm_half_out8_avx2(e, r, gl, cls, cv, j + 8, grad);
+        if (bf16) {  /* the high halves, in order: pack within lanes, then the lanes */
+            __m256i h = _mm256_permute4x64_epi64(
+                _mm256_packus_epi32(_mm256_srli_epi32(ssm_bf16_round8_avx2(v0), 16),
+                                    _mm256_srli_epi32(ssm_bf16_round8_avx2(v1), 16)), 0xd8);
+            _mm_stream_si128((__m128i *)(dst + j), _mm256_castsi256_si128(h));
+            _mm_stream_si128((__m128i *)(dst + j + 8), _mm256_extracti128_si256(h, 1));
         } else {
-            v = _mm256_mul_ps(ev, rv);
+            _mm_stream_si128((__m128i *)(dst + j), _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));
+            _mm_stream_si128((__m128i *)(dst + j + 8),
+                             _mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT));
         }
-        _mm_stream_si128((__m128i *)(dst + j),
-                         bf16 ? ssm_bf16_pack8_avx2(v)
-                              : _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     }
     for (; j < n; j++) {
         float v = grad ? ssm_grad_sparse_one(e, r, gl, cls, c, j) : e[j] * r[j];
@@ -259,6 +273,30 @@ static inline size_t ssm_half_scratch_bytes(const ssm_problem *P)
     return ssm_round64(ssm_scratch_bytes(P, sizeof(float))) + 64
          + 4 * ssm_round64(CT * sizeof(float)) + ssm_round64(T * sizeof(float))
          + ssm_round64(CT * sizeof(uint16_t));
+}
+
+/* The rest of ssm_max_sumexp (see there) for a direct half tile's widened chunk W
+   (C rows of n, pixels j0 on of the tile), its max already in S->xmax: the label's
+   logit (one gather per pixel, from the float chunk) and the sum of exp, e stored at e
+   (stride se) if e != NULL. The float path's functions, on the same values: the same bits. */
+SSM_INLINE void ssm_half_sumexp(const float *restrict W, float *restrict e, ptrdiff_t se,
+                                ptrdiff_t C, ptrdiff_t n, ssm_scratch_f *S, ptrdiff_t j0)
+{
+    ptrdiff_t j;
+    const int32_t *restrict cls = S->cls + j0;
+    float *restrict xy = S->xlabel + j0, *restrict s = S->sumexp + j0;
+    const int32_t n32 = (int32_t)n;  /* C n floats fit a tile's scratch: int32 offsets */
+#pragma omp simd
+    for (j = 0; j < n; j++) {
+        int32_t y = cls[j];
+        float v = W[(y < 0 ? 0 : y) * n32 + (int32_t)j];
+        xy[j] = y < 0 ? 0.0f : v;
+        s[j] = 0;
+    }
+    if (C <= SSM_SUM_BLOCK)
+        ssm_sumexp_rows_f(W, n, e, se, 0, C, n, S->xmax + j0, s, 0);
+    else
+        ssm_sumexp_blocks_f(W, n, e, se, C, n, S->xmax + j0, s, S->hi + j0, S->lo + j0, 0);
 }
 
 /* Bytes per label of a target kind (0: no labels). */

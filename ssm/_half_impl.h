@@ -183,6 +183,67 @@ SSM_INLINE void SSM_HSFX(ssm_half_out_row)(const ssm_problem *P, uint16_t *dst, 
     SSM_HSFX(ssm_narrow_out)(row, dst, n, P->stream, tmp);
 }
 
+/* 1: the half type is widened by an instruction (float16 with F16C) and a direct tile
+   widens its chunk first; 0: by integer operations, fused into the max sweep (bfloat16: a
+   shift; float16 without F16C), which saves a pass over the chunk. */
+SSM_INLINE int SSM_HSFX(ssm_widen_native)(void)
+{
+#if defined(SSM_F16C)
+    return SSM_H_F16C && ssm_cpu_has_f16c();
+#else
+    return 0;
+#endif
+}
+
+/* Prefetch n half elements of the row at h, dist elements on, into L2 (as
+   ssm_prefetch_next: the same pixels of the tile after next). */
+SSM_INLINE void SSM_HSFX(ssm_prefetch_half)(const uint16_t *h, ptrdiff_t n, ptrdiff_t dist)
+{
+    ptrdiff_t j;
+    uintptr_t ahead = (uintptr_t)h + (uintptr_t)dist * sizeof(uint16_t);
+    for (j = 0; j < n; j += 32)
+        SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(uint16_t)));
+}
+
+/* The chunk's C half rows (x, channel stride sx) widened into W[c * n + j] and their
+   maximum m[j], in one sweep: the max of ssm_max_sumexp (two rows a pass, the same
+   comparisons in the same order: the same m, NaN included). */
+SSM_INLINE void SSM_HSFX(ssm_widen_max)(const uint16_t *restrict x, ptrdiff_t sx,
+                                        float *restrict W, ptrdiff_t C, ptrdiff_t n,
+                                        ptrdiff_t pf, float *restrict m)
+{
+    ptrdiff_t c, j;
+    SSM_HSFX(ssm_prefetch_half)(x, n, pf);
+#pragma omp simd
+    for (j = 0; j < n; j++)
+        m[j] = W[j] = SSM_H_TO_F(x[j]);
+    for (c = 1; c + 1 < C; c += 2) {
+        const uint16_t *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;
+        float *restrict W0 = W + c * n, *restrict W1 = W0 + n;
+        SSM_HSFX(ssm_prefetch_half)(x0, n, pf);
+        SSM_HSFX(ssm_prefetch_half)(x1, n, pf);
+#pragma omp simd
+        for (j = 0; j < n; j++) {
+            float w0 = SSM_H_TO_F(x0[j]), w1 = SSM_H_TO_F(x1[j]);
+            float v = w0 > m[j] ? w0 : m[j];
+            W0[j] = w0;
+            W1[j] = w1;
+            m[j] = w1 > v ? w1 : v;
+        }
+    }
+    if (c < C) {
+        const uint16_t *restrict xc = x + c * sx;
+        float *restrict Wc = W + c * n;
+        SSM_HSFX(ssm_prefetch_half)(xc, n, pf);
+#pragma omp simd
+        for (j = 0; j < n; j++) {
+            float w = SSM_H_TO_F(xc[j]);
+            Wc[j] = w;
+            m[j] = w > m[j] ? w : m[j];
+        }
+    }
+}
+
 /* sswl_fwd and sswl_fwd_bwd of a direct tile (as ssm_sswl_tile_f, see there). */
 SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t t, void *buf,
                                                  int want_grad)
@@ -202,14 +263,16 @@ SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t
     chunk = SSM_L1_CHUNK / (C * (ptrdiff_t)sizeof(float));
     chunk = chunk < 64 ? n : chunk & ~(ptrdiff_t)15;  /* must match ssm_max_sumexp_chunked */
     for (j0 = 0; j0 < n; j0 += nc) {
+        const uint16_t *xc = (const uint16_t *)P->x + base + j0;
         nc = n - j0 < chunk ? n - j0 : chunk;
+        if (!SSM_HSFX(ssm_widen_native)()) {
+            SSM_HSFX(ssm_widen_max)(xc, P->inner, W, C, nc, 2 * n, S.xmax + j0);
+            ssm_half_sumexp(W, o ? o + j0 : NULL, T, C, nc, &S, j0);
+            continue;
+        }
         for (c = 0; c < C; c++) {
-            const uint16_t *row = (const uint16_t *)P->x + base + c * P->inner + j0;
-            /* the same pixels of the tile after next, into L2 (see ssm_prefetch_next) */
-            uintptr_t ahead = (uintptr_t)row + (uintptr_t)(2 * n) * sizeof(uint16_t);
-            for (j = 0; j < nc; j += 32)
-                SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(uint16_t)));
-            SSM_HSFX(ssm_widen)(row, W + c * nc, nc);
+            SSM_HSFX(ssm_prefetch_half)(xc + c * P->inner, nc, 2 * n);
+            SSM_HSFX(ssm_widen)(xc + c * P->inner, W + c * nc, nc);
         }
         ssm_max_sumexp_f(W, nc, o ? o + j0 : NULL, T, C, nc, S.xmax + j0, S.sumexp + j0,
                          S.hi ? S.hi + j0 : NULL, S.lo ? S.lo + j0 : NULL, S.cls + j0,
