@@ -360,9 +360,10 @@ KERNELS = {"float32": K_FLOAT, "float64": K_DOUBLE, "float16": K_FLOAT16,
 
 
 def half_isa(level=None):
-    """How the half drivers convert float16, for tests: 1 by F16C where the CPU has it, 0
-    by the compiler-vectorised scalar loops (bfloat16 always). Sets it if ``level`` is
-    given (between calls: no kernel may be running), and returns the previous level."""
+    """How the half drivers convert, for tests: 1 float16 by F16C where the CPU has it
+    and the direct tiles by their AVX2 functions, 0 by the compiler-vectorised scalar
+    loops (as bfloat16 elsewhere always is). Sets it if ``level`` is given (between
+    calls: no kernel may be running), and returns the previous level."""
     global ssm_half_isa
     cdef int old = ssm_half_isa
     if level is not None:

@@ -94,10 +94,11 @@ SSM_INLINE uint16_t ssm_f_to_bf16(float f)
     return (uint16_t)(r >> 16);
 }
 
-/* 1: the drivers convert float16 by F16C where the CPU has it; 0: by the scalar loops,
-   vectorised by the compiler (as bfloat16 always is: in the AVX-512 clone its loops were
-   as fast as AVX-512 intrinsics, in the AVX2 one within 2% of AVX2 intrinsics). Set to
-   0 only by the tests (ssm._cpu.half_isa), between calls, to check both paths here. */
+/* 1: the drivers convert float16 by F16C where the CPU has it, and the direct tiles
+   (_half_impl.h) use their AVX2 functions; 0: the scalar loops, vectorised by the
+   compiler (the widening of bfloat16 elsewhere always is: in the AVX-512 clone its loops
+   were as fast as AVX-512 intrinsics, in the AVX2 one within 2% of AVX2 intrinsics). Set
+   to 0 only by the tests (ssm._cpu.half_isa), between calls, to check both paths here. */
 static int ssm_half_isa = 1;
 
 #if defined(SSM_ISA_NAMES)
@@ -200,14 +201,15 @@ ssm_half_row_body_avx2(uint16_t *dst, const float *e, const float *r, const floa
     }
 }
 
-/* The CPU has what the row functions below need (AVX2 and F16C: every AVX2 CPU so far). */
+/* The direct tiles may use the AVX2 functions here: the CPU has AVX2 and F16C (every
+   AVX2 CPU so far), and ssm_half_isa allows it (0: the portable loops, for the tests). */
 static inline int ssm_cpu_has_avx2_f16c(void)
 {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    return ssm_half_isa && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 }
 
-/* The four instances: (probabilities, gradient) x (float16, bfloat16). Callers check
-   ssm_cpu_has_avx2_f16c, and for float16 ssm_cpu_has_f16c (ssm_half_isa) too. */
+/* The four instances: (probabilities, gradient) x (float16, bfloat16); callers check
+   ssm_cpu_has_avx2_f16c. */
 __attribute__((target("avx2,f16c"))) static void ssm_half_prob_row_avx2_h(
     uint16_t *dst, const float *e, const float *r, ptrdiff_t n)
 {
@@ -232,6 +234,74 @@ __attribute__((target("avx2,f16c"))) static void ssm_half_grad_row_avx2_b(
     int32_t c, ptrdiff_t n)
 {
     ssm_half_row_body_avx2(dst, e, f, gl, cls, c, n, 1, 1);
+}
+
+/* SSM_HSFX(ssm_widen_max) by AVX2 (and F16C for float16): the chunk's C rows (x,
+   channel stride sx) widened into W[c * n + j] and their max m[j], eight pixels at a
+   time through all the rows, the max kept in a register (the compiler's loop reloads and
+   stores m every two rows). vmaxps(a, m) is the float path's `a > m ? a : m` (NaN a: m),
+   in the same row order: ssm_max_sumexp's max, bit for bit. The rows of the tile after
+   next (pf elements on) are prefetched into L2. */
+__attribute__((target("avx2,f16c"))) static inline __attribute__((always_inline)) __m256
+ssm_half_load8_avx2(const uint16_t *h, int bf16)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)h);
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    return _mm256_cvtph_ps(v);
+}
+
+__attribute__((target("avx2,f16c"))) static inline __attribute__((always_inline)) void
+ssm_half_widen_max_body_avx2(const uint16_t *x, ptrdiff_t sx, float *W, ptrdiff_t C,
+                             ptrdiff_t n, ptrdiff_t pf, float *m, int bf16)
+{
+    ptrdiff_t c, j, n8 = n & ~(ptrdiff_t)7;
+    for (c = 0; c < C; c++) {  /* L2 prefetches first: the loop below is short */
+        uintptr_t ahead = (uintptr_t)(x + c * sx + pf);
+        for (j = 0; j < n; j += 32)
+            SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(uint16_t)));
+    }
+    for (j = 0; j < n8; j += 8) {
+        __m256 mv = ssm_half_load8_avx2(x + j, bf16);
+        _mm256_storeu_ps(W + j, mv);
+        for (c = 1; c + 1 < C; c += 2) {
+            __m256 w0 = ssm_half_load8_avx2(x + c * sx + j, bf16);
+            __m256 w1 = ssm_half_load8_avx2(x + (c + 1) * sx + j, bf16);
+            _mm256_storeu_ps(W + c * n + j, w0);
+            _mm256_storeu_ps(W + (c + 1) * n + j, w1);
+            mv = _mm256_max_ps(w1, _mm256_max_ps(w0, mv));
+        }
+        if (c < C) {
+            __m256 w = ssm_half_load8_avx2(x + c * sx + j, bf16);
+            _mm256_storeu_ps(W + c * n + j, w);
+            mv = _mm256_max_ps(w, mv);
+        }
+        _mm256_storeu_ps(m + j, mv);
+    }
+    for (; j < n; j++) {
+        float mj = bf16 ? ssm_bf16_to_f(x[j]) : ssm_f16_to_f(x[j]);
+        W[j] = mj;
+        for (c = 1; c < C; c++) {
+            float w = bf16 ? ssm_bf16_to_f(x[c * sx + j]) : ssm_f16_to_f(x[c * sx + j]);
+            W[c * n + j] = w;
+            mj = w > mj ? w : mj;
+        }
+        m[j] = mj;
+    }
+}
+
+__attribute__((target("avx2,f16c"))) static void ssm_half_widen_max_avx2_h(
+    const uint16_t *x, ptrdiff_t sx, float *W, ptrdiff_t C, ptrdiff_t n, ptrdiff_t pf,
+    float *m)
+{
+    ssm_half_widen_max_body_avx2(x, sx, W, C, n, pf, m, 0);
+}
+
+__attribute__((target("avx2,f16c"))) static void ssm_half_widen_max_avx2_b(
+    const uint16_t *x, ptrdiff_t sx, float *W, ptrdiff_t C, ptrdiff_t n, ptrdiff_t pf,
+    float *m)
+{
+    ssm_half_widen_max_body_avx2(x, sx, W, C, n, pf, m, 1);
 }
 #else
 /* (no F16C path here: the setting is kept, and read, for ssm._cpu.half_isa alone) */

@@ -165,7 +165,7 @@ SSM_INLINE void SSM_HSFX(ssm_half_out_row)(const ssm_problem *P, uint16_t *dst, 
 {
     ptrdiff_t j;
 #if defined(SSM_F16C)
-    if (P->stream && ssm_cpu_has_avx2_f16c() && (!SSM_H_F16C || ssm_cpu_has_f16c())) {
+    if (P->stream && ssm_cpu_has_avx2_f16c()) {
         if (f)
             SSM_HSFX(ssm_half_grad_row_avx2)(dst, e, f, gl, cls, (int32_t)c, n);
         else
@@ -183,13 +183,12 @@ SSM_INLINE void SSM_HSFX(ssm_half_out_row)(const ssm_problem *P, uint16_t *dst, 
     SSM_HSFX(ssm_narrow_out)(row, dst, n, P->stream, tmp);
 }
 
-/* 1: the half type is widened by an instruction (float16 with F16C) and a direct tile
-   widens its chunk first; 0: by integer operations, fused into the max sweep (bfloat16: a
-   shift; float16 without F16C), which saves a pass over the chunk. */
-SSM_INLINE int SSM_HSFX(ssm_widen_native)(void)
+/* 1: a direct tile's max sweep is ssm_half_widen_max_avx2_* (see ssm_cpu_has_avx2_f16c);
+   0: the compiler's loops of ssm_widen_max (float16 by the software conversion). */
+SSM_INLINE int SSM_HSFX(ssm_widen_avx2)(void)
 {
 #if defined(SSM_F16C)
-    return SSM_H_F16C && ssm_cpu_has_f16c();
+    return ssm_cpu_has_avx2_f16c();
 #else
     return 0;
 #endif
@@ -265,18 +264,13 @@ SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t
     for (j0 = 0; j0 < n; j0 += nc) {
         const uint16_t *xc = (const uint16_t *)P->x + base + j0;
         nc = n - j0 < chunk ? n - j0 : chunk;
-        if (!SSM_HSFX(ssm_widen_native)()) {
+#if defined(SSM_F16C)
+        if (SSM_HSFX(ssm_widen_avx2)())
+            SSM_HSFX(ssm_half_widen_max_avx2)(xc, P->inner, W, C, nc, 2 * n, S.xmax + j0);
+        else
+#endif
             SSM_HSFX(ssm_widen_max)(xc, P->inner, W, C, nc, 2 * n, S.xmax + j0);
-            ssm_half_sumexp(W, o ? o + j0 : NULL, T, C, nc, &S, j0);
-            continue;
-        }
-        for (c = 0; c < C; c++) {
-            SSM_HSFX(ssm_prefetch_half)(xc + c * P->inner, nc, 2 * n);
-            SSM_HSFX(ssm_widen)(xc + c * P->inner, W + c * nc, nc);
-        }
-        ssm_max_sumexp_f(W, nc, o ? o + j0 : NULL, T, C, nc, S.xmax + j0, S.sumexp + j0,
-                         S.hi ? S.hi + j0 : NULL, S.lo ? S.lo + j0 : NULL, S.cls + j0,
-                         S.xlabel + j0, 0);
+        ssm_half_sumexp(W, o ? o + j0 : NULL, T, C, nc, &S, j0);
     }
 #pragma omp simd
     for (j = 0; j < n; j++)
