@@ -194,16 +194,6 @@ SSM_INLINE int SSM_HSFX(ssm_widen_avx2)(void)
 #endif
 }
 
-/* Prefetch n half elements of the row at h, dist elements on, into L2 (as
-   ssm_prefetch_next: the same pixels of the tile after next). */
-SSM_INLINE void SSM_HSFX(ssm_prefetch_half)(const uint16_t *h, ptrdiff_t n, ptrdiff_t dist)
-{
-    ptrdiff_t j;
-    uintptr_t ahead = (uintptr_t)h + (uintptr_t)dist * sizeof(uint16_t);
-    for (j = 0; j < n; j += 32)
-        SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(uint16_t)));
-}
-
 /* The chunk's C half rows (x, channel stride sx) widened into W[c * n + j] and their
    maximum m[j], in one sweep: the max of ssm_max_sumexp (two rows a pass, the same
    comparisons in the same order: the same m, NaN included). */
@@ -212,15 +202,15 @@ SSM_INLINE void SSM_HSFX(ssm_widen_max)(const uint16_t *restrict x, ptrdiff_t sx
                                         ptrdiff_t pf, float *restrict m)
 {
     ptrdiff_t c, j;
-    SSM_HSFX(ssm_prefetch_half)(x, n, pf);
+    ssm_prefetch_u16(x, n, pf);
 #pragma omp simd
     for (j = 0; j < n; j++)
         m[j] = W[j] = SSM_H_TO_F(x[j]);
     for (c = 1; c + 1 < C; c += 2) {
         const uint16_t *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;
         float *restrict W0 = W + c * n, *restrict W1 = W0 + n;
-        SSM_HSFX(ssm_prefetch_half)(x0, n, pf);
-        SSM_HSFX(ssm_prefetch_half)(x1, n, pf);
+        ssm_prefetch_u16(x0, n, pf);
+        ssm_prefetch_u16(x1, n, pf);
 #pragma omp simd
         for (j = 0; j < n; j++) {
             float w0 = SSM_H_TO_F(x0[j]), w1 = SSM_H_TO_F(x1[j]);
@@ -233,7 +223,7 @@ SSM_INLINE void SSM_HSFX(ssm_widen_max)(const uint16_t *restrict x, ptrdiff_t sx
     if (c < C) {
         const uint16_t *restrict xc = x + c * sx;
         float *restrict Wc = W + c * n;
-        SSM_HSFX(ssm_prefetch_half)(xc, n, pf);
+        ssm_prefetch_u16(xc, n, pf);
 #pragma omp simd
         for (j = 0; j < n; j++) {
             float w = SSM_H_TO_F(xc[j]);
