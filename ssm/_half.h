@@ -28,8 +28,10 @@
  *    registers and streamed out in one pass. The float operations are the float path's,
  *    in the same order: the bits of the widened path, tested. Callgrind, VOC-like
  *    (1, 21, 256, 256), AVX2 clone, instructions per element: fused float32 7.32,
- *    bfloat16 10.48 -> 8.61, float16 9.32 -> 7.46; the loss alone float32 5.09,
- *    bfloat16 5.98 -> 5.50, float16 5.94 -> 5.43.
+ *    bfloat16 10.48 -> 8.41, float16 9.32 -> 7.28; the loss alone float32 5.09,
+ *    bfloat16 5.98 -> 5.31, float16 5.94 -> 5.25; C = 150, fused: float32 8.22,
+ *    bfloat16 10.80 -> 8.59, float16 9.90 -> 7.33. Rounding to bfloat16 is the
+ *    difference (integer operations: see ssm_bf16_round8_avx2).
  * b) Per-pixel inputs (weights, d_loss maps) and the small ones (class weights, lenses)
  *    arrive widened to float32 by ssm/_cpu.pyx, so the label pre-pass is the float one;
  *    labels are read in place (offset to the tile's first pixel); soft targets, prob and
