@@ -252,6 +252,31 @@ def test_bad_label_in_one_chunk_names_the_global_index(client, rng, split_c):
     assert np.isnan(Ld[2, 9, 4]) and np.isnan(Ld[2, 10, 0]) and np.isfinite(Ld[0]).all()
 
 
+def test_label_pass_groups_small_chunks_not_large_ones(rng, monkeypatch):
+    """Small chunks of labels share a pre-pass task (LABEL_PASS_GROUP of them at most);
+    chunks over LABEL_PASS_BYTES get one each (a cluster would move the group's labels
+    to one worker); the results are the single call's either way."""
+    x, y, _, _ = _problem(rng, shape_nc=(10, 7))
+    xd = da.from_array(x, chunks=(1,) + x.shape[1:])
+    n = x.shape[0]
+
+    def label_tasks():
+        loss, dx = sdask.spatial_softmax_with_loss_and_grad(xd, y)
+        graph = dict(dx.__dask_graph__())
+        return sum(1 for k in graph if k[0].startswith("ssm-label-pass-")), loss, dx
+
+    groups, loss, dx = label_tasks()
+    assert groups == -(-n // sdask.LABEL_PASS_GROUP)
+    monkeypatch.setattr(sdask, "LABEL_PASS_BYTES", y[0].nbytes)  # one chunk's labels
+    groups, loss2, dx2 = label_tasks()
+    assert groups == n
+    ref_loss, ref_dx = ssm.spatial_softmax_with_loss_and_grad(x, y)
+    for lo, d in ((loss, dx), (loss2, dx2)):
+        lo, d = dask.compute(lo, d, scheduler="sync")
+        assert_close(lo, ref_loss, x.dtype)
+        np.testing.assert_array_equal(d, ref_dx)
+
+
 def test_bit_identical_run_to_run(client, rng):
     x, y, w, opts = _problem(rng, weights=True, cw=True, dtype=np.float64)
     for split_c in (False, True):
