@@ -11,7 +11,7 @@
  *    shape, never on the thread count: per-tile float64 partial sums, added in tile
  *    order by the caller, make every reduction bit-identical for any thread count.
  * c) Inside a tile the math runs on channel-major [C][tile] blocks so that the inner
- *    loops walk contiguous pixels and vectorise (exp inlined, log through libmvec).
+ *    loops walk contiguous pixels and vectorise (exp and log inlined).
  *    Strided channels (inner > 1) are read in place with channel stride `inner`
  *    (the rows two tiles ahead prefetched into L2) and written in place, or, for outputs larger
  *    than the caches, computed in scratch and written with non-temporal stores, which
@@ -43,11 +43,11 @@
  *    float64 at any C, and the plain float sum, bit for bit, for C <= 32. Per-pixel
  *    losses and every loss reduction are double.
  *
- * exp is ours, inlined (ssm_expf_nonpos, ssm_exp_nonpos: the same bits in vector and
- * scalar code). Vector log without -ffast-math: glibc only declares the SIMD variants
- * of logf and log under __FAST_MATH__, so we declare them ourselves with `omp declare
- * simd`; with -fno-math-errno and -fopenmp gcc then calls libmvec (whose results can
- * differ from the scalar log's in a loop's remainder by an ulp).
+ * exp and log are ours, inlined (ssm_expf_nonpos, ssm_exp_nonpos, ssm_logf_pos,
+ * ssm_log_pos): the same bits in a vectorised loop body and in its scalar remainder, so
+ * a pixel's value never depends on where a tile's extent puts it (glibc's would: gcc
+ * vectorises its exp and log through libmvec in loop bodies and calls the scalar libm
+ * functions in remainders, and the two differ in the last bit for some arguments).
  * target_clones builds each tile driver for AVX-512, AVX2 and the x86-64 baseline,
  * picked once at load time (ifunc); everything below the drivers is always_inline,
  * so it is compiled for each clone. Only with gcc on x86-64 glibc (SSM_ISA_NAMES);
@@ -67,10 +67,6 @@
 
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) \
     && !defined(__FAST_MATH__) && !defined(SSM_NO_CLONES)
-#pragma omp declare simd notinbranch
-extern float logf(float);
-#pragma omp declare simd notinbranch
-extern double log(double);
 #if defined(SSM_FORCE_CLONE)  /* one clone only, e.g. -DSSM_FORCE_CLONE=x86-64-v3 (setup.py) */
 #define SSM_STR_(x) #x
 #define SSM_STR(x) SSM_STR_(x)
@@ -183,6 +179,77 @@ SSM_INLINE double ssm_exp_nonpos(double x)
     s1.u = (1023u - h) << 52;                   /* unsigned: defined for any mk */
     s2.u = (1023u - (mk - h)) << 52;
     return p * s1.f * s2.f;
+}
+
+/* log(x) for float x, computed in double and rounded once to float (0.50 ulp of the
+   exact log measured, FMA or not: tests/test_exp.py). For the same reason as the exp:
+   the same bits in vector and scalar code, where libmvec's logf and libm's differ.
+   What the kernels pass: sums of exp in [1, C] (NaN for a pixel whose logits are not
+   finite), smoothed soft targets (0 gives -inf, whose product the caller discards; a
+   negative target NaN) and probabilities in (0, 1]; every float is handled: denormals
+   (normal in double), +-0 -> -inf, +inf -> +inf, negative or NaN -> NaN.
+   x = 2^k m with m in [sqrt(1/2), sqrt(2)), read off the bits of (double)x by adding
+   the bits of 1 - sqrt(1/2) (that moves m's binade boundary to sqrt(1/2)); with
+   f = m - 1 (exact) and s = f / (2 + f), log m = log((1 + s) / (1 - s)) = 2s + s R(s^2),
+   R(z) = 2 (z/3 + z^2/5 + ...) fitted by a polynomial of degree 4 (relative error 2e-9
+   of R, 1e-11 of log m: a thousandth of a float ulp). k is read off the exponent field
+   as a double by the 2^52 trick (no 64-bit integer conversion, which AVX2 lacks). */
+SSM_INLINE float ssm_logf_pos(float x)
+{
+    union { double f; uint64_t u; } v, m, e;
+    double f, s, z, p, r;
+    float y;
+    v.f = (double)x;
+    v.u += 0x3ff0000000000000u - 0x3fe6a09e667f3bcdu;          /* 1 - sqrt(1/2): bits */
+    m.u = (v.u & 0x000fffffffffffffu) + 0x3fe6a09e667f3bcdu;     /* m in [sqrt(1/2), sqrt(2)) */
+    e.u = (v.u >> 52) + 0x4330000000000000u;                     /* 2^52 + k + 1023 */
+    f = m.f - 1.0;
+    s = f / (2.0 + f);
+    z = s * s;
+    p = 0.23330993194008035;
+    p = p * z + 0.28550797623160173;
+    p = p * z + 0.400001220952399;
+    p = p * z + 0.6666666655408127;
+    r = (e.f - 4503599627371519.0) * 0.6931471805599453 + s * (2.0 + z * p);
+    y = (float)r;
+    /* the special arguments, by selects (what the bits above gave them is discarded) */
+    y = x > 0 ? y : (x == 0 ? -INFINITY : NAN);
+    return x < INFINITY ? y : x;
+}
+
+/* log(x) for double x: ssm_logf_pos's reduction, with a degree-7 fit of R (relative error
+   5e-16 of R, 2^-57 of log m) and the evaluation arranged so that the rounding errors
+   stay below an ulp: log x = k ln2_hi - ((f^2/2 - (s (f^2/2 + R) + k ln2_lo)) - f), the
+   large terms k ln2_hi (exact: ln2_hi has 32 bits, as in ssm_exp_nonpos) and f (exact)
+   added last. 0.86 ulp measured without FMA, 0.76 with (tests/test_exp.py). Denormal x
+   is scaled by 2^52 first (k less 52), by a select; +-0 -> -inf, +inf -> +inf, negative
+   or NaN -> NaN. The kernels pass it what they pass ssm_logf_pos. */
+SSM_INLINE double ssm_log_pos(double x)
+{
+    union { double f; uint64_t u; } v, m, e;
+    double f, s, z, p, hfsq, dk, r;
+    const int tiny = x < 0x1p-1022;
+    v.f = tiny ? x * 0x1p52 : x;
+    v.u += 0x3ff0000000000000u - 0x3fe6a09e667f3bcdu;
+    m.u = (v.u & 0x000fffffffffffffu) + 0x3fe6a09e667f3bcdu;
+    e.u = (v.u >> 52) + 0x4330000000000000u;
+    dk = e.f - (tiny ? 4503599627371571.0 : 4503599627371519.0);  /* 2^52 + 1023 (+ 52) */
+    f = m.f - 1.0;
+    s = f / (2.0 + f);
+    z = s * s;
+    p = 0.14616875333604523;
+    p = p * z + 0.15331684037552043;
+    p = p * z + 0.18182890368150278;
+    p = p * z + 0.22222211115844537;
+    p = p * z + 0.2857142862610605;
+    p = p * z + 0.3999999999989918;
+    p = p * z + 0.666666666666667;
+    p = p * z;
+    hfsq = 0.5 * f * f;
+    r = dk * 6.93147180369123816490e-01
+        - ((hfsq - (s * (hfsq + p) + dk * 1.90821492927058770002e-10)) - f);
+    r = x > 0 ? r : (x == 0 ? -INFINITY : NAN);
+    return x < INFINITY ? r : x;
 }
 
 /* target kinds and loss kinds: the values of ssm._codes.Target and ssm._codes.Loss
@@ -506,7 +573,7 @@ __attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
 #define R float
 #define SSM_SFX(name) name##_f
 #define SSM_EXP ssm_expf_nonpos
-#define SSM_LOG logf
+#define SSM_LOG ssm_logf_pos
 #include "_kernels_impl.h"
 #undef R
 #undef SSM_SFX
@@ -516,7 +583,7 @@ __attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
 #define R double
 #define SSM_SFX(name) name##_d
 #define SSM_EXP ssm_exp_nonpos
-#define SSM_LOG log
+#define SSM_LOG ssm_log_pos
 #include "_kernels_impl.h"
 #undef R
 #undef SSM_SFX
