@@ -181,59 +181,63 @@ SSM_INLINE double ssm_exp_nonpos(double x)
     return p * s1.f * s2.f;
 }
 
-/* log(x) for float x, computed in double and rounded once to float (0.50 ulp of the
-   exact log measured, FMA or not: tests/test_exp.py). For the same reason as the exp:
-   the same bits in vector and scalar code, where libmvec's logf and libm's differ.
-   What the kernels pass: sums of exp in [1, C] (NaN for a pixel whose logits are not
-   finite), smoothed soft targets (0 gives -inf, whose product the caller discards; a
-   negative target NaN) and probabilities in (0, 1]; every float is handled: denormals
-   (normal in double), +-0 -> -inf, +inf -> +inf, negative or NaN -> NaN.
-   x = 2^k m with m in [sqrt(1/2), sqrt(2)), read off the bits of (double)x by adding
-   the bits of 1 - sqrt(1/2) (that moves m's binade boundary to sqrt(1/2)); with
-   f = m - 1 (exact) and s = f / (2 + f), log m = log((1 + s) / (1 - s)) = 2s + s R(s^2),
-   R(z) = 2 (z/3 + z^2/5 + ...) fitted by a polynomial of degree 4 (relative error 2e-9
-   of R, 1e-11 of log m: a thousandth of a float ulp). k is read off the exponent field
-   as a double by the 2^52 trick (no 64-bit integer conversion, which AVX2 lacks). */
+/* log(x) for float x > 0, and the special arguments. For the same reason as the exp: the
+   same bits in vector and scalar code (libmvec's logf and libm's differ by an ulp for
+   some arguments). What the kernels pass: sums of exp in [1, C] (NaN for a pixel whose
+   logits are not finite), smoothed soft targets (0 gives -inf, whose product the caller
+   discards; a negative target NaN) and probabilities in (0, 1]; every float is handled:
+   denormals, +-0 -> -inf, +inf -> +inf, negative or NaN -> NaN (by selects at the end:
+   what the arithmetic gave those arguments is discarded).
+   x = 2^k m with m in [sqrt(1/2), sqrt(2)): adding the bits of 1 - sqrt(1/2) to x's moves
+   the binade boundary to sqrt(1/2), so k and m are read off the exponent and mantissa
+   fields (k as a float by the 2^23 trick: no int-to-float conversion). With f = m - 1
+   (exact) and s = f / (2 + f), log m = log((1 + s) / (1 - s)) = 2s + s R(s^2) with
+   R(z) = 2 (z/3 + z^2/5 + ...), a degree-3 fit (relative error 3e-7 of R, which is at
+   most 0.02: 3e-9 of log m). The sum is arranged as fdlibm's, the large terms added
+   last: log x = k ln2_hi - ((f^2/2 - (s (f^2/2 + R) + k ln2_lo)) - f) (f - f^2/2 +
+   s (f^2/2 + R) = 2s + sR since 2s = f - sf); ln2_hi has 15 bits, so k ln2_hi is exact.
+   0.84 ulp measured without FMA, 0.75 with (tests/test_exp.py). A denormal x is scaled
+   by 2^23 first (k less 23). In float, eight lanes per AVX2 vector: computed in double
+   and rounded once it was 0.50 ulp, but 7.3 instructions per element under AVX2 where
+   this takes 5.6 (libmvec's logf 5.0). */
 SSM_INLINE float ssm_logf_pos(float x)
 {
-    union { double f; uint64_t u; } v, m, e;
-    double f, s, z, p, r;
-    float y;
-    v.f = (double)x;
-    v.u += 0x3ff0000000000000u - 0x3fe6a09e667f3bcdu;          /* 1 - sqrt(1/2): bits */
-    m.u = (v.u & 0x000fffffffffffffu) + 0x3fe6a09e667f3bcdu;     /* m in [sqrt(1/2), sqrt(2)) */
-    e.u = (v.u >> 52) + 0x4330000000000000u;                     /* 2^52 + k + 1023 */
-    f = m.f - 1.0;
-    s = f / (2.0 + f);
+    union { float f; uint32_t u; } v, m, e;
+    float f, s, z, p, hfsq, kf, r;
+    const int tiny = x < 0x1p-126f;
+    v.f = tiny ? x * 0x1p23f : x;
+    v.u += 0x3f800000u - 0x3f3504f3u;                   /* 1 - sqrt(1/2): bits */
+    m.u = (v.u & 0x007fffffu) + 0x3f3504f3u;            /* m in [sqrt(1/2), sqrt(2)) */
+    e.u = (v.u >> 23) + 0x4b000000u;                    /* 2^23 + k + 127 */
+    kf = e.f - (tiny ? 8388758.0f : 8388735.0f);        /* 2^23 + 127 (+ 23) */
+    f = m.f - 1.0f;
+    s = f / (2.0f + f);
     z = s * s;
-    p = 0.23330993194008035;
-    p = p * z + 0.28550797623160173;
-    p = p * z + 0.400001220952399;
-    p = p * z + 0.6666666655408127;
-    r = (e.f - 4503599627371519.0) * 0.6931471805599453 + s * (2.0 + z * p);
-    y = (float)r;
-    /* the special arguments, by selects (what the bits above gave them is discarded) */
-    y = x > 0 ? y : (x == 0 ? -INFINITY : NAN);
-    return x < INFINITY ? y : x;
+    p = 0.29580509662628174f;
+    p = p * z + 0.39988765120506287f;
+    p = p * z + 0.6666668653488159f;
+    p = p * z;
+    hfsq = 0.5f * f * f;
+    r = kf * 0.693145751953125f - ((hfsq - (s * (hfsq + p) + kf * 1.428606765330187e-06f)) - f);
+    r = x > 0 ? r : (x == 0 ? -INFINITY : NAN);
+    return x < INFINITY ? r : x;
 }
 
-/* log(x) for double x: ssm_logf_pos's reduction, with a degree-7 fit of R (relative error
-   5e-16 of R, 2^-57 of log m) and the evaluation arranged so that the rounding errors
-   stay below an ulp: log x = k ln2_hi - ((f^2/2 - (s (f^2/2 + R) + k ln2_lo)) - f), the
-   large terms k ln2_hi (exact: ln2_hi has 32 bits, as in ssm_exp_nonpos) and f (exact)
-   added last. 0.86 ulp measured without FMA, 0.76 with (tests/test_exp.py). Denormal x
-   is scaled by 2^52 first (k less 52), by a select; +-0 -> -inf, +inf -> +inf, negative
-   or NaN -> NaN. The kernels pass it what they pass ssm_logf_pos. */
+/* log(x) for double x: ssm_logf_pos's scheme in double, with a degree-7 fit of R
+   (relative error 5e-16 of R, 2^-57 of log m) and ln2_hi of 32 bits (as in
+   ssm_exp_nonpos). 0.86 ulp measured without FMA, 0.76 with (tests/test_exp.py). A
+   denormal x is scaled by 2^52 first (k less 52). The kernels pass it what they pass
+   ssm_logf_pos. */
 SSM_INLINE double ssm_log_pos(double x)
 {
     union { double f; uint64_t u; } v, m, e;
-    double f, s, z, p, hfsq, dk, r;
+    double f, s, z, p, hfsq, kf, r;
     const int tiny = x < 0x1p-1022;
     v.f = tiny ? x * 0x1p52 : x;
     v.u += 0x3ff0000000000000u - 0x3fe6a09e667f3bcdu;
     m.u = (v.u & 0x000fffffffffffffu) + 0x3fe6a09e667f3bcdu;
     e.u = (v.u >> 52) + 0x4330000000000000u;
-    dk = e.f - (tiny ? 4503599627371571.0 : 4503599627371519.0);  /* 2^52 + 1023 (+ 52) */
+    kf = e.f - (tiny ? 4503599627371571.0 : 4503599627371519.0);  /* 2^52 + 1023 (+ 52) */
     f = m.f - 1.0;
     s = f / (2.0 + f);
     z = s * s;
@@ -246,8 +250,8 @@ SSM_INLINE double ssm_log_pos(double x)
     p = p * z + 0.666666666666667;
     p = p * z;
     hfsq = 0.5 * f * f;
-    r = dk * 6.93147180369123816490e-01
-        - ((hfsq - (s * (hfsq + p) + dk * 1.90821492927058770002e-10)) - f);
+    r = kf * 6.93147180369123816490e-01
+        - ((hfsq - (s * (hfsq + p) + kf * 1.90821492927058770002e-10)) - f);
     r = x > 0 ? r : (x == 0 ? -INFINITY : NAN);
     return x < INFINITY ? r : x;
 }
