@@ -18,19 +18,24 @@ Two paths, chosen by the chunks of the class axis:
   normaliser is (always for unweighted labels and for "sum", "batch" and "none": a count
   or no normaliser; with float weights the two float64 sums differ only in their order,
   a relative ``k * 2**-53`` at most for ``k`` partial sums), bit for bit in float32 and
-  float64, and so are the probabilities and softmax: which pixels fall in a kernel loop's
-  vector body or its scalar remainder depends on the chunk's extent, and the kernels' exp
-  is one inlined function with the same bits in both. Their log is glibc's (``logf``,
-  ``log``, vectorised through libmvec, whose results can differ from the scalar ones by
-  an ulp): the loss map and log-softmax are within a few ulps at a chunk's edge. On the
-  GPU every thread runs the same exp and log, so the same holds for the log too, except
-  for a chunk one pixel wide per image with C > 4: its (n, C, 1) view takes the
-  contiguous-row kernel shape (a warp per pixel, the class sums in another order), a
-  few ulps from the single call's (seen on the simulator; the CPU has no such switch).
-  The reduced loss differs from the single call's only by the order of the float64
-  sums (per-pixel values are those above): at most ``(k - 1) * 2**-53 * sum_p |l_p|``
-  apart before the one final rounding to the logits' dtype. For a given chunking every
-  result is bit-identical run to run (a fixed graph, sums in chunk order, no atomics).
+  float64, and so are the probabilities, softmax, log-softmax and the loss map
+  (``reduction="none"``): which pixels fall in a kernel loop's vector body or its scalar
+  remainder depends on the chunk's extent, and the kernels' exp and log are inlined
+  functions with the same bits in both. On the GPU every thread runs the same exp and
+  log, so the same holds there, except for a chunk one pixel wide per image with C > 4:
+  its (n, C, 1) view takes the contiguous-row kernel shape (a warp per pixel, the class
+  sums in another order), a few ulps from the single call's (seen on the simulator; the
+  CPU has no such switch). The reduced loss adds the same float64 per-pixel losses
+  ``l_p`` (bit for bit the single call's) in another order: the tiles' and chunks'
+  partial sums group them differently. Each order's sum of ``n`` pixels is within
+  ``(n - 1) * 2**-53 * sum_p |l_p|`` of the exact sum, so the two are at most
+  ``2 * (n - 1) * 2**-53 * sum_p |l_p|`` apart, times the divisor (1 for "sum", ``1 / N``
+  for "batch", ``1 / normaliser`` for "mean", whose float64 normaliser may differ as
+  above), before the one final rounding to the logits' dtype. In float32 that gap is
+  below a float32 ulp of the loss for any ``n < 2**28`` whose ``l_p`` have one sign
+  (the cross-entropy's are >= 0), so the two losses are the same or one ulp apart. For
+  a given chunking every result is bit-identical run to run (a fixed graph, sums in
+  chunk order, no atomics).
 * **C split over several chunks** (vocabulary-sized class counts, Megatron-LM's
   vocabulary-parallel cross-entropy): an exact two-pass log-sum-exp. Pass one reduces
   every chunk to its per-pixel ``lse_j = m_j + log(sum exp(x - m_j))`` in float64 and
