@@ -70,6 +70,12 @@ def _inputs(shape, dtype, k=1):
     return x, y
 
 
+def _clusters(threads):
+    """(row label, worker processes, threads per worker) of the LocalClusters timed."""
+    return [(f"dask, LocalCluster {threads} processes x 1 thread", threads, 1),
+            (f"dask, LocalCluster 1 process x {threads} threads", 1, threads)]
+
+
 def _median_ms(times):
     return 1e3 * statistics.median(times)
 
@@ -135,8 +141,7 @@ def run_dask(ssm, args, name, shape, threads):
             "ssm, one call": []}
     configs = [("dask, threaded scheduler", None, {"scheduler": "threads",
                                                     "num_workers": threads})]
-    clusters = [(f"dask, LocalCluster {threads} processes x 1 thread", threads, 1),
-                (f"dask, LocalCluster 1 process x {threads} threads", 1, threads)]
+    clusters = _clusters(threads)
     # the threaded scheduler on data in this process
     xs, ys = dask.persist(x_lazy, y_lazy, scheduler="threads")
     for label, _, kw in configs:
