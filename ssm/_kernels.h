@@ -512,6 +512,34 @@ __attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
     for (; j < n; j++)
         dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
 }
+
+/* xy[j] = x[cls[j] * sx + j], 0 where cls[j] < 0 (row 0 is read instead), float: the
+   label's logit, one hardware gather per 8 pixels. gcc 12 does not emit gathers for the
+   x86-64-v3/v4 clones (their tuning) and builds each lane from scalar loads instead:
+   45 instructions per 8 pixels (VOC loss alone, AVX2 clone: 5.09 -> 4.91 instructions
+   per element; A/B on Zen 4, 1 thread, data in L2: 2-4% faster, loss alone and streamed
+   fused). Needs (C - 1) * sx + n <= INT32_MAX, as the vector loop it replaces. */
+__attribute__((target("avx2"))) static void ssm_gather_labels_avx2(
+    const float *x, int32_t sx, const int32_t *cls, float *xy, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    const __m256i zero = _mm256_setzero_si256(), step = _mm256_set1_epi32(8);
+    __m256i jv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i sxv = _mm256_set1_epi32(sx);
+    for (; j + 8 <= n; j += 8) {
+        __m256i y = _mm256_loadu_si256((const __m256i *)(cls + j));
+        __m256i ok = _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1));
+        __m256i off = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_max_epi32(y, zero), sxv), jv);
+        __m256 v = _mm256_i32gather_ps(x, off, 4);
+        _mm256_storeu_ps(xy + j, _mm256_and_ps(v, _mm256_castsi256_ps(ok)));
+        jv = _mm256_add_epi32(jv, step);
+    }
+    for (; j < n; j++) {
+        int32_t y = cls[j];
+        float v = x[(y < 0 ? 0 : y) * sx + (int32_t)j];
+        xy[j] = y < 0 ? 0.0f : v;
+    }
+}
 #endif
 
 /* The per-dtype kernels: one template, instantiated for float and double (each
