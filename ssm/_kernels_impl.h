@@ -970,9 +970,8 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
        operations, so the same bits. */
     SSM_SFX(ssm_max_sumexp_chunked)(P, x, sx, o, so, n, &S, dense ? NULL : S.cls, S.xlabel);
 
-    /* per pixel: log s, in a float-only loop (libmvec has no logf variant of the width
-       a loop mixing float and double would need, so the mixed loop stays scalar); then
-       the loss and the gradient factors */
+    /* per pixel: log s, in a loop of R alone (a loop mixing R and double vectorises at
+       two widths, or not at all); then the loss and the gradient factors */
 #pragma omp simd
     for (j = 0; j < n; j++)
         S.log_sum[j] = SSM_LOG(S.sumexp[j]);
