@@ -1,9 +1,9 @@
 """Build of the ssm CPU extension; the only place with compiler flags.
 
--O3 -fno-math-errno -fopenmp lets gcc vectorise logf/log through libmvec (see the
-design block of ssm/_kernels.h); libm must be linked explicitly or the vector
-symbols are unresolved at import. -fno-trapping-math lets gcc if-convert the
-branches of the inlined exp (without it the AVX2 and SSE2 clones ran the exp
+-O3 -fopenmp vectorises the kernels' loops, whose exp and log are inlined (see the
+design block of ssm/_kernels.h: they call no libm function); -fno-math-errno keeps
+any libm call gcc may emit free of errno, and libm stays linked. -fno-trapping-math
+lets gcc if-convert the branches of the inlined exp and log (without it the AVX2 and SSE2 clones ran the exp
 loop scalar: only AVX-512 could mask them); ssm never unmasks FP exceptions, and
 IEEE results, NaN and inf are unchanged. Never -ffast-math (gcc 12 links crtfastmath,
 which flushes denormals in the whole process) and never -march=native (the wheel

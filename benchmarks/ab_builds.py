@@ -9,8 +9,8 @@ table gives the median over rounds of those medians and the ratio to the first b
 
     python benchmarks/ab_builds.py --builds /tmp/base,installed --cases fused:1,fused:2
 
-Cases are ``op:threads`` with op one of fused, softmax, forward, loss, smooth, fused_nhwc,
-on the VOC-like workload (8x21x256x256 float32; NHWC: 8x256x256x21), ``out=`` given.
+Cases are ``op:threads`` with op one of fused, softmax, log_softmax, forward, loss, smooth,
+fused_nhwc, on the VOC-like workload (8x21x256x256 float32; NHWC: 8x256x256x21), ``out=`` given.
 """
 import argparse
 import json
@@ -41,6 +41,7 @@ def one(op, threads, calls):
         "forward": lambda: ssm.spatial_softmax_with_loss(x, y, out=out, **kw),
         "loss": lambda: ssm.cross_entropy(x, y, **kw),
         "softmax": lambda: ssm.softmax(x, out=out, **kw),
+        "log_softmax": lambda: ssm.log_softmax(x, out=out, **kw),
     }
     f = calls_of[op]
     for _ in range(3):

@@ -4,7 +4,8 @@
         python benchmarks/callgrind_ops.py fused nchw
     callgrind_annotate callgrind.out.<pid>
 
-ops: softmax, fused (loss+grad), forward (loss+prob), loss (the loss alone);
+ops: softmax, log_softmax, fused (loss+grad), forward (loss+prob), loss (the loss alone),
+kl_soft (fused, loss="kl" with soft targets: a log per element);
 layouts: nchw (strided channels) or nhwc (rows); an optional fourth argument, the
 logits' dtype: float32 (default), float16 or bfloat16 (count the half drivers with
 --toggle-collect='ssm_*_tile_[hb]*'). Shape (1, 21, 256, 256), int64 labels
@@ -37,6 +38,12 @@ out = np.empty_like(x)
 _cpu.STREAM_BYTES = 0
 if op == "softmax":
     ssm.softmax(x, out=out, threads=1, **kw)
+elif op == "log_softmax":
+    ssm.log_softmax(x, out=out, threads=1, **kw)
+elif op == "kl_soft":
+    t = rng.random(x.shape).astype(x.dtype) ** 3
+    t /= t.sum(axis=-1 if layout == "nhwc" else 1, keepdims=True)
+    ssm.spatial_softmax_with_loss_and_grad(x, t, out=out, threads=1, loss="kl", **kw)
 elif op == "fused":
     ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, threads=1, **kw)
 elif op == "forward":

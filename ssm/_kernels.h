@@ -11,7 +11,7 @@
  *    shape, never on the thread count: per-tile float64 partial sums, added in tile
  *    order by the caller, make every reduction bit-identical for any thread count.
  * c) Inside a tile the math runs on channel-major [C][tile] blocks so that the inner
- *    loops walk contiguous pixels and vectorise (exp inlined, log through libmvec).
+ *    loops walk contiguous pixels and vectorise (exp and log inlined).
  *    Strided channels (inner > 1) are read in place with channel stride `inner`
  *    (the rows two tiles ahead prefetched into L2) and written in place, or, for outputs larger
  *    than the caches, computed in scratch and written with non-temporal stores, which
@@ -43,11 +43,11 @@
  *    float64 at any C, and the plain float sum, bit for bit, for C <= 32. Per-pixel
  *    losses and every loss reduction are double.
  *
- * exp is ours, inlined (ssm_expf_nonpos, ssm_exp_nonpos: the same bits in vector and
- * scalar code). Vector log without -ffast-math: glibc only declares the SIMD variants
- * of logf and log under __FAST_MATH__, so we declare them ourselves with `omp declare
- * simd`; with -fno-math-errno and -fopenmp gcc then calls libmvec (whose results can
- * differ from the scalar log's in a loop's remainder by an ulp).
+ * exp and log are ours, inlined (ssm_expf_nonpos, ssm_exp_nonpos, ssm_logf_pos,
+ * ssm_log_pos): the same bits in a vectorised loop body and in its scalar remainder, so
+ * a pixel's value never depends on where a tile's extent puts it (glibc's would: gcc
+ * vectorises its exp and log through libmvec in loop bodies and calls the scalar libm
+ * functions in remainders, and the two differ in the last bit for some arguments).
  * target_clones builds each tile driver for AVX-512, AVX2 and the x86-64 baseline,
  * picked once at load time (ifunc); everything below the drivers is always_inline,
  * so it is compiled for each clone. Only with gcc on x86-64 glibc (SSM_ISA_NAMES);
@@ -67,10 +67,6 @@
 
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) \
     && !defined(__FAST_MATH__) && !defined(SSM_NO_CLONES)
-#pragma omp declare simd notinbranch
-extern float logf(float);
-#pragma omp declare simd notinbranch
-extern double log(double);
 #if defined(SSM_FORCE_CLONE)  /* one clone only, e.g. -DSSM_FORCE_CLONE=x86-64-v3 (setup.py) */
 #define SSM_STR_(x) #x
 #define SSM_STR(x) SSM_STR_(x)
@@ -183,6 +179,81 @@ SSM_INLINE double ssm_exp_nonpos(double x)
     s1.u = (1023u - h) << 52;                   /* unsigned: defined for any mk */
     s2.u = (1023u - (mk - h)) << 52;
     return p * s1.f * s2.f;
+}
+
+/* log(x) for float x > 0, and the special arguments. For the same reason as the exp: the
+   same bits in vector and scalar code (libmvec's logf and libm's differ by an ulp for
+   some arguments). What the kernels pass: sums of exp in [1, C] (NaN for a pixel whose
+   logits are not finite), smoothed soft targets (0 gives -inf, whose product the caller
+   discards; a negative target NaN) and probabilities in (0, 1]; every float is handled:
+   denormals, +-0 -> -inf, +inf -> +inf, negative or NaN -> NaN (by selects at the end:
+   what the arithmetic gave those arguments is discarded).
+   x = 2^k m with m in [sqrt(1/2), sqrt(2)): adding the bits of 1 - sqrt(1/2) to x's moves
+   the binade boundary to sqrt(1/2), so k and m are read off the exponent and mantissa
+   fields (k as a float by the 2^23 trick: no int-to-float conversion). With f = m - 1
+   (exact) and s = f / (2 + f), log m = log((1 + s) / (1 - s)) = 2s + s R(s^2) with
+   R(z) = 2 (z/3 + z^2/5 + ...), a degree-3 fit (relative error 3e-7 of R, which is at
+   most 0.02: 3e-9 of log m). The sum is arranged as fdlibm's, the large terms added
+   last: log x = k ln2_hi - ((f^2/2 - (s (f^2/2 + R) + k ln2_lo)) - f) (f - f^2/2 +
+   s (f^2/2 + R) = 2s + sR since 2s = f - sf); ln2_hi has 15 bits, so k ln2_hi is exact.
+   0.84 ulp measured without FMA, 0.75 with (tests/test_exp.py). A denormal x is scaled
+   by 2^23 first (k less 23). In float, eight lanes per AVX2 vector: computed in double
+   and rounded once it was 0.50 ulp, but 7.3 instructions per element under AVX2 where
+   this takes 5.6 (libmvec's logf 5.0). */
+SSM_INLINE float ssm_logf_pos(float x)
+{
+    union { float f; uint32_t u; } v, m, e;
+    float f, s, z, p, hfsq, kf, r;
+    const int tiny = x < 0x1p-126f;
+    v.f = tiny ? x * 0x1p23f : x;
+    v.u += 0x3f800000u - 0x3f3504f3u;                   /* 1 - sqrt(1/2): bits */
+    m.u = (v.u & 0x007fffffu) + 0x3f3504f3u;            /* m in [sqrt(1/2), sqrt(2)) */
+    e.u = (v.u >> 23) + 0x4b000000u;                    /* 2^23 + k + 127 */
+    kf = e.f - (tiny ? 8388758.0f : 8388735.0f);        /* 2^23 + 127 (+ 23) */
+    f = m.f - 1.0f;
+    s = f / (2.0f + f);
+    z = s * s;
+    p = 0.29580509662628174f;
+    p = p * z + 0.39988765120506287f;
+    p = p * z + 0.6666668653488159f;
+    p = p * z;
+    hfsq = 0.5f * f * f;
+    r = kf * 0.693145751953125f - ((hfsq - (s * (hfsq + p) + kf * 1.428606765330187e-06f)) - f);
+    r = x > 0 ? r : (x == 0 ? -INFINITY : NAN);
+    return x < INFINITY ? r : x;
+}
+
+/* log(x) for double x: ssm_logf_pos's scheme in double, with a degree-7 fit of R
+   (relative error 5e-16 of R, 2^-57 of log m) and ln2_hi of 32 bits (as in
+   ssm_exp_nonpos). 0.86 ulp measured without FMA, 0.76 with (tests/test_exp.py). A
+   denormal x is scaled by 2^52 first (k less 52). The kernels pass it what they pass
+   ssm_logf_pos. */
+SSM_INLINE double ssm_log_pos(double x)
+{
+    union { double f; uint64_t u; } v, m, e;
+    double f, s, z, p, hfsq, kf, r;
+    const int tiny = x < 0x1p-1022;
+    v.f = tiny ? x * 0x1p52 : x;
+    v.u += 0x3ff0000000000000u - 0x3fe6a09e667f3bcdu;
+    m.u = (v.u & 0x000fffffffffffffu) + 0x3fe6a09e667f3bcdu;
+    e.u = (v.u >> 52) + 0x4330000000000000u;
+    kf = e.f - (tiny ? 4503599627371571.0 : 4503599627371519.0);  /* 2^52 + 1023 (+ 52) */
+    f = m.f - 1.0;
+    s = f / (2.0 + f);
+    z = s * s;
+    p = 0.14616875333604523;
+    p = p * z + 0.15331684037552043;
+    p = p * z + 0.18182890368150278;
+    p = p * z + 0.22222211115844537;
+    p = p * z + 0.2857142862610605;
+    p = p * z + 0.3999999999989918;
+    p = p * z + 0.666666666666667;
+    p = p * z;
+    hfsq = 0.5 * f * f;
+    r = kf * 6.93147180369123816490e-01
+        - ((hfsq - (s * (hfsq + p) + kf * 1.90821492927058770002e-10)) - f);
+    r = x > 0 ? r : (x == 0 ? -INFINITY : NAN);
+    return x < INFINITY ? r : x;
 }
 
 /* target kinds and loss kinds: the values of ssm._codes.Target and ssm._codes.Loss
@@ -471,7 +542,9 @@ static inline int ssm_cpu_has_avx2(void)
    in scratch; without this the row was computed into scratch and copied out by
    ssm_stream_row, a second pass over it. 256 bits wide on AVX-512 CPUs too: a 512-bit
    version (masked multiply and subtract, 64-byte streamed stores) made the VOC fused pass
-   11% slower on Zen 4 (A/B, 1 thread), this one is as fast as the copy it replaces. */
+   11% slower on Zen 4 (A/B, 1 thread), this one is as fast as the copy it replaces.
+   Sixteen pixels (one 64-byte line, two stores) a pass: VOC fused 7.32 -> 7.08
+   instructions per element (callgrind, AVX2 clone). */
 SSM_INLINE float ssm_grad_sparse_one(const float *e, const float *f, const float *gl,
                                      const int32_t *cls, int32_t c, ptrdiff_t j)
 {
@@ -479,25 +552,64 @@ SSM_INLINE float ssm_grad_sparse_one(const float *e, const float *f, const float
     return (f[j] != 0 ? f[j] * e[j] : 0.0f) - (cls[j] == c ? g : 0.0f);
 }
 
+/* ssm_grad_sparse_one for pixels j to j + 7, as a vector (cv: c in every lane) */
+__attribute__((target("avx2"))) static inline __m256 ssm_grad_sparse_8(
+    const float *e, const float *f, const float *gl, const int32_t *cls, __m256i cv, ptrdiff_t j)
+{
+    __m256 fv = _mm256_loadu_ps(f + j);
+    __m256 p = _mm256_and_ps(_mm256_mul_ps(fv, _mm256_loadu_ps(e + j)),
+                             _mm256_cmp_ps(fv, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    __m256 at = _mm256_castsi256_ps(
+        _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(cls + j)), cv));
+    return _mm256_sub_ps(p, _mm256_and_ps(at, _mm256_loadu_ps(gl + j)));
+}
+
 __attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
     float *dst, const float *e, const float *f, const float *gl, const int32_t *cls,
     int32_t c, ptrdiff_t n)
 {
     ptrdiff_t j = 0;
-    const __m256 zero = _mm256_setzero_ps();
     const __m256i cv = _mm256_set1_epi32(c);
     for (; j < n && ((uintptr_t)(dst + j) & 31) != 0; j++)
         dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
-    for (; j + 8 <= n; j += 8) {
-        __m256 fv = _mm256_loadu_ps(f + j);
-        __m256 p = _mm256_and_ps(_mm256_mul_ps(fv, _mm256_loadu_ps(e + j)),
-                                 _mm256_cmp_ps(fv, zero, _CMP_NEQ_UQ));
-        __m256 at = _mm256_castsi256_ps(
-            _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(cls + j)), cv));
-        _mm256_stream_ps(dst + j, _mm256_sub_ps(p, _mm256_and_ps(at, _mm256_loadu_ps(gl + j))));
+    for (; j + 16 <= n; j += 16) {
+        _mm256_stream_ps(dst + j, ssm_grad_sparse_8(e, f, gl, cls, cv, j));
+        _mm256_stream_ps(dst + j + 8, ssm_grad_sparse_8(e, f, gl, cls, cv, j + 8));
+    }
+    if (j + 8 <= n) {
+        _mm256_stream_ps(dst + j, ssm_grad_sparse_8(e, f, gl, cls, cv, j));
+        j += 8;
     }
     for (; j < n; j++)
         dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
+}
+
+/* xy[j] = x[cls[j] * sx + j], 0 where cls[j] < 0 (row 0 is read instead), float: the
+   label's logit, one hardware gather per 8 pixels. gcc 12 does not emit gathers for the
+   x86-64-v3/v4 clones (their tuning) and builds each lane from scalar loads instead:
+   45 instructions per 8 pixels (VOC loss alone, AVX2 clone: 5.09 -> 4.91 instructions
+   per element; A/B on Zen 4, 1 thread, data in L2: 2-4% faster, loss alone and streamed
+   fused). Needs (C - 1) * sx + n <= INT32_MAX, as the vector loop it replaces. */
+__attribute__((target("avx2"))) static void ssm_gather_labels_avx2(
+    const float *x, int32_t sx, const int32_t *cls, float *xy, ptrdiff_t n)
+{
+    ptrdiff_t j = 0;
+    const __m256i zero = _mm256_setzero_si256(), step = _mm256_set1_epi32(8);
+    __m256i jv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i sxv = _mm256_set1_epi32(sx);
+    for (; j + 8 <= n; j += 8) {
+        __m256i y = _mm256_loadu_si256((const __m256i *)(cls + j));
+        __m256i ok = _mm256_cmpgt_epi32(y, _mm256_set1_epi32(-1));
+        __m256i off = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_max_epi32(y, zero), sxv), jv);
+        __m256 v = _mm256_i32gather_ps(x, off, 4);
+        _mm256_storeu_ps(xy + j, _mm256_and_ps(v, _mm256_castsi256_ps(ok)));
+        jv = _mm256_add_epi32(jv, step);
+    }
+    for (; j < n; j++) {
+        int32_t y = cls[j];
+        float v = x[(y < 0 ? 0 : y) * sx + (int32_t)j];
+        xy[j] = y < 0 ? 0.0f : v;
+    }
 }
 #endif
 
@@ -506,7 +618,7 @@ __attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
 #define R float
 #define SSM_SFX(name) name##_f
 #define SSM_EXP ssm_expf_nonpos
-#define SSM_LOG logf
+#define SSM_LOG ssm_logf_pos
 #include "_kernels_impl.h"
 #undef R
 #undef SSM_SFX
@@ -516,7 +628,7 @@ __attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
 #define R double
 #define SSM_SFX(name) name##_d
 #define SSM_EXP ssm_exp_nonpos
-#define SSM_LOG log
+#define SSM_LOG ssm_log_pos
 #include "_kernels_impl.h"
 #undef R
 #undef SSM_SFX

@@ -467,6 +467,12 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
     }
     /* cls is -1 or in [0, C): row 0 stands in for -1, then the 0 is chosen. int32
        offsets where they fit (vgatherdps; with 64-bit ones gcc 12 gathers scalar) */
+#if defined(SSM_AVX_TRANSPOSE)
+    if (cls && sizeof(R) == sizeof(float) && (C - 1) * sx + n <= INT32_MAX
+        && ssm_cpu_has_avx2()) {
+        ssm_gather_labels_avx2((const float *)x, (int32_t)sx, cls, (float *)xy, n);
+    } else
+#endif
     if (cls && (C - 1) * sx + n <= INT32_MAX) {
         const int32_t sx32 = (int32_t)sx;
 #pragma omp simd
@@ -964,9 +970,8 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
        operations, so the same bits. */
     SSM_SFX(ssm_max_sumexp_chunked)(P, x, sx, o, so, n, &S, dense ? NULL : S.cls, S.xlabel);
 
-    /* per pixel: log s, in a float-only loop (libmvec has no logf variant of the width
-       a loop mixing float and double would need, so the mixed loop stays scalar); then
-       the loss and the gradient factors */
+    /* per pixel: log s, in a loop of R alone (a loop mixing R and double vectorises at
+       two widths, or not at all); then the loss and the gradient factors */
 #pragma omp simd
     for (j = 0; j < n; j++)
         S.log_sum[j] = SSM_LOG(S.sumexp[j]);

@@ -88,7 +88,7 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 #define R float
 #define SSM_SFX(name) name##_f
 #define SSM_EXP ssm_expf_nonpos
-#define SSM_LOG logf
+#define SSM_LOG ssm_logf_pos
 #include "_positions_impl.h"
 #undef R
 #undef SSM_SFX
@@ -98,7 +98,7 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 #define R double
 #define SSM_SFX(name) name##_d
 #define SSM_EXP ssm_exp_nonpos
-#define SSM_LOG log
+#define SSM_LOG ssm_log_pos
 #include "_positions_impl.h"
 #undef R
 #undef SSM_SFX

@@ -18,19 +18,24 @@ Two paths, chosen by the chunks of the class axis:
   normaliser is (always for unweighted labels and for "sum", "batch" and "none": a count
   or no normaliser; with float weights the two float64 sums differ only in their order,
   a relative ``k * 2**-53`` at most for ``k`` partial sums), bit for bit in float32 and
-  float64, and so are the probabilities and softmax: which pixels fall in a kernel loop's
-  vector body or its scalar remainder depends on the chunk's extent, and the kernels' exp
-  is one inlined function with the same bits in both. Their log is glibc's (``logf``,
-  ``log``, vectorised through libmvec, whose results can differ from the scalar ones by
-  an ulp): the loss map and log-softmax are within a few ulps at a chunk's edge. On the
-  GPU every thread runs the same exp and log, so the same holds for the log too, except
-  for a chunk one pixel wide per image with C > 4: its (n, C, 1) view takes the
-  contiguous-row kernel shape (a warp per pixel, the class sums in another order), a
-  few ulps from the single call's (seen on the simulator; the CPU has no such switch).
-  The reduced loss differs from the single call's only by the order of the float64
-  sums (per-pixel values are those above): at most ``(k - 1) * 2**-53 * sum_p |l_p|``
-  apart before the one final rounding to the logits' dtype. For a given chunking every
-  result is bit-identical run to run (a fixed graph, sums in chunk order, no atomics).
+  float64, and so are the probabilities, softmax, log-softmax and the loss map
+  (``reduction="none"``): which pixels fall in a kernel loop's vector body or its scalar
+  remainder depends on the chunk's extent, and the kernels' exp and log are inlined
+  functions with the same bits in both. On the GPU every thread runs the same exp and
+  log, so the same holds there, except for a chunk one pixel wide per image with C > 4:
+  its (n, C, 1) view takes the contiguous-row kernel shape (a warp per pixel, the class
+  sums in another order), a few ulps from the single call's (seen on the simulator; the
+  CPU has no such switch). The reduced loss adds the same float64 per-pixel losses
+  ``l_p`` (bit for bit the single call's) in another order: the tiles' and chunks'
+  partial sums group them differently. Each order's sum of ``n`` pixels is within
+  ``(n - 1) * 2**-53 * sum_p |l_p|`` of the exact sum, so the two are at most
+  ``2 * (n - 1) * 2**-53 * sum_p |l_p|`` apart, times the divisor (1 for "sum", ``1 / N``
+  for "batch", ``1 / normaliser`` for "mean", whose float64 normaliser may differ as
+  above), before the one final rounding to the logits' dtype. In float32 that gap is
+  below a float32 ulp of the loss for any ``n < 2**28`` whose ``l_p`` have one sign
+  (the cross-entropy's are >= 0), so the two losses are the same or one ulp apart. For
+  a given chunking every result is bit-identical run to run (a fixed graph, sums in
+  chunk order, no atomics).
 * **C split over several chunks** (vocabulary-sized class counts, Megatron-LM's
   vocabulary-parallel cross-entropy): an exact two-pass log-sum-exp. Pass one reduces
   every chunk to its per-pixel ``lse_j = m_j + log(sum exp(x - m_j))`` in float64 and
@@ -42,10 +47,12 @@ Two paths, chosen by the chunks of the class axis:
 
 Cost: per chunk, the fused pass and one task per output read from it (the gradient, the
 loss's float64 sum; the backward pass alone is one task), and one label pre-pass task per
-``LABEL_PASS_GROUP`` chunks. On a ``dask.distributed`` cluster every task costs the
-scheduler and a worker a round trip (about 1 ms by Dask's documentation; 3 ms measured on
-a loaded 2-core machine), so chunks should be tens of MB (a few 256 x 256 images of 21 classes in
-float32, 5.5 MB each): then the chunks' passes outweigh it.
+``LABEL_PASS_GROUP`` chunks (fewer where their labels are large). On a
+``dask.distributed`` cluster every task costs the scheduler and a worker a round trip
+(about 1 ms by Dask's documentation; several ms on a loaded 2-core machine), so chunks
+should be large, as Dask's best practices advise for any graph (tens to a hundred MB: a
+256 x 256 image of 21 classes in float32 is 5.5 MB): then the chunks' passes outweigh it.
+``ssm-bench --dask`` measures it.
 
 A bad label in any chunk (``validate=True``) raises the single call's ``ValueError``,
 naming the label's index in the whole array (the lowest flat index wins), when the result
@@ -81,10 +88,14 @@ __all__ = [
     "spatial_softmax_with_loss_grad",
 ]
 
-# Chunks per label pre-pass task. Every task costs the distributed scheduler and a worker
-# a round trip (about 1 ms, more on a loaded machine: more than the pre-pass of a chunk
-# of labels); the grouped labels are small beside the logits.
+# Chunks per label pre-pass task: up to LABEL_PASS_GROUP of them, as long as their
+# labels and weights take LABEL_PASS_BYTES at most (one chunk at least). Every task costs
+# the distributed scheduler and a worker a round trip (about 1 ms, more on a loaded
+# machine: more than the pre-pass of a small chunk of labels), but the group's task reads
+# every chunk of the group, which a cluster may have to move to one worker: small chunks
+# of labels are grouped, large ones are not.
 LABEL_PASS_GROUP = 8
+LABEL_PASS_BYTES = 4 << 20
 
 
 # ---- arguments ---------------------------------------------------------------------
@@ -288,20 +299,36 @@ def _divisor_graph(c: _Call):
     offs = _offsets(G.pixel_chunks)
     pidxs = list(np.ndindex(*[len(ch) for ch in G.pixel_chunks]))
     skeys = []
-    for g0 in range(0, len(pidxs), LABEL_PASS_GROUP):
-        group = pidxs[g0:g0 + LABEL_PASS_GROUP]
+    for gi, group in enumerate(_label_groups(pidxs, G.pixel_chunks, y, w)):
         f = functools.partial(
             _group_stats, C=G.C, cax=G.cax, dtype=G.dtype,
             blocks=[tuple(ch[i] for ch, i in zip(G.pixel_chunks, pidx)) for pidx in group],
             offsets=[tuple(o[i] for o, i in zip(offs, pidx)) for pidx in group],
             shape=G.g.pixel_shape, opts=c.opts, validate=c.validate, threads=c.threads)
-        skey = (stats_name, g0 // LABEL_PASS_GROUP)
+        skey = (stats_name, gi)
         layer[skey] = (f, [(y.name, *pidx) if y is not None else None for pidx in group],
                        [(w.name, *pidx) if w is not None else None for pidx in group])
         skeys.append(skey)
     layer[key] = (functools.partial(_combine_stats, C=G.C, ignore_index=c.opts["ignore_index"],
                                     **kw), skeys)
     return layer, key, [a for a in (y, w) if a is not None]
+
+
+def _label_groups(pidxs, pixel_chunks, y, w):
+    """The pixel blocks (in chunk order) cut into the label pre-pass's groups: runs of
+    LABEL_PASS_GROUP blocks at most whose labels and weights take LABEL_PASS_BYTES at most,
+    a block alone where it takes more."""
+    per_pixel = sum(a.dtype.itemsize for a in (y, w) if a is not None)
+    group, size = [], 0
+    for pidx in pidxs:
+        nbytes = per_pixel * int(np.prod([ch[i] for ch, i in zip(pixel_chunks, pidx)]))
+        if group and (len(group) == LABEL_PASS_GROUP or size + nbytes > LABEL_PASS_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(pidx)
+        size += nbytes
+    if group:
+        yield group
 
 
 def _array(layer_name, layer, deps, name, chunks, meta):

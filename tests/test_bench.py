@@ -535,3 +535,29 @@ def test_training_step_mode(tmp_path, monkeypatch, capsys):
         assert {"ssm.torch eager", "F.cross_entropy eager"} <= set(cases)
         assert "ssm.torch compiled" not in cases
     assert ssm.get_num_threads() == threads_before  # restored
+
+
+def test_dask_mode(monkeypatch, capsys):
+    """--dask on a tiny batch: every path's row, and the chunks' logits and labels made
+    by one task each (a cluster keeps them on one worker)."""
+    from conftest import require_module
+    require_module("dask", "distributed")
+    from ssm.bench import dask_bench
+    x, y = dask_bench._inputs((4, 3, 8, 8), np.float32, k=2)
+    deps = x.__dask_graph__().dependencies
+    assert x.numblocks == (2, 1, 1, 1) and y.numblocks == (2, 1, 1)
+    assert deps[x.name] == deps[y.name] and len(deps[x.name]) == 1  # one maker layer
+    xs, ys = x.compute(scheduler="sync"), y.compute(scheduler="sync")
+    assert xs.shape == (4, 3, 8, 8) and ys.shape == (4, 8, 8) and ys.max() < 3
+    assert [c[1:] for c in dask_bench._clusters(2)] == [(2, 1), (1, 2)]
+    monkeypatch.setattr(dask_bench, "REPS", 1)
+    # one cluster of one process: each cluster's start costs seconds
+    monkeypatch.setattr(dask_bench, "_clusters", lambda t: [("dask, LocalCluster tiny", 1, t)])
+    argv = ["--dask", "--shape", "2", "3", "8", "8", "--dask-scale", "2", "--dask-chunk", "2",
+            "--threads", "1"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4x3x8x8 float32" in out and "(2 chunks)" in out
+    for path in ("copy (memory floor)", "ssm, one call", "dask, threaded scheduler",
+                 "dask, LocalCluster tiny"):
+        assert re.search(re.escape(path) + r"\s+\d+\.\d", out), path

@@ -205,11 +205,11 @@ def test_bitwise_identical_across_threads_and_runs(big_inputs, layout):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_pixels_split_anywhere_give_the_same_bits(rng, dtype, layout, soft):
     """The same pixels computed in one array or cut into pieces at odd offsets (what
-    ssm.dask's chunks along N and space do) give the same probabilities and gradients, bit
-    for bit: which pixels fall in a vector loop's remainder depends on the extent, and
-    the kernels' exp is the same function in vector and scalar code (glibc's exp in
-    float64 was not: tests/test_exp.py). Not log-softmax and the loss map in float64,
-    whose log is libm's or libmvec's."""
+    ssm.dask's chunks along N and space do) give the same probabilities, log-probabilities,
+    gradients and per-pixel losses, bit for bit: which pixels fall in a vector loop's
+    remainder depends on the extent, and the kernels' exp and log are the same functions
+    in vector and scalar code (glibc's exp and log, vectorised through libmvec, were not:
+    tests/test_exp.py)."""
     n_pix, C = 997, 7
     x, y, w, opts = _inputs(rng, dtype, (2, C, n_pix), soft)
     opts.pop("lens", None)
@@ -222,27 +222,40 @@ def test_pixels_split_anywhere_give_the_same_bits(rng, dtype, layout, soft):
     else:
         cuts = [0, 3, 10, 17, 130, 131, 500, 763, 997]
     pix_axis = 0 if layout == "NHWC" else 2
+    map_axis = pix_axis - (layout == "NCHW")  # the pixel axis of labels, weights, loss maps
 
     def outputs(x, y, w):
+        """(name, array, its pixel axis) of every output that is computed per pixel."""
+        kw = dict(layout=layout, **opts)
         p = ssm.softmax(x, layout=layout)
         _, g, q = ssm.spatial_softmax_with_loss_and_grad(x, y, w, 0.5, reduction="sum",
-                                                         return_prob=True, layout=layout,
-                                                         **opts)
-        b = ssm.spatial_softmax_with_loss_grad(q, y, w, 0.5, reduction="sum", layout=layout,
-                                               **opts)
-        return p, g, q, b, ssm.softmax_grad(p, g, layout=layout)
+                                                         return_prob=True, **kw)
+        b = ssm.spatial_softmax_with_loss_grad(q, y, w, 0.5, reduction="sum", **kw)
+        # loss maps: the fused pass, the forward pass, the loss alone, the KL divergence
+        # (soft targets: a log per element of the smoothed target)
+        lf, _ = ssm.spatial_softmax_with_loss_and_grad(x, y, w, 0.5, reduction="none", **kw)
+        _, lp = ssm.spatial_softmax_with_loss(x, y, w, reduction="none", **kw)
+        la = ssm.cross_entropy(x, y, w, reduction="none", **kw)
+        lk, _ = ssm.spatial_softmax_with_loss_and_grad(x, y, w, 0.5, reduction="none",
+                                                       loss="kl", **kw)
+        return [("softmax", p, pix_axis), ("grad", g, pix_axis), ("prob", q, pix_axis),
+                ("backward grad", b, pix_axis),
+                ("softmax_grad", ssm.softmax_grad(p, g, layout=layout), pix_axis),
+                ("log_softmax", ssm.log_softmax(x, layout=layout), pix_axis),
+                ("fused loss map", lf, map_axis), ("forward loss map", lp, map_axis),
+                ("loss map alone", la, map_axis), ("kl loss map", lk, map_axis)]
 
     def piece(a, lo, hi, axis):
         return np.ascontiguousarray(np.take(a, np.arange(lo, hi), axis=axis))
 
     whole = outputs(x, y, w)
     parts = [outputs(piece(x, a, b, pix_axis),
-                     piece(y, a, b, pix_axis if soft else pix_axis - (layout == "NCHW")),
-                     piece(w, a, b, pix_axis - (layout == "NCHW")))
+                     piece(y, a, b, pix_axis if soft else map_axis),
+                     piece(w, a, b, map_axis))
              for a, b in zip(cuts, cuts[1:])]
-    for i, name in enumerate(("softmax", "grad", "prob", "backward grad", "softmax_grad")):
-        joined = np.concatenate([p[i] for p in parts], axis=pix_axis)
-        assert joined.tobytes() == whole[i].tobytes(), name
+    for i, (name, full, axis) in enumerate(whole):
+        joined = np.concatenate([p[i][1] for p in parts], axis=axis)
+        assert joined.tobytes() == full.tobytes(), name
 
 
 def test_loss_bitwise_identical_soft_targets_across_threads(big_inputs):

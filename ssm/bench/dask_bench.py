@@ -7,7 +7,8 @@ value): the single call with that many OpenMP threads; the Dask path with each c
 call on one thread, under (a) the threaded scheduler with that many threads, (b) a
 ``dask.distributed`` LocalCluster of that many worker processes of one thread, and (c) one
 worker process of that many threads. The chunks are in the workers' memory before the
-clock starts (``persist``), and the gradient stays there (``persist``; the loss is read
+clock starts (``persist``; one task draws a chunk's logits and labels, so a cluster holds
+them on one worker, as a model's forward pass would leave them), and the gradient stays there (``persist``; the loss is read
 back): what is timed is the graph (label pre-pass per group of chunks, the global
 normaliser, the fused pass per chunk, the loss), not moving data to it. Timed alternately
 (A/B), medians. On a cluster each task costs a scheduler round trip: ``--dask-chunk 4``
@@ -24,6 +25,8 @@ copy reads X and writes X).
 """
 from __future__ import annotations
 
+import functools
+import operator
 import statistics
 import time
 
@@ -34,25 +37,43 @@ from .workloads import IGNORE_FRACTION, SEED
 REPS = 7
 
 
-def _make_blocks(block_id=None, *, shape, C, x_dtype, kind, k):
-    rng = np.random.default_rng([SEED, block_id[0]])
-    if kind == "x":
-        return (2 * rng.standard_normal((k, C, *shape[2:]))).astype(x_dtype)
+def _make_pair(i, *, shape, C, x_dtype, k):
+    """Chunk i's logits and labels, drawn together: one task makes both, so that a
+    cluster holds them on one worker, as the outputs of a model's forward pass would be."""
+    rng = np.random.default_rng([SEED, i])
+    x = (2 * rng.standard_normal((k, C, *shape[2:]))).astype(x_dtype)
     y = rng.integers(0, C, (k, *shape[2:]))
     y[rng.random(y.shape) < IGNORE_FRACTION] = -1
-    return y
+    return x, y
 
 
 def _inputs(shape, dtype, k=1):
-    """Logits and labels as Dask arrays of k images per chunk, drawn by the chunks' tasks."""
+    """Logits and labels as Dask arrays of k images per chunk, drawn by the chunks' tasks
+    (a chunk's logits and labels by one task)."""
     import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
     N, C = shape[0], shape[1]
-    n = (k,) * (N // k)
-    x = da.map_blocks(_make_blocks, shape=shape, C=C, x_dtype=dtype, kind="x", k=k,
-                      chunks=(n, (C,), *[(s,) for s in shape[2:]]), dtype=dtype)
-    y = da.map_blocks(_make_blocks, shape=shape, C=C, x_dtype=dtype, kind="y", k=k,
-                      chunks=(n, *[(s,) for s in shape[2:]]), dtype=np.int64)
+    n_blocks, zeros = N // k, (0,) * (len(shape) - 2)
+    token = tokenize(shape, np.dtype(dtype).str, k, SEED)
+    pname, xname, yname = (f"ssm-bench-{s}-{token}" for s in ("pair", "x", "y"))
+    make = functools.partial(_make_pair, shape=shape, C=C, x_dtype=dtype, k=k)
+    layers = {pname: {(pname, i): (make, i) for i in range(n_blocks)},
+              xname: {(xname, i, 0, *zeros): (operator.getitem, (pname, i), 0)
+                      for i in range(n_blocks)},
+              yname: {(yname, i, *zeros): (operator.getitem, (pname, i), 1)
+                      for i in range(n_blocks)}}
+    graph = HighLevelGraph(layers, {pname: set(), xname: {pname}, yname: {pname}})
+    spatial = [(s,) for s in shape[2:]]
+    x = da.Array(graph, xname, ((k,) * n_blocks, (C,), *spatial), dtype=dtype)
+    y = da.Array(graph, yname, ((k,) * n_blocks, *spatial), dtype=np.int64)
     return x, y
+
+
+def _clusters(threads):
+    """(row label, worker processes, threads per worker) of the LocalClusters timed."""
+    return [(f"dask, LocalCluster {threads} processes x 1 thread", threads, 1),
+            (f"dask, LocalCluster 1 process x {threads} threads", 1, threads)]
 
 
 def _median_ms(times):
@@ -120,8 +141,7 @@ def run_dask(ssm, args, name, shape, threads):
             "ssm, one call": []}
     configs = [("dask, threaded scheduler", None, {"scheduler": "threads",
                                                     "num_workers": threads})]
-    clusters = [(f"dask, LocalCluster {threads} processes x 1 thread", threads, 1),
-                (f"dask, LocalCluster 1 process x {threads} threads", 1, threads)]
+    clusters = _clusters(threads)
     # the threaded scheduler on data in this process
     xs, ys = dask.persist(x_lazy, y_lazy, scheduler="threads")
     for label, _, kw in configs:
