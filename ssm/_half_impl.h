@@ -249,8 +249,7 @@ SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t
     if (want_grad || P->out)
         o = S.O;  /* the rows of e, in scratch */
     W = blk[0];   /* the widened chunk */
-    chunk = SSM_L1_CHUNK / (C * (ptrdiff_t)sizeof(float));
-    chunk = chunk < 64 ? n : chunk & ~(ptrdiff_t)15;  /* must match ssm_max_sumexp_chunked */
+    chunk = ssm_l1_chunk(C, n, (ptrdiff_t)sizeof(float));  /* the float path's chunks */
     for (j0 = 0; j0 < n; j0 += nc) {
         const uint16_t *xc = (const uint16_t *)P->x + base + j0;
         nc = n - j0 < chunk ? n - j0 : chunk;

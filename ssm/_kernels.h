@@ -332,6 +332,16 @@ static inline size_t ssm_round64(size_t bytes) { return (bytes + 63) & ~(size_t)
    many bytes (ssm_max_sumexp_chunked): half of a 32 KiB L1 data cache. */
 #define SSM_L1_CHUNK 16384
 
+/* Pixels per chunk of those sweeps for C rows of `size`-byte elements: a multiple of 16,
+   or the tile's n where under 64 pixels fit (C > 64 for float): the row loops would be
+   too short, their setup and prefetches of four lines a row outweighing the L1 hits.
+   The float path and the direct half tiles cut their tiles alike: the same bits. */
+SSM_INLINE ptrdiff_t ssm_l1_chunk(ptrdiff_t C, ptrdiff_t n, ptrdiff_t size)
+{
+    ptrdiff_t chunk = SSM_L1_CHUNK / (C * size);
+    return chunk < 64 ? n : chunk & ~(ptrdiff_t)15;
+}
+
 /* Per-tile scratch (the arrays of ssm_scratch in _kernels_impl.h, carved in this
    order by ssm_scratch_carve; the counts must match it), in bytes, for elements of
    `rsize` bytes: per-pixel arrays, [C][tile] blocks and, for C > SSM_SUM_BLOCK, the

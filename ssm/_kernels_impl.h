@@ -504,11 +504,8 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp_chunked)(const ssm_problem *P, const R *x
                                                 SSM_SFX(ssm_scratch) *S, const int32_t *cls,
                                                 R *xy)
 {
-    ptrdiff_t j0, nc, C = P->C, chunk = SSM_L1_CHUNK / (C * (ptrdiff_t)sizeof(R));
+    ptrdiff_t j0, nc, C = P->C, chunk = ssm_l1_chunk(C, n, (ptrdiff_t)sizeof(R));
     ptrdiff_t pf = P->inner > 1 ? 2 * n : 0;
-    /* under 64 pixels (C > 64 for float) the row loops are too short: no chunks (their
-       setup, and prefetches of four lines a row, would outweigh the L1 hits) */
-    chunk = chunk < 64 ? n : chunk & ~(ptrdiff_t)15;
     for (j0 = 0; j0 < n; j0 += nc) {
         nc = n - j0 < chunk ? n - j0 : chunk;
         SSM_SFX(ssm_max_sumexp)(x + j0, sx, e ? e + j0 : NULL, se, C, nc, S->xmax + j0,
