@@ -8,9 +8,10 @@ call on one thread, under (a) the threaded scheduler with that many threads, (b)
 ``dask.distributed`` LocalCluster of that many worker processes of one thread, and (c) one
 worker process of that many threads. The chunks are in the workers' memory before the
 clock starts (``persist``; one task draws a chunk's logits and labels, so a cluster holds
-them on one worker, as a model's forward pass would leave them), and the gradient stays there (``persist``; the loss is read
-back): what is timed is the graph (label pre-pass per group of chunks, the global
-normaliser, the fused pass per chunk, the loss), not moving data to it. Timed alternately
+them on one worker, as a model's forward pass would leave them), and the gradient stays
+there (``persist``; the loss's one chunk is then fetched, on a cluster from its worker,
+without a second graph): what is timed is the graph (label pre-pass per group of chunks,
+the global normaliser, the fused pass per chunk, the loss), not moving data to it. Timed alternately
 (A/B), medians. On a cluster each task costs a scheduler round trip: ``--dask-chunk 4``
 shows how much of the gap larger chunks close.
 
@@ -130,7 +131,10 @@ def run_dask(ssm, args, name, shape, threads):
         else:
             dx, loss = client.persist([dx, loss])
             distributed.wait([dx, loss])
-            float(loss.compute())
+            # the loss's one chunk, fetched: loss.compute() would submit a graph again (one
+            # more round trip through the scheduler, 30-40 ms on a 2-core VM)
+            (fut,) = distributed.futures_of(loss)
+            float(fut.result())
         elapsed = time.perf_counter() - t0
         if client is not None:
             client.cancel([dx, loss])
