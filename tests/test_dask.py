@@ -6,6 +6,7 @@ and probabilities bit for bit in float32 and float64 (given the global normalise
 float weights its float64 sum runs in another order), the label error naming the global
 index. Chunks along C: to float tolerance.
 """
+import os
 import re
 import subprocess
 import sys
@@ -27,12 +28,21 @@ import ssm.dask as sdask  # noqa: E402
 
 @pytest.fixture(scope="module")
 def client():
-    """One LocalCluster of 2 worker processes (1 thread each) for the module."""
+    """One LocalCluster of 2 worker processes (1 thread each) for the module. Its nannies
+    set OMP_NUM_THREADS=1 in this process's environment for the workers they spawn
+    (distributed's ``pre-spawn-environ``) and leave it there: restored afterwards, or a
+    library whose OpenMP runtime starts later in this process (PyTorch's, say) would
+    default to one thread in the tests after this module."""
     distributed = require_module("dask", "distributed")  # pip install 'ssm[dask]'
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=40) as cluster, \
-            distributed.Client(cluster) as c:
-        yield c
+    environ = dict(os.environ)
+    try:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                      dashboard_address=None, silence_logs=40) as cluster, \
+                distributed.Client(cluster) as c:
+            yield c
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def _pixel_shape(shape, layout):

@@ -26,8 +26,10 @@ copy reads X and writes X).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
+import os
 import statistics
 import time
 
@@ -79,6 +81,19 @@ def _clusters(threads):
 
 def _median_ms(times):
     return 1e3 * statistics.median(times)
+
+
+@contextlib.contextmanager
+def _environ_kept():
+    """os.environ as it was, after the block: a LocalCluster's nannies set OMP_NUM_THREADS=1
+    (and more) in this process for the workers they spawn, and leave it (distributed's
+    ``pre-spawn-environ``), so an OpenMP runtime started later here would run one thread."""
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def run_dask(ssm, args, name, shape, threads):
@@ -160,8 +175,10 @@ def run_dask(ssm, args, name, shape, threads):
             rows[label].append(dask_path(None, xs, ys, **kw))
     for label, workers, per in clusters:
         rows[label] = []
-        with distributed.LocalCluster(n_workers=workers, threads_per_worker=per, processes=True,
-                                      dashboard_address=None, silence_logs=40) as cluster, \
+        with _environ_kept(), \
+                distributed.LocalCluster(n_workers=workers, threads_per_worker=per,
+                                         processes=True, dashboard_address=None,
+                                         silence_logs=40) as cluster, \
                 distributed.Client(cluster) as client:
             xw, yw = client.persist([x_lazy, y_lazy])
             distributed.wait([xw, yw])
