@@ -282,6 +282,8 @@ typedef struct {
     void *out2;                 /* prob, from the fused function, or NULL */
     void *loss_map;             /* per-pixel loss (outer*inner) or NULL */
     int stream;                 /* strided outputs: computed in scratch, streamed out */
+    double *norms;              /* sswl_fwd: per tile, ssm_sswl_stats's sum of n_p, or NULL */
+    ptrdiff_t *bads;            /* ... and its first bad label (with norms) */
 } ssm_problem;
 
 static inline ptrdiff_t ssm_num_tiles(const ssm_problem *P)
@@ -619,6 +621,43 @@ __attribute__((target("avx2"))) static void ssm_gather_labels_avx2(
         int32_t y = cls[j];
         float v = x[(y < 0 ? 0 : y) * sx + (int32_t)j];
         xy[j] = y < 0 ? 0.0f : v;
+    }
+}
+
+/* The first loop of ssm_stage_labels for int64 labels: cls[j] = y where y is in
+   [0, top], else -1 where y == ig, else -2 (ig in [0, top] is tested first, as there;
+   an ig outside is equal only to labels out of range, so one order serves both).
+   gcc's loop packs each 64-bit mask and the labels to 32 bits apart, three packs per
+   8 labels (5.3 instructions per label, AVX2 clone); here the selects run in 64-bit
+   lanes and one pack ends them (2.4). */
+__attribute__((target("avx2"))) static inline __m256i ssm_code_i64_4(
+    __m256i y, __m256i sign, __m256i topv, __m256i igv)
+{
+    __m256i out = _mm256_cmpgt_epi64(_mm256_xor_si256(y, sign), topv);  /* unsigned y > top */
+    __m256i c = _mm256_blendv_epi8(y, _mm256_set1_epi64x(-2), out);
+    return _mm256_or_si256(c, _mm256_cmpeq_epi64(y, igv));            /* -1 where y == ig */
+}
+
+__attribute__((target("avx2"))) static void ssm_code_labels_i64_avx2(
+    const int64_t *lab, ptrdiff_t n, int64_t top, int64_t ig, int32_t *cls)
+{
+    ptrdiff_t j = 0;
+    const __m256i sign = _mm256_set1_epi64x(INT64_MIN);
+    const __m256i topv = _mm256_set1_epi64x((int64_t)((uint64_t)top ^ (uint64_t)INT64_MIN));
+    const __m256i igv = _mm256_set1_epi64x(ig);
+    const __m256i low = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);  /* each lane's low half */
+    for (; j + 8 <= n; j += 8) {
+        __m256i a = ssm_code_i64_4(_mm256_loadu_si256((const __m256i *)(lab + j)), sign, topv,
+                                   igv);
+        __m256i b = ssm_code_i64_4(_mm256_loadu_si256((const __m256i *)(lab + j + 4)), sign,
+                                   topv, igv);
+        a = _mm256_permutevar8x32_epi32(a, low);
+        b = _mm256_permutevar8x32_epi32(b, low);
+        _mm256_storeu_si256((__m256i *)(cls + j), _mm256_permute2x128_si256(a, b, 0x20));
+    }
+    for (; j < n; j++) {
+        int64_t y = lab[j];
+        cls[j] = y == ig ? -1 : (uint64_t)y <= (uint64_t)top ? (int32_t)y : -2;
     }
 }
 #endif
