@@ -267,7 +267,7 @@ SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t
     }
 #pragma omp simd
     for (j = 0; j < n; j++)
-        S.log_sum[j] = ssm_logf_pos(S.sumexp[j]);  /* the float kernels' SSM_LOG: must match */
+        S.log_sum[j] = ssm_logf_sum(S.sumexp[j]);  /* the float kernels' SSM_LOG_SUM: must match */
     ssm_sparse_terms_f(&S, n, P->loss_cap, want_grad, o != NULL);
     L.loss_map = P->loss_map ? lmap : NULL;  /* float, then rounded, as the widened path */
     r = ssm_tile_loss_f(&L, S.loss, 0, n);

@@ -1,6 +1,6 @@
 /*
  * ssm/_kernels_impl.h -- the per-dtype body of _kernels.h, included once per R
- * (float, double) with SSM_SFX, SSM_EXP and SSM_LOG defined; it includes
+ * (float, double) with SSM_SFX, SSM_EXP, SSM_LOG and SSM_LOG_SUM defined; it includes
  * _labels_impl.h once per label type. Not a standalone header.
  *
  * Core functions work on one tile of n pixels held channel-major: element (c, j) of
@@ -540,7 +540,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
         SSM_SFX(ssm_max_sumexp_chunked)(P, x, sx, NULL, 0, n, &S, NULL, NULL);
 #pragma omp simd
         for (j = 0; j < n; j++)
-            S.log_sum[j] = SSM_LOG(S.sumexp[j]);
+            S.log_sum[j] = SSM_LOG_SUM(S.sumexp[j]);
         for (c = 0; c < C; c++) {
             const R *restrict xc = x + c * sx;
             R *restrict yc = y + c * sy;
@@ -1035,7 +1035,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
        two widths, or not at all); then the loss and the gradient factors */
 #pragma omp simd
     for (j = 0; j < n; j++)
-        S.log_sum[j] = SSM_LOG(S.sumexp[j]);
+        S.log_sum[j] = SSM_LOG_SUM(S.sumexp[j]);
     if (dense)
         SSM_SFX(ssm_dense_terms)(&S, x, sx, C, n, T, want_grad, P->loss == SSM_KL, o != NULL);
     else  /* one-hot t: the KL divergence is the cross-entropy */

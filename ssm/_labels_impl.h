@@ -58,8 +58,9 @@ SSM_INLINE double SSM_LSFX(ssm_label_norm)(const SSM_LABEL *restrict lab, ptrdif
    as an int32 in cls (the label, -1 ignored, -2 out of range); the second, in int32 and
    R, finishes cls and act. One loop doing both vectorised at the label's width and
    packed every mask to 32 bits: 6.8 instructions per pixel for int64 labels (callgrind,
-   AVX2 clone), these 4.1 (with ssm_code_labels_i64_avx2). An ignore_index the label type cannot hold is matched by no
-   label; one in [0, C) is tested first, as it is a valid class. */
+   AVX2 clone), these 4.1 (with ssm_code_labels_i64_avx2). An ignore_index the label
+   type cannot hold is matched by no label; one in [0, C) is tested first, as it is a
+   valid class. */
 SSM_INLINE void SSM_LSFX(ssm_stage_labels)(const SSM_LABEL *restrict lab, ptrdiff_t n,
                                            ptrdiff_t C, long long ign, int dense,
                                            const R *restrict w, const R *restrict cw,
