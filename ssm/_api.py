@@ -9,7 +9,8 @@ an ``out=`` buffer half written), views the logits as ``(outer, C, inner)`` (see
 ``_validation.geometry``), allocates missing outputs, describes the call as one
 ``_problem.Problem`` and calls one kernel pass (``run(op, problem, threads)``), preceded
 for the loss functions by the label pre-pass (``stats``) when the labels must be checked
-or the "mean" normaliser counted. On the GPU the normaliser,
+or the "mean" normaliser counted; the loss alone has both from one call
+(``run_with_stats``), and raises for a bad label after it. On the GPU the normaliser,
 the gradient scale and the loss stay on the device: the only device-to-host read is
 the first bad label's index, with ``validate=True``.
 """
@@ -178,6 +179,17 @@ def _loss_call(B, x, x_name, target, weights, *, ignore_index, class_weights, le
                      _threads.resolve(threads))
 
 
+def _label_kernel_needed(L: _LossCall) -> bool:
+    """Whether label_pass runs a kernel (not for soft targets without weights)."""
+    return L.problem.kind != Target.SOFT or L.problem.weights is not None
+
+
+def _label_result(L: _LossCall, norm, bad):
+    """label_pass's answer from the kernel's (norm, bad): the bad index read to the host
+    only with ``validate=True`` and labels (the one synchronisation)."""
+    return norm, (int(bad) if L.validate and L.problem.kind != Target.SOFT else -1)
+
+
 def label_pass(L: _LossCall):
     """(normaliser, lowest flat index of a bad label or -1) of a validated loss call: the
     label pre-pass, without raising (ssm._distributed and ssm.dask use it per shard).
@@ -185,31 +197,46 @@ def label_pass(L: _LossCall):
     The normaliser is a float (CPU) or a 0-d float64 device array; reading the bad index
     to the host (only with ``validate=True`` and labels) is the one synchronisation.
     """
+    if not _label_kernel_needed(L):
+        return float(L.problem.geom.n_pixels), -1
+    return _label_result(L, *L.B.stats(L.problem, L.threads))
+
+
+def _label_pass_needed(L: _LossCall) -> bool:
+    """The pre-pass runs only where its result is used: for "mean", or to check labels."""
+    return L.reduction == "mean" or (L.validate and L.problem.kind != Target.SOFT)
+
+
+def _divisor_from(L: _LossCall, norm, bad):
+    """What the summed loss is divided by, from label_pass's (norm, bad); raises the
+    bad-label ValueError."""
     P = L.problem
-    soft = P.kind == Target.SOFT
-    if soft and P.weights is None:
-        return float(P.geom.n_pixels), -1
-    norm, bad = L.B.stats(P, L.threads)
-    return norm, (int(bad) if L.validate and not soft else -1)
+    g = P.geom
+    if bad >= 0:
+        raise V.bad_label_error(P.target, bad, g.C, P.ignore_index)
+    if L.reduction == "mean":
+        return norm
+    return float(g.N) if L.reduction == "batch" else 1.0
 
 
 def _divisor(L: _LossCall):
     """What the summed loss is divided by, after the label pre-pass has checked the labels.
 
-    Raises the bad-label ValueError here, before any output is written. The pre-pass runs
-    only where its result is used: for "mean", or to check labels.
+    Raises the bad-label ValueError here, before any output is written.
     """
-    P = L.problem
-    g = P.geom
-    if L.reduction == "mean" or (L.validate and P.kind != Target.SOFT):
-        norm, bad = label_pass(L)
-        if bad >= 0:
-            raise V.bad_label_error(P.target, bad, g.C, P.ignore_index)
-    else:
-        norm = 0.0
-    if L.reduction == "mean":
-        return norm
-    return float(g.N) if L.reduction == "batch" else 1.0
+    return _divisor_from(L, *(label_pass(L) if _label_pass_needed(L) else (0.0, -1)))
+
+
+def _loss_alone(L: _LossCall, problem):
+    """(loss sum, divisor) of the loss alone (SSWL_FWD without out): the label pre-pass
+    rides in the loss pass (run_with_stats: on the CPU the labels are read from memory
+    once). The bad-label ValueError comes after the pass, which has written nothing the
+    caller sees."""
+    if not (_label_pass_needed(L) and _label_kernel_needed(L)):
+        divisor = _divisor(L)
+        return L.B.run(Op.SSWL_FWD, problem, L.threads), divisor
+    total, norm, bad = L.B.run_with_stats(Op.SSWL_FWD, problem, L.threads)
+    return total, _divisor_from(L, *_label_result(L, norm, bad))
 
 
 def _reduce(L: _LossCall, total, divisor, loss_map):
@@ -233,10 +260,13 @@ def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weight
                        loss=loss)
         P = L.problem
         xp = V.array_module(P.x)
-        prob = L.out_buffer(out, "logits") if with_prob else None
-        divisor = _divisor(L)
         loss_map = xp.empty(P.geom.pixel_shape, P.x.dtype) if L.reduction == "none" else None
-        total = B.run(Op.SSWL_FWD, P.finish(prob, loss_cap, loss_map=loss_map), L.threads)
+        if with_prob:
+            prob = L.out_buffer(out, "logits")
+            divisor = _divisor(L)
+            total = B.run(Op.SSWL_FWD, P.finish(prob, loss_cap, loss_map=loss_map), L.threads)
+        else:
+            total, divisor = _loss_alone(L, P.finish(None, loss_cap, loss_map=loss_map))
         value = _reduce(L, total, divisor, loss_map)
         return (prob, value) if with_prob else value
 

@@ -30,6 +30,8 @@ cdef extern from "_kernels.h" nogil:
         void *out2
         void *loss_map
         int stream
+        double *norms
+        Py_ssize_t *bads
 
     Py_ssize_t ssm_num_tiles(const ssm_problem *P)
     size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)

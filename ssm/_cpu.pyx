@@ -11,7 +11,10 @@ Design
 - One entry point per pass: ``run`` (every kernel that walks the logits) and
   ``stats`` (the label pre-pass: normaliser and first bad label). Each is a
   ``prange`` over tiles with the GIL released and a per-thread scratch block
-  malloc'ed inside the parallel region.
+  malloc'ed inside the parallel region. ``run_with_stats`` is both in one pass, for
+  the loss alone (which writes nothing it would have to check labels before): each
+  tile's labels are counted and checked as the tile is staged (ssm_tile_stats), so
+  the labels come from DRAM once and one team is woken instead of two.
 - Scheduling is dynamic, in chunks of about 1/16 of a thread's share of tiles:
   long enough runs of adjacent tiles for the prefetchers, and when another
   process takes a core from one thread the others take over its chunks instead of
@@ -470,11 +473,29 @@ def run(int op, problem, threads):
     `threads` is ``(count, adaptive)`` from ssm._threads.resolve. Outputs larger than
     STREAM_BYTES are written with non-temporal stores.
     """
+    return _run(op, problem, threads, False)[0]
+
+
+def run_with_stats(int op, problem, threads):
+    """``run`` and ``stats`` in one pass: (loss sum, sum of n_p, lowest flat index of a bad
+    label or -1), each as those give it, bit for bit. `op`: SSWL_FWD or SSWL_FWD_BWD, the
+    passes that stage labels. The pass runs whatever the labels (a bad one's pixel loss
+    is NaN): for the loss alone, whose caller raises after it.
+    """
+    if op != OP_SSWL_FWD and op != OP_SSWL_FWD_BWD:
+        raise ValueError(f"op: expected SSWL_FWD or SSWL_FWD_BWD, got {op}")
+    return _run(op, problem, threads, True)
+
+
+cdef tuple _run(int op, problem, threads, bint with_stats):
     cdef ssm_problem P
     cdef int kind
-    cdef Py_ssize_t t, ntiles
-    cdef double total = 0.0
-    cdef double[::1] partial
+    cdef Py_ssize_t t, ntiles, bad = -1
+    cdef double total = 0.0, norm = 0.0
+    cdef double[::1] partial, norms
+    cdef Py_ssize_t[::1] bads
+    cdef double *norms_p = NULL
+    cdef Py_ssize_t *bads_p = NULL
     cdef int failed, team
     cdef bint capped, adaptive = threads[1]
     cdef double[::1] table
@@ -485,7 +506,12 @@ def run(int op, problem, threads):
         _fill(&P, problem)
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
-        return 0.0
+        return 0.0, 0.0, -1
+    if with_stats:  # each sswl_fwd tile does its share of the pre-pass (ssm_tile_stats)
+        norms = np.empty(ntiles, dtype=np.float64)
+        bads = np.empty(ntiles, dtype=np.intp)
+        norms_p, bads_p = &norms[0], &bads[0]
+        P.norms, P.bads = norms_p, bads_p
     if ((op == OP_SSWL_FWD or op == OP_SSWL_FWD_BWD) and P.loss == SSM_KL
             and P.target_kind != SSM_SOFT and (P.lens != NULL or P.smoothing != 0.0)):
         table = label_terms(problem)
@@ -497,10 +523,15 @@ def run(int op, problem, threads):
         if not failed:
             for t in range(ntiles):
                 total += partial[t]
+            if with_stats:  # as stats() adds them up
+                for t in range(ntiles):
+                    norm += norms_p[t]
+                    if bad < 0 and bads_p[t] >= 0:
+                        bad = bads_p[t]
     if failed:
         raise MemoryError(f"ssm: could not allocate {_scratch_bytes(&P, kind)} "
                           "bytes of per-thread scratch")
-    return total
+    return total, norm, bad
 
 
 def stats(problem, threads):

@@ -404,6 +404,15 @@ def stats(problem, threads=None):
         return norm, bad
 
 
+def run_with_stats(op, problem, threads=None):
+    """``run`` and ``stats`` of one loss pass: (loss sum, sum of n_p, lowest flat index of a
+    bad label or -1), as those give them (the CPU backend's signature). Here the label
+    pass and the loss pass are two launches on the stream; nothing is read to the host.
+    """
+    norm, bad = stats(problem, threads)
+    return run(op, problem, threads), norm, bad
+
+
 def loss_value(total, divisor, dtype):
     """``total / divisor`` (0 when the divisor is 0) as a 0-d device array of ``dtype``.
 

@@ -108,6 +108,8 @@ SSM_INLINE ssm_problem SSM_HSFX(ssm_half_sub)(const ssm_problem *P, ptrdiff_t t,
     S.inner = P->inner > 1 ? *n : 1;
     S.tile = *n;
     S.stream = 0;
+    S.norms = NULL;  /* the half driver's own, of tile t */
+    S.bads = NULL;
     S.x = S.x2 = NULL;
     S.out = S.out2 = S.loss_map = NULL;
     if (P->target_kind != SSM_SOFT && P->target)
@@ -246,6 +248,8 @@ SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t
     double r;
     (void)SSM_HSFX(ssm_half_sub)(P, t, buf, &base, &pix, &n, blk, &lmap, &tmp, &sb);
     (void)ssm_stage_f(P, &S, base, pix, n, want_grad, P->loss == SSM_KL);  /* sparse */
+    if (P->norms)
+        ssm_tile_stats_f(P, &S, t, pix, n);
     if (want_grad || P->out)
         o = S.O;  /* the rows of e, in scratch */
     W = blk[0];   /* the widened chunk */
@@ -263,7 +267,7 @@ SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t
     }
 #pragma omp simd
     for (j = 0; j < n; j++)
-        S.log_sum[j] = ssm_logf_pos(S.sumexp[j]);  /* the float kernels' SSM_LOG: must match */
+        S.log_sum[j] = ssm_logf_sum(S.sumexp[j]);  /* the float kernels' SSM_LOG_SUM: must match */
     ssm_sparse_terms_f(&S, n, P->loss_cap, want_grad, o != NULL);
     L.loss_map = P->loss_map ? lmap : NULL;  /* float, then rounded, as the widened path */
     r = ssm_tile_loss_f(&L, S.loss, 0, n);
@@ -348,6 +352,8 @@ SSM_CLONES double SSM_HSFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, voi
     S.out = P->out ? blk[2] : NULL;
     S.out2 = P->out2 ? blk[3] : NULL;
     S.loss_map = P->loss_map ? lmap : NULL;
+    if (P->norms)  /* P: the widened problem (float32 weights) */
+        ssm_label_stats_f(P, pix, n, &P->norms[t], &P->bads[t]);
     r = ssm_sswl_tile_f(&S, 0, sb, want_grad);
     if (P->out)
         SSM_HSFX(ssm_half_store)(P, P->out, base, n, blk[2], tmp);

@@ -7,8 +7,9 @@ import pytest
 
 import _reference as ref
 import ssm
-from conftest import (FLOAT_DTYPES, LAYOUTS, REDUCTIONS, assert_close, is_half, make_class_weights,
-                      make_labels, make_lens, make_logits, make_soft_targets, make_weights)
+from conftest import (FLOAT_DTYPES, LABEL_DTYPES, LAYOUTS, REDUCTIONS, assert_close, is_half,
+                      make_class_weights, make_labels, make_lens, make_logits, make_soft_targets,
+                      make_weights)
 
 
 def _inputs(rng, dtype, shape=(2, 7, 5, 6), soft=False):
@@ -373,3 +374,48 @@ def test_streamed_outputs_equal_cached(rng, monkeypatch, dtype, soft, C):
     streamed = every_op()
     for a, b in zip(streamed, cached):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("options", ["plain", "weights", "class_weights", "smoothing",
+                                     "ignore_in_range", "soft"])
+def test_loss_alone_pre_pass_in_the_pass(rng, dtype, label_dtype, options):
+    """run_with_stats (the loss alone: the label pre-pass done tile by tile inside the
+    loss pass) gives run's sum and stats' normaliser and first bad label, bit for bit,
+    with bad labels in several tiles (the lowest flat index wins) and without."""
+    from ssm import _api, _cpu
+    from ssm._codes import Op
+    N, C, H, W = 2, 6, 37, 41
+    x = make_logits(rng, (N, C, H, W), dtype)
+    soft = options == "soft"
+    ign = 2 if options == "ignore_in_range" else (255 if label_dtype == np.uint8 else -1)
+    y = (make_soft_targets(rng, x.shape, dtype) if soft
+         else make_labels(rng, (N, H, W), C, label_dtype, ignore_index=ign))
+    kw = dict(weights=None, class_weights=None, lens=None, label_smoothing=0.0)
+    if options in ("weights", "soft"):
+        kw["weights"] = make_weights(rng, (N, H, W), dtype)
+    if options == "class_weights":
+        kw["class_weights"] = make_class_weights(rng, C, dtype)
+    if options == "smoothing":
+        kw["label_smoothing"] = 0.1
+    for bad_at in ([],) if soft else ([], [(1, 30, 7), (0, 20, 3), (1, 2, 40)]):
+        yb = y.copy()
+        for i in bad_at:
+            yb[i] = C + 3
+        w = kw.pop("weights")
+        L = _api._loss_call(_cpu, x, "logits", yb, w, ignore_index=ign, reduction="mean",
+                            layout="NCHW", validate=True, threads=2, **kw)
+        kw["weights"] = w
+        P = L.problem.finish(None)
+        total, norm, bad = _cpu.run_with_stats(Op.SSWL_FWD, P, L.threads)
+        norm_s, bad_s = _cpu.stats(P, L.threads)
+        total_r = _cpu.run(Op.SSWL_FWD, P, L.threads)
+        assert (bad, norm) == (bad_s, norm_s)
+        assert np.float64(total).tobytes() == np.float64(total_r).tobytes()
+        if bad_at:
+            assert bad == np.ravel_multi_index((0, 20, 3), y.shape)
+            with pytest.raises(ValueError, match=r"label 9 at index \(0, 20, 3\)"):
+                ssm.cross_entropy(x, yb, ignore_index=ign, **kw)
+        else:
+            assert bad == -1

@@ -34,11 +34,17 @@ FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-Wall", "-
 def _function_text(name):
     with open(KERNELS) as f:
         src = f.read()
-    m = re.search(r"^SSM_INLINE (?:double|float) " + name + r"\(.*?^\}\n", src, re.S | re.M)
-    assert m, f"{name} not found in {KERNELS}"
+    def text(fn):
+        m = re.search(r"^SSM_INLINE (?:double|float) " + fn + r"\((?:[^\n]*\}\n|.*?^\}\n)",
+                      src, re.S | re.M)
+        assert m, f"{fn} not found in {KERNELS}"
+        return m.group(0)
+    body = text(name)
+    # a one-line wrapper (ssm_log_pos of ssm_log_any, say): the function it calls first
+    inner = [text(fn) for fn in re.findall(r"\b(ssm_\w+_any)\(", body)]
     # the numeric constants it may use (#define SSM_2M64 ..., say), as in the header
     consts = re.findall(r"^#define SSM_\w+ [-+0-9.eEfx]+\b.*$", src, re.M)
-    return "\n".join(consts) + "\n" + m.group(0)
+    return "\n".join(consts + inner) + "\n" + body
 
 
 def _cpu_flags():
