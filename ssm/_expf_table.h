@@ -25,7 +25,7 @@
  * 64 << 23 less j << 19.
  * p = 2^-64 c P(r), P(r) = 1 + r + a2 r^2 + a3 r^3 (a relative-error minimax fit of e^r on
  * |r| <= 1.003 ln2/32 by Lawson's iteratively reweighted least squares in float64, a2 and
- * a3 free: 1.6e-9 relative error). c = 249/256 keeps p below 1 (relative rounding error of
+ * a3 free: 1.6e-9 relative error; benchmarks/fit_expf_table.py recomputes every constant). c = 249/256 keeps p below 1 (relative rounding error of
  * p at most 2^-25 / 0.95, half that of a p above 1, whose rounding cost up to an ulp of a
  * result with a mantissa near 2). The final p s is one rounding: results below FLT_MIN
  * underflow gradually to denormals, as in ssm_expf_nonpos (the 2^-64 in p, the 2^64 in s).
