@@ -25,13 +25,15 @@
  * 64 << 23 less j << 19.
  * p = 2^-64 c P(r), P(r) = 1 + r + a2 r^2 + a3 r^3 (a relative-error minimax fit of e^r on
  * |r| <= 1.003 ln2/32 by Lawson's iteratively reweighted least squares in float64, a2 and
- * a3 free: 1.6e-9 relative error; benchmarks/fit_expf_table.py recomputes every constant). c = 249/256 keeps p below 1 (relative rounding error of
+ * a3 free: 1.6e-9 relative error; benchmarks/fit_expf_table.py recomputes every
+ * constant). c = 249/256 keeps p below 1 (relative rounding error of
  * p at most 2^-25 / 0.95, half that of a p above 1, whose rounding cost up to an ulp of a
  * result with a mantissa near 2). The final p s is one rounding: results below FLT_MIN
  * underflow gradually to denormals, as in ssm_expf_nonpos (the 2^-64 in p, the 2^64 in s).
  * Measured over every float in [-104, 0]: 1.052 ulps (ssm_expf_nonpos: 1.048), 0.75 on
  * denormal results; tests/test_exp.py.
- * The scalar ssm_expf_t16 does the same operations (explicit fmaf, a scalar table index):
+ * The scalar ssm_expf_t16 does the same operations (explicit fmaf, a scalar table index;
+ * the last product an FMA with 0, so that no caller contracts it with an add):
  * the same bits as the vector code for every argument (tests/test_exp.py).
  * x < -104 gives 0, -inf 0, NaN NaN (max(-104, x) keeps a NaN x; p is NaN).
  */
@@ -81,7 +83,7 @@ __attribute__((target("arch=x86-64-v4"))) static inline float ssm_expf_t16(float
     p = __builtin_fmaf(p, r, SSM_T16_A1);
     p = __builtin_fmaf(p, r, SSM_T16_A1);
     s.u = (tb.u << 19) + ssm_t16_scale[j];
-    return p * s.f;
+    return __builtin_fmaf(p, s.f, 0.0f);  /* p s, which no caller can contract */
 }
 
 /* The same, sixteen lanes. */
@@ -102,7 +104,10 @@ __attribute__((target("arch=x86-64-v4"))) static inline __m512 ssm_expf_t16_v(__
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SSM_T16_A1));
     tb = _mm512_add_epi32(_mm512_slli_epi32(tb, 19),
                           _mm512_permutexvar_epi32(tb, _mm512_load_si512(ssm_t16_scale)));
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(tb));
+    /* p s as an FMA with 0 (the same rounding): a plain product was contracted with the
+       sweep's add of it in some loops and not in others (a pixel's sum then depended on
+       where a chunk's tail fell) */
+    return _mm512_fmadd_ps(p, _mm512_castsi512_ps(tb), _mm512_setzero_ps());
 }
 
 /* Whether the float kernels use this exp: in the AVX-512 clone, that is, on a CPU the
