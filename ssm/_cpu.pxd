@@ -90,5 +90,5 @@ cdef extern from "_positions.h" nogil:
 
     Py_ssize_t ssm_pos_num_tiles(const ssm_pos_problem *P)
     size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsize)
-    void ssm_pos_tile_f(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf)
+    void ssm_pos_tile_float(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf)
     void ssm_pos_tile_d(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf)

@@ -700,7 +700,7 @@ def positions(int op, problem, threads):
                 if dbl:
                     ssm_pos_tile_d(&P, op, t, buf)
                 else:
-                    ssm_pos_tile_f(&P, op, t, buf)
+                    ssm_pos_tile_float(&P, op, t, buf)
         free(buf)
     if failed:
         raise MemoryError(f"ssm: could not allocate {nbytes} bytes of per-thread scratch")

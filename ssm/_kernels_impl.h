@@ -373,6 +373,13 @@ SSM_INLINE void SSM_SFX(ssm_sumexp_rows)(const R *restrict x, ptrdiff_t sx, R *r
                                          const R *restrict m, R *restrict s, ptrdiff_t pf)
 {
     ptrdiff_t c, j;
+#ifdef SSM_HAVE_EXPF_T16
+    if (sizeof(R) == sizeof(float) && ssm_expf_use_t16()) {  /* see _expf_table.h */
+        ssm_sumexp_rows_t16((const float *)x, sx, (float *)e, se, c0, c1, n, (const float *)m,
+                            (float *)s, pf);
+        return;
+    }
+#endif
     for (c = c0; c + 1 < c1; c += 2) {
         const R *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;
         SSM_SFX(ssm_prefetch_next)(x0, n, pf);

@@ -95,6 +95,24 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 #undef SSM_EXP
 #undef SSM_LOG
 
+#ifdef SSM_HAVE_EXPF_T16
+/* The float kernels again with the AVX-512 clone's exp (see _expf_table.h): every float
+   exp of a clone is the same function. gcc vectorises its table reads as gathers. */
+#define R float
+#define SSM_SFX(name) name##_ft
+#define SSM_EXP ssm_expf_t16
+#define SSM_LOG ssm_logf_pos
+#define SSM_EXP_ROW ssm_expf_t16_scaled
+#define ssm_stream_row_ft ssm_stream_row_f  /* the kernels' float helper */
+#include "_positions_impl.h"
+#undef ssm_stream_row_ft
+#undef SSM_EXP_ROW
+#undef R
+#undef SSM_SFX
+#undef SSM_EXP
+#undef SSM_LOG
+#endif
+
 #define R double
 #define SSM_SFX(name) name##_d
 #define SSM_EXP ssm_exp_nonpos
@@ -104,5 +122,17 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 #undef SSM_SFX
 #undef SSM_EXP
 #undef SSM_LOG
+
+/* ssm_pos_tile for float: the instantiation whose exp is the running clone's. */
+static inline void ssm_pos_tile_float(const ssm_pos_problem *P, int op, ptrdiff_t t, void *buf)
+{
+#ifdef SSM_HAVE_EXPF_T16
+    if (ssm_expf_use_t16()) {
+        ssm_pos_tile_ft(P, op, t, buf);
+        return;
+    }
+#endif
+    ssm_pos_tile_f(P, op, t, buf);
+}
 
 #endif /* SSM_POSITIONS_H */

@@ -92,9 +92,14 @@ SSM_INLINE double SSM_SFX(ssm_pos_exp)(const R *restrict x, R *restrict e, R m, 
                                        ptrdiff_t n)
 {
     ptrdiff_t l;
+#ifdef SSM_EXP_ROW
+    (void)l;
+    SSM_EXP_ROW(x, e, m, it, n);
+#else
 #pragma omp simd
     for (l = 0; l < n; l++)
         e[l] = SSM_EXP((x[l] - m) * it);
+#endif
     return SSM_SFX(ssm_pos_dot)(e, NULL, n);
 }
 
@@ -136,6 +141,19 @@ SSM_INLINE double SSM_SFX(ssm_pos_exp2)(const R *restrict x, R *restrict e, R m,
             for (k = l0; k < l1; k += 64 / (ptrdiff_t)sizeof(R))
                 __builtin_prefetch(pf + k, 0, 3);
         }
+#ifdef SSM_EXP_ROW  /* the exps first (into e, or a block of the stack), then the sums */
+        {
+            R blk[SSM_POS_BLOCK] __attribute__((aligned(64)));
+            R *restrict v = e ? e + l0 : blk;
+            SSM_EXP_ROW(x + l0, v, m, it, l1 - l0);
+#pragma omp simd reduction(+:c, a, b)
+            for (l = l0; l < l1; l++) {
+                c += v[l - l0];
+                a += v[l - l0] * g0[l];
+                b += v[l - l0] * g1[l];
+            }
+        }
+#else
         if (e) {
 #pragma omp simd reduction(+:c, a, b)
             for (l = l0; l < l1; l++) {
@@ -154,6 +172,7 @@ SSM_INLINE double SSM_SFX(ssm_pos_exp2)(const R *restrict x, R *restrict e, R m,
                 b += v * g1[l];
             }
         }
+#endif
         t += (double)c;
         t0 += (double)a;
         t1 += (double)b;
@@ -181,6 +200,18 @@ SSM_INLINE double SSM_SFX(ssm_pos_exp2_sep)(const R *restrict x, R *restrict e, 
             for (k = l0; k < l0 + W; k += 64 / (ptrdiff_t)sizeof(R))
                 __builtin_prefetch(pf + k, 0, 3);
         }
+#ifdef SSM_EXP_ROW  /* W <= SSM_POS_BLOCK: as in ssm_pos_exp2 */
+        {
+            R blk[SSM_POS_BLOCK] __attribute__((aligned(64)));
+            R *restrict v = e ? e + l0 : blk;
+            SSM_EXP_ROW(xl, v, m, it, W);
+#pragma omp simd reduction(+:c, a)
+            for (l = 0; l < W; l++) {
+                c += v[l];
+                a += v[l] * gx[l];
+            }
+        }
+#else
         if (e) {
             R *restrict el = e + l0;
 #pragma omp simd reduction(+:c, a)
@@ -198,6 +229,7 @@ SSM_INLINE double SSM_SFX(ssm_pos_exp2_sep)(const R *restrict x, R *restrict e, 
                 a += v * gx[l];
             }
         }
+#endif
         t += (double)c;
         t0 += (double)a;
         t1 += (double)g1[l0] * (double)c;
