@@ -17,6 +17,7 @@ ssm-bench --dask --workload voc --threads 2 --dask-chunk 1 > $R/dask_voc_x4_chun
 ssm-bench --dask --workload voc --threads 2 --dask-chunk 8 > $R/dask_voc_x4_chunk8.txt 2>&1
 ssm-bench --dask --workload voc --threads 2 --dask-scale 16 --dask-chunk 16 > $R/dask_voc_x16_chunk16.txt 2>&1
 ssm-bench --dask --workload voc --threads 2 --dask-scale 32 --dask-chunk 32 > $R/dask_voc_x32_chunk32.txt 2>&1
-(cd /tmp/dk && for i in 1 2 3; do python pertask.py  # pertask.py: dask_task_in_worker.py in this folder 2>&1 | grep -v -i 'warn\|perhaps\|hosting'; done) > $R/dask_task_in_worker.txt
+# pertask.py: dask_task_in_worker.py in this folder
+(cd /tmp/dk && for i in 1 2 3; do python pertask.py 2>&1 | grep -v -i 'warn\|perhaps\|hosting'; done) > $R/dask_task_in_worker.txt
 uptime >> $R/machine.txt
 echo done
