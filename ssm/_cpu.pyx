@@ -494,8 +494,6 @@ cdef tuple _run(int op, problem, threads, bint with_stats):
     cdef double total = 0.0, norm = 0.0
     cdef double[::1] partial, norms
     cdef Py_ssize_t[::1] bads
-    cdef double *norms_p = NULL
-    cdef Py_ssize_t *bads_p = NULL
     cdef int failed, team
     cdef bint capped, adaptive = threads[1]
     cdef double[::1] table
@@ -510,8 +508,7 @@ cdef tuple _run(int op, problem, threads, bint with_stats):
     if with_stats:  # each sswl_fwd tile does its share of the pre-pass (ssm_tile_stats)
         norms = np.empty(ntiles, dtype=np.float64)
         bads = np.empty(ntiles, dtype=np.intp)
-        norms_p, bads_p = &norms[0], &bads[0]
-        P.norms, P.bads = norms_p, bads_p
+        P.norms, P.bads = &norms[0], &bads[0]
     if ((op == OP_SSWL_FWD or op == OP_SSWL_FWD_BWD) and P.loss == SSM_KL
             and P.target_kind != SSM_SOFT and (P.lens != NULL or P.smoothing != 0.0)):
         table = label_terms(problem)
@@ -523,11 +520,8 @@ cdef tuple _run(int op, problem, threads, bint with_stats):
         if not failed:
             for t in range(ntiles):
                 total += partial[t]
-            if with_stats:  # as stats() adds them up
-                for t in range(ntiles):
-                    norm += norms_p[t]
-                    if bad < 0 and bads_p[t] >= 0:
-                        bad = bads_p[t]
+            if with_stats:
+                norm = _tiles_stats(P.norms, P.bads, ntiles, &bad)
     if failed:
         raise MemoryError(f"ssm: could not allocate {_scratch_bytes(&P, kind)} "
                           "bytes of per-thread scratch")
@@ -571,11 +565,22 @@ def stats(problem, threads):
                 ssm_sswl_stats_d(&P, t, &partial[t], &bads[t])
             else:
                 ssm_sswl_stats_f(&P, t, &partial[t], &bads[t])
-        for t in range(ntiles):
-            norm += partial[t]
-            if bad < 0 and bads[t] >= 0:
-                bad = bads[t]
+        norm = _tiles_stats(&partial[0], &bads[0], ntiles, &bad)
     return norm, bad
+
+
+cdef inline double _tiles_stats(const double *norms, const Py_ssize_t *bads, Py_ssize_t ntiles,
+                                Py_ssize_t *bad) noexcept nogil:
+    """The tiles' pre-pass results as one: the sum of their normalisers, in tile order
+    (the same bits whatever the threads), and into bad the lowest bad index, or -1."""
+    cdef double norm = 0.0
+    cdef Py_ssize_t t
+    bad[0] = -1
+    for t in range(ntiles):
+        norm += norms[t]
+        if bad[0] < 0 and bads[t] >= 0:
+            bad[0] = bads[t]
+    return norm
 
 
 def loss_value(double total, double divisor, dtype):
