@@ -598,14 +598,28 @@ __attribute__((target("avx2"))) static inline __m256 ssm_grad_sparse_8(
     return _mm256_sub_ps(p, _mm256_and_ps(at, _mm256_loadu_ps(gl + j)));
 }
 
+/* ... for pixels j to j + 3 (cv: c in every lane) */
+__attribute__((target("avx2"))) static inline __m128 ssm_grad_sparse_4(
+    const float *e, const float *f, const float *gl, const int32_t *cls, __m128i cv, ptrdiff_t j)
+{
+    __m128 fv = _mm_loadu_ps(f + j);
+    __m128 p = _mm_and_ps(_mm_mul_ps(fv, _mm_loadu_ps(e + j)), _mm_cmpneq_ps(fv, _mm_setzero_ps()));
+    __m128 at = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(cls + j)), cv));
+    return _mm_sub_ps(p, _mm_and_ps(at, _mm_loadu_ps(gl + j)));
+}
+
 __attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
     float *dst, const float *e, const float *f, const float *gl, const int32_t *cls,
     int32_t c, ptrdiff_t n)
 {
     ptrdiff_t j = 0;
     const __m256i cv = _mm256_set1_epi32(c);
-    for (; j < n && ((uintptr_t)(dst + j) & 31) != 0; j++)
+    for (; j < n && ((uintptr_t)(dst + j) & 15) != 0; j++)
         dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
+    if (j + 4 <= n && ((uintptr_t)(dst + j) & 31) != 0) {
+        _mm_stream_ps(dst + j, ssm_grad_sparse_4(e, f, gl, cls, _mm256_castsi256_si128(cv), j));
+        j += 4;
+    }
     for (; j + 16 <= n; j += 16) {
         _mm256_stream_ps(dst + j, ssm_grad_sparse_8(e, f, gl, cls, cv, j));
         _mm256_stream_ps(dst + j + 8, ssm_grad_sparse_8(e, f, gl, cls, cv, j + 8));
@@ -613,6 +627,10 @@ __attribute__((target("avx2"))) static void ssm_grad_sparse_stream_avx2(
     if (j + 8 <= n) {
         _mm256_stream_ps(dst + j, ssm_grad_sparse_8(e, f, gl, cls, cv, j));
         j += 8;
+    }
+    if (j + 4 <= n) {
+        _mm_stream_ps(dst + j, ssm_grad_sparse_4(e, f, gl, cls, _mm256_castsi256_si128(cv), j));
+        j += 4;
     }
     for (; j < n; j++)
         dst[j] = ssm_grad_sparse_one(e, f, gl, cls, c, j);
