@@ -576,9 +576,12 @@ static inline int ssm_cpu_has_avx2(void)
    in scratch; without this the row was computed into scratch and copied out by
    ssm_stream_row, a second pass over it. 256 bits wide on AVX-512 CPUs too: a 512-bit
    version (masked multiply and subtract, 64-byte streamed stores) made the VOC fused pass
-   11% slower on Zen 4 (A/B, 1 thread), this one is as fast as the copy it replaces.
+   11% slower on Zen 4 (A/B, 1 thread) with a head of up to 15 plain stores, and took the
+   same time as this one with the head streamed as here: the sweep waits on its stores
+   (sent to scratch instead of memory, VOC fused 1 thread took a third less time).
    Sixteen pixels (one 64-byte line, two stores) a pass: VOC fused 7.32 -> 7.08
-   instructions per element (callgrind, AVX2 clone). */
+   instructions per element (callgrind, AVX2 clone). The head up to a 32-byte boundary
+   and the tail as in ssm_stream_head / ssm_stream_tail (see there). */
 SSM_INLINE float ssm_grad_sparse_one(const float *e, const float *f, const float *gl,
                                      const int32_t *cls, int32_t c, ptrdiff_t j)
 {

@@ -376,6 +376,34 @@ def test_streamed_outputs_equal_cached(rng, monkeypatch, dtype, soft, C):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_rows_at_every_alignment(rng, monkeypatch, dtype):
+    """Streamed rows start and end with narrower non-temporal stores (and element stores
+    off a 16-byte boundary) wherever the output's rows fall against a 64-byte line: at
+    every offset of `out` in a line, the bits of the same calls with cached stores."""
+    from ssm import _cpu
+    x = make_logits(rng, (2, 5, 23, 29), dtype)
+    y = make_labels(rng, (2, 23, 29), 5, np.int64, ignore_index=-1)
+    per = 64 // x.itemsize
+    raw = np.empty(x.size + 2 * per, dtype)
+    start = (-raw.ctypes.data // x.itemsize) % per
+
+    def every_op(off):
+        out = raw[start + off:start + off + x.size].reshape(x.shape)
+        res = [ssm.softmax(x, out=out).copy(), ssm.log_softmax(x, out=out).copy()]
+        res.append(ssm.spatial_softmax_with_loss_and_grad(x, y, out=out)[0])
+        res.append(out.copy())
+        res.extend(ssm.spatial_softmax_with_loss_and_grad(x, y, label_smoothing=0.1,
+                                                          return_prob=True))
+        return res
+
+    cached = [every_op(off) for off in range(per)]
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
+    for off in range(per):
+        for a, b in zip(every_op(off), cached[off]):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("options", ["plain", "weights", "class_weights", "smoothing",
