@@ -10,7 +10,8 @@ table gives the median over rounds of those medians and the ratio to the first b
     python benchmarks/ab_builds.py --builds /tmp/base,installed --cases fused:1,fused:2
 
 Cases are ``op:threads`` with op one of fused, softmax, log_softmax, forward, loss, smooth,
-fused_nhwc, on the VOC-like workload (8x21x256x256 float32; NHWC: 8x256x256x21), ``out=`` given.
+fused_nhwc, on the VOC-like workload (8x21x256x256 float32; NHWC: 8x256x256x21), ``out=`` given;
+``_bf16`` or ``_f16`` after the op (``fused_bf16:1``) makes the logits bfloat16 or float16.
 """
 import argparse
 import json
@@ -31,6 +32,13 @@ def one(op, threads, calls):
                                                                             "NCHW")
     x = (2 * rng.standard_normal(shape)).astype(np.float32)
     y = rng.integers(0, 21, shape[:1] + shape[2:] if layout == "NCHW" else shape[:-1])
+    if op.endswith(("_bf16", "_f16")):  # half-width logits: fused_bf16, loss_f16, ...
+        op, half = op.rsplit("_", 1)
+        if half == "bf16":
+            import ml_dtypes
+            x = x.astype(ml_dtypes.bfloat16)
+        else:
+            x = x.astype(np.float16)
     out = np.empty_like(x)
     kw = dict(threads=threads, layout=layout)
     calls_of = {

@@ -67,7 +67,7 @@ def _softmax(x, layout, out, threads, op):
         out = V.check_out(out, "out", x.shape, x.dtype, [("x", x)])
         nt = _threads.resolve(threads)
         if out is None:
-            out = V.array_module(x).empty_like(x)
+            out = V.empty_like(x)
         B.run(op, Problem(g, x, out=out), nt)
         return out
 
@@ -131,7 +131,7 @@ def softmax_grad(prob, dprob, *, layout="NCHW", out=None, threads=None):
                           [("prob", prob), ("dprob", dprob)])
         nt = _threads.resolve(threads)
         if out is None:
-            out = V.array_module(prob).empty_like(prob)
+            out = V.empty_like(prob)
         B.run(Op.SOFTMAX_BWD, Problem(g, prob, dprob, out=out), nt)
         return out
 
@@ -156,7 +156,7 @@ class _LossCall(NamedTuple):
                   ("class_weights", P.class_weights), ("lens", P.lens),
                   ("d_loss", d_loss_map)]
         out = V.check_out(out, "out", P.geom.shape, P.x.dtype, inputs)
-        return V.array_module(P.x).empty_like(P.x) if out is None else out
+        return V.empty_like(P.x) if out is None else out
 
 
 def _loss_call(B, x, x_name, target, weights, *, ignore_index, class_weights, lens,
@@ -418,7 +418,7 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
         d, dmap = V.check_d_loss(d_loss, L.reduction, P.geom, P.x.dtype)
         dx = L.out_buffer(out, "logits", dmap)
         divisor = _divisor(L)
-        prob = xp.empty_like(P.x) if return_prob else None
+        prob = V.empty_like(P.x) if return_prob else None
         loss_map = xp.empty(P.geom.pixel_shape, P.x.dtype) if L.reduction == "none" else None
         total = B.run(Op.SSWL_FWD_BWD, P.finish(dx, d_loss=d, d_loss_map=dmap, divisor=divisor,
                                                 prob_out=prob, loss_map=loss_map), L.threads)

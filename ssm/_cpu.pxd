@@ -51,7 +51,7 @@ cdef extern from "_kernels.h" nogil:
     double ssm_sswl_bwd_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf)
     # half-width logits (ssm/_half.h): _h float16, _b bfloat16; float32 scratch
     size_t ssm_half_scratch_bytes(const ssm_problem *P)
-    int ssm_half_isa  # 1: float16 by F16C where the CPU has it, 0: not (tests set it)
+    int ssm_half_isa  # 2: AVX-512 rows, 1: AVX2 rows, F16C; 0: neither (tests set it)
     void ssm_half_convert(int bf16, int narrow, int software, const void *src, void *dst,
                           Py_ssize_t n)
     double ssm_softmax_fwd_tile_h(const ssm_problem *P, Py_ssize_t t, void *buf, int logspace)

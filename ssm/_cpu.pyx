@@ -363,15 +363,16 @@ KERNELS = {"float32": K_FLOAT, "float64": K_DOUBLE, "float16": K_FLOAT16,
 
 
 def half_isa(level=None):
-    """How the half drivers convert, for tests: 1 float16 by F16C where the CPU has it
-    and the direct tiles by their AVX2 functions, 0 by the compiler-vectorised scalar
+    """How the half drivers convert, for tests: 2 (the default) float16 by F16C where
+    the CPU has it and the direct tiles by their AVX-512 functions where it has AVX-512
+    BW, else their AVX2 ones; 1 the AVX2 ones only; 0 the compiler-vectorised scalar
     loops (as bfloat16 elsewhere always is). Sets it if ``level`` is given (between
     calls: no kernel may be running), and returns the previous level."""
     global ssm_half_isa
     cdef int old = ssm_half_isa
     if level is not None:
-        if level not in (0, 1):
-            raise ValueError(f"level: expected 0 or 1, got {level!r}")
+        if level not in (0, 1, 2):
+            raise ValueError(f"level: expected 0, 1 or 2, got {level!r}")
         ssm_half_isa = level
     return old
 

@@ -117,12 +117,13 @@ SSM_INLINE void ssm_prefetch_u16(const uint16_t *h, ptrdiff_t n, ptrdiff_t dist)
         SSM_PREFETCH((const void *)(ahead + (uintptr_t)j * sizeof(uint16_t)));
 }
 
-/* 1: the drivers convert float16 by F16C where the CPU has it, and the direct tiles
-   (_half_impl.h) use their AVX2 functions; 0: the scalar loops, vectorised by the
+/* 2: the drivers convert float16 by F16C where the CPU has it, and the direct tiles
+   (_half_impl.h) use their AVX-512 functions where the CPU has AVX-512 BW, else their
+   AVX2 ones; 1: the AVX2 ones only; 0: the scalar loops, vectorised by the
    compiler (the widening of bfloat16 elsewhere always is: in the AVX-512 clone its loops
    were as fast as AVX-512 intrinsics, in the AVX2 one within 2% of AVX2 intrinsics). Set
    to 0 only by the tests (ssm._cpu.half_isa), between calls, to check both paths here. */
-static int ssm_half_isa = 1;
+static int ssm_half_isa = 2;
 
 #if defined(SSM_ISA_NAMES)
 #define SSM_F16C 1
@@ -343,6 +344,192 @@ __attribute__((target("avx2,f16c"))) static void ssm_half_widen_max_avx2_b(
     float *m)
 {
     ssm_half_widen_max_body_avx2(x, sx, W, C, n, pf, m, 1);
+}
+
+/* ---- the same row functions for AVX-512 (F and BW) -----------------------------
+ * Sixteen pixels a step in one vector, where the AVX2 functions take two of eight: the
+ * same float operations in each lane (masks for the ANDs of the compare results: the
+ * same bits), half the instructions, and one 32-byte non-temporal store a step after a
+ * 16-byte one up to a 32-byte boundary (the rows of numpy's large arrays start 16 bytes
+ * off one), where the AVX2 row stores two of 16 bytes. ssm_half_isa 2 chooses them on a
+ * CPU that has them. */
+static inline int ssm_cpu_has_avx512bw(void)
+{
+    return ssm_half_isa >= 2 && __builtin_cpu_supports("avx512f")
+        && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("f16c");
+}
+
+/* Sixteen floats -> their bfloat16 bits, as ssm_f_to_bf16 (see ssm_bf16_round8_avx2) */
+__attribute__((target("avx512f,avx512bw,f16c"))) static inline __m256i ssm_bf16_narrow16_avx512(
+    __m512 v)
+{
+    const __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                      _mm512_set1_epi32(1))));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                              _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));  /* vpmovdw: the high halves */
+}
+
+/* ssm_half_out8_avx2 for the sixteen pixels at j: f r where r != 0 (a zero-masked
+   multiply, the AND of the AVX2 row), minus gl at the label (a masked subtract: where
+   it is not the label, p itself, which is p - 0 for every p a product can be) */
+__attribute__((target("avx512f,avx512bw,f16c"))) static inline __attribute__((always_inline)) __m512
+ssm_half_out16_avx512(const float *e, const float *r, const float *gl, const int32_t *cls,
+                      __m512i cv, ptrdiff_t j, int grad)
+{
+    __m512 rv = _mm512_loadu_ps(r + j), ev = _mm512_loadu_ps(e + j), p;
+    if (!grad)
+        return _mm512_mul_ps(ev, rv);
+    p = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(rv, _mm512_setzero_ps(), _CMP_NEQ_UQ), rv, ev);
+    return _mm512_mask_sub_ps(p, _mm512_cmpeq_epi32_mask(_mm512_loadu_si512(cls + j), cv), p,
+                              _mm512_loadu_ps(gl + j));
+}
+
+__attribute__((target("avx512f,avx512bw,f16c"))) static inline __attribute__((always_inline)) __m256i
+ssm_half_narrow16_avx512(__m512 v, int bf16)
+{
+    return bf16 ? ssm_bf16_narrow16_avx512(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+}
+
+__attribute__((target("avx512f,avx512bw,f16c"))) static inline __attribute__((always_inline)) void
+ssm_half_row_body_avx512(uint16_t *dst, const float *e, const float *r, const float *gl,
+                         const int32_t *cls, int32_t c, ptrdiff_t n, int grad, int bf16)
+{
+    ptrdiff_t j = 0;
+    const __m512i cv = _mm512_set1_epi32(c);
+    int wide;
+    for (; j < n; j++) {  /* up to a 16-byte boundary, and all of a short row */
+        float v;
+        if (((uintptr_t)(dst + j) & 15) == 0 && j + 16 <= n)
+            break;
+        v = grad ? ssm_grad_sparse_one(e, r, gl, cls, c, j) : e[j] * r[j];
+        dst[j] = bf16 ? ssm_f_to_bf16(v) : ssm_f_to_f16(v);
+    }
+    if (((uintptr_t)(dst + j) & 31) != 0 && j + 24 <= n) {  /* 8 to a 32-byte boundary */
+        __m256i h = ssm_half_narrow16_avx512(ssm_half_out16_avx512(e, r, gl, cls, cv, j, grad),
+                                             bf16);
+        _mm_stream_si128((__m128i *)(dst + j), _mm256_castsi256_si128(h));
+        j += 8;
+    }
+    wide = ((uintptr_t)(dst + j) & 31) == 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256i h = ssm_half_narrow16_avx512(ssm_half_out16_avx512(e, r, gl, cls, cv, j, grad),
+                                             bf16);
+        if (wide) {
+            _mm256_stream_si256((__m256i *)(dst + j), h);
+        } else {
+            _mm_stream_si128((__m128i *)(dst + j), _mm256_castsi256_si128(h));
+            _mm_stream_si128((__m128i *)(dst + j + 8), _mm256_extracti128_si256(h, 1));
+        }
+    }
+    for (; j < n; j++) {
+        float v = grad ? ssm_grad_sparse_one(e, r, gl, cls, c, j) : e[j] * r[j];
+        dst[j] = bf16 ? ssm_f_to_bf16(v) : ssm_f_to_f16(v);
+    }
+}
+
+/* The four instances, as the AVX2 ones; callers check ssm_cpu_has_avx512bw (which
+   asks for F16C too: the scalar rows' float16 loads). */
+__attribute__((target("avx512f,avx512bw,f16c"))) static void ssm_half_prob_row_avx512_h(
+    uint16_t *dst, const float *e, const float *r, ptrdiff_t n)
+{
+    ssm_half_row_body_avx512(dst, e, r, NULL, NULL, 0, n, 0, 0);
+}
+
+__attribute__((target("avx512f,avx512bw,f16c"))) static void ssm_half_prob_row_avx512_b(
+    uint16_t *dst, const float *e, const float *r, ptrdiff_t n)
+{
+    ssm_half_row_body_avx512(dst, e, r, NULL, NULL, 0, n, 0, 1);
+}
+
+__attribute__((target("avx512f,avx512bw,f16c"))) static void ssm_half_grad_row_avx512_h(
+    uint16_t *dst, const float *e, const float *f, const float *gl, const int32_t *cls,
+    int32_t c, ptrdiff_t n)
+{
+    ssm_half_row_body_avx512(dst, e, f, gl, cls, c, n, 1, 0);
+}
+
+__attribute__((target("avx512f,avx512bw,f16c"))) static void ssm_half_grad_row_avx512_b(
+    uint16_t *dst, const float *e, const float *f, const float *gl, const int32_t *cls,
+    int32_t c, ptrdiff_t n)
+{
+    ssm_half_row_body_avx512(dst, e, f, gl, cls, c, n, 1, 1);
+}
+
+/* ssm_half_widen_max_body_avx2, sixteen pixels a step */
+__attribute__((target("avx512f,avx512bw,f16c"))) static inline __attribute__((always_inline)) __m512
+ssm_half_load16_avx512(const uint16_t *h, int bf16)
+{
+    __m256i v = _mm256_loadu_si256((const __m256i *)h);
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    return _mm512_cvtph_ps(v);
+}
+
+__attribute__((target("avx512f,avx512bw,f16c"))) static inline __attribute__((always_inline)) void
+ssm_half_widen_max_body_avx512(const uint16_t *x, ptrdiff_t sx, float *W, ptrdiff_t C,
+                               ptrdiff_t n, ptrdiff_t pf, float *m, int bf16)
+{
+    ptrdiff_t c, j, n16 = n & ~(ptrdiff_t)15;
+    ssm_prefetch_u16(x, n, pf);
+    for (j = 0; j < n16; j += 16) {
+        __m512 w = ssm_half_load16_avx512(x + j, bf16);
+        _mm512_storeu_ps(W + j, w);
+        _mm512_storeu_ps(m + j, w);
+    }
+    for (; j < n; j++)
+        m[j] = W[j] = ssm_half_load1(x + j, bf16);
+    for (c = 1; c + 1 < C; c += 2) {
+        const uint16_t *x0 = x + c * sx, *x1 = x0 + sx;
+        float *W0 = W + c * n, *W1 = W0 + n;
+        ssm_prefetch_u16(x0, n, pf);
+        ssm_prefetch_u16(x1, n, pf);
+        for (j = 0; j < n16; j += 16) {
+            __m512 w0 = ssm_half_load16_avx512(x0 + j, bf16);
+            __m512 w1 = ssm_half_load16_avx512(x1 + j, bf16);
+            _mm512_storeu_ps(W0 + j, w0);
+            _mm512_storeu_ps(W1 + j, w1);
+            _mm512_storeu_ps(m + j, _mm512_max_ps(w1, _mm512_max_ps(w0, _mm512_loadu_ps(m + j))));
+        }
+        for (; j < n; j++) {
+            float w0 = ssm_half_load1(x0 + j, bf16), w1 = ssm_half_load1(x1 + j, bf16);
+            float v = w0 > m[j] ? w0 : m[j];
+            W0[j] = w0;
+            W1[j] = w1;
+            m[j] = w1 > v ? w1 : v;
+        }
+    }
+    if (c < C) {
+        const uint16_t *xc = x + c * sx;
+        float *Wc = W + c * n;
+        ssm_prefetch_u16(xc, n, pf);
+        for (j = 0; j < n16; j += 16) {
+            __m512 w = ssm_half_load16_avx512(xc + j, bf16);
+            _mm512_storeu_ps(Wc + j, w);
+            _mm512_storeu_ps(m + j, _mm512_max_ps(w, _mm512_loadu_ps(m + j)));
+        }
+        for (; j < n; j++) {
+            float w = ssm_half_load1(xc + j, bf16);
+            Wc[j] = w;
+            m[j] = w > m[j] ? w : m[j];
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,f16c"))) static void ssm_half_widen_max_avx512_h(
+    const uint16_t *x, ptrdiff_t sx, float *W, ptrdiff_t C, ptrdiff_t n, ptrdiff_t pf,
+    float *m)
+{
+    ssm_half_widen_max_body_avx512(x, sx, W, C, n, pf, m, 0);
+}
+
+__attribute__((target("avx512f,avx512bw,f16c"))) static void ssm_half_widen_max_avx512_b(
+    const uint16_t *x, ptrdiff_t sx, float *W, ptrdiff_t C, ptrdiff_t n, ptrdiff_t pf,
+    float *m)
+{
+    ssm_half_widen_max_body_avx512(x, sx, W, C, n, pf, m, 1);
 }
 #else
 /* (no F16C path here: the setting is kept, and read, for ssm._cpu.half_isa alone) */

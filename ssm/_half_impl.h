@@ -167,6 +167,13 @@ SSM_INLINE void SSM_HSFX(ssm_half_out_row)(const ssm_problem *P, uint16_t *dst, 
 {
     ptrdiff_t j;
 #if defined(SSM_F16C)
+    if (P->stream && ssm_cpu_has_avx512bw()) {
+        if (f)
+            SSM_HSFX(ssm_half_grad_row_avx512)(dst, e, f, gl, cls, (int32_t)c, n);
+        else
+            SSM_HSFX(ssm_half_prob_row_avx512)(dst, e, r, n);
+        return;
+    }
     if (P->stream && ssm_cpu_has_avx2_f16c()) {
         if (f)
             SSM_HSFX(ssm_half_grad_row_avx2)(dst, e, f, gl, cls, (int32_t)c, n);
@@ -258,7 +265,9 @@ SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t
         const uint16_t *xc = (const uint16_t *)P->x + base + j0;
         nc = n - j0 < chunk ? n - j0 : chunk;
 #if defined(SSM_F16C)
-        if (SSM_HSFX(ssm_widen_avx2)())
+        if (ssm_cpu_has_avx512bw())
+            SSM_HSFX(ssm_half_widen_max_avx512)(xc, P->inner, W, C, nc, 2 * n, S.xmax + j0);
+        else if (SSM_HSFX(ssm_widen_avx2)())
             SSM_HSFX(ssm_half_widen_max_avx2)(xc, P->inner, W, C, nc, 2 * n, S.xmax + j0);
         else
 #endif

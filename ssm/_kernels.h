@@ -99,6 +99,16 @@
 #define SSM_PREFETCH(p) ((void)(p))
 #endif
 
+/* Prefetch the `bytes` bytes `at` bytes on from p, a line at a time. They may lie past
+   the end of p's array: the address is formed as an integer, and prefetches never fault. */
+static inline void ssm_prefetch_span(const void *p, ptrdiff_t at, ptrdiff_t bytes)
+{
+    uintptr_t a = (uintptr_t)p + (uintptr_t)at;
+    ptrdiff_t k;
+    for (k = 0; k < bytes; k += 64)
+        SSM_PREFETCH((const void *)(a + (uintptr_t)k));
+}
+
 /* exp(x) for float x <= 0 (or NaN), the only arguments softmax gives it (x - max).
    Inlined so every loop that calls it vectorises in every clone; glibc's libmvec
    expf was 40% of the softmax time here, this is a few FMAs per element.

@@ -152,7 +152,7 @@ def spatial_softmax(x, *, temperature=1.0, layout="NCHW", out=None, threads=None
         x, geom, t, _, nt = _common(B, x, "x", layout, temperature, threads)
         out = V.check_out(out, "out", x.shape, x.dtype, [("x", x)])
         if out is None:
-            out = V.array_module(x).empty_like(x)
+            out = V.empty_like(x)
         B.positions(PosOp.SOFTMAX, PositionsProblem(geom, x, _temperature_for(B, x, t),
                                                     out=out), nt)
         return out
@@ -192,7 +192,7 @@ def spatial_softmax_grad(prob, dprob, *, temperature=1.0, layout="NCHW",
         want_dt = V.check_flag(return_temperature_grad, "return_temperature_grad")
         out = V.check_out(out, "out", prob.shape, prob.dtype, [("prob", prob), ("dprob", dprob)])
         if out is None:
-            out = V.array_module(prob).empty_like(prob)
+            out = V.empty_like(prob)
         dt = _empty(prob, geom.rows, np.float64) if want_dt else None
         B.positions(PosOp.SOFTMAX_BWD,
                     PositionsProblem(geom, prob, _temperature_for(B, prob, t), dprob=dprob,
@@ -249,7 +249,7 @@ def soft_argmax(x, *, temperature=1.0, coordinates="normalized", return_variance
         out = V.check_out(out, "out", kshape, x.dtype, [("x", x)])
         kp = _empty(x, kshape, x.dtype) if out is None else out
         var = _empty(x, kshape, x.dtype) if want_var else None
-        prob = V.array_module(x).empty_like(x) if want_prob else None
+        prob = V.empty_like(x) if want_prob else None
         B.positions(PosOp.EXPECT,
                     PositionsProblem(geom, x, _temperature_for(B, x, t),
                                      out=prob, keypoints=kp, variance=var,
@@ -304,7 +304,7 @@ def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized
         dk = V.check_d_keypoints(d_keypoints, geom, x)
         out = V.check_out(out, "out", x.shape, x.dtype, [("x", x), ("d_keypoints", dk)])
         if out is None:
-            out = V.array_module(x).empty_like(x)
+            out = V.empty_like(x)
         dt = _empty(x, geom.rows, np.float64) if want_dt else None
         B.positions(PosOp.EXPECT_BWD,
                     PositionsProblem(geom, x, _temperature_for(B, x, t),

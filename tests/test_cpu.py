@@ -643,3 +643,24 @@ def test_rows_layout_every_channel_and_pixel_remainder(rng, dtype):
             rprob, rloss = ref.sswl_loss(x, y, reduction="sum")
             assert_close(g, ref.sswl_grad(rprob, y, reduction="sum"), dtype, scale=1.0)
             assert_close(loss, rloss, dtype, scale=float(np.abs(rloss)) + 1.0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_outputs_start_on_a_cache_line(rng, layout):
+    # outputs ssm allocates of 1 MiB or more begin on a 64-byte boundary (streamed rows
+    # then fill whole lines); smaller ones are numpy's own. Values as with out= given.
+    x = make_logits(rng, logits_shape(2, 21, (128, 96), layout), np.float32)
+    y = make_labels(rng, (2, 128, 96), 21)
+    p = ssm.softmax(x, layout=layout)
+    _, g, q = ssm.spatial_softmax_with_loss_and_grad(x, y, layout=layout, return_prob=True)
+    outs = [p, ssm.log_softmax(x, layout=layout), g, q,
+            ssm.spatial_softmax_with_loss(x, y, layout=layout)[0],
+            ssm.softmax_grad(p, g, layout=layout), ssm.spatial_softmax(x, layout=layout)]
+    for o in outs:
+        assert type(o) is np.ndarray and o.shape == x.shape and o.dtype == x.dtype
+        assert o.flags.c_contiguous and o.flags.writeable and o.ctypes.data % 64 == 0
+    given = np.empty_like(x)
+    ssm.spatial_softmax_with_loss_and_grad(x, y, layout=layout, out=given)
+    assert given.tobytes() == g.tobytes()
+    small = make_logits(rng, logits_shape(1, 3, (5, 7), layout), np.float32)
+    assert ssm.softmax(small, layout=layout).shape == small.shape

@@ -174,7 +174,7 @@ def test_half_is_the_float32_path_rounded(rng, shape, dtype, layout):
 # the direct tiles (NCHW, integer labels, no lens or smoothing: ssm_sswl_tile_direct in
 # ssm/_half_impl.h), which the test above never reaches (it smooths every label):
 # widths that leave vector remainders, C over one summation block, rows from unaligned
-# starts, streamed and plain outputs, F16C and the compiler's loops
+# starts, streamed and plain outputs, the AVX-512 and AVX2 rows and the compiler's loops
 DIRECT_SHAPES = [(2, 21, (9, 37)), (1, 150, (5, 13)), (2, 3, (1100,)), (1, 40, (33, 33)),
                  (1, 2, (1,))]
 
@@ -202,7 +202,7 @@ def test_direct_half_tiles_are_the_float32_path_rounded(rng, monkeypatch, isa_le
         cases += [(t, None, dict(ignore_index=ign)),
                   (t, w, dict(ignore_index=ign, class_weights=cw)),
                   (t, w, dict(ignore_index=ign, loss="kl"))]
-    for stream_bytes, level in ((1 << 62, 1), (0, 1), (0, 0)):
+    for stream_bytes, level in ((1 << 62, 2), (0, 2), (0, 1), (0, 0)):
         monkeypatch.setattr(_cpu, "STREAM_BYTES", stream_bytes)
         isa_level(level)
         for t, w, opts in cases:
@@ -251,7 +251,7 @@ def test_streamed_half_outputs(rng, monkeypatch, isa_level, dtype, layout):
     y = make_labels(rng, (2, 33, 35), 7)
     x[(0,) * x.ndim] = np.nan
     runs = []
-    for level in (1, 0):
+    for level in (2, 1, 0):
         isa_level(level)
         for stream_bytes in (1 << 62, 1024):
             monkeypatch.setattr(_cpu, "STREAM_BYTES", stream_bytes)
