@@ -8,6 +8,8 @@ denormals flushed in float kernels (-ftz=true), FMA contraction on and off, stre
 devices. The GPU test cases themselves run on the simulator in tests/test_gpu.py.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -545,3 +547,29 @@ def test_simulated_arrays_behave_like_cupy_arrays(rng):
     with pytest.raises(TypeError, match=r"^x: a numpy.ndarray on the host cannot be mixed with "
                        r"out, a ssm.testing.cudasim.ndarray"):
         ssm.softmax(np.ones((2, 3)), out=cudasim.ones((2, 3)))
+
+
+def test_processes_sharing_the_cache_build_a_library_once(tmp_path, monkeypatch):
+    # pytest-xdist workers share one cache: a library that several need at once is compiled
+    # by one of them while the others wait for it (a file lock per library; flock treats
+    # each open() apart, so threads of one process stand in for the processes here)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ssm.testing.cudasim import _module
+
+    monkeypatch.setenv("SSM_CUDASIM_CACHE", str(tmp_path))
+    code = "__global__ void fill(float* out) { out[threadIdx.x] = 1.0f; }"
+    compiled = []
+    real = _module._compile
+
+    def counted(*args):
+        compiled.append(args[-1])
+        real(*args)
+
+    monkeypatch.setattr(_module, "_compile", counted)
+    with ThreadPoolExecutor(4) as pool:
+        libraries = list(pool.map(lambda _: _module.build(code, ["fill"]), range(4)))
+    assert len(compiled) == 1, compiled
+    assert all(list(lib.kernels) == ["fill"] for lib in libraries)
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(compiled[0]),
+                                                   os.path.basename(compiled[0]) + ".lock"])

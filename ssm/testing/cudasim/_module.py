@@ -38,6 +38,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from . import _device
 from ._array import ndarray
 from ._device import SimulatorError
@@ -238,20 +243,42 @@ def build(code: str, name_expressions, filename="module.cu") -> _Library:
     folder = cache_dir()
     path = os.path.join(folder, f"{key}.so")
     if not os.path.exists(path):
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src = os.path.join(tmp, "module.cpp")
-            with open(src, "w") as f:
-                f.write(tu)
-            with open(os.path.join(tmp, PRELUDE), "w") as f:
-                f.write(prelude)
-            out = os.path.join(tmp, "module.so")
-            proc = subprocess.run([cxx, *flags, "-I", tmp, src, "-o", out],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SimulatorError(f"{filename}: the host compiler ({cxx}) failed:\n"
-                                     f"{proc.stderr[-4000:]}")
-            os.replace(out, path)  # atomic: concurrent builders agree on the result
+        with _build_lock(path + ".lock"):
+            if not os.path.exists(path):  # another process built it while this one waited
+                _compile(cxx, flags, tu, prelude, filename, folder, path)
     return _Library(path)
+
+
+@contextlib.contextmanager
+def _build_lock(path):
+    """Held by one process at a time (fcntl.flock; none where there is no fcntl), so that
+    processes sharing the cache (pytest-xdist workers) build each library once: the others
+    wait for it instead of compiling the same text beside it."""
+    if fcntl is None:  # Windows: each process may build it; os.replace keeps that safe
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compile(cxx, flags, tu, prelude, filename, folder, path):
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src = os.path.join(tmp, "module.cpp")
+        with open(src, "w") as f:
+            f.write(tu)
+        with open(os.path.join(tmp, PRELUDE), "w") as f:
+            f.write(prelude)
+        out = os.path.join(tmp, "module.so")
+        proc = subprocess.run([cxx, *flags, "-I", tmp, src, "-o", out],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SimulatorError(f"{filename}: the host compiler ({cxx}) failed:\n"
+                                 f"{proc.stderr[-4000:]}")
+        os.replace(out, path)  # atomic: a reader never sees a partly written library
 
 
 # ---- RawModule --------------------------------------------------------------------------------
