@@ -122,8 +122,9 @@ def empty_like(x):
     ALIGNED_BYTES, one whose data starts on a 64-byte (cache line) boundary. NumPy's
     large arrays start 16 bytes past one, so every row of a tile that the kernels stream
     out (non-temporal stores, whole lines at a time) began and ended in a line shared
-    with the next tile, written in two parts: ADE-like fused, 1 thread, 10-20% slower
-    than into an aligned output (2026-12-01, Zen 4)."""
+    with the next tile, written in two parts: ADE-like fused (96-pixel tile rows) took
+    1.23x (1 thread) and 1.17x (2 threads) the time into an aligned output, VOC-like
+    up to 1.08x (benchmarks/out_alignment.py, 2026-12-01, Zen 4)."""
     xp = array_module(x)
     if xp is not np or type(x) is not np.ndarray or not x.flags.c_contiguous \
             or x.nbytes < ALIGNED_BYTES:
