@@ -191,6 +191,17 @@ ssm_half_out8_avx2(const float *e, const float *r, const float *gl, const int32_
     return _mm256_sub_ps(p, _mm256_and_ps(at, _mm256_loadu_ps(gl + j)));
 }
 
+/* Eight floats -> their half bits (bfloat16 as ssm_f_to_bf16, float16 by vcvtps2ph) */
+__attribute__((target("avx2,f16c"))) static inline __attribute__((always_inline)) __m128i
+ssm_half_narrow8_avx2(__m256 v, int bf16)
+{
+    __m256i h;
+    if (!bf16)
+        return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    h = _mm256_srli_epi32(ssm_bf16_round8_avx2(v), 16);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0xd8));
+}
+
 __attribute__((target("avx2,f16c"))) static inline __attribute__((always_inline)) void
 ssm_half_row_body_avx2(uint16_t *dst, const float *e, const float *r, const float *gl,
                        const int32_t *cls, int32_t c, ptrdiff_t n, int grad, int bf16)
@@ -218,6 +229,11 @@ ssm_half_row_body_avx2(uint16_t *dst, const float *e, const float *r, const floa
             _mm_stream_si128((__m128i *)(dst + j + 8),
                              _mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT));
         }
+    }
+    if (j + 8 <= n) {  /* a last 8 streamed too: no plain stores into a line it streams */
+        _mm_stream_si128((__m128i *)(dst + j),
+                         ssm_half_narrow8_avx2(ssm_half_out8_avx2(e, r, gl, cls, cv, j, grad), bf16));
+        j += 8;
     }
     for (; j < n; j++) {
         float v = grad ? ssm_grad_sparse_one(e, r, gl, cls, c, j) : e[j] * r[j];
@@ -399,6 +415,7 @@ ssm_half_row_body_avx512(uint16_t *dst, const float *e, const float *r, const fl
 {
     ptrdiff_t j = 0;
     const __m512i cv = _mm512_set1_epi32(c);
+    const __m256i cv8 = _mm256_set1_epi32(c);
     int wide;
     for (; j < n; j++) {  /* up to a 16-byte boundary, and all of a short row */
         float v;
@@ -423,6 +440,12 @@ ssm_half_row_body_avx512(uint16_t *dst, const float *e, const float *r, const fl
             _mm_stream_si128((__m128i *)(dst + j), _mm256_castsi256_si128(h));
             _mm_stream_si128((__m128i *)(dst + j + 8), _mm256_extracti128_si256(h, 1));
         }
+    }
+    if (j + 8 <= n) {  /* as the AVX2 row: a last 8 streamed, by its 8-wide functions */
+        _mm_stream_si128((__m128i *)(dst + j),
+                         ssm_half_narrow8_avx2(ssm_half_out8_avx2(e, r, gl, cls, cv8, j, grad),
+                                               bf16));
+        j += 8;
     }
     for (; j < n; j++) {
         float v = grad ? ssm_grad_sparse_one(e, r, gl, cls, c, j) : e[j] * r[j];
