@@ -191,9 +191,12 @@ def test_gil_is_released_during_kernels():
 
 
 _INTERRUPT_CHILD = r"""
-import sys, time
+import signal, sys, time
 import numpy as np
 import ssm
+# Python leaves SIGINT ignored if it started so (a job put in the background by a shell
+# without job control, as `.ci/run &` is): KeyboardInterrupt, as an interactive run has it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 x = np.random.default_rng(0).standard_normal((4, 21, 512, 512)).astype(np.float32)
 y = np.random.default_rng(1).integers(0, 21, (4, 512, 512))
 want_loss, want_grad = ssm.spatial_softmax_with_loss_and_grad(x, y, threads=1)
