@@ -368,7 +368,8 @@ __attribute__((target("avx2,f16c"))) static void ssm_half_widen_max_avx2_b(
  * same bits), half the instructions, and one 32-byte non-temporal store a step after a
  * 16-byte one up to a 32-byte boundary (the rows of numpy's large arrays start 16 bytes
  * off one), where the AVX2 row stores two of 16 bytes. ssm_half_isa 2 chooses them on a
- * CPU that has them. */
+ * CPU that has them. The widening max sweep stays AVX2: a 512-bit one took the same share
+ * of the VOC bfloat16 fused pass (perf, Zen 4; it waits on its loads). */
 static inline int ssm_cpu_has_avx512bw(void)
 {
     return ssm_half_isa >= 2 && __builtin_cpu_supports("avx512f")
@@ -480,80 +481,6 @@ __attribute__((target("avx512f,avx512bw,f16c"))) static void ssm_half_grad_row_a
 {
     ssm_half_row_body_avx512(dst, e, f, gl, cls, c, n, 1, 1);
 }
-
-/* ssm_half_widen_max_body_avx2, sixteen pixels a step */
-__attribute__((target("avx512f,avx512bw,f16c"))) static inline __attribute__((always_inline)) __m512
-ssm_half_load16_avx512(const uint16_t *h, int bf16)
-{
-    __m256i v = _mm256_loadu_si256((const __m256i *)h);
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-    return _mm512_cvtph_ps(v);
-}
-
-__attribute__((target("avx512f,avx512bw,f16c"))) static inline __attribute__((always_inline)) void
-ssm_half_widen_max_body_avx512(const uint16_t *x, ptrdiff_t sx, float *W, ptrdiff_t C,
-                               ptrdiff_t n, ptrdiff_t pf, float *m, int bf16)
-{
-    ptrdiff_t c, j, n16 = n & ~(ptrdiff_t)15;
-    ssm_prefetch_u16(x, n, pf);
-    for (j = 0; j < n16; j += 16) {
-        __m512 w = ssm_half_load16_avx512(x + j, bf16);
-        _mm512_storeu_ps(W + j, w);
-        _mm512_storeu_ps(m + j, w);
-    }
-    for (; j < n; j++)
-        m[j] = W[j] = ssm_half_load1(x + j, bf16);
-    for (c = 1; c + 1 < C; c += 2) {
-        const uint16_t *x0 = x + c * sx, *x1 = x0 + sx;
-        float *W0 = W + c * n, *W1 = W0 + n;
-        ssm_prefetch_u16(x0, n, pf);
-        ssm_prefetch_u16(x1, n, pf);
-        for (j = 0; j < n16; j += 16) {
-            __m512 w0 = ssm_half_load16_avx512(x0 + j, bf16);
-            __m512 w1 = ssm_half_load16_avx512(x1 + j, bf16);
-            _mm512_storeu_ps(W0 + j, w0);
-            _mm512_storeu_ps(W1 + j, w1);
-            _mm512_storeu_ps(m + j, _mm512_max_ps(w1, _mm512_max_ps(w0, _mm512_loadu_ps(m + j))));
-        }
-        for (; j < n; j++) {
-            float w0 = ssm_half_load1(x0 + j, bf16), w1 = ssm_half_load1(x1 + j, bf16);
-            float v = w0 > m[j] ? w0 : m[j];
-            W0[j] = w0;
-            W1[j] = w1;
-            m[j] = w1 > v ? w1 : v;
-        }
-    }
-    if (c < C) {
-        const uint16_t *xc = x + c * sx;
-        float *Wc = W + c * n;
-        ssm_prefetch_u16(xc, n, pf);
-        for (j = 0; j < n16; j += 16) {
-            __m512 w = ssm_half_load16_avx512(xc + j, bf16);
-            _mm512_storeu_ps(Wc + j, w);
-            _mm512_storeu_ps(m + j, _mm512_max_ps(w, _mm512_loadu_ps(m + j)));
-        }
-        for (; j < n; j++) {
-            float w = ssm_half_load1(xc + j, bf16);
-            Wc[j] = w;
-            m[j] = w > m[j] ? w : m[j];
-        }
-    }
-}
-
-__attribute__((target("avx512f,avx512bw,f16c"))) static void ssm_half_widen_max_avx512_h(
-    const uint16_t *x, ptrdiff_t sx, float *W, ptrdiff_t C, ptrdiff_t n, ptrdiff_t pf,
-    float *m)
-{
-    ssm_half_widen_max_body_avx512(x, sx, W, C, n, pf, m, 0);
-}
-
-__attribute__((target("avx512f,avx512bw,f16c"))) static void ssm_half_widen_max_avx512_b(
-    const uint16_t *x, ptrdiff_t sx, float *W, ptrdiff_t C, ptrdiff_t n, ptrdiff_t pf,
-    float *m)
-{
-    ssm_half_widen_max_body_avx512(x, sx, W, C, n, pf, m, 1);
-}
 #else
 /* (no F16C path here: the setting is kept, and read, for ssm._cpu.half_isa alone) */
 static inline int ssm_half_isa_setting(void) { return ssm_half_isa; }
@@ -618,12 +545,6 @@ SSM_INLINE void ssm_half_sumexp(const float *restrict W, float *restrict e, ptrd
         ssm_sumexp_rows_f(W, n, e, se, 0, C, n, S->xmax + j0, s, 0);
     else
         ssm_sumexp_blocks_f(W, n, e, se, C, n, S->xmax + j0, s, S->hi + j0, S->lo + j0, 0);
-}
-
-/* Bytes per label of a target kind (0: no labels). */
-static inline size_t ssm_label_bytes(int kind)
-{
-    return kind == SSM_U8 ? 1 : kind == SSM_I32 ? 4 : kind == SSM_I64 ? 8 : 0;
 }
 
 #define SSM_HSFX(name) name##_h

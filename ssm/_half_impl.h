@@ -265,9 +265,7 @@ SSM_INLINE double SSM_HSFX(ssm_sswl_tile_direct)(const ssm_problem *P, ptrdiff_t
         const uint16_t *xc = (const uint16_t *)P->x + base + j0;
         nc = n - j0 < chunk ? n - j0 : chunk;
 #if defined(SSM_F16C)
-        if (ssm_cpu_has_avx512bw())
-            SSM_HSFX(ssm_half_widen_max_avx512)(xc, P->inner, W, C, nc, 2 * n, S.xmax + j0);
-        else if (SSM_HSFX(ssm_widen_avx2)())
+        if (SSM_HSFX(ssm_widen_avx2)())
             SSM_HSFX(ssm_half_widen_max_avx2)(xc, P->inner, W, C, nc, 2 * n, S.xmax + j0);
         else
 #endif

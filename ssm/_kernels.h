@@ -715,6 +715,12 @@ __attribute__((target("avx2"))) static void ssm_code_labels_i64_avx2(
 }
 #endif
 
+/* Bytes per label of a target kind (0: no labels, or soft targets). */
+static inline size_t ssm_label_bytes(int kind)
+{
+    return kind == SSM_U8 ? 1 : kind == SSM_I32 ? 4 : kind == SSM_I64 ? 8 : 0;
+}
+
 /* The per-dtype kernels: one template, instantiated for float and double (each
    instantiates the label loops of _labels_impl.h for the three label types). */
 #define R float

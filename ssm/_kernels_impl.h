@@ -698,8 +698,7 @@ SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t 
 SSM_INLINE void SSM_SFX(ssm_prefetch_labels)(const ssm_problem *P, ptrdiff_t pix, ptrdiff_t n)
 {
     const ptrdiff_t ahead = pix + 2 * P->tile, rsize = (ptrdiff_t)sizeof(R);
-    const ptrdiff_t lsize = P->target_kind == SSM_U8 ? 1 : P->target_kind == SSM_I32 ? 4
-                          : P->target_kind == SSM_I64 ? 8 : 0;  /* soft: none */
+    const ptrdiff_t lsize = (ptrdiff_t)ssm_label_bytes(P->target_kind);
     ssm_prefetch_span(P->target, ahead * lsize, n * lsize);
     if (P->w)
         ssm_prefetch_span(P->w, ahead * rsize, n * rsize);
