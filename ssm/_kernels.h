@@ -327,6 +327,27 @@ static inline ptrdiff_t ssm_num_tiles(const ssm_problem *P)
     return (P->outer + P->tile - 1) / P->tile;
 }
 
+/* How far ahead, in elements, a tile kernel prefetches the rows it reads (strided
+   channels: the same pixels of the tile after next, see ssm_prefetch_next), or 0 for no
+   prefetch. Only in the AVX-512 clone, on whose CPU (Zen 4) prefetching helped (A/B,
+   2026-11-23). On an AVX2-only Zen 3 its hardware prefetchers did better alone: 2
+   threads, VOC-like fused 5.51 -> 5.07 ms, loss alone 3.69 -> 3.31, Cityscapes-like
+   loss alone 6.87 -> 6.18 (alternating processes, 2026-12-01); the AVX2 and baseline
+   clones leave the float and double rows to them (also softmax_grad: 5.39 -> 4.60 ms).
+   Not everywhere: the labels' prefetch (ssm_prefetch_labels) stays, the gradient from
+   the probabilities (ssm_sswl_bwd_tile) keeps its rows' (6-10% slower without), and so
+   do the half types (_half_impl.h: 3% slower without, bfloat16 fused and loss). */
+static inline ptrdiff_t ssm_rows_ahead(const ssm_problem *P, ptrdiff_t n)
+{
+    if (P->inner <= 1)
+        return 0;
+#if defined(SSM_HAVE_EXPF_T16)
+    return ssm_expf_use_t16() ? 2 * n : 0;  /* the x86-64-v4 clone runs (or is forced) */
+#else
+    return 2 * n;  /* other architectures: as measured before, on no CPU of theirs */
+#endif
+}
+
 /* Where tile t lives: element offset of its first logit, flat index of its first
    pixel, and its pixel count. */
 SSM_INLINE void ssm_tile_geom(const ssm_problem *P, ptrdiff_t t, ptrdiff_t *base,

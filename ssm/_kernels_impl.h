@@ -341,7 +341,8 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
    (locality 2): prefetching into L1 evicted the working tile and cost 15-25%, one
    tile ahead left less time for the lines to arrive (A/B, 2026-11-23). Prefetches
    never fault; the address is formed as an integer, since it may lie past the end
-   of the array. `dist` is how far ahead, in elements: 2n for a whole tile row, 0 for
+   of the array. `dist` is how far ahead, in elements: 2n for a whole tile row
+   (ssm_rows_ahead; 0 where the hardware prefetchers do better), 0 for
    blocks in scratch (rows layouts, no prefetch); a caller working on part of a tile
    passes the whole tile's distance. */
 SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, ptrdiff_t dist)
@@ -564,7 +565,7 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp_chunked)(const ssm_problem *P, const R *x
                                                 R *xy)
 {
     ptrdiff_t j0, nc, C = P->C, chunk = ssm_l1_chunk(C, n, (ptrdiff_t)sizeof(R));
-    ptrdiff_t pf = P->inner > 1 ? 2 * n : 0;
+    ptrdiff_t pf = ssm_rows_ahead(P, n);
     for (j0 = 0; j0 < n; j0 += nc) {
         nc = n - j0 < chunk ? n - j0 : chunk;
         SSM_SFX(ssm_max_sumexp)(x + j0, sx, e ? e + j0 : NULL, se, C, nc, S->xmax + j0,
@@ -618,13 +619,14 @@ SSM_CLONES double SSM_SFX(ssm_softmax_fwd_tile)(const ssm_problem *P, ptrdiff_t 
 SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t t, void *buf)
 {
     SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
-    ptrdiff_t base, pix, n, sp, sd, so, c, c0, c1, j, C = P->C;
+    ptrdiff_t base, pix, n, sp, sd, so, c, c0, c1, j, pf, C = P->C;
     const R *p, *dp;
     R *dx, *dot = S.dot;
     ssm_tile_geom(P, t, &base, &pix, &n);
     p = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sp);
     dp = SSM_SFX(ssm_load)(P, (const R *)P->x2, base, n, S.X2, &sd);
     dx = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
+    pf = ssm_rows_ahead(P, n);
     for (c0 = 0; c0 < C; c0 = c1) {  /* dot = sum_c p dp, in blocks: see ssm_sum_block_end */
         c1 = SSM_SFX(ssm_block_stop)(c0, C);
 #pragma omp simd
@@ -632,8 +634,8 @@ SSM_CLONES double SSM_SFX(ssm_softmax_bwd_tile)(const ssm_problem *P, ptrdiff_t 
             dot[j] = 0;
         for (c = c0; c < c1; c++) {
             const R *restrict pc = p + c * sp, *restrict dc = dp + c * sd;
-            SSM_SFX(ssm_prefetch_next)(pc, n, P->inner > 1 ? 2 * n : 0);
-            SSM_SFX(ssm_prefetch_next)(dc, n, P->inner > 1 ? 2 * n : 0);
+            SSM_SFX(ssm_prefetch_next)(pc, n, pf);
+            SSM_SFX(ssm_prefetch_next)(dc, n, pf);
 #pragma omp simd
             for (j = 0; j < n; j++)
                 dot[j] += pc[j] * dc[j];
@@ -1169,6 +1171,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, 
         }
     }
     for (c = 0; c < C; c++) {
+        /* always: without, 6-10% slower on the Zen 3 (see ssm_rows_ahead) */
         SSM_SFX(ssm_prefetch_next)(q + c * sq, n, P->inner > 1 ? 2 * n : 0);
         SSM_SFX(ssm_grad_row)(o + c * so, q + c * sq, f, S.glabel, S.gscale, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
