@@ -9,8 +9,9 @@ fall in one set of a cache indexed by address bits below 16: L1 always (bits 6-1
 L2 (bits 6-15 on Zen 3's 512 KiB, 8 ways) where NumPy's large arrays sit on 2 MiB pages,
 as Linux gives them with transparent huge pages on `madvise` (NumPy asks). With C well
 over the ways, the rows of a tile evict each other before the second sweep reads them.
-The wider shapes (8 columns more) shift each row 4-16 KiB further in the sets, so that
-the rows spread. The table gives nanoseconds per element (each shape's median time over
+The wider shapes (8 columns more) shift each row 4-16 KiB further in L2's sets, so that
+the rows spread there; their strides are still multiples of 4 KiB, so in L1 both alias
+alike: the difference is L2's. The table gives nanoseconds per element (each shape's median time over
 its element count) and the ratio power-of-two / wider (above 1: the power-of-two image
 costs more per element). The two shapes take turns call by call in one process;
 "ade-hot" is one ADE-like image, which stays in L3 (32 MiB): the cost is in the caches,

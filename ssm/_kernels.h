@@ -327,16 +327,18 @@ static inline ptrdiff_t ssm_num_tiles(const ssm_problem *P)
     return (P->outer + P->tile - 1) / P->tile;
 }
 
-/* How far ahead, in elements, a tile kernel prefetches the rows it reads (strided
-   channels: the same pixels of the tile after next, see ssm_prefetch_next), or 0 for no
-   prefetch. Only in the AVX-512 clone, on whose CPU (Zen 4) prefetching helped (A/B,
-   2026-11-23). On an AVX2-only Zen 3 its hardware prefetchers did better alone: 2
-   threads, VOC-like fused 5.51 -> 5.07 ms, loss alone 3.69 -> 3.31, Cityscapes-like
-   loss alone 6.87 -> 6.18 (alternating processes, 2026-12-01); the AVX2 and baseline
-   clones leave the float and double rows to them (also softmax_grad: 5.39 -> 4.60 ms).
-   Not everywhere: the labels' prefetch (ssm_prefetch_labels) stays, the gradient from
-   the probabilities (ssm_sswl_bwd_tile) keeps its rows' (6-10% slower without), and so
-   do the half types (_half_impl.h: 3% slower without, bfloat16 fused and loss). */
+/* How far ahead, in elements, the float and double sweeps (ssm_max_sumexp_chunked,
+   ssm_softmax_bwd_tile) prefetch the rows they read (strided channels: the same pixels
+   of the tile after next, see ssm_prefetch_next), or 0 for none. In the builds with
+   target clones, only where the AVX-512 clone runs: on its CPU (Zen 4) prefetching
+   helped (A/B, 2026-11-23), while on an AVX2-only Zen 3 the hardware prefetchers did
+   better alone (alternating processes, 2026-12-01: VOC-like 2 threads fused 5.81 ->
+   5.47 ms, loss alone 3.68 -> 3.42, softmax_grad 5.44 -> 4.80; Cityscapes-like loss
+   7.07 -> 6.42). Builds without clones prefetch as before. Not changed: the labels'
+   prefetch (ssm_prefetch_labels), the gradient from probabilities (ssm_sswl_bwd_tile:
+   without it 9-11% slower at 1 thread, 6% at 2, of which 4% and 1-2% were code
+   placement) and the half types (_half_impl.h: 3% slower without, bfloat16 fused and
+   loss); figures in benchmarks/results/2026-12-01-amd-epyc-zen3-avx2-session9/. */
 static inline ptrdiff_t ssm_rows_ahead(const ssm_problem *P, ptrdiff_t n)
 {
     if (P->inner <= 1)
@@ -344,7 +346,7 @@ static inline ptrdiff_t ssm_rows_ahead(const ssm_problem *P, ptrdiff_t n)
 #if defined(SSM_HAVE_EXPF_T16)
     return ssm_expf_use_t16() ? 2 * n : 0;  /* the x86-64-v4 clone runs (or is forced) */
 #else
-    return 2 * n;  /* other architectures: as measured before, on no CPU of theirs */
+    return 2 * n;  /* builds without clones (and other architectures): as before */
 #endif
 }
 

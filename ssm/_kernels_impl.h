@@ -1171,7 +1171,7 @@ SSM_CLONES double SSM_SFX(ssm_sswl_bwd_tile)(const ssm_problem *P, ptrdiff_t t, 
         }
     }
     for (c = 0; c < C; c++) {
-        /* always: without, 6-10% slower on the Zen 3 (see ssm_rows_ahead) */
+        /* on every clone (see ssm_rows_ahead) */
         SSM_SFX(ssm_prefetch_next)(q + c * sq, n, P->inner > 1 ? 2 * n : 0);
         SSM_SFX(ssm_grad_row)(o + c * so, q + c * sq, f, S.glabel, S.gscale, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
