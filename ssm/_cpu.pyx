@@ -585,8 +585,26 @@ cdef inline double _tiles_stats(const double *norms, const Py_ssize_t *bads, Py_
 
 
 def loss_value(double total, double divisor, dtype):
-    """``total / divisor`` (0 when the divisor is 0) as a 0-d array of ``dtype``."""
-    return np.asarray(total / divisor if divisor != 0 else 0.0, dtype=dtype)
+    """``total / divisor`` (0 when the divisor is 0) as a 0-d array of ``dtype``, rounded
+    once (as the GPU's ``from_double``)."""
+    cdef double v = total / divisor if divisor != 0 else 0.0
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        return np.asarray(_to_float32_odd(v), dtype=dtype)
+    return np.asarray(v, dtype=dtype)
+
+
+cdef _to_float32_odd(double v):
+    """``v`` as float32 rounded to odd: truncated, then the last bit set where inexact. Its
+    one rounding to bfloat16 (to nearest even, 29 bits to spare) is then ``v``'s, not the
+    twice-rounded result of a cast through float (which ml_dtypes gave before 0.7)."""
+    with np.errstate(over="ignore"):
+        f = np.array(v, dtype=np.float32)
+    if abs(float(f)) > abs(v):
+        f = np.nextafter(f, np.float32(0))  # rounded away from zero: one step back
+    if float(f) != v and v == v:
+        f = (f.view(np.uint32) | np.uint32(1)).view(np.float32)
+    return f
 
 
 # ---- the memory floors of ssm-bench (ssm/_floors.h) ----------------------------------------

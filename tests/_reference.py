@@ -230,3 +230,26 @@ def caffe2_sswl_grad(X, T, W, P, d_loss, scale=1.0):
     if total > 0:
         dX = dX * (scale / total)
     return dX * float(np.ravel(d_loss)[0])
+
+
+def bf16_bits_rounded_once(d):
+    """The bfloat16 bit patterns nearest the doubles ``d`` (ties to even patterns, beyond
+    the largest value's half step the infinities), found in the table of every finite
+    bfloat16 value, where each pair's midpoint is exact: no cast of a double involved."""
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    finite = (bits & 0x7f80) != 0x7f80
+    bits = bits[finite]
+    values = (bits << 16).view(np.float32).astype(np.float64)
+    order = np.argsort(values, kind="stable")
+    values, bits = values[order], bits[order]
+    keep = np.r_[True, values[1:] != values[:-1]]  # -0 and +0: keep the first of each
+    values, bits = values[keep], bits[keep]
+    d = np.asarray(d, dtype=np.float64)
+    hi = np.clip(np.searchsorted(values, d), 1, len(values) - 1)
+    mid = (values[hi - 1] + values[hi]) / 2
+    up = (d > mid) | ((d == mid) & (bits[hi] % 2 == 0))
+    out = np.where(up, bits[hi], bits[hi - 1])
+    top = values[-1] + (values[-1] - values[-2]) / 2
+    out = np.where(d >= top, 0x7f80, np.where(d <= -top, 0xff80, out))
+    out = np.where(d == 0, np.where(np.signbit(d), 0x8000, 0), out)
+    return out.astype(np.uint16)

@@ -463,7 +463,7 @@ def test_half_conversions_bit_exact(module, rng):
 def test_bf16_conversions_bit_exact(module, rng):
     # against ml_dtypes: widening exact, narrowing to nearest even (every midpoint between
     # neighbouring bfloat16 values, and the floats either side), NaN to the canonical
-    # 0x7fff, doubles through float as ml_dtypes casts them
+    # 0x7fff; doubles rounded once (ml_dtypes rounded them twice, through float, before 0.7)
     import ml_dtypes
     bf16 = np.dtype(ml_dtypes.bfloat16)
     n = 1 << 16
@@ -477,6 +477,8 @@ def test_bf16_conversions_bit_exact(module, rng):
     f[:6] = [np.inf, -np.inf, np.nan, -np.nan, 3.4e38, -0.0]
     d = rng.standard_normal(n) * np.exp(rng.uniform(-80, 80, n))
     d[:2] = [1 + 2.0**-8 + 2.0**-40, 1 + 2.0**-8]  # float rounds the first onto a midpoint
+    d[2:6] = [-(1 + 2.0**-8 + 2.0**-40), 3.3961e38, -3.3963e38, 3.5e38]  # either side of
+    # the overflow midpoint (2 - 2**-8) * 2**127 = 3.39617e38, and past float's range
     outs = [cudasim.empty(n, np.float32), cudasim.empty(n, bf16), cudasim.empty(n, bf16)]
     launch(module, "bf16_conversions", cudasim.asarray(h), outs[0], cudasim.asarray(f), outs[1],
            cudasim.asarray(d), outs[2], np.int64(n), threads=256, blocks=64)
@@ -486,7 +488,8 @@ def test_bf16_conversions_bit_exact(module, rng):
     with np.errstate(over="ignore", invalid="ignore"):
         np.testing.assert_array_equal(f_to_h.view(np.uint16)[~nan],
                                       f[~nan].astype(bf16).view(np.uint16))
-        np.testing.assert_array_equal(d_to_h.view(np.uint16), d.astype(bf16).view(np.uint16))
+    np.testing.assert_array_equal(d_to_h.view(np.uint16), ref.bf16_bits_rounded_once(d))
+    assert d_to_h.view(np.uint16)[0] == 0x3f81 and d_to_h.view(np.uint16)[1] == 0x3f80
     assert (f_to_h.view(np.uint16)[nan] == 0x7fff).all()
 
 

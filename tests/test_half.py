@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import _reference as ref
 import ssm
 from ssm import _cpu
 from ssm import _validation as V
@@ -261,6 +262,21 @@ def test_streamed_half_outputs(rng, monkeypatch, isa_level, dtype, layout):
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert a.tobytes() == b.tobytes()
+
+
+def test_reduced_loss_is_rounded_once(rng):
+    # the float64 loss to bfloat16 in one rounding, whatever ml_dtypes' cast does (before
+    # 0.7 it went through float: 1 + 2**-8 + 2**-40 became the midpoint, then 1.0)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    d = rng.standard_normal(4096) * np.exp(rng.uniform(-80, 80, 4096))
+    d[:8] = [1 + 2.0**-8 + 2.0**-40, 1 + 2.0**-8, -(1 + 2.0**-8 + 2.0**-40), 3.3961e38,
+             -3.3963e38, 1e300, 0.0, -0.0]
+    got = np.array([_cpu.loss_value(float(v), 1.0, bf16).view(np.uint16) for v in d])
+    np.testing.assert_array_equal(got, ref.bf16_bits_rounded_once(d))
+    assert np.isnan(_cpu.loss_value(np.nan, 1.0, bf16).astype(np.float32))
+    assert _cpu.loss_value(3.0, 0.0, bf16).view(np.uint16) == 0  # 0 when the divisor is 0
+    half = np.array([_cpu.loss_value(float(v), 1.0, np.float16) for v in d[8:]])
+    np.testing.assert_array_equal(half, d[8:].astype(np.float16))  # NumPy's: rounded once
 
 
 def test_half_dtypes_are_in_the_cpu_table():

@@ -91,8 +91,10 @@ template <> __device__ __forceinline__ ssm_bf16 from_acc<ssm_bf16>(float v)
     return h;
 }
 
-/* A double rounded once to T (the reduced loss, as NumPy's cast does on the CPU);
-   bfloat16 through float, as ml_dtypes' cast does (twice rounded, like the CPU path). */
+/* A double rounded once to T (the reduced loss, as the CPU path rounds it). For bfloat16
+   the double goes to float rounded to odd (truncated, its last bit set where inexact),
+   then float to bfloat16 to nearest even: with 29 bits to spare the odd bit stands for
+   everything below, so the two steps round once (Boldo and Melquiond's round-to-odd). */
 template <typename T> __device__ __forceinline__ T from_double(double v) { return (T)v; }
 template <> __device__ __forceinline__ ssm_half from_double<ssm_half>(double v)
 {
@@ -102,7 +104,13 @@ template <> __device__ __forceinline__ ssm_half from_double<ssm_half>(double v)
 }
 template <> __device__ __forceinline__ ssm_bf16 from_double<ssm_bf16>(double v)
 {
-    return from_acc<ssm_bf16>((float)v);
+    float f = (float)v;
+    int bits = __float_as_int(f);
+    if (fabs((double)f) > fabs(v))
+        bits -= 1;                 /* rounded away from zero: one step back (inf to max) */
+    if ((double)__int_as_float(bits) != v)
+        bits |= 1;                 /* inexact: odd (NaN stays NaN) */
+    return from_acc<ssm_bf16>(__int_as_float(bits));
 }
 
 __device__ __forceinline__ float ssm_exp(float v) { return expf(v); }
