@@ -1,9 +1,12 @@
-"""float32 against bfloat16 and float16 logits: the fused loss+gradient and the loss alone.
+"""float32 against bfloat16 and float16 logits: the fused loss+gradient and the loss alone,
+and softmax over positions (soft-argmax keypoints, and their fused gradient).
 
     python benchmarks/half_speed.py --rounds 5 --threads 1,2
+    python benchmarks/half_speed.py --shapes pose --ops soft_argmax,soft_argmax_grad
 
 Shapes VOC-like (2, 21, 512, 512) and ADE-like (4, 150, 128, 128), NCHW, int64 labels
-with 5% ignored, ``out=`` given. Each (shape, op, threads, dtype) case runs in its own
+with 5% ignored, ``out=`` given; pose-like heatmaps (32, 17, 128, 96) for the positions
+ops (soft_argmax: the keypoints alone; soft_argmax_grad: dx given d_keypoints). Each (shape, op, threads, dtype) case runs in its own
 fresh process per round, the order of the dtypes rotating between rounds; a process
 times ``--calls`` calls after two warm-up calls, cycling over three inputs (and three
 outputs) so that no call finds its arrays in the caches, and reports the median. The
@@ -19,7 +22,7 @@ import time
 
 import numpy as np
 
-SHAPES = {"voc": (2, 21, 512, 512), "ade": (4, 150, 128, 128)}
+SHAPES = {"voc": (2, 21, 512, 512), "ade": (4, 150, 128, 128), "pose": (32, 17, 128, 96)}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -40,7 +43,14 @@ def one(shape, op, threads, dtype, calls):
         y[rng.random(y.shape) < 0.05] = -1
         ys.append(y)
         outs.append(np.empty(shp, dt))
-    if op == "fused":
+    dks = [rng.standard_normal(shp[:2] + (2,)).astype(dt) for _ in range(3)]
+    if op == "soft_argmax":
+        def call(k):
+            ssm.soft_argmax(xs[k], threads=threads)
+    elif op == "soft_argmax_grad":
+        def call(k):
+            ssm.soft_argmax_grad(xs[k], dks[k], out=outs[k], threads=threads)
+    elif op == "fused":
         def call(k):
             ssm.spatial_softmax_with_loss_and_grad(xs[k], ys[k], out=outs[k], threads=threads)
     else:

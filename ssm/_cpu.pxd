@@ -92,3 +92,6 @@ cdef extern from "_positions.h" nogil:
     size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsize)
     void ssm_pos_tile_float(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf)
     void ssm_pos_tile_d(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf)
+    # half-width maps (float16, bfloat16: bf16 = 1), computed in float32
+    size_t ssm_pos_half_scratch_bytes(const ssm_pos_problem *P)
+    void ssm_pos_tile_half(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf, int bf16)

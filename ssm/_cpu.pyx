@@ -43,6 +43,7 @@ import os
 import numpy as np
 
 from ._problem import Problem
+from ._rounding import round_once
 
 cnp.import_array()
 
@@ -586,25 +587,8 @@ cdef inline double _tiles_stats(const double *norms, const Py_ssize_t *bads, Py_
 
 def loss_value(double total, double divisor, dtype):
     """``total / divisor`` (0 when the divisor is 0) as a 0-d array of ``dtype``, rounded
-    once (as the GPU's ``from_double``)."""
-    cdef double v = total / divisor if divisor != 0 else 0.0
-    dtype = np.dtype(dtype)
-    if dtype.name == "bfloat16":
-        return np.asarray(_to_float32_odd(v), dtype=dtype)
-    return np.asarray(v, dtype=dtype)
-
-
-cdef _to_float32_odd(double v):
-    """``v`` as float32 rounded to odd: truncated, then the last bit set where inexact. Its
-    one rounding to bfloat16 (to nearest even, 29 bits to spare) is then ``v``'s, not the
-    twice-rounded result of a cast through float (which ml_dtypes gave before 0.7)."""
-    with np.errstate(over="ignore"):
-        f = np.array(v, dtype=np.float32)
-    if abs(float(f)) > abs(v):
-        f = np.nextafter(f, np.float32(0))  # rounded away from zero: one step back
-    if float(f) != v and v == v:
-        f = (f.view(np.uint32) | np.uint32(1)).view(np.float32)
-    return f
+    once (ssm/_rounding.py; the GPU's ``from_double`` alike)."""
+    return round_once(total / divisor if divisor != 0 else 0.0, dtype)
 
 
 # ---- the memory floors of ssm-bench (ssm/_floors.h) ----------------------------------------
@@ -686,7 +670,8 @@ def positions(int op, problem, threads):
     on the thread count.
     """
     cdef ssm_pos_problem P
-    cdef bint dbl, capped
+    cdef bint capped
+    cdef int kind
     cdef Py_ssize_t ntiles, t, chunk
     cdef int team, failed = 0
     cdef int *failed_p = &failed
@@ -695,11 +680,11 @@ def positions(int op, problem, threads):
     cdef double[::1] temp = problem.temperature
     g = problem.geom
     x = problem.x
-    dbl = KERNELS[x.dtype.name] == K_DOUBLE  # float32 or float64 (ssm/_validation.py)
+    kind = KERNELS[x.dtype.name]
     memset(&P, 0, sizeof(ssm_pos_problem))
     P.outer, P.L, P.inner, P.C = g.outer, g.L, g.inner, g.C
     P.D = 0 if problem.grid is None else problem.grid.shape[0]
-    P.tile = positions_tile(g.L, g.inner, x.itemsize)
+    P.tile = positions_tile(g.L, g.inner, 4 if kind >= K_FLOAT16 else x.itemsize)  # half: as float32
     P.from_prob = problem.from_prob
     P.x, P.x2, P.grid = _ptr(x), _ptr(problem.dprob), _ptr(problem.grid)
     P.temp = &temp[0]
@@ -714,17 +699,22 @@ def positions(int op, problem, threads):
         return None
     team = _team(threads, ntiles, P.outer * P.L * P.inner, &capped)
     chunk = _chunk(ntiles, team)
-    nbytes = ssm_pos_scratch_bytes(&P, 8 if dbl else 4)
+    if kind >= K_FLOAT16:
+        nbytes = ssm_pos_half_scratch_bytes(&P)
+    else:
+        nbytes = ssm_pos_scratch_bytes(&P, 8 if kind == K_DOUBLE else 4)
     with nogil, parallel(num_threads=team):
         buf = <char *>malloc(nbytes)
         if buf == NULL:
             failed_p[0] = 1
         for t in prange(ntiles, schedule="dynamic", chunksize=chunk):
             if buf != NULL:
-                if dbl:
+                if kind == K_DOUBLE:
                     ssm_pos_tile_d(&P, op, t, buf)
-                else:
+                elif kind == K_FLOAT:
                     ssm_pos_tile_float(&P, op, t, buf)
+                else:
+                    ssm_pos_tile_half(&P, op, t, buf, kind == K_BFLOAT16)
         free(buf)
     if failed:
         raise MemoryError(f"ssm: could not allocate {nbytes} bytes of per-thread scratch")

@@ -89,7 +89,9 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 #define SSM_SFX(name) name##_f
 #define SSM_EXP ssm_expf_nonpos
 #define SSM_LOG ssm_logf_pos
+#define SSM_POS_HALF
 #include "_positions_impl.h"
+#undef SSM_POS_HALF
 #undef R
 #undef SSM_SFX
 #undef SSM_EXP
@@ -104,7 +106,9 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 #define SSM_LOG ssm_logf_pos
 #define SSM_EXP_ROW ssm_expf_t16_scaled
 #define ssm_stream_row_ft ssm_stream_row_f  /* the kernels' float helper */
+#define SSM_POS_HALF
 #include "_positions_impl.h"
+#undef SSM_POS_HALF
 #undef ssm_stream_row_ft
 #undef SSM_EXP_ROW
 #undef R
@@ -133,6 +137,32 @@ static inline void ssm_pos_tile_float(const ssm_pos_problem *P, int op, ptrdiff_
     }
 #endif
     ssm_pos_tile_f(P, op, t, buf);
+}
+
+/* Half-width maps (bf16: bfloat16, else float16): the float rows on widened rows, with
+   the running clone's exp (see SSM_SFX(ssm_pos_tile_half) in _positions_impl.h). */
+static inline void ssm_pos_tile_half(const ssm_pos_problem *P, int op, ptrdiff_t t, void *buf,
+                                     int bf16)
+{
+#ifdef SSM_HAVE_EXPF_T16
+    if (ssm_expf_use_t16()) {
+        ssm_pos_tile_half_ft(P, op, t, buf, bf16);
+        return;
+    }
+#endif
+    ssm_pos_tile_half_f(P, op, t, buf, bf16);
+}
+
+/* Per-thread scratch of ssm_pos_tile_half, in bytes (its carve must match): two float
+   rows (e, h), three float blocks of tile rows (x, dprob, out: Ls apart when strided,
+   one row of L when not), 3 D floats (kp, var, dkp of a row) and a 16-bit row (streamed
+   outputs), each on a 64-byte boundary, plus 64 for aligning the start. */
+static inline size_t ssm_pos_half_scratch_bytes(const ssm_pos_problem *P)
+{
+    size_t L = (size_t)P->L, F = sizeof(float);
+    size_t TL = P->inner > 1 ? (size_t)P->tile * (size_t)ssm_pos_row_stride(P->L, F) : L;
+    return 64 + 2 * ssm_round64(L * F) + 3 * ssm_round64(TL * F)
+         + ssm_round64(3 * (size_t)P->D * F) + ssm_round64(L * sizeof(uint16_t));
 }
 
 #endif /* SSM_POSITIONS_H */

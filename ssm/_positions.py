@@ -30,6 +30,7 @@ from ._api import _backend
 from ._codes import PosOp
 from ._interop import accepts_dlpack
 from ._problem import PositionsProblem
+from ._rounding import round_once
 
 COORDINATES = V.COORDINATES
 
@@ -72,15 +73,16 @@ def axis_tables(spatial: tuple, coordinates: str) -> np.ndarray:
 
 
 def _grid_args(B, geom, x, coordinates, grid=None):
-    """The coordinates as the backend reads them: a (D, L) table in x's dtype on the CPU
-    (with ``grid_w``, see ssm/_positions.h); on the GPU float64, per-axis tables for the
-    built-in grids of up to 3 axes (ssm/cuda/positions.cu, pos_coord), else a (D, L)
-    table."""
+    """The coordinates as the backend reads them: a (D, L) table in the type x is computed
+    in on the CPU (float32 for the half types; with ``grid_w``, see ssm/_positions.h); on
+    the GPU float64, per-axis tables for the built-in grids of up to 3 axes
+    (ssm/cuda/positions.cu, pos_coord), else a (D, L) table."""
     if not V.is_device_array(x):
+        dtype = np.dtype(np.float32) if x.dtype.name in V.HALF_DTYPE_NAMES else x.dtype
         if grid is None:
-            return {"grid": coordinate_grid(geom.spatial, coordinates, x.dtype),
+            return {"grid": coordinate_grid(geom.spatial, coordinates, dtype),
                     "grid_w": _grid_w(geom)}
-        return {"grid": np.ascontiguousarray(grid, x.dtype)}
+        return {"grid": np.ascontiguousarray(grid, dtype)}
     xp, dev = V.array_module(x), x.device.id
     if grid is None and len(geom.spatial) <= 3:
         return {"grid": B.device_grid(xp, axis_tables(geom.spatial, coordinates), dev),
@@ -106,12 +108,17 @@ def _d_temperature(per_map, geom, scalar, dtype):
     each channel (or all of them for one number), in a fixed order; x's dtype."""
     per_channel = per_map.reshape(geom.N, geom.C).sum(axis=0)
     total = per_channel.sum() if scalar else per_channel
+    if not V.is_device_array(total):
+        return round_once(total, dtype)  # bfloat16 too, rounded once (ssm/_rounding.py)
+    if dtype.name == "bfloat16":  # C values, by way of the host (a device sync)
+        xp = V.array_module(total)
+        return xp.asarray(round_once(xp.asnumpy(total), dtype))
     return total.astype(dtype)
 
 
 def _common(B, x, name, layout, temperature, threads):
     layout = V.check_choice(layout, "layout", V.LAYOUTS)
-    x = V.check_float_array(x, name, V.POSITIONS_FLOAT_DTYPES)
+    x = V.check_float_array(x, name)
     geom = V.positions_geometry(x, name, layout)
     t, scalar = V.check_temperature(temperature, geom.C)
     return x, geom, t, scalar, _threads.resolve(threads)
@@ -134,7 +141,7 @@ def spatial_softmax(x, *, temperature=1.0, layout="NCHW", out=None, threads=None
 
     Parameters
     ----------
-    x : ndarray, float32 or float64 (float16 too on the GPU)
+    x : ndarray, float16, bfloat16 (computed in float32), float32 or float64
         ``(N, C, *spatial)`` (NCHW) or ``(N, *spatial, C)`` (NHWC), any spatial rank >= 1.
     temperature : float or array_like of shape (C,)
         Positive; one number, or one per channel.

@@ -508,3 +508,103 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_
         }
     }
 }
+
+#ifdef SSM_POS_HALF
+/* ---- half-width maps (float16, bfloat16) ----------------------------------------------
+ * The float rows above on widened rows: each row of the tile widened into a float row
+ * (contiguous) or gathered widened (strided), the row function run on a one-row problem
+ * Q (Q.C = 1, the row's temperature, its kp/var/dkp in D-float scratch, its dtemp at r),
+ * and its float outputs rounded once to the half type. So every element is the float32
+ * path's on the widened input, rounded: bit for bit (tests/test_positions.py). */
+SSM_CLONES void SSM_SFX(ssm_pos_tile_half)(const ssm_pos_problem *P, int op, ptrdiff_t t,
+                                           void *buf, int bf16)
+{
+    const ptrdiff_t L = P->L, inner = P->inner, T = P->tile, D = P->D;
+    const uint16_t *x = (const uint16_t *)P->x, *x2 = (const uint16_t *)P->x2;
+    const uint16_t *dkp = (const uint16_t *)P->dkp;
+    uint16_t *out = (uint16_t *)P->out, *kp = (uint16_t *)P->kp, *var = (uint16_t *)P->var;
+    const int two = D == 2 && !P->var && (op == SSM_POS_EXPECT || op == SSM_POS_EXPECT_BWD);
+    const ptrdiff_t Ls = inner > 1 ? ssm_pos_row_stride(L, sizeof(R)) : L;
+    const ptrdiff_t TL = inner > 1 ? T * Ls : L;  /* a tile's gathered rows, or one row */
+    char *q = SSM_SFX(ssm_pos_align)((char *)buf);
+    R *e, *h, *X, *X2, *O, *kw, *vw, *dw;
+    uint16_t *tmp;
+    ssm_pos_problem Q = *P;
+    ptrdiff_t r0, nr, j, l, d;
+#define SSM_POS_CARVE(ptr, type, count) \
+    ptr = (type *)q;                     \
+    q = SSM_SFX(ssm_pos_align)(q + (size_t)(count) * sizeof(type))
+    SSM_POS_CARVE(e, R, L);
+    SSM_POS_CARVE(h, R, L);
+    SSM_POS_CARVE(X, R, TL);
+    SSM_POS_CARVE(X2, R, TL);
+    SSM_POS_CARVE(O, R, TL);
+    SSM_POS_CARVE(kw, R, 3 * D);
+    SSM_POS_CARVE(tmp, uint16_t, L);
+#undef SSM_POS_CARVE
+    vw = kw + D;
+    dw = kw + 2 * D;
+    Q.C = 1;
+    Q.kp = kp ? (void *)kw : NULL;
+    Q.var = var ? (void *)vw : NULL;
+    Q.dkp = dw;
+
+    if (inner == 1) {  /* rows [r0, r0 + nr), one at a time through X's first row */
+        r0 = t * T;
+        nr = P->outer - r0 < T ? P->outer - r0 : T;
+    } else {           /* channels [i0, i0 + nr) of image im, gathered widened */
+        const ptrdiff_t per = (inner + T - 1) / T, im = t / per, i0 = (t % per) * T;
+        const ptrdiff_t base = im * L * inner + i0;
+        r0 = im * inner + i0;
+        nr = inner - i0 < T ? inner - i0 : T;
+        for (l = 0; l < L; l++) {
+            const uint16_t *src = x + base + l * inner, *src2 = x2 ? x2 + base + l * inner : NULL;
+            for (j = 0; j < nr; j++)
+                X[j * Ls + l] = bf16 ? ssm_bf16_to_f(src[j]) : ssm_f16_to_f(src[j]);
+            for (j = 0; src2 && j < nr; j++)
+                X2[j * Ls + l] = bf16 ? ssm_bf16_to_f(src2[j]) : ssm_f16_to_f(src2[j]);
+        }
+    }
+    for (j = 0; j < nr; j++) {
+        const ptrdiff_t r = r0 + j;
+        R *xr = inner == 1 ? X : X + j * Ls, *x2r = inner == 1 ? X2 : X2 + j * Ls;
+        R *o = out ? (inner == 1 ? O : O + j * Ls) : NULL;
+        if (inner == 1) {
+            if (bf16) ssm_widen_b(x + r * L, xr, L); else ssm_widen_h(x + r * L, xr, L);
+            if (x2 && bf16) ssm_widen_b(x2 + r * L, x2r, L);
+            else if (x2) ssm_widen_h(x2 + r * L, x2r, L);
+        }
+        Q.temp = P->temp + r % P->C;
+        Q.dtemp = P->dtemp ? P->dtemp + r : NULL;
+        for (d = 0; op == SSM_POS_EXPECT_BWD && d < D; d++)
+            dw[d] = bf16 ? ssm_bf16_to_f(dkp[r * D + d]) : ssm_f16_to_f(dkp[r * D + d]);
+        if (two)
+            SSM_SFX(ssm_pos_row2)(&Q, op, 0, xr, o, e, h, 0, NULL);
+        else
+            SSM_SFX(ssm_pos_row)(&Q, op, 0, xr, x2 ? x2r : NULL, o, e, h);
+        for (d = 0; d < D; d++) {
+            if (kp)
+                kp[r * D + d] = bf16 ? ssm_f_to_bf16(kw[d]) : ssm_f_to_f16(kw[d]);
+            if (var)
+                var[r * D + d] = bf16 ? ssm_f_to_bf16(vw[d]) : ssm_f_to_f16(vw[d]);
+        }
+        if (out && inner == 1) {
+            uint16_t *dst = out + r * L;
+            if (bf16) ssm_narrow_out_b(O, dst, L, P->stream, tmp);
+            else ssm_narrow_out_h(O, dst, L, P->stream, tmp);
+        }
+    }
+    if (out && inner > 1) {
+        const ptrdiff_t per = (inner + T - 1) / T, im = t / per, i0 = (t % per) * T;
+        for (l = 0; l < L; l++) {
+            uint16_t *dst = out + im * L * inner + i0 + l * inner;
+            for (j = 0; j < nr; j++)
+                dst[j] = bf16 ? ssm_f_to_bf16(O[j * Ls + l]) : ssm_f_to_f16(O[j * Ls + l]);
+        }
+    }
+#if defined(__SSE2__)
+    if (out && inner == 1 && P->stream)
+        _mm_sfence();
+#endif
+}
+#endif

@@ -74,11 +74,6 @@ HALF_DTYPE_NAMES = ("float16", "bfloat16")
 def is_float(dtype) -> bool:
     """A floating-point dtype: NumPy's (kind 'f') or ml_dtypes' bfloat16 (kind 'V')."""
     return dtype.kind == "f" or dtype.name == "bfloat16"
-# Softmax over positions (ssm/_positions.py) has no half kernels on the CPU yet.
-POSITIONS_FLOAT_DTYPES = {
-    "cpu": (np.dtype(np.float32), np.dtype(np.float64)),
-    "cuda": (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)),
-}
 LAYOUTS = ("NCHW", "NHWC")
 COORDINATES = ("normalized", "pixels")  # soft_argmax's coordinate grids
 REDUCTIONS = ("mean", "sum", "batch", "none")

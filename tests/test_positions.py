@@ -7,6 +7,7 @@ where torch and kornia are installed; bit-identical results for any thread count
 error messages.
 """
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -18,7 +19,8 @@ from ssm import _positions
 
 LAYOUTS = ("NCHW", "NHWC")
 CPU_DTYPES = (np.float32, np.float64)
-GPU_DTYPES = (np.float16, np.float32, np.float64)
+HALF = (np.float16, np.dtype(ml_dtypes.bfloat16).type)
+GPU_DTYPES = (*HALF, np.float32, np.float64)
 # (N, C, spatial): ranks 1 to 3, a map of one position, a row longer than a tile,
 # more channels than a strided tile holds, lines the CPU sums one by one (W = 128, 256)
 SHAPES = [(2, 3, (5, 7)), (1, 2, (9,)), (2, 2, (3, 4, 5)), (3, 1, (1, 1)), (1, 3, (40, 50)),
@@ -286,6 +288,98 @@ def test_streamed_stores(rng, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+# ---- half-width maps (float16, bfloat16) on the CPU ------------------------------------
+
+def _same_bits(half, full):
+    """``half`` is ``full`` (the float32 path) rounded to the half type, bit for bit (NaN
+    for NaN)."""
+    assert half.dtype != full.dtype and half.shape == full.shape
+    want = full.astype(half.dtype)
+    nan = np.isnan(full)
+    np.testing.assert_array_equal(np.isnan(half.astype(np.float32)), nan)
+    np.testing.assert_array_equal(half.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+def _rounded_once(half, total):
+    """A float64 sum (the temperature's gradient) rounded once to the half type: within
+    half a unit in the last place of it (the float32 path's own is a float32 rounding)."""
+    total = np.asarray(total, np.float64)
+    spacing = np.abs(total) * float(ml_dtypes.finfo(half.dtype).eps)
+    assert (np.abs(half.astype(np.float64) - total) <= 0.5 * spacing + 1e-30).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", SHAPES, ids=_sid)
+def test_half_maps_are_the_float32_path_rounded(rng, case, dtype, layout):
+    N, C, spatial = case
+    x = make_logits(rng, _shape(N, C, spatial, layout), dtype)
+    x.flat[::7] = -30.0  # exp underflows in the scaled maps: small probabilities round too
+    x32 = x.astype(np.float32)
+    T = 0.25 + 2 * rng.random(C)
+    dk = rng.standard_normal((N, C, len(spatial))).astype(dtype)
+    dk32 = dk.astype(np.float32)
+    kw = dict(temperature=T, layout=layout)
+    _same_bits(ssm.spatial_softmax(x, **kw), ssm.spatial_softmax(x32, **kw))
+    for coordinates in _positions.COORDINATES:
+        for var in (False, True):  # D = 2 without variance: the fused sweep
+            half = ssm.soft_argmax(x, coordinates=coordinates, return_variance=var,
+                                   return_prob=True, **kw)
+            full = ssm.soft_argmax(x32, coordinates=coordinates, return_variance=var,
+                                   return_prob=True, **kw)
+            for a, b in zip(half, full):
+                _same_bits(a, b)
+        for from_prob in (False, True):
+            xin = ssm.spatial_softmax(x, **kw) if from_prob else x
+            dx, dT = ssm.soft_argmax_grad(xin, dk, coordinates=coordinates, from_prob=from_prob,
+                                          return_temperature_grad=True, **kw)
+            dx32, dT32 = ssm.soft_argmax_grad(xin.astype(np.float32), dk32,
+                                              coordinates=coordinates, from_prob=from_prob,
+                                              return_temperature_grad=True, **kw)
+            _same_bits(dx, dx32)
+            assert dT.dtype == dtype and dT.shape == (C,)
+            _rounded_once(dT, dT32.astype(np.float64))
+    p = ssm.spatial_softmax(x, **kw)
+    dp = rng.standard_normal(x.shape).astype(dtype)
+    g, gT = ssm.spatial_softmax_grad(p, dp, return_temperature_grad=True, **kw)
+    g32, gT32 = ssm.spatial_softmax_grad(p.astype(np.float32), dp.astype(np.float32),
+                                         return_temperature_grad=True, **kw)
+    _same_bits(g, g32)
+    _rounded_once(gT, gT32.astype(np.float64))
+    grid = rng.standard_normal((*spatial, 3))
+    half = ssm.spatial_expectation(p, grid, layout=layout, return_variance=True)
+    full = ssm.spatial_expectation(p.astype(np.float32), grid.astype(np.float32),
+                                   layout=layout, return_variance=True)
+    for a, b in zip(half, full):
+        _same_bits(a, b)
+    _same_bits(ssm.spatial_expectation(p, layout=layout),
+               ssm.spatial_expectation(p.astype(np.float32), layout=layout))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: np.dtype(d).name)
+def test_half_maps_threads_streams_and_scalar_temperature(rng, monkeypatch, dtype):
+    # bit-identical for any thread count; streamed outputs the same bits; one temperature's
+    # gradient a 0-d half value; NaN maps give NaN
+    x = make_logits(rng, (3, 20, 33, 47), dtype)
+    x[1, 2, 5, 5] = np.nan
+    dk = rng.standard_normal((3, 20, 2)).astype(dtype)
+    runs = []
+    for threads, stream in ((1, False), (2, False), (3, True), (8, True)):
+        if stream:
+            monkeypatch.setattr(_cpu, "STREAM_BYTES", 64)
+        runs.append((ssm.spatial_softmax(x, temperature=0.5, threads=threads),
+                     *ssm.soft_argmax(x, return_prob=True, threads=threads),
+                     *ssm.soft_argmax_grad(x, dk, temperature=0.5, threads=threads,
+                                           return_temperature_grad=True)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+    p, kp, _, dx, dT = runs[0]
+    assert dT.shape == () and dT.dtype == dtype
+    assert np.isnan(p[1, 2].astype(np.float32)).all() and np.isnan(kp[1, 2].astype(np.float32)).all()
+    assert not np.isnan(p[1, 3].astype(np.float32)).any()
+
+
 # ---- validation ------------------------------------------------------------------
 
 def test_errors():
@@ -385,10 +479,12 @@ def _host(xp, a):
 
 
 def _gpu_tol(dtype):
-    """(dtype, factor) for assert_close of a GPU result: float16 gets 4 float16 eps, the
-    rule these kernels were checked with (they round between passes), written as float32
-    eps (conftest's half rule, float32 math and one rounding, is the CPU's)."""
-    return (np.float32, 4 * 2**13) if dtype == np.float16 else (dtype, _factor(dtype))
+    """(dtype, factor) for assert_close of a GPU result: the half types get 4 of their eps,
+    the rule these kernels were checked with (they round between passes), written as
+    float32 eps (conftest's half rule, float32 math and one rounding, is the CPU's)."""
+    if dtype in HALF:  # float16 eps 2**-10, bfloat16 2**-7: 2**13, 2**16 float32 eps
+        return np.float32, 4 * 2**(13 if dtype == np.float16 else 16)
+    return dtype, _factor(dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -440,13 +536,19 @@ def test_gpu_against_the_references(xp, rng, case, dtype, layout):
     assert_close(_host(xp, E), E_ref, tdt, scale=4, factor=f)
 
 
-@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_gpu_agrees_with_the_cpu(xp, rng, dtype):
     x = make_logits(rng, (2, 3, 6, 10), dtype)
     dk = rng.standard_normal((2, 3, 2)).astype(dtype)
+    tdt, f = _gpu_tol(dtype)
     cpu = ssm.soft_argmax_grad(x, dk, temperature=0.7)
     gpu = _host(xp, ssm.soft_argmax_grad(xp.asarray(x), xp.asarray(dk), temperature=0.7))
-    assert_close(gpu, cpu, dtype, factor=_factor(dtype))
+    assert gpu.dtype == cpu.dtype == dtype
+    assert_close(gpu, cpu.astype(np.float64), tdt, scale=np.abs(dk).max(), factor=f)
+    kp = ssm.soft_argmax(x, temperature=0.7, return_variance=True)
+    kpd = ssm.soft_argmax(xp.asarray(x), temperature=0.7, return_variance=True)
+    for a, b in zip(kpd, kp):
+        assert_close(_host(xp, a), b.astype(np.float64), tdt, factor=f)
     with pytest.raises(TypeError, match="d_keypoints: a numpy.ndarray on the host cannot be mixed"):
         ssm.soft_argmax_grad(xp.asarray(x), dk)
 
