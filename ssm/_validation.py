@@ -596,7 +596,7 @@ def check_temperature(temperature, C: int):
         a = as_array(temperature, "temperature")
         if is_device_array(a):
             a = a.get()
-        if a.dtype.kind not in "iuf":
+        if a.dtype.kind not in "iu" and not is_float(a.dtype):
             raise TypeError(f"temperature: dtype {a.dtype} is not a real number type")
         scalar = a.ndim == 0
         if not scalar and a.shape != (C,):
@@ -617,7 +617,7 @@ def check_grid(grid, spatial: tuple) -> np.ndarray:
     a = as_array(grid, "grid")
     if is_device_array(a):
         a = a.get()
-    if a.dtype.kind not in "biuf" or a.dtype == np.bool_:
+    if a.dtype.kind not in "iu" and not is_float(a.dtype):  # bfloat16 too; not bool
         raise TypeError(f"grid: dtype {a.dtype} is not a real number type")
     if a.ndim != len(spatial) + 1 or tuple(a.shape[:-1]) != spatial or a.shape[-1] == 0:
         raise ValueError(f"grid: shape {a.shape} does not match the spatial shape {spatial}; "

@@ -234,8 +234,9 @@ def caffe2_sswl_grad(X, T, W, P, d_loss, scale=1.0):
 
 def bf16_bits_rounded_once(d):
     """The bfloat16 bit patterns nearest the doubles ``d`` (ties to even patterns, beyond
-    the largest value's half step the infinities), found in the table of every finite
-    bfloat16 value, where each pair's midpoint is exact: no cast of a double involved."""
+    the largest value's half step the infinities, a zero with ``d``'s sign), found in the
+    table of every finite bfloat16 value, where each pair's midpoint is exact: no cast of a
+    double involved."""
     bits = np.arange(1 << 16, dtype=np.uint32)
     finite = (bits & 0x7f80) != 0x7f80
     bits = bits[finite]
@@ -251,5 +252,5 @@ def bf16_bits_rounded_once(d):
     out = np.where(up, bits[hi], bits[hi - 1])
     top = values[-1] + (values[-1] - values[-2]) / 2
     out = np.where(d >= top, 0x7f80, np.where(d <= -top, 0xff80, out))
-    out = np.where(d == 0, np.where(np.signbit(d), 0x8000, 0), out)
+    out = np.where((out & 0x7fff) == 0, np.where(np.signbit(d), 0x8000, 0), out)  # -0 too
     return out.astype(np.uint16)

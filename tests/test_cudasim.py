@@ -478,7 +478,13 @@ def test_bf16_conversions_bit_exact(module, rng):
     d = rng.standard_normal(n) * np.exp(rng.uniform(-80, 80, n))
     d[:2] = [1 + 2.0**-8 + 2.0**-40, 1 + 2.0**-8]  # float rounds the first onto a midpoint
     d[2:6] = [-(1 + 2.0**-8 + 2.0**-40), 3.3961e38, -3.3963e38, 3.5e38]  # either side of
-    # the overflow midpoint (2 - 2**-8) * 2**127 = 3.39617e38, and past float's range
+    # the overflow midpoint (2 - 2**-8) * 2**127 = 3.39617e38, and past float's range;
+    # bfloat16 subnormals (below 2**-126, which -ftz=true flushes in float), the half-way
+    # tie to 0 at 2**-134 and just above it, zeros, double subnormals, inf, a huge double
+    d[6:20] = [1e-39, -1e-39, 2.0**-133, -(2.0**-134), 2.0**-134 * (1 + 2.0**-30),
+               1.5 * 2.0**-133, 2.0**-126 * (1 - 2.0**-9), 0.0, -0.0, -5e-324, np.inf, -np.inf,
+               1e300, -2.0**-126]
+    d[20:1020] = rng.uniform(-1, 1, 1000) * 2.0**rng.uniform(-140, -120, 1000)
     outs = [cudasim.empty(n, np.float32), cudasim.empty(n, bf16), cudasim.empty(n, bf16)]
     launch(module, "bf16_conversions", cudasim.asarray(h), outs[0], cudasim.asarray(f), outs[1],
            cudasim.asarray(d), outs[2], np.int64(n), threads=256, blocks=64)

@@ -376,6 +376,15 @@ def test_half_maps_threads_streams_and_scalar_temperature(rng, monkeypatch, dtyp
             np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
     p, kp, _, dx, dT = runs[0]
     assert dT.shape == () and dT.dtype == dtype
+    # a grid and per-channel temperatures of the half type are taken as their values
+    grid = rng.standard_normal((33, 47, 2)).astype(dtype)
+    np.testing.assert_array_equal(ssm.spatial_expectation(p, grid).view(np.uint16),
+                                  ssm.spatial_expectation(p, grid.astype(np.float64))
+                                  .view(np.uint16))
+    T = (0.5 + rng.random(20)).astype(dtype)
+    np.testing.assert_array_equal(ssm.soft_argmax(x, temperature=T).view(np.uint16),
+                                  ssm.soft_argmax(x, temperature=T.astype(np.float64))
+                                  .view(np.uint16))
     assert np.isnan(p[1, 2].astype(np.float32)).all() and np.isnan(kp[1, 2].astype(np.float32)).all()
     assert not np.isnan(p[1, 3].astype(np.float32)).any()
 

@@ -92,9 +92,11 @@ template <> __device__ __forceinline__ ssm_bf16 from_acc<ssm_bf16>(float v)
 }
 
 /* A double rounded once to T (the reduced loss, as the CPU path rounds it). For bfloat16
-   the double goes to float rounded to odd (truncated, its last bit set where inexact),
-   then float to bfloat16 to nearest even: with 29 bits to spare the odd bit stands for
-   everything below, so the two steps round once (Boldo and Melquiond's round-to-odd). */
+   by integer operations on the double's bits: no float conversion, which -ftz=true would
+   flush below 2^-126 (bfloat16 has subnormals down to 2^-133). The significand is shifted
+   right to bfloat16's 8 bits (more below 2^-126), rounded to nearest even; a carry steps
+   the exponent field (to inf past the largest value). NaN gives the canonical 0x7fff, as
+   cvt.rn.bf16.f32. */
 template <typename T> __device__ __forceinline__ T from_double(double v) { return (T)v; }
 template <> __device__ __forceinline__ ssm_half from_double<ssm_half>(double v)
 {
@@ -104,13 +106,33 @@ template <> __device__ __forceinline__ ssm_half from_double<ssm_half>(double v)
 }
 template <> __device__ __forceinline__ ssm_bf16 from_double<ssm_bf16>(double v)
 {
-    float f = (float)v;
-    int bits = __float_as_int(f);
-    if (fabs((double)f) > fabs(v))
-        bits -= 1;                 /* rounded away from zero: one step back (inf to max) */
-    if ((double)__int_as_float(bits) != v)
-        bits |= 1;                 /* inexact: odd (NaN stays NaN) */
-    return from_acc<ssm_bf16>(__int_as_float(bits));
+    const unsigned long long u = (unsigned long long)__double_as_longlong(v);
+    const unsigned long long a = u & 0x7fffffffffffffffULL;
+    const int e = (int)(a >> 52) - 1023;          /* unbiased; double subnormals: -1023 */
+    const unsigned short sign = (unsigned short)((u >> 48) & 0x8000u);
+    unsigned int bits = 0;
+    ssm_bf16 h;
+    if (a > 0x7ff0000000000000ULL) {
+        h.bits = 0x7fff;
+        return h;
+    }
+    if (e >= 128) {
+        bits = 0x7f80u;                           /* 2^128 and up, inf: inf */
+    } else if (e > -1023) {
+        const unsigned long long m = (a & 0x000fffffffffffffULL) | 0x0010000000000000ULL;
+        const int shift = 45 + (e < -126 ? -126 - e : 0);
+        if (shift < 54) {                         /* else below a quarter of 2^-133: 0 */
+            const unsigned long long rem = m & ((1ULL << shift) - 1), half = 1ULL << (shift - 1);
+            unsigned long long q = m >> shift;
+            q += (rem > half || (rem == half && (q & 1))) ? 1 : 0;
+            /* normal: the exponent field e + 127 over q's 7 stored bits (q = 2^7 + fraction,
+               2^8 after a carry); subnormal: q itself (2^7: the least normal) */
+            bits = (unsigned int)(e >= -126 ? ((unsigned long long)(e + 126) << 7) + q : q);
+            bits = bits > 0x7f80u ? 0x7f80u : bits;
+        }
+    }
+    h.bits = (unsigned short)(sign | bits);
+    return h;
 }
 
 __device__ __forceinline__ float ssm_exp(float v) { return expf(v); }

@@ -405,8 +405,8 @@ class Function:
 
 
 def _computes_in_float(name: str) -> bool:
-    """Whether an instantiation computes in float (its template arguments name float or
-    ssm_half): -ftz=true flushes float denormals, and x86 can only flush float and double
-    together, so double kernels run without the flush."""
+    """Whether an instantiation computes in float (its template arguments name float,
+    ssm_half or ssm_bf16): -ftz=true flushes float denormals, and x86 can only flush float
+    and double together, so double kernels run without the flush."""
     args = name.partition("<")[2]
-    return bool(re.search(r"\b(float|ssm_half)\b", args))
+    return bool(re.search(r"\b(float|ssm_half|ssm_bf16)\b", args))
