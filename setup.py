@@ -5,7 +5,12 @@ design block of ssm/_kernels.h: they call no libm function); -fno-math-errno kee
 any libm call gcc may emit free of errno, and libm stays linked. -fno-trapping-math
 lets gcc if-convert the branches of the inlined exp and log (without it the AVX2 and SSE2 clones ran the exp
 loop scalar: only AVX-512 could mask them); ssm never unmasks FP exceptions, and
-IEEE results, NaN and inf are unchanged. Never -ffast-math (gcc 12 links crtfastmath,
+IEEE results, NaN and inf are unchanged. -falign-functions=64 starts every function on
+a cache line, so that a hot loop's place in the 64-byte fetch blocks no longer depends on
+how much code precedes its function: adding the half positions driver moved the float
+ones 32 bytes and made soft_argmax 6% and softmax 4% slower on a Zen 3; with it those were
+back within 1% and the fused loss 4% faster (benchmarks/results/2026-12-01-amd-epyc-zen3-
+avx2-session10/README.md). Never -ffast-math (gcc 12 links crtfastmath,
 which flushes denormals in the whole process) and never -march=native (the wheel
 would die with SIGILL on older CPUs): the fast paths come from target_clones.
 SSM_CFLAGS adds flags for local experiments only; SSM_DEBUG=1 builds with -O0 -g
@@ -27,7 +32,7 @@ if sys.platform == "win32":
 elif sys.platform == "darwin":
     compile_args, link_args = ["-O3", "-fno-math-errno", "-Xpreprocessor", "-fopenmp"], ["-lomp"]
 else:
-    compile_args = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    compile_args = ["-O0", "-g"] if debug else ["-O3", "-g0", "-falign-functions=64"]
     compile_args += ["-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-Wno-unused-function"]
     link_args = ["-fopenmp"]
 compile_args += os.environ.get("SSM_CFLAGS", "").split()
