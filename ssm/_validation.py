@@ -74,6 +74,8 @@ HALF_DTYPE_NAMES = ("float16", "bfloat16")
 def is_float(dtype) -> bool:
     """A floating-point dtype: NumPy's (kind 'f') or ml_dtypes' bfloat16 (kind 'V')."""
     return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 LAYOUTS = ("NCHW", "NHWC")
 COORDINATES = ("normalized", "pixels")  # soft_argmax's coordinate grids
 REDUCTIONS = ("mean", "sum", "batch", "none")
