@@ -9,8 +9,8 @@ IEEE results, NaN and inf are unchanged. -falign-functions=64 starts every funct
 a cache line, so that a hot loop's place in the 64-byte fetch blocks no longer depends on
 how much code precedes its function: adding the half positions driver moved the float
 ones 32 bytes and made soft_argmax 6% and softmax 4% slower on a Zen 3; with it those were
-back within 1% and the fused loss 4% faster (benchmarks/results/2026-12-01-amd-epyc-zen3-
-avx2-session10/README.md). Never -ffast-math (gcc 12 links crtfastmath,
+back within 1% and the fused loss 4% faster (see
+benchmarks/results/2026-12-01-amd-epyc-zen3-avx2-session10/README.md). Never -ffast-math (gcc 12 links crtfastmath,
 which flushes denormals in the whole process) and never -march=native (the wheel
 would die with SIGILL on older CPUs): the fast paths come from target_clones.
 SSM_CFLAGS adds flags for local experiments only; SSM_DEBUG=1 builds with -O0 -g

@@ -6,12 +6,12 @@ and softmax over positions (soft-argmax keypoints, and their fused gradient).
 
 Shapes VOC-like (2, 21, 512, 512) and ADE-like (4, 150, 128, 128), NCHW, int64 labels
 with 5% ignored, ``out=`` given; pose-like heatmaps (32, 17, 128, 96) for the positions
-ops (soft_argmax: the keypoints alone; soft_argmax_grad: dx given d_keypoints). Each (shape, op, threads, dtype) case runs in its own
-fresh process per round, the order of the dtypes rotating between rounds; a process
-times ``--calls`` calls after two warm-up calls, cycling over three inputs (and three
-outputs) so that no call finds its arrays in the caches, and reports the median. The
-table gives the median over rounds and the ratio float32 / dtype (above 1: faster than
-float32).
+ops (soft_argmax: the keypoints alone; soft_argmax_grad: dx given d_keypoints). Each
+(shape, op, threads, dtype) case runs in its own fresh process per round, the order of
+the dtypes rotating between rounds; a process times ``--calls`` calls after two warm-up
+calls, cycling over three inputs (and three outputs) so that no call finds its arrays in
+the caches, and reports the median. The table gives the median over rounds and the ratio
+float32 / dtype (above 1: faster than float32).
 """
 import argparse
 import json

@@ -684,7 +684,8 @@ def positions(int op, problem, threads):
     memset(&P, 0, sizeof(ssm_pos_problem))
     P.outer, P.L, P.inner, P.C = g.outer, g.L, g.inner, g.C
     P.D = 0 if problem.grid is None else problem.grid.shape[0]
-    P.tile = positions_tile(g.L, g.inner, 4 if kind >= K_FLOAT16 else x.itemsize)  # half: as float32
+    # half maps are computed as float32 ones, in tiles of the float32 size
+    P.tile = positions_tile(g.L, g.inner, 4 if kind >= K_FLOAT16 else x.itemsize)
     P.from_prob = problem.from_prob
     P.x, P.x2, P.grid = _ptr(x), _ptr(problem.dprob), _ptr(problem.grid)
     P.temp = &temp[0]

@@ -530,7 +530,7 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_half)(const ssm_pos_problem *P, int op, ptr
     R *e, *h, *X, *X2, *O, *kw, *vw, *dw;
     uint16_t *tmp;
     ssm_pos_problem Q = *P;
-    ptrdiff_t r0, nr, j, l, d;
+    ptrdiff_t base = 0, r0, nr, j, l, d;
 #define SSM_POS_CARVE(ptr, type, count) \
     ptr = (type *)q;                     \
     q = SSM_SFX(ssm_pos_align)(q + (size_t)(count) * sizeof(type))
@@ -554,7 +554,7 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_half)(const ssm_pos_problem *P, int op, ptr
         nr = P->outer - r0 < T ? P->outer - r0 : T;
     } else {           /* channels [i0, i0 + nr) of image im, gathered widened */
         const ptrdiff_t per = (inner + T - 1) / T, im = t / per, i0 = (t % per) * T;
-        const ptrdiff_t base = im * L * inner + i0;
+        base = im * L * inner + i0;
         r0 = im * inner + i0;
         nr = inner - i0 < T ? inner - i0 : T;
         for (l = 0; l < L; l++) {
@@ -595,9 +595,8 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_half)(const ssm_pos_problem *P, int op, ptr
         }
     }
     if (out && inner > 1) {
-        const ptrdiff_t per = (inner + T - 1) / T, im = t / per, i0 = (t % per) * T;
         for (l = 0; l < L; l++) {
-            uint16_t *dst = out + im * L * inner + i0 + l * inner;
+            uint16_t *dst = out + base + l * inner;
             for (j = 0; j < nr; j++)
                 dst[j] = bf16 ? ssm_f_to_bf16(O[j * Ls + l]) : ssm_f_to_f16(O[j * Ls + l]);
         }

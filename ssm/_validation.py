@@ -76,6 +76,11 @@ def is_float(dtype) -> bool:
     return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
+def is_real(dtype) -> bool:
+    """An integer or floating-point dtype, not bool: what a number parameter may be."""
+    return dtype.kind in "iu" or is_float(dtype)
+
+
 LAYOUTS = ("NCHW", "NHWC")
 COORDINATES = ("normalized", "pixels")  # soft_argmax's coordinate grids
 REDUCTIONS = ("mean", "sum", "batch", "none")
@@ -326,7 +331,7 @@ def _small_float(value, name: str, shape: tuple) -> np.ndarray:
     a = as_array(value, name)
     if is_device_array(a):
         a = a.get()
-    if (a.dtype.kind not in "biuf" and not is_float(a.dtype)) or a.dtype == np.bool_:
+    if not is_real(a.dtype):
         raise TypeError(f"{name}: dtype {a.dtype} is not a real number type")
     if a.shape != shape:
         raise ValueError(f"{name}: shape {a.shape} does not match the {shape[0]} classes; "
@@ -390,7 +395,7 @@ def check_d_loss(d_loss, reduction: str, geom: Geometry, dtype: np.dtype):
     if isinstance(d_loss, numbers.Real) and not isinstance(d_loss, bool):
         return float(d_loss), None
     d = as_array(d_loss, "d_loss")
-    if d.dtype.kind not in "iuf" and not is_float(d.dtype):
+    if not is_real(d.dtype):
         raise TypeError(f"d_loss: dtype {d.dtype} is not a real number type")
     xp = array_module(d)
     if reduction == "none" and d.shape == geom.pixel_shape:
@@ -598,7 +603,7 @@ def check_temperature(temperature, C: int):
         a = as_array(temperature, "temperature")
         if is_device_array(a):
             a = a.get()
-        if a.dtype.kind not in "iu" and not is_float(a.dtype):
+        if not is_real(a.dtype):
             raise TypeError(f"temperature: dtype {a.dtype} is not a real number type")
         scalar = a.ndim == 0
         if not scalar and a.shape != (C,):
@@ -619,7 +624,7 @@ def check_grid(grid, spatial: tuple) -> np.ndarray:
     a = as_array(grid, "grid")
     if is_device_array(a):
         a = a.get()
-    if a.dtype.kind not in "iu" and not is_float(a.dtype):  # bfloat16 too; not bool
+    if not is_real(a.dtype):
         raise TypeError(f"grid: dtype {a.dtype} is not a real number type")
     if a.ndim != len(spatial) + 1 or tuple(a.shape[:-1]) != spatial or a.shape[-1] == 0:
         raise ValueError(f"grid: shape {a.shape} does not match the spatial shape {spatial}; "

@@ -95,7 +95,7 @@ template <> __device__ __forceinline__ ssm_bf16 from_acc<ssm_bf16>(float v)
    by integer operations on the double's bits: no float conversion, which -ftz=true would
    flush below 2^-126 (bfloat16 has subnormals down to 2^-133). The significand is shifted
    right to bfloat16's 8 bits (more below 2^-126), rounded to nearest even; a carry steps
-   the exponent field (to inf past the largest value). NaN gives the canonical 0x7fff, as
+   the exponent field (e = 127 with q = 2^8 gives 0x7f80, inf: nothing above it). NaN gives the canonical 0x7fff, as
    cvt.rn.bf16.f32. */
 template <typename T> __device__ __forceinline__ T from_double(double v) { return (T)v; }
 template <> __device__ __forceinline__ ssm_half from_double<ssm_half>(double v)
@@ -128,7 +128,6 @@ template <> __device__ __forceinline__ ssm_bf16 from_double<ssm_bf16>(double v)
             /* normal: the exponent field e + 127 over q's 7 stored bits (q = 2^7 + fraction,
                2^8 after a carry); subnormal: q itself (2^7: the least normal) */
             bits = (unsigned int)(e >= -126 ? ((unsigned long long)(e + 126) << 7) + q : q);
-            bits = bits > 0x7f80u ? 0x7f80u : bits;
         }
     }
     h.bits = (unsigned short)(sign | bits);
