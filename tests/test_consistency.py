@@ -371,6 +371,7 @@ def test_streamed_outputs_equal_cached(rng, monkeypatch, dtype, soft, C):
 
     cached = every_op()
     monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
+    monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)  # 37x29: rows off 16 bytes
     streamed = every_op()
     for a, b in zip(streamed, cached):
         np.testing.assert_array_equal(a, b)
@@ -399,9 +400,43 @@ def test_streamed_rows_at_every_alignment(rng, monkeypatch, dtype):
 
     cached = [every_op(off) for off in range(per)]
     monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
+    monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)  # else these are not streamed
     for off in range(per):
         for a, b in zip(every_op(off), cached[off]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_outputs_streamed_only_where_rows_start_16_byte_aligned(monkeypatch):
+    """Large outputs are streamed, except where their rows start off a 16-byte boundary
+    (every tile row would begin and end in a line both streamed and stored plainly)."""
+    from ssm import _cpu
+    big = _cpu.STREAM_BYTES
+    raw = np.empty(2048, np.float32)
+    at = (-raw.ctypes.data // 4) % 16  # raw[at] starts a 64-byte line
+    line, off4 = raw[at:at + 512], raw[at + 1:at + 513]
+    wide = raw[at:at + 512].view(np.float64)  # 8-byte elements, the same line
+    narrow = raw[at:at + 512].view(np.float16)
+    cases = [
+        (big, 256 * 256, (line, None), True),
+        (big, 256 * 256, (line, line), True),
+        (big - 1, 256 * 256, (line, None), False),  # small: cached
+        (big, 255 * 255, (line, None), False),  # rows 255 * 255 * 4 bytes apart
+        (big, 255 * 256, (line, None), True),  # 255 * 256 * 4: a multiple of 16
+        (big, 1022, (wide, None), True),  # 1022 * 8
+        (big, 1023, (wide, None), False),
+        (big, 1024, (narrow, None), True),  # 1024 * 2
+        (big, 1020, (narrow, None), False),  # 1020 * 2 = 2040
+        (big, 256 * 256, (off4, None), False),  # the array 4 bytes off
+        (big, 256 * 256, (line, off4), False),  # either output
+        (big, 1, (line, None), True),  # rows layout: tiles of whole pixels
+        (big, 1, (off4, None), False),
+        (big, 255 * 255, (None, None), True),  # nothing written
+    ]
+    for nbytes, inner, outputs, want in cases:
+        assert _cpu._streamed(nbytes, inner, outputs) is want, (nbytes, inner, want)
+    monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)
+    assert _cpu._streamed(big, 255 * 255, (off4, None)) is True
+    assert _cpu._streamed(big - 1, 255 * 255, (off4, None)) is False
 
 
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)

@@ -203,6 +203,7 @@ def test_direct_half_tiles_are_the_float32_path_rounded(rng, monkeypatch, isa_le
         cases += [(t, None, dict(ignore_index=ign)),
                   (t, w, dict(ignore_index=ign, class_weights=cw)),
                   (t, w, dict(ignore_index=ign, loss="kl"))]
+    monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)  # rows off 16 bytes, streamed
     for stream_bytes, level in ((1 << 62, 2), (0, 2), (0, 1), (0, 0)):
         monkeypatch.setattr(_cpu, "STREAM_BYTES", stream_bytes)
         isa_level(level)
@@ -252,6 +253,7 @@ def test_streamed_half_outputs(rng, monkeypatch, isa_level, dtype, layout):
     y = make_labels(rng, (2, 33, 35), 7)
     x[(0,) * x.ndim] = np.nan
     runs = []
+    monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)  # 33x35: rows off 16 bytes
     for level in (2, 1, 0):
         isa_level(level)
         for stream_bytes in (1 << 62, 1024):
