@@ -333,6 +333,12 @@ cdef int _team(threads, Py_ssize_t ntiles, Py_ssize_t elements, bint *capped) ex
 # Pixels per tile: a tile's C rows of logits take about TILE_BYTES, so the tile stays
 # in L1/L2 across the kernel's sweeps. At most 1024 pixels, a multiple of 16 when >= 16.
 cdef Py_ssize_t TILE_BYTES = 64 * 1024
+# ... but at least 16 pixels while that takes at most WIDE_TILE_BYTES (more than 1024
+# float32 classes): narrower tiles leave the sweeps over pixels without a whole vector
+# and each class row a fraction of a line. 1x3000x64x64 float32, Zen 3, 1 thread, fused
+# loss+grad: tiles of 5 pixels took 24 ns a logit (5.5 with plain stores), 16 pixels
+# 2.7; softmax 22 and 2.6.
+cdef Py_ssize_t WIDE_TILE_BYTES = 1024 * 1024
 # Outputs of at least this many bytes are written with non-temporal stores: they would
 # not stay in the caches anyway. VOC fused, 2 threads: 6.60 -> 6.38 ms; ADE
 # 6.96 -> 6.26 ms; a 1.4 MB output: 0.23 -> 0.27 ms, hence the threshold. (A Python
@@ -346,28 +352,34 @@ STREAM_BYTES = 8 * 1024 * 1024
 STREAM_UNALIGNED_ROWS = False
 
 
-def _rows_start_aligned(Py_ssize_t inner, outputs):
-    """Whether every row the tiles of these outputs stream starts on a 16-byte boundary:
-    each array 16-byte aligned and, with strided channels (inner > 1), its channel rows
-    a multiple of 16 bytes long. Otherwise every row of every tile begins and ends inside
-    a line that is part streamed, part stored plainly, and each such line costs a read
-    and an eviction: 255x255 pixels (VOC-like, 21 classes, float32, Zen 3, fused
-    loss+grad) took 1.26 ns a logit streamed and 0.90 with plain stores throughout, at
-    1 thread (0.65 and 0.48 at 2); 4x150x127x127 (ADE-like classes) 3.65 and 0.91, where
-    256x256 streams at 0.90 (0.49 at 2). Those outputs are not streamed."""
+def _rows_start_aligned(Py_ssize_t inner, Py_ssize_t tile, outputs):
+    """Whether every row segment the tiles of these outputs stream starts on a 16-byte
+    boundary (each array 16-byte aligned and, with strided channels, inner > 1, its
+    channel rows a multiple of 16 bytes long), and on a 64-byte one where a tile's rows
+    are under 256 bytes (`tile` pixels; more than 256 classes). Otherwise every tile row
+    begins and ends inside a line that is part streamed, part stored plainly, and each
+    such line costs a read and an eviction, which short rows pay on most of their lines.
+    Zen 3, 1 thread, float32, fused loss+grad, ns a logit streamed / plain:
+    8x21x255x255 1.26 / 0.90 (2 threads: 0.65 / 0.48); 4x150x127x127 3.65 / 0.91;
+    2x1000x64x64 (16-pixel tiles) 3.5 / 3.2 into an array 16 bytes off a line, 2.56 /
+    3.2 into one on a line; 8x21x256x256 0.90 / 0.93 (0.49 / 0.53)."""
+    cdef Py_ssize_t align
     for a in outputs:
         if a is None:
             continue
-        if a.ctypes.data % 16 or (inner > 1 and (inner * a.itemsize) % 16):
+        align = 64 if inner > 1 and tile * a.itemsize < 256 else 16
+        if a.ctypes.data % align or (inner > 1 and (inner * a.itemsize) % align):
+            return False
+        if inner > 1 and (tile * a.itemsize) % align and tile < inner:
             return False
     return True
 
 
-def _streamed(Py_ssize_t nbytes, Py_ssize_t inner, outputs):
-    """Whether a pass over `nbytes` of logits writes `outputs` (None where absent) with
-    non-temporal stores."""
+def _streamed(Py_ssize_t nbytes, Py_ssize_t inner, Py_ssize_t tile, outputs):
+    """Whether a pass over `nbytes` of logits in tiles of `tile` pixels writes `outputs`
+    (None where absent) with non-temporal stores."""
     return nbytes >= STREAM_BYTES and (STREAM_UNALIGNED_ROWS
-                                       or _rows_start_aligned(inner, outputs))
+                                       or _rows_start_aligned(inner, tile, outputs))
 
 
 def tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize):
@@ -380,6 +392,8 @@ cdef inline Py_ssize_t _tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t ite
     t = 1 if t < 1 else 1024 if t > 1024 else t
     if t >= 16:
         t = t // 16 * 16
+    elif 16 * C * itemsize <= WIDE_TILE_BYTES:
+        t = 16
     if inner > 1 and t > inner:
         t = inner
     return t
@@ -476,7 +490,7 @@ cdef int _fill(ssm_problem *P, object problem_obj) except -1:
     P.grad_scale = d_loss / divisor if divisor != 0 else 0.0
     P.out, P.out2 = <void *>_ptr(problem[F_OUT]), <void *>_ptr(problem[F_PROB_OUT])
     P.loss_map = <void *>_ptr(problem[F_LOSS_MAP])
-    P.stream = _streamed(x.nbytes, P.inner, (problem[F_OUT], problem[F_PROB_OUT]))
+    P.stream = _streamed(x.nbytes, P.inner, P.tile, (problem[F_OUT], problem[F_PROB_OUT]))
     return 0
 
 

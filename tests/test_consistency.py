@@ -406,37 +406,65 @@ def test_streamed_rows_at_every_alignment(rng, monkeypatch, dtype):
             np.testing.assert_array_equal(a, b)
 
 
-def test_outputs_streamed_only_where_rows_start_16_byte_aligned(monkeypatch):
-    """Large outputs are streamed, except where their rows start off a 16-byte boundary
-    (every tile row would begin and end in a line both streamed and stored plainly)."""
+def test_outputs_streamed_only_where_rows_start_aligned(monkeypatch):
+    """Large outputs are streamed, except where their class rows start off a 16-byte
+    boundary, or off a 64-byte one for tiles of rows under 256 bytes (every tile row would
+    begin and end in a line both streamed and stored plainly)."""
     from ssm import _cpu
     big = _cpu.STREAM_BYTES
     raw = np.empty(2048, np.float32)
     at = (-raw.ctypes.data // 4) % 16  # raw[at] starts a 64-byte line
-    line, off4 = raw[at:at + 512], raw[at + 1:at + 513]
+    line, off4, off16 = raw[at:at + 512], raw[at + 1:at + 513], raw[at + 4:at + 516]
     wide = raw[at:at + 512].view(np.float64)  # 8-byte elements, the same line
     narrow = raw[at:at + 512].view(np.float16)
-    cases = [
-        (big, 256 * 256, (line, None), True),
-        (big, 256 * 256, (line, line), True),
-        (big - 1, 256 * 256, (line, None), False),  # small: cached
-        (big, 255 * 255, (line, None), False),  # rows 255 * 255 * 4 bytes apart
-        (big, 255 * 256, (line, None), True),  # 255 * 256 * 4: a multiple of 16
-        (big, 1022, (wide, None), True),  # 1022 * 8
-        (big, 1023, (wide, None), False),
-        (big, 1024, (narrow, None), True),  # 1024 * 2
-        (big, 1020, (narrow, None), False),  # 1020 * 2 = 2040
-        (big, 256 * 256, (off4, None), False),  # the array 4 bytes off
-        (big, 256 * 256, (line, off4), False),  # either output
-        (big, 1, (line, None), True),  # rows layout: tiles of whole pixels
-        (big, 1, (off4, None), False),
-        (big, 255 * 255, (None, None), True),  # nothing written
+    cases = [  # (logit bytes, inner, tile, outputs, streamed)
+        (big, 256 * 256, 768, (line, None), True),
+        (big, 256 * 256, 768, (line, line), True),
+        (big - 1, 256 * 256, 768, (line, None), False),  # small: cached
+        (big, 255 * 255, 768, (line, None), False),  # rows 255 * 255 * 4 bytes apart
+        (big, 255 * 256, 768, (line, None), True),  # 255 * 256 * 4: a multiple of 16
+        (big, 1022, 64, (wide, None), True),  # 1022 * 8
+        (big, 1023, 64, (wide, None), False),
+        (big, 1024, 512, (narrow, None), True),  # 1024 * 2
+        (big, 1020, 512, (narrow, None), False),  # 1020 * 2 = 2040
+        (big, 256 * 256, 768, (off4, None), False),  # the array 4 bytes off
+        (big, 256 * 256, 768, (line, off4), False),  # either output
+        (big, 256 * 256, 768, (off16, None), True),  # 16 bytes off: long rows stream
+        (big, 64 * 64, 16, (line, None), True),  # 64-byte rows on lines
+        (big, 64 * 64, 16, (off16, None), False),  # ... 16 bytes off them
+        (big, 64 * 68, 16, (line, None), True),  # 64 * 68 * 4 = 17408 = 272 * 64
+        (big, 60 * 60, 16, (line, None), True),  # 14400 = 225 * 64
+        (big, 60 * 61, 16, (line, None), False),  # 14640: a multiple of 16, not of 64
+        (big, 64 * 64, 5, (line, None), False),  # 20-byte rows
+        (big, 5, 5, (line, None), False),  # 20-byte images: whole rows, off 16 bytes
+        (big, 8, 8, (line, None), False),  # 32-byte images: rows under a line
+        (big, 64, 64, (line, None), True),  # 256-byte images: whole rows, on lines
+        (big, 68, 68, (line, None), True),  # 272 bytes: on 16 bytes suffices
+        (big, 64 * 64, 16, (narrow, None), False),  # 32-byte half rows
+        (big, 1, 16, (line, None), True),  # rows layout: tiles of whole pixels
+        (big, 1, 16, (off4, None), False),
+        (big, 255 * 255, 768, (None, None), True),  # nothing written
     ]
-    for nbytes, inner, outputs, want in cases:
-        assert _cpu._streamed(nbytes, inner, outputs) is want, (nbytes, inner, want)
+    for nbytes, inner, tile, outputs, want in cases:
+        got = _cpu._streamed(nbytes, inner, tile, outputs)
+        assert got is want, (nbytes, inner, tile, want)
     monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)
-    assert _cpu._streamed(big, 255 * 255, (off4, None)) is True
-    assert _cpu._streamed(big - 1, 255 * 255, (off4, None)) is False
+    assert _cpu._streamed(big, 255 * 255, 768, (off4, None)) is True
+    assert _cpu._streamed(big - 1, 255 * 255, 768, (off4, None)) is False
+
+
+def test_tiles_of_many_classes_are_16_pixels_wide():
+    """Tiles take about 64 KiB of logits, and at least 16 pixels (whole vectors) while
+    that is at most 1 MiB; never more pixels than an image has."""
+    from ssm._cpu import tile_size
+    assert tile_size(21, 65536, 4) == 768
+    assert tile_size(150, 16384, 4) == 96
+    assert tile_size(1000, 4096, 4) == 16
+    assert tile_size(3000, 4096, 4) == 16  # 5 by the 64 KiB alone
+    assert tile_size(16384, 4096, 4) == 16  # 1 MiB
+    assert tile_size(16385, 4096, 4) == 1
+    assert tile_size(8192, 4096, 8) == 16
+    assert tile_size(3000, 8, 4) == 8  # an image of 8 pixels
 
 
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
