@@ -333,12 +333,18 @@ cdef int _team(threads, Py_ssize_t ntiles, Py_ssize_t elements, bint *capped) ex
 # Pixels per tile: a tile's C rows of logits take about TILE_BYTES, so the tile stays
 # in L1/L2 across the kernel's sweeps. At most 1024 pixels, a multiple of 16 when >= 16.
 cdef Py_ssize_t TILE_BYTES = 64 * 1024
-# ... but at least 16 pixels while that takes at most WIDE_TILE_BYTES (more than 1024
-# float32 classes): narrower tiles leave the sweeps over pixels without a whole vector
-# and each class row a fraction of a line. 1x3000x64x64 float32, Zen 3, 1 thread, fused
-# loss+grad: tiles of 5 pixels took 24 ns a logit (5.5 with plain stores), 16 pixels
-# 2.7; softmax 22 and 2.6.
+# ... but at least MIN_TILE pixels (more than 128 float32 classes), or the most of 64,
+# 32 or 16 whose tile takes at most WIDE_TILE_BYTES: each tile reads its class rows in
+# segments of MIN_TILE * itemsize bytes, and short ones (every row a DRAM stream of its
+# own) ran far from the memory's speed. Narrower than 16 pixels, the sweeps over pixels
+# have no whole vector. Zen 3, 1 thread, float32, ns a logit, fused / loss alone, tiles
+# of the 64 KiB rule -> of 128 pixels (3000 classes: 64): 1x3000x64x64 (5 pixels)
+# 24 / 3.3 -> 1.3 / 0.89; 2x1000x64x64 (16) 2.4 / 1.7 -> 1.0 / 0.76; 4x300x64x64 (48)
+# 0.96 / 0.65 -> 0.86 / 0.57; 4x150x128x128 (96) 0.97 / 0.62 -> 0.91 / 0.58 (256 pixels:
+# 0.90 / 0.65); benchmarks/many_classes.py. (A Python global, read at each call, as
+# STREAM_BYTES is; 16 gives the 64 KiB rule's tiles, widened to 16 pixels.)
 cdef Py_ssize_t WIDE_TILE_BYTES = 1024 * 1024
+MIN_TILE = 128
 # Outputs of at least this many bytes are written with non-temporal stores: they would
 # not stay in the caches anyway. VOC fused, 2 threads: 6.60 -> 6.38 ms; ADE
 # 6.96 -> 6.26 ms; a 1.4 MB output: 0.23 -> 0.27 ms, hence the threshold. (A Python
@@ -392,8 +398,12 @@ cdef inline Py_ssize_t _tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t ite
     t = 1 if t < 1 else 1024 if t > 1024 else t
     if t >= 16:
         t = t // 16 * 16
-    elif 16 * C * itemsize <= WIDE_TILE_BYTES:
-        t = 16
+    cdef Py_ssize_t wide = MIN_TILE
+    while wide >= 16 and t < wide:
+        if wide * C * itemsize <= WIDE_TILE_BYTES:
+            t = wide
+            break
+        wide //= 2
     if inner > 1 and t > inner:
         t = inner
     return t

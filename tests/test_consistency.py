@@ -453,18 +453,31 @@ def test_outputs_streamed_only_where_rows_start_aligned(monkeypatch):
     assert _cpu._streamed(big - 1, 255 * 255, 768, (off4, None)) is False
 
 
-def test_tiles_of_many_classes_are_16_pixels_wide():
-    """Tiles take about 64 KiB of logits, and at least 16 pixels (whole vectors) while
-    that is at most 1 MiB; never more pixels than an image has."""
+def test_tiles_of_many_classes_are_at_least_128_pixels_wide(monkeypatch):
+    """Tiles take about 64 KiB of logits, and at least 128 pixels (class rows of 512
+    float32 bytes) while that is at most 1 MiB, else 64, 32 or 16 (whole vectors); never
+    more pixels than an image has. MIN_TILE = 16 gives the 64 KiB rule's tiles."""
+    from ssm import _cpu
     from ssm._cpu import tile_size
     assert tile_size(21, 65536, 4) == 768
+    assert tile_size(19, 1 << 19, 4) == 848
+    assert tile_size(8, 1 << 19, 4) == 1024  # at most 1024
+    assert tile_size(128, 65536, 4) == 128
+    assert tile_size(150, 16384, 4) == 128  # 96 by the 64 KiB alone
+    assert tile_size(1000, 4096, 4) == 128
+    assert tile_size(2048, 4096, 4) == 128  # 1 MiB
+    assert tile_size(2049, 4096, 4) == 64
+    assert tile_size(3000, 4096, 4) == 64  # 5 by the 64 KiB alone
+    assert tile_size(16384, 4096, 4) == 16
+    assert tile_size(16385, 4096, 4) == 1
+    assert tile_size(1000, 4096, 8) == 128
+    assert tile_size(1500, 4096, 8) == 64
+    assert tile_size(3000, 8, 4) == 8  # an image of 8 pixels
+    assert tile_size(3000, 100, 4) == 64
+    monkeypatch.setattr(_cpu, "MIN_TILE", 16)
     assert tile_size(150, 16384, 4) == 96
     assert tile_size(1000, 4096, 4) == 16
-    assert tile_size(3000, 4096, 4) == 16  # 5 by the 64 KiB alone
-    assert tile_size(16384, 4096, 4) == 16  # 1 MiB
-    assert tile_size(16385, 4096, 4) == 1
-    assert tile_size(8192, 4096, 8) == 16
-    assert tile_size(3000, 8, 4) == 8  # an image of 8 pixels
+    assert tile_size(3000, 4096, 4) == 16
 
 
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
