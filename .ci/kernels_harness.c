@@ -279,11 +279,16 @@ static double ref_sswl(const ref_problem *R, const double *q_given, double *loss
 /* ---------------------------------------------------------------- one problem */
 
 static ptrdiff_t library_tile(ptrdiff_t C, ptrdiff_t inner, int dbl)
-{   /* ssm/_validation.py: tile_size */
-    ptrdiff_t t = 64 * 1024 / (C * (dbl ? 8 : 4));
+{   /* ssm/_cpu.pyx: _tile_size, with MIN_TILE = 128 */
+    ptrdiff_t size = dbl ? 8 : 4, t = 64 * 1024 / (C * size), wide = inner > 1 ? 128 : 16;
     t = t < 1 ? 1 : t > 1024 ? 1024 : t;
     if (t >= 16)
         t = t / 16 * 16;
+    for (; wide >= 16 && t < wide; wide /= 2)
+        if (wide * C * size <= 1024 * 1024) {
+            t = wide;
+            break;
+        }
     return inner > 1 && inner < t ? inner : t;
 }
 

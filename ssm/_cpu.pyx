@@ -333,11 +333,12 @@ cdef int _team(threads, Py_ssize_t ntiles, Py_ssize_t elements, bint *capped) ex
 # Pixels per tile: a tile's C rows of logits take about TILE_BYTES, so the tile stays
 # in L1/L2 across the kernel's sweeps. At most 1024 pixels, a multiple of 16 when >= 16.
 cdef Py_ssize_t TILE_BYTES = 64 * 1024
-# ... but at least MIN_TILE pixels (more than 128 float32 classes), or the most of 64,
+# ... but with strided channels (NCHW) at least MIN_TILE pixels (more than 128 float32
+# classes; then a tile takes up to WIDE_TILE_BYTES, in L2 or L3), or the most of 64,
 # 32 or 16 whose tile takes at most WIDE_TILE_BYTES: each tile reads its class rows in
 # segments of MIN_TILE * itemsize bytes, and short ones (every row a DRAM stream of its
-# own) ran far from the memory's speed. Narrower than 16 pixels, the sweeps over pixels
-# have no whole vector. Zen 3, 1 thread, float32, ns a logit, fused / loss alone, tiles
+# own) ran far from the memory's speed. Narrower than 16 pixels (rows layouts too), the
+# sweeps over pixels have no whole vector. Zen 3, 1 thread, float32, ns a logit, fused / loss alone, tiles
 # of the 64 KiB rule -> of 128 pixels (3000 classes: 64): 1x3000x64x64 (5 pixels)
 # 24 / 3.3 -> 1.3 / 0.89; 2x1000x64x64 (16) 2.4 / 1.7 -> 1.0 / 0.76; 4x300x64x64 (48)
 # 0.96 / 0.65 -> 0.86 / 0.57; 4x150x128x128 (96) 0.97 / 0.62 -> 0.91 / 0.58 (256 pixels:
@@ -362,19 +363,21 @@ def _rows_start_aligned(Py_ssize_t inner, Py_ssize_t tile, outputs):
     """Whether every row segment the tiles of these outputs stream starts on a 16-byte
     boundary (each array 16-byte aligned and, with strided channels, inner > 1, its
     channel rows a multiple of 16 bytes long), and on a 64-byte one where a tile's rows
-    are under 256 bytes (`tile` pixels; more than 256 classes). Otherwise every tile row
+    are under 256 bytes (`tile` pixels: over 4096 float32 classes, or small images).
+    Otherwise every tile row
     begins and ends inside a line that is part streamed, part stored plainly, and each
     such line costs a read and an eviction, which short rows pay on most of their lines.
     Zen 3, 1 thread, float32, fused loss+grad, ns a logit streamed / plain:
     8x21x255x255 1.26 / 0.90 (2 threads: 0.65 / 0.48); 4x150x127x127 3.65 / 0.91;
-    2x1000x64x64 (16-pixel tiles) 3.5 / 3.2 into an array 16 bytes off a line, 2.56 /
-    3.2 into one on a line; 8x21x256x256 0.90 / 0.93 (0.49 / 0.53)."""
+    2x1000x64x64 in tiles of 16 pixels (64-byte rows; now 128) 3.5 / 3.2 into an array
+    16 bytes off a line, 2.56 / 3.2 into one on a line; 8x21x256x256 0.90 / 0.93 (0.49 /
+    0.53)."""
     cdef Py_ssize_t align
     for a in outputs:
         if a is None:
             continue
         align = 64 if inner > 1 and tile * a.itemsize < 256 else 16
-        if a.ctypes.data % align or (inner > 1 and (inner * a.itemsize) % align):
+        if <size_t>_ptr(a) % align or (inner > 1 and (inner * a.itemsize) % align):
             return False
         if inner > 1 and (tile * a.itemsize) % align and tile < inner:
             return False
@@ -390,15 +393,27 @@ def _streamed(Py_ssize_t nbytes, Py_ssize_t inner, Py_ssize_t tile, outputs):
 
 def tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize):
     """Pixels per tile (see TILE_BYTES); never more than an image's pixel count."""
-    return _tile_size(C, inner, itemsize)
+    return _tile_size(C, inner, itemsize, _min_tile())
 
 
-cdef inline Py_ssize_t _tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize) noexcept:
+cdef Py_ssize_t _min_tile() except -1:
+    """MIN_TILE, checked: a power of two from 16 to 1024."""
+    m = MIN_TILE
+    if type(m) is not int or not 16 <= m <= 1024 or m & (m - 1):
+        raise ValueError(f"ssm._cpu.MIN_TILE: expected a power of two from 16 to 1024, "
+                         f"got {m!r}")
+    return m
+
+
+cdef inline Py_ssize_t _tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize,
+                                  Py_ssize_t min_tile) noexcept nogil:
     cdef Py_ssize_t t = TILE_BYTES // (C * itemsize)
+    cdef Py_ssize_t wide = min_tile
     t = 1 if t < 1 else 1024 if t > 1024 else t
     if t >= 16:
         t = t // 16 * 16
-    cdef Py_ssize_t wide = MIN_TILE
+    if inner <= 1:  # rows: a tile is contiguous; only whole vectors matter
+        wide = 16
     while wide >= 16 and t < wide:
         if wide * C * itemsize <= WIDE_TILE_BYTES:
             t = wide
@@ -489,7 +504,7 @@ cdef int _fill(ssm_problem *P, object problem_obj) except -1:
     memset(P, 0, sizeof(ssm_problem))
     P.outer, P.C, P.inner = g.outer, g.C, g.inner
     # half tiles are worked on in float32: sized as float32 ones
-    P.tile = _tile_size(P.C, P.inner, x.itemsize if x.itemsize > 2 else 4)
+    P.tile = _tile_size(P.C, P.inner, x.itemsize if x.itemsize > 2 else 4, _min_tile())
     P.x, P.x2, P.target = _ptr(x), _ptr(problem[F_DPROB]), _ptr(problem[F_TARGET])
     P.target_kind, P.ignore_index = problem[F_KIND], problem[F_IGNORE_INDEX]
     P.w, P.cw = _ptr(problem[F_WEIGHTS]), _ptr(problem[F_CLASS_WEIGHTS])

@@ -441,6 +441,9 @@ def test_outputs_streamed_only_where_rows_start_aligned(monkeypatch):
         (big, 64, 64, (line, None), True),  # 256-byte images: whole rows, on lines
         (big, 68, 68, (line, None), True),  # 272 bytes: on 16 bytes suffices
         (big, 64 * 64, 16, (narrow, None), False),  # 32-byte half rows
+        (big, 4100, 32, (line, None), False),  # 128-byte rows, 16400 = 256 * 64 + 16
+        (big, 4100, 64, (line, None), True),  # 256-byte rows: on 16 bytes suffices
+        (big, 1, 16, (off16, None), True),  # rows layout: 16 bytes off suffices
         (big, 1, 16, (line, None), True),  # rows layout: tiles of whole pixels
         (big, 1, 16, (off4, None), False),
         (big, 255 * 255, 768, (None, None), True),  # nothing written
@@ -454,9 +457,10 @@ def test_outputs_streamed_only_where_rows_start_aligned(monkeypatch):
 
 
 def test_tiles_of_many_classes_are_at_least_128_pixels_wide(monkeypatch):
-    """Tiles take about 64 KiB of logits, and at least 128 pixels (class rows of 512
-    float32 bytes) while that is at most 1 MiB, else 64, 32 or 16 (whole vectors); never
-    more pixels than an image has. MIN_TILE = 16 gives the 64 KiB rule's tiles."""
+    """Tiles take about 64 KiB of logits, and with strided channels at least 128 pixels
+    (class rows of 512 float32 bytes) while that is at most 1 MiB, else 64, 32 or 16
+    (whole vectors; rows layouts 16 only); never more pixels than an image has.
+    MIN_TILE = 16 gives the 64 KiB rule's tiles, widened to 16 pixels."""
     from ssm import _cpu
     from ssm._cpu import tile_size
     assert tile_size(21, 65536, 4) == 768
@@ -474,6 +478,16 @@ def test_tiles_of_many_classes_are_at_least_128_pixels_wide(monkeypatch):
     assert tile_size(1500, 4096, 8) == 64
     assert tile_size(3000, 8, 4) == 8  # an image of 8 pixels
     assert tile_size(3000, 100, 4) == 64
+    assert tile_size(150, 1, 4) == 96  # rows (NHWC): contiguous tiles, as many
+    assert tile_size(1000, 1, 4) == 16
+    assert tile_size(3000, 1, 4) == 16
+    assert tile_size(16385, 1, 4) == 1
+    for bad in (100, 8, 2048, 128.0, None):
+        monkeypatch.setattr(_cpu, "MIN_TILE", bad)
+        with pytest.raises(ValueError, match="MIN_TILE"):
+            tile_size(150, 16384, 4)
+        with pytest.raises(ValueError, match="MIN_TILE"):
+            ssm.softmax(np.zeros((1, 150, 2, 2), np.float32))
     monkeypatch.setattr(_cpu, "MIN_TILE", 16)
     assert tile_size(150, 16384, 4) == 96
     assert tile_size(1000, 4096, 4) == 16
