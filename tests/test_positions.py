@@ -276,6 +276,27 @@ def test_out_buffers_and_strided_inputs(rng):
     np.testing.assert_array_equal(ssm.soft_argmax_grad(strided, dk), dx)
 
 
+def test_positions_stream_rows_that_stay_in_l2(monkeypatch):
+    """Large positions outputs are streamed, except the softmax passes' maps over
+    POS_STREAM_ROW_BYTES (each is streamed from a scratch row, which then leaves L2);
+    the keypoint passes stream in L1-sized chunks whatever the map."""
+    from ssm import _cpu
+    codes = _cpu.positions_codes()
+    big = np.empty(_cpu.STREAM_BYTES // 4, np.float32)
+    small = big[:-1]
+    limit = _cpu.POS_STREAM_ROW_BYTES
+    for op in ("SOFTMAX", "SOFTMAX_BWD"):
+        assert _cpu._pos_streamed(codes[op], big, limit) is True
+        assert _cpu._pos_streamed(codes[op], big, limit + 4) is False
+        assert _cpu._pos_streamed(codes[op], small, 4) is False
+        assert _cpu._pos_streamed(codes[op], None, 4) is False
+    for op in ("EXPECT", "EXPECT_BWD"):
+        assert _cpu._pos_streamed(codes[op], big, 64 << 20) is True
+        assert _cpu._pos_streamed(codes[op], small, 4) is False
+    monkeypatch.setattr(_cpu, "POS_STREAM_ROW_BYTES", 1 << 62)
+    assert _cpu._pos_streamed(codes["SOFTMAX"], big, 64 << 20) is True
+
+
 def test_streamed_stores(rng, monkeypatch):
     x = make_logits(rng, (2, 3, 16, 20), np.float32)
     dk = rng.standard_normal((2, 3, 2)).astype(np.float32)
