@@ -715,22 +715,23 @@ def floor_read(src, int threads):
 cdef Py_ssize_t POS_TILE_BYTES = 64 * 1024
 
 
-# spatial_softmax and its gradient stream a large output row by row from a scratch row,
-# so rows of more than this go out with plain stores: the scratch row leaves L2. Zen 3,
+# The positions passes stream a large output row by row from a scratch row (the float
+# gradient of 2-D keypoints in L1-sized chunks of one), so rows of more than this go out
+# with plain stores: the scratch row and its source no longer stay in L2. Zen 3,
 # plain / streamed time, spatial_softmax and its gradient at 1 thread (and 2): maps of
 # 2048 x 2048 (16 MiB rows) 0.70, 0.67 (0.64, 0.65); 1024 x 1024 0.97, 0.92 (0.88,
 # 0.87); 512 x 512 0.99, 0.98 (0.88, 0.92); 256 x 256 1.03, 1.00 (0.95, 1.05); 64 x 48
-# 1.11, 1.14 (1.02, 1.05). The keypoint passes stream in L1-sized chunks and keep
-# streaming (plain 0.96-1.13).
+# 1.11, 1.14 (1.02, 1.05). The chunked keypoint gradient: 0.96-1.13, within 3% of 1 from
+# 1 MiB rows on, so it follows the same rule.
 # benchmarks/positions_rows.py. (A Python global, read at each call.)
 POS_STREAM_ROW_BYTES = 512 * 1024
 
 
-def _pos_streamed(int op, out, Py_ssize_t row_bytes):
-    """Whether positions pass `op` writes `out` (or None) with non-temporal stores, its
-    maps `row_bytes` long in the kernels' float type."""
-    return out is not None and out.nbytes >= STREAM_BYTES and (
-        op not in (SSM_POS_SOFTMAX, SSM_POS_SOFTMAX_BWD) or row_bytes <= POS_STREAM_ROW_BYTES)
+def _pos_streamed(out, Py_ssize_t row_bytes):
+    """Whether a positions pass writes `out` (or None) with non-temporal stores, its maps
+    `row_bytes` long in the kernels' float type (float32 for the half types)."""
+    return (out is not None and out.nbytes >= STREAM_BYTES
+            and row_bytes <= POS_STREAM_ROW_BYTES)
 
 
 def positions_tile(Py_ssize_t L, Py_ssize_t inner, Py_ssize_t itemsize):
@@ -780,7 +781,7 @@ def positions(int op, problem, threads):
     P.out, P.kp = <void *>_ptr(problem.out), <void *>_ptr(problem.keypoints)
     P.var = <void *>_ptr(problem.variance)
     P.dtemp = <double *>_ptr(problem.d_temperature)
-    P.stream = _pos_streamed(op, problem.out, g.L * (8 if kind == K_DOUBLE else 4))
+    P.stream = _pos_streamed(problem.out, g.L * (8 if kind == K_DOUBLE else 4))
     P.grid_w = problem.grid_w
     ntiles = ssm_pos_num_tiles(&P)
     if ntiles == 0:

@@ -277,24 +277,38 @@ def test_out_buffers_and_strided_inputs(rng):
 
 
 def test_positions_stream_rows_that_stay_in_l2(monkeypatch):
-    """Large positions outputs are streamed, except the softmax passes' maps over
-    POS_STREAM_ROW_BYTES (each is streamed from a scratch row, which then leaves L2);
-    the keypoint passes stream in L1-sized chunks whatever the map."""
+    """Large positions outputs are streamed, except maps over POS_STREAM_ROW_BYTES in the
+    kernels' float type (each row is streamed from a scratch row, which then leaves L2);
+    the passes ask with the map's bytes in that type."""
     from ssm import _cpu
-    codes = _cpu.positions_codes()
     big = np.empty(_cpu.STREAM_BYTES // 4, np.float32)
     small = big[:-1]
     limit = _cpu.POS_STREAM_ROW_BYTES
-    for op in ("SOFTMAX", "SOFTMAX_BWD"):
-        assert _cpu._pos_streamed(codes[op], big, limit) is True
-        assert _cpu._pos_streamed(codes[op], big, limit + 4) is False
-        assert _cpu._pos_streamed(codes[op], small, 4) is False
-        assert _cpu._pos_streamed(codes[op], None, 4) is False
-    for op in ("EXPECT", "EXPECT_BWD"):
-        assert _cpu._pos_streamed(codes[op], big, 64 << 20) is True
-        assert _cpu._pos_streamed(codes[op], small, 4) is False
+    assert _cpu._pos_streamed(big, limit) is True
+    assert _cpu._pos_streamed(big, limit + 4) is False
+    assert _cpu._pos_streamed(small, 4) is False
+    assert _cpu._pos_streamed(None, 4) is False
     monkeypatch.setattr(_cpu, "POS_STREAM_ROW_BYTES", 1 << 62)
-    assert _cpu._pos_streamed(codes["SOFTMAX"], big, 64 << 20) is True
+    assert _cpu._pos_streamed(big, 64 << 20) is True
+    monkeypatch.undo()
+
+    asked = []
+    real = _cpu._pos_streamed
+
+    def spy(out, row_bytes):
+        asked.append((None if out is None else out.shape, row_bytes))
+        return real(out, row_bytes)
+
+    monkeypatch.setattr(_cpu, "_pos_streamed", spy)
+    x = np.zeros((2, 3, 5, 7))
+    dk = np.zeros((2, 3, 2))
+    for dtype, size in ((np.float64, 8), (np.float32, 4), (np.float16, 4)):
+        asked.clear()
+        xd = x.astype(dtype)
+        ssm.spatial_softmax(xd)
+        ssm.soft_argmax_grad(xd, dk.astype(dtype))
+        ssm.soft_argmax(xd)  # keypoints alone: no map written
+        assert asked == [((2, 3, 5, 7), 35 * size)] * 2 + [(None, 35 * size)], dtype
 
 
 def test_streamed_stores(rng, monkeypatch):
