@@ -333,17 +333,17 @@ cdef int _team(threads, Py_ssize_t ntiles, Py_ssize_t elements, bint *capped) ex
 # Pixels per tile: a tile's C rows of logits take about TILE_BYTES, so the tile stays
 # in L1/L2 across the kernel's sweeps. At most 1024 pixels, a multiple of 16 when >= 16.
 cdef Py_ssize_t TILE_BYTES = 64 * 1024
-# ... but with strided channels (NCHW) at least MIN_TILE pixels (more than 128 float32
-# classes; then a tile takes up to WIDE_TILE_BYTES, in L2 or L3), or the most of 64,
-# 32 or 16 whose tile takes at most WIDE_TILE_BYTES: each tile reads its class rows in
-# segments of MIN_TILE * itemsize bytes, and short ones (every row a DRAM stream of its
-# own) ran far from the memory's speed. Narrower than 16 pixels (rows layouts too), the
-# sweeps over pixels have no whole vector. Zen 3, 1 thread, float32, ns a logit, fused / loss alone, tiles
-# of the 64 KiB rule -> of 128 pixels (3000 classes: 64): 1x3000x64x64 (5 pixels)
-# 24 / 3.3 -> 1.3 / 0.89; 2x1000x64x64 (16) 2.4 / 1.7 -> 1.0 / 0.76; 4x300x64x64 (48)
-# 0.96 / 0.65 -> 0.86 / 0.57; 4x150x128x128 (96) 0.97 / 0.62 -> 0.91 / 0.58 (256 pixels:
-# 0.90 / 0.65); benchmarks/many_classes.py. (A Python global, read at each call, as
-# STREAM_BYTES is; 16 gives the 64 KiB rule's tiles, widened to 16 pixels.)
+# ... but with strided channels (NCHW) at least MIN_TILE pixels, or else the most of 64,
+# 32 and 16 whose tile takes at most WIDE_TILE_BYTES (such tiles live in L2 or L3): over
+# 128 float32 classes the 64 KiB rule read each class row a line or a few at a time,
+# every row a DRAM stream of its own, far from the memory's speed. Under 16 pixels (rows
+# layouts too) the sweeps over pixels have no whole vector. Zen 3, 1 thread, float32, ns
+# a logit, fused / loss alone, the 64 KiB rule's tiles -> 128 pixels (3000 classes: 64):
+# 1x3000x64x64 (5 pixels) 24 / 3.3 -> 1.3 / 0.89; 2x1000x64x64 (16) 2.4 / 1.7 -> 1.0 /
+# 0.76; 4x300x64x64 (48) 0.96 / 0.65 -> 0.86 / 0.57; 4x150x128x128 (96) 0.97 / 0.62 ->
+# 0.91 / 0.58 (256 pixels: 0.90 / 0.65); benchmarks/many_classes.py. MIN_TILE is a
+# Python global, read at each call as STREAM_BYTES is; 16 gives the 64 KiB rule's tiles,
+# widened to 16 pixels.
 cdef Py_ssize_t WIDE_TILE_BYTES = 1024 * 1024
 MIN_TILE = 128
 # Outputs of at least this many bytes are written with non-temporal stores: they would
@@ -364,9 +364,9 @@ def _rows_start_aligned(Py_ssize_t inner, Py_ssize_t tile, outputs):
     boundary (each array 16-byte aligned and, with strided channels, inner > 1, its
     channel rows a multiple of 16 bytes long), and on a 64-byte one where a tile's rows
     are under 256 bytes (`tile` pixels: over 4096 float32 classes, or small images).
-    Otherwise every tile row
-    begins and ends inside a line that is part streamed, part stored plainly, and each
-    such line costs a read and an eviction, which short rows pay on most of their lines.
+    Otherwise every tile row begins and ends inside a line that is part streamed, part
+    stored plainly, and each such line costs a read and an eviction, which short rows
+    pay on most of their lines.
     Zen 3, 1 thread, float32, fused loss+grad, ns a logit streamed / plain:
     8x21x255x255 1.26 / 0.90 (2 threads: 0.65 / 0.48); 4x150x127x127 3.65 / 0.91;
     2x1000x64x64 in tiles of 16 pixels (64-byte rows; now 128) 3.5 / 3.2 into an array
