@@ -10,12 +10,13 @@ each one's median time, ns a logit, and the ratio wide / narrow (below 1: the wi
 are faster). float32 NCHW, int64 labels, ``out=`` allocated by ssm (on a 64-byte line).
 """
 import argparse
-import time
 
 import numpy as np
 
 import ssm
 from ssm import _cpu
+
+from _turns import loss_op, take_turns
 
 SHAPES = {
     "ade-150": (4, 150, 128, 128),
@@ -25,15 +26,6 @@ SHAPES = {
     "2000": (1, 2000, 64, 64),
     "3000": (1, 3000, 64, 64),
 }
-
-
-def call(op, x, y, out, threads):
-    if op == "fused":
-        ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, threads=threads)
-    elif op == "loss":
-        ssm.cross_entropy(x, y, threads=threads)
-    else:
-        ssm.softmax(x, out=out, threads=threads)
 
 
 def main(argv=None):
@@ -59,16 +51,10 @@ def main(argv=None):
             tiles.append(_cpu.tile_size(shape[1], inner, 4))
         for op in a.ops.split(","):
             for threads in (int(t) for t in a.threads.split(",")):
-                times = {a.narrow: [], wide: []}
-                for rep in range(a.reps + 2):
-                    for m in ((a.narrow, wide) if rep % 2 else (wide, a.narrow)):
-                        _cpu.MIN_TILE = m
-                        t0 = time.perf_counter()
-                        call(op, x, y, out, threads)
-                        if rep >= 2:  # two warm-up rounds
-                            times[m].append(time.perf_counter() - t0)
+                modes = [lambda m=m: setattr(_cpu, "MIN_TILE", m) for m in (a.narrow, wide)]
+                n, w = (1e9 * t / x.size for t in take_turns(loss_op(op, x, y, out, threads),
+                                                           modes, a.reps))
                 _cpu.MIN_TILE = wide
-                n, w = (1e9 * float(np.median(times[m])) / x.size for m in (a.narrow, wide))
                 print(f"{name:9s} {op:8s} {threads:3d} {tiles[0]:3d}>{tiles[1]:<3d} {n:9.3f} "
                       f"{w:8.3f} {w / n:12.3f}", flush=True)
 

@@ -11,12 +11,13 @@ shape's rows are aligned: both ways stream it, a control. float32 NCHW, int64 la
 ``out=`` allocated by ssm (on a 64-byte boundary).
 """
 import argparse
-import time
 
 import numpy as np
 
 import ssm
 from ssm import _cpu
+
+from _turns import loss_op, take_turns
 
 SHAPES = {
     "voc-256": (8, 21, 256, 256),  # aligned rows: the control
@@ -25,15 +26,6 @@ SHAPES = {
     "ade-127": (4, 150, 127, 127),
     "cityscapes-769": (2, 19, 769, 769),
 }
-
-
-def call(op, x, y, out, threads):
-    if op == "fused":
-        ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, threads=threads)
-    elif op == "forward":
-        ssm.spatial_softmax_with_loss(x, y, out=out, threads=threads)
-    else:
-        ssm.softmax(x, out=out, threads=threads)
 
 
 def main(argv=None):
@@ -52,16 +44,11 @@ def main(argv=None):
         out = ssm.softmax(x)  # an ssm-allocated output
         for op in a.ops.split(","):
             for threads in (int(t) for t in a.threads.split(",")):
-                times = {True: [], False: []}
-                for rep in range(a.reps + 2):
-                    for old in ((True, False) if rep % 2 else (False, True)):
-                        _cpu.STREAM_UNALIGNED_ROWS = old
-                        t0 = time.perf_counter()
-                        call(op, x, y, out, threads)
-                        if rep >= 2:  # two warm-up rounds
-                            times[old].append(time.perf_counter() - t0)
+                modes = [lambda old=old: setattr(_cpu, "STREAM_UNALIGNED_ROWS", old)
+                         for old in (True, False)]
+                s, p = (1e3 * m for m in take_turns(loss_op(op, x, y, out, threads), modes,
+                                                    a.reps))
                 _cpu.STREAM_UNALIGNED_ROWS = False
-                s, p = (1e3 * float(np.median(times[k])) for k in (True, False))
                 print(f"{name:16s} {op:8s} {threads:3d} {s:11.2f} {p:10.2f} {p / s:15.3f}",
                       flush=True)
 

@@ -10,12 +10,13 @@ stores are faster). float32 NCHW maps; soft_argmax_grad is the fused keypoint gr
 which streams its rows in L1-sized chunks.
 """
 import argparse
-import time
 
 import numpy as np
 
 import ssm
 from ssm import _cpu
+
+from _turns import take_turns
 
 SHAPES = [(64, 17, 64, 48), (256, 1, 256, 256), (64, 1, 512, 512), (16, 1, 1024, 1024),
           (4, 1, 2048, 2048)]
@@ -45,17 +46,10 @@ def main(argv=None):
                                                                      threads=threads)),
                    ("soft_argmax_grad", lambda: ssm.soft_argmax_grad(x, d, threads=threads))]
             for name, fn in ops:
-                times = {True: [], False: []}
-                for rep in range(a.reps + 1):
-                    for streamed in ((True, False) if rep % 2 else (False, True)):
-                        mode(streamed)
-                        t0 = time.perf_counter()
-                        fn()
-                        if rep:  # one warm-up round
-                            times[streamed].append(time.perf_counter() - t0)
-                mode(True)
-                _cpu.POS_STREAM_ROW_BYTES = row_bytes
-                s, p = (1e9 * float(np.median(times[k])) / x.size for k in (True, False))
+                s, p = (1e9 * t / x.size
+                        for t in take_turns(fn, [lambda: mode(True), lambda: mode(False)],
+                                            a.reps, warmup=1))
+                _cpu.STREAM_BYTES, _cpu.POS_STREAM_ROW_BYTES = stream_bytes, row_bytes
                 print(f"{'x'.join(map(str, shape)):16s} {shape[2] * shape[3] * 4 >> 10:8d} "
                       f"{threads:3d} {name:17s} {s:8.3f} {p:6.3f} {p / s:15.3f}", flush=True)
 

@@ -379,7 +379,7 @@ def _rows_start_aligned(Py_ssize_t inner, Py_ssize_t tile, outputs):
         align = 64 if inner > 1 and tile * a.itemsize < 256 else 16
         if <size_t>_ptr(a) % align or (inner > 1 and (inner * a.itemsize) % align):
             return False
-        if inner > 1 and (tile * a.itemsize) % align and tile < inner:
+        if inner > 1 and (tile * a.itemsize) % align:  # (tile == inner: checked above)
             return False
     return True
 
