@@ -89,8 +89,8 @@ static double tile_call(const ssm_problem *P, int op, int dbl, ptrdiff_t t, void
     case OP_SSWL_BWD:
         return dbl ? ssm_sswl_bwd_tile_d(P, t, buf) : ssm_sswl_bwd_tile_f(P, t, buf);
     default:
-        return dbl ? ssm_sswl_tile_d(P, t, buf, op == OP_SSWL_FWD_BWD)
-                   : ssm_sswl_tile_f(P, t, buf, op == OP_SSWL_FWD_BWD);
+        return dbl ? ssm_sswl_pass_tile_d(P, t, buf, op == OP_SSWL_FWD_BWD)
+                   : ssm_sswl_pass_tile_f(P, t, buf, op == OP_SSWL_FWD_BWD);
     }
 }
 
@@ -473,7 +473,15 @@ static void run_problem(ptrdiff_t outer, ptrdiff_t C, ptrdiff_t inner, ptrdiff_t
         checks++;
         if (memcmp(&total, &total1, sizeof(double)) != 0)
             fail("sswl_fwd_bwd loss sum vs sswl_fwd's", -1, total1, total);
-        S.out2 = NULL, S.loss_map = NULL;
+
+        /* ... and the gradient without prob (the one-loop path of two classes takes it) */
+        S.out2 = NULL;
+        total1 = run(&S, OP_SSWL_FWD_BWD, dbl, 4);
+        check_array("sswl_fwd_bwd dlogits, no prob", out, dbl, want2, E, gscale);
+        checks++;
+        if (memcmp(&total, &total1, sizeof(double)) != 0)
+            fail("sswl_fwd_bwd loss sum (no prob) vs sswl_fwd's", -1, total1, total);
+        S.loss_map = NULL;
 
         /* sswl_bwd: the gradient from the (stored) reference probabilities */
         S.x = prob;
@@ -517,8 +525,8 @@ static void run_problem(ptrdiff_t outer, ptrdiff_t C, ptrdiff_t inner, ptrdiff_t
 int main(int argc, char **argv)
 {
     /* (N, C, H*W): viewed as (N, C, H*W) (NCHW) and as (N*H*W, C, 1) (NHWC) */
-    static const ptrdiff_t shapes[][3] = {{3, 1, 299}, {2, 5, 257}, {2, 21, 299}, {1, 150, 97},
-                                          {1100, 5, 1}, {2, 33, 45}};
+    static const ptrdiff_t shapes[][3] = {{3, 1, 299}, {3, 2, 299}, {2, 5, 257}, {2, 21, 299},
+                                          {1, 150, 97}, {1100, 5, 1}, {2, 33, 45}};
     int s, dbl, rows, tiles, stream;
     verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
     printf("ssm kernel harness: %s; %s; %d OpenMP threads available\n", ssm_compiler(),

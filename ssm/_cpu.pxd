@@ -45,8 +45,10 @@ cdef extern from "_kernels.h" nogil:
     double ssm_softmax_fwd_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf, int logspace)
     double ssm_softmax_bwd_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf)
     double ssm_softmax_bwd_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf)
-    double ssm_sswl_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
-    double ssm_sswl_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
+    double ssm_sswl_pass_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
+    double ssm_sswl_pass_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf, int want_grad)
+    int ssm_two_classes  # 1: the one-loop tiles of two classes; 0: the general ones (tests)
+    long long ssm_two_class_tiles  # tiles the one-loop path has run (tests)
     double ssm_sswl_bwd_tile_f(const ssm_problem *P, Py_ssize_t t, void *buf)
     double ssm_sswl_bwd_tile_d(const ssm_problem *P, Py_ssize_t t, void *buf)
     # half-width logits (ssm/_half.h): _h float16, _b bfloat16; float32 scratch

@@ -123,8 +123,8 @@ cdef inline double _tile(const ssm_problem *P, int op, int kind, Py_ssize_t t,
     if op == OP_SSWL_BWD:
         return ssm_sswl_bwd_tile_d(P, t, buf) if dbl else ssm_sswl_bwd_tile_f(P, t, buf)
     if dbl:
-        return ssm_sswl_tile_d(P, t, buf, op == OP_SSWL_FWD_BWD)
-    return ssm_sswl_tile_f(P, t, buf, op == OP_SSWL_FWD_BWD)
+        return ssm_sswl_pass_tile_d(P, t, buf, op == OP_SSWL_FWD_BWD)
+    return ssm_sswl_pass_tile_f(P, t, buf, op == OP_SSWL_FWD_BWD)
 
 
 # Fewer threads than asked for on small problems: each thread gets at least this many
@@ -445,6 +445,26 @@ def half_isa(level=None):
             raise ValueError(f"level: expected 0, 1 or 2, got {level!r}")
         ssm_half_isa = level
     return old
+
+
+def two_classes(on=None):
+    """Whether the loss passes over sparse labels of two classes run each pixel's sweeps
+    in one loop (the default, True) or the general sweeps (False), for tests: the two
+    give the same bits. Sets it if ``on`` is given (between calls: no kernel may be
+    running), and returns the previous setting."""
+    global ssm_two_classes
+    cdef bint old = ssm_two_classes != 0
+    if on is not None:
+        if on is not True and on is not False:
+            raise TypeError(f"on: expected True or False, got {on!r}")
+        ssm_two_classes = 1 if on else 0
+    return old
+
+
+def two_class_tiles():
+    """How many tiles the one-loop path of two classes has run in this process (for
+    tests: a comparison of the two paths must see it taken)."""
+    return ssm_two_class_tiles
 
 
 def half_convert(src, bint bf16, bint software=False):

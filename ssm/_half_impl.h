@@ -361,7 +361,7 @@ SSM_CLONES double SSM_HSFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, voi
     S.loss_map = P->loss_map ? lmap : NULL;
     if (P->norms)  /* P: the widened problem (float32 weights) */
         ssm_label_stats_f(P, pix, n, &P->norms[t], &P->bads[t]);
-    r = ssm_sswl_tile_f(&S, 0, sb, want_grad);
+    r = ssm_sswl_pass_tile_f(&S, 0, sb, want_grad);
     if (P->out)
         SSM_HSFX(ssm_half_store)(P, P->out, base, n, blk[2], tmp);
     if (P->out2)

@@ -744,6 +744,12 @@ static inline size_t ssm_label_bytes(int kind)
     return kind == SSM_U8 ? 1 : kind == SSM_I32 ? 4 : kind == SSM_I64 ? 8 : 0;
 }
 
+/* 1: the loss passes give the tiles of sparse labels over two classes to
+   ssm_sswl_tile_two (_kernels_impl.h); 0: to ssm_sswl_tile. Set to 0 only by the tests
+   (ssm._cpu.two_classes), between calls, to compare the two. */
+static int ssm_two_classes = 1;
+static long long ssm_two_class_tiles = 0;  /* tiles ssm_sswl_tile_two has run, for tests */
+
 /* The per-dtype kernels: one template, instantiated for float and double (each
    instantiates the label loops of _labels_impl.h for the three label types). */
 #define R float

@@ -1081,6 +1081,106 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
     }
 }
 
+/* ---- two classes: a pixel's sweeps in one loop ---------------------------------
+ * With two classes (binary segmentation) a pixel has more per-pixel work than per-logit
+ * work, and the general sweeps over class rows and the per-pixel loops between them
+ * (the label's logit, log s) each load and store the pixel's arrays again. Here one loop
+ * holds a pixel's two logits in registers and does the max, the label's logit, the sum
+ * of exp, log s and the output row's e (or prob) at once: 4-9% less time than the
+ * general sweeps (benchmarks/few_classes.py, Zen 3 AVX2; with 3 classes it was even,
+ * with 4 the fused pass up to 5% slower). The operations are ssm_sswl_tile's, in its
+ * order (the same max, exp, sum, log and selects), so the bits are the same
+ * (tests/test_consistency.py compares the two); the loss terms in double and the
+ * gradient rows are ssm_sswl_tile's own code. Sparse labels, without prob and gradient
+ * together; float only where every float exp is ssm_expf_nonpos (not in the x86-64-v4
+ * clone, whose sweeps use the table exp). */
+
+/* mode 0: the loss alone; 1: o = prob; 2: o = e and sumexp, for the gradient. mode is a
+   constant at each call. */
+SSM_INLINE void SSM_SFX(ssm_two_sweep)(const R *restrict x, ptrdiff_t sx, const int mode,
+                                       ptrdiff_t n, SSM_SFX(ssm_scratch) *S, R *restrict o,
+                                       ptrdiff_t so)
+{
+    ptrdiff_t j;
+    const int32_t *restrict cls = S->cls;
+    R *restrict xmax = S->xmax, *restrict xlab = S->xlabel, *restrict lsum = S->log_sum;
+    R *restrict ssum = S->sumexp;
+#pragma omp simd
+    for (j = 0; j < n; j++) {
+        R v0 = x[j], v1 = x[sx + j], m, e0, e1, s;
+        int32_t y = cls[j];  /* -1 or 0 or 1 */
+        m = v1 > v0 ? v1 : v0;
+        e0 = SSM_EXP(v0 - m);
+        e1 = SSM_EXP(v1 - m);
+        s = (R)0 + e0 + e1;
+        xmax[j] = m;
+        xlab[j] = y == 1 ? v1 : y == 0 ? v0 : (R)0;
+        lsum[j] = SSM_LOG_SUM(s);
+        if (mode == 1) {
+            R r = (R)1 / s;
+            o[j] = e0 * r;
+            o[so + j] = e1 * r;
+        } else if (mode == 2) {
+            ssum[j] = s;
+            o[j] = e0;
+            o[so + j] = e1;
+        }
+    }
+}
+
+/* Whether ssm_sswl_tile_two takes P's tiles (see there). */
+SSM_INLINE int SSM_SFX(ssm_two_applies)(const ssm_problem *P, int want_grad)
+{
+    if (!ssm_two_classes || P->C != 2 || P->target_kind == SSM_SOFT || P->lens
+        || P->smoothing != 0.0 || (want_grad && P->out2))
+        return 0;
+#ifdef SSM_HAVE_EXPF_T16
+    if (sizeof(R) == sizeof(float) && ssm_expf_use_t16())
+        return 0;
+#endif
+    return 1;
+}
+
+/* ssm_sswl_tile for two classes and sparse labels (ssm_two_applies). */
+SSM_NOINLINE SSM_CLONES double SSM_SFX(ssm_sswl_tile_two)(const ssm_problem *P, ptrdiff_t t,
+                                                         void *buf, int want_grad)
+{
+    SSM_SFX(ssm_scratch) S = SSM_SFX(ssm_scratch_carve)(P, buf);
+    ptrdiff_t base, pix, n, sx, so = 0, c;
+    const R *x;
+    R *o = NULL;
+    int mode = want_grad ? 2 : P->out ? 1 : 0;
+#pragma omp atomic
+    ssm_two_class_tiles++;
+    ssm_tile_geom(P, t, &base, &pix, &n);
+    SSM_SFX(ssm_stage)(P, &S, base, pix, n, want_grad, 0);
+    if (P->norms)
+        SSM_SFX(ssm_tile_stats)(P, &S, t, pix, n);
+    x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
+    if (mode)
+        o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
+    if (mode == 0)
+        SSM_SFX(ssm_two_sweep)(x, sx, 0, n, &S, o, so);
+    else if (mode == 1)
+        SSM_SFX(ssm_two_sweep)(x, sx, 1, n, &S, o, so);
+    else
+        SSM_SFX(ssm_two_sweep)(x, sx, 2, n, &S, o, so);
+    SSM_SFX(ssm_sparse_terms)(&S, n, P->loss_cap, want_grad, mode == 2);
+    for (c = 0; mode == 2 && c < 2; c++) {  /* ssm_sswl_tile's sweep 3 */
+        R *oc = o + c * so;
+        if (SSM_SFX(ssm_grad_row_streamed)(P, (R *)P->out, base, c, n, oc, S.gfactor,
+                                           S.glabel, S.cls))
+            continue;
+        SSM_SFX(ssm_grad_row)(oc, oc, S.gfactor, S.glabel, S.gscale, S.cls, NULL, c, n);
+        SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, oc);
+    }
+    for (c = 0; mode == 1 && c < 2; c++)
+        SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, o + c * so);
+    if (mode)
+        SSM_SFX(ssm_store)(P, (R *)P->out, base, n, o);
+    return SSM_SFX(ssm_tile_loss)(P, S.loss, pix, n);
+}
+
 /* want_grad = 0: out = prob, or the loss alone if out is NULL (the exp values are summed,
    never stored, and sweep 3 is skipped).  want_grad = 1: out = dlogits, out2 = prob if
    given. With P->norms, also the tile's label pre-pass (ssm_tile_stats). */
@@ -1142,6 +1242,17 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
     if (o2)
         SSM_SFX(ssm_store)(P, (R *)P->out2, base, n, o2);
     return SSM_SFX(ssm_tile_loss)(P, S.loss, pix, n);
+}
+
+/* The tile of a loss pass (sswl_fwd, sswl_fwd_bwd, the loss alone): ssm_sswl_tile_two
+   where it applies, else ssm_sswl_tile. The choice is made here, outside both: a test
+   at the top of ssm_sswl_tile made its VOC-like fused pass 2% slower (code placement). */
+static inline double SSM_SFX(ssm_sswl_pass_tile)(const ssm_problem *P, ptrdiff_t t, void *buf,
+                                                 int want_grad)
+{
+    if (SSM_SFX(ssm_two_applies)(P, want_grad))
+        return SSM_SFX(ssm_sswl_tile_two)(P, t, buf, want_grad);
+    return SSM_SFX(ssm_sswl_tile)(P, t, buf, want_grad);
 }
 
 /* ---- sswl_bwd: dx_c = g (A q_c - a_c) from the probabilities q ---------------- */

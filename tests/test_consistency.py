@@ -537,3 +537,79 @@ def test_loss_alone_pre_pass_in_the_pass(rng, dtype, label_dtype, options):
                 ssm.cross_entropy(x, yb, ignore_index=ign, **kw)
         else:
             assert bad == -1
+
+
+@pytest.fixture
+def two_classes():
+    """Restore the one-loop path of two classes (ssm._cpu.two_classes) after a test."""
+    from ssm import _cpu
+    old = _cpu.two_classes()
+    yield _cpu
+    _cpu.two_classes(old)
+
+
+def _bits_of(results):
+    """The results of one call (arrays, tuples of them) as bytes, for a bitwise compare."""
+    if isinstance(results, (tuple, list)):
+        return [b for r in results for b in _bits_of(r)]
+    return [np.asarray(results).tobytes()]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("C", [2, 3])
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_two_classes_equal_the_general_sweeps(rng, monkeypatch, two_classes, dtype, layout,
+                                              label_dtype, C, stream):
+    """With two classes and labels the loss passes run a pixel's sweeps in one loop
+    (ssm_sswl_tile_two); it gives the general sweeps' bits: the loss alone, the forward
+    pass (prob), the fused pass (gradient, with and without a d_loss map), with weights,
+    class weights, ignored labels, NaN and infinite logits, the KL loss, 1 and 2
+    threads, a shape whose tiles end mid-vector, outputs streamed or not. The one-loop
+    path must run (two_class_tiles), but not for three classes, nor for half logits with
+    strided channels (the half drivers' direct tiles)."""
+    _cpu = two_classes
+    if stream:
+        monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
+        monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)  # 37x41: rows off 16 bytes
+    N, H, W = 3, 37, 41
+    x = make_logits(rng, (N, C, H, W), dtype)
+    x[0, 0, 0, :3] = np.nan
+    x[1, C - 1, 2, 3] = 90.0
+    x[2, :, 5, 5] = -np.inf
+    x[2, 0, 6, 6] = np.inf
+    ign = 255 if label_dtype == np.uint8 else -100
+    y = make_labels(rng, (N, H, W), C, label_dtype, ignore_index=ign)
+    w = make_weights(rng, (N, H, W), dtype)
+    cw = make_class_weights(rng, C, dtype)
+    dmap = make_weights(rng, (N, H, W), dtype)
+    if layout == "NHWC":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    kw = dict(ignore_index=ign, layout=layout)
+
+    def calls(threads):
+        kt = dict(kw, threads=threads)
+        return [ssm.cross_entropy(x, y, **kt),
+                ssm.cross_entropy(x, y, w, class_weights=cw, reduction="none", **kt),
+                ssm.spatial_softmax_with_loss(x, y, reduction="sum", **kt),
+                ssm.spatial_softmax_with_loss_and_grad(x, y, w, **kt),
+                ssm.spatial_softmax_with_loss_and_grad(x, y, class_weights=cw, d_loss=dmap,
+                                                       reduction="none", **kt),
+                ssm.spatial_softmax_with_loss_and_grad(x, y, loss="kl", **kt)]
+
+    taken = C == 2 and not (is_half(dtype) and layout == "NCHW")
+    for threads in (1, 2):
+        _cpu.two_classes(False)
+        ran = _cpu.two_class_tiles()
+        general = calls(threads)
+        assert _cpu.two_class_tiles() == ran
+        _cpu.two_classes(True)
+        one_loop = calls(threads)
+        assert (_cpu.two_class_tiles() > ran) == taken
+        assert _bits_of(one_loop) == _bits_of(general)
+
+
+def test_two_classes_switch_checks_its_argument(two_classes):
+    with pytest.raises(TypeError, match=r"on: expected True or False, got 1"):
+        two_classes.two_classes(1)
