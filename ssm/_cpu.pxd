@@ -36,6 +36,7 @@ cdef extern from "_kernels.h" nogil:
     Py_ssize_t ssm_num_tiles(const ssm_problem *P)
     size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
     const char *ssm_simd_path()
+    int ssm_float_exp_table()
     const char *ssm_compiler()
     const char *ssm_build_flags()
 

@@ -461,6 +461,13 @@ def two_classes(on=None):
     return old
 
 
+def float_exp_table():
+    """Whether the float32 (and half) kernels take exp from the x86-64-v4 clone's table
+    (ssm/_expf_table.h); the one-loop path of two classes then leaves float to the
+    general sweeps, so that every float exp is that one."""
+    return ssm_float_exp_table() != 0
+
+
 def two_class_tiles():
     """How many tiles the one-loop path of two classes has run in this process (for
     tests: a comparison of the two paths must see it taken)."""

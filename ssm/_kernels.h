@@ -808,6 +808,16 @@ static inline const char *ssm_build_flags(void)
 }
 
 /* Which clone the loader picked, for show_config and the tests. */
+/* Whether the float kernels' exp is the x86-64-v4 clone's table one (ssm_expf_t16). */
+static inline int ssm_float_exp_table(void)
+{
+#if defined(SSM_HAVE_EXPF_T16)
+    return ssm_expf_use_t16();
+#else
+    return 0;
+#endif
+}
+
 static inline const char *ssm_simd_path(void)
 {
 #if defined(SSM_ISA_NAMES) && defined(SSM_FORCE_CLONE)

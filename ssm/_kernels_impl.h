@@ -1086,9 +1086,9 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
  * work, and the general sweeps over class rows and the per-pixel loops between them
  * (the label's logit, log s) each load and store the pixel's arrays again. Here one loop
  * holds a pixel's two logits in registers and does the max, the label's logit, the sum
- * of exp, log s and the output row's e (or prob) at once: 4-9% less time than the
- * general sweeps (benchmarks/few_classes.py, Zen 3 AVX2; with 3 classes it was even,
- * with 4 the fused pass up to 5% slower). The operations are ssm_sswl_tile's, in its
+ * of exp, log s and the output row's e (or prob) at once: 0.89-0.98x the time of the
+ * general sweeps (benchmarks/two_classes.py, Zen 3 AVX2; with 3 classes it was even,
+ * with 4 the fused pass up to 7% slower). The operations are ssm_sswl_tile's, in its
  * order (the same max, exp, sum, log and selects), so the bits are the same
  * (tests/test_consistency.py compares the two); the loss terms in double and the
  * gradient rows are ssm_sswl_tile's own code. Sparse labels, without prob and gradient

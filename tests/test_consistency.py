@@ -567,8 +567,7 @@ def test_two_classes_equal_the_general_sweeps(rng, monkeypatch, two_classes, dty
     pass (prob), the fused pass (gradient, with and without a d_loss map), with weights,
     class weights, ignored labels, NaN and infinite logits, the KL loss, 1 and 2
     threads, a shape whose tiles end mid-vector, outputs streamed or not. The one-loop
-    path must run (two_class_tiles), but not for three classes, nor for half logits with
-    strided channels (the half drivers' direct tiles)."""
+    path must run for each of them (two_class_tiles) where it applies."""
     _cpu = two_classes
     if stream:
         monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
@@ -589,25 +588,33 @@ def test_two_classes_equal_the_general_sweeps(rng, monkeypatch, two_classes, dty
     kw = dict(ignore_index=ign, layout=layout)
 
     def calls(threads):
+        """(call, whether the one loop takes it) for each call of the test."""
         kt = dict(kw, threads=threads)
-        return [ssm.cross_entropy(x, y, **kt),
-                ssm.cross_entropy(x, y, w, class_weights=cw, reduction="none", **kt),
-                ssm.spatial_softmax_with_loss(x, y, reduction="sum", **kt),
-                ssm.spatial_softmax_with_loss_and_grad(x, y, w, **kt),
-                ssm.spatial_softmax_with_loss_and_grad(x, y, class_weights=cw, d_loss=dmap,
-                                                       reduction="none", **kt),
-                ssm.spatial_softmax_with_loss_and_grad(x, y, loss="kl", **kt)]
+        return [(lambda: ssm.cross_entropy(x, y, **kt), True),
+                (lambda: ssm.cross_entropy(x, y, w, class_weights=cw, reduction="none", **kt),
+                 True),
+                (lambda: ssm.spatial_softmax_with_loss(x, y, reduction="sum", **kt), True),
+                (lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, w, **kt), True),
+                (lambda: ssm.spatial_softmax_with_loss_and_grad(
+                    x, y, class_weights=cw, d_loss=dmap, reduction="none", **kt), True),
+                (lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, loss="kl", **kt), True),
+                (lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, return_prob=True, **kt),
+                 False)]  # prob and gradient together: the general sweeps
 
-    taken = C == 2 and not (is_half(dtype) and layout == "NCHW")
+    # not for three classes, nor half logits with strided channels (the half drivers'
+    # direct tiles), nor the float kernels where their exp is the AVX-512 table one
+    path = (C == 2 and not (is_half(dtype) and layout == "NCHW")
+            and not (dtype != np.float64 and _cpu.float_exp_table()))
     for threads in (1, 2):
-        _cpu.two_classes(False)
-        ran = _cpu.two_class_tiles()
-        general = calls(threads)
-        assert _cpu.two_class_tiles() == ran
-        _cpu.two_classes(True)
-        one_loop = calls(threads)
-        assert (_cpu.two_class_tiles() > ran) == taken
-        assert _bits_of(one_loop) == _bits_of(general)
+        for call, takes in calls(threads):
+            _cpu.two_classes(False)
+            ran = _cpu.two_class_tiles()
+            general = call()
+            assert _cpu.two_class_tiles() == ran
+            _cpu.two_classes(True)
+            one_loop = call()
+            assert (_cpu.two_class_tiles() > ran) == (path and takes)
+            assert _bits_of(one_loop) == _bits_of(general)
 
 
 def test_two_classes_switch_checks_its_argument(two_classes):
