@@ -23,14 +23,15 @@ def take_turns(fn, modes, reps, warmup=2):
     return [float(np.median(t)) for t in times]
 
 
-def loss_op(op, x, y, out, threads):
+def loss_op(op, x, y, out, threads, layout="NCHW"):
     """A call of one of the class-axis ops by name: fused, forward, loss or softmax."""
+    kw = dict(threads=threads, layout=layout)
     if op == "fused":
-        return lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, threads=threads)
+        return lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, **kw)
     if op == "forward":
-        return lambda: ssm.spatial_softmax_with_loss(x, y, out=out, threads=threads)
+        return lambda: ssm.spatial_softmax_with_loss(x, y, out=out, **kw)
     if op == "loss":
-        return lambda: ssm.cross_entropy(x, y, threads=threads)
+        return lambda: ssm.cross_entropy(x, y, **kw)
     if op == "softmax":
-        return lambda: ssm.softmax(x, out=out, threads=threads)
+        return lambda: ssm.softmax(x, out=out, **kw)
     raise ValueError(f"op: expected fused, forward, loss or softmax, got {op!r}")

@@ -1086,20 +1086,23 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
  * work, and the general sweeps over class rows and the per-pixel loops between them
  * (the label's logit, log s) each load and store the pixel's arrays again. Here one loop
  * holds a pixel's two logits in registers and does the max, the label's logit, the sum
- * of exp, log s and the output row's e (or prob) at once: 0.89-0.98x the time of the
- * general sweeps (benchmarks/two_classes.py, Zen 3 AVX2; with 3 classes it was even,
- * with 4 the fused pass up to 7% slower). The operations are ssm_sswl_tile's, in its
- * order (the same max, exp, sum, log and selects), so the bits are the same
- * (tests/test_consistency.py compares the two); the loss terms in double and the
- * gradient rows are ssm_sswl_tile's own code. Sparse labels, without prob and gradient
+ * of exp, log s and the output row's e (or prob) at once. Against the general sweeps
+ * (benchmarks/two_classes.py, Zen 3 AVX2, 1 and 2 threads): NCHW fused 0.96-1.00x the
+ * time, forward 0.90x, loss alone 0.93-0.94x; NHWC, whose pixel pairs it reads in place,
+ * 0.90x, 0.83x and 0.81x. With 3 classes such a loop was even, with 4 the fused pass
+ * up to 7% slower. The operations are ssm_sswl_tile's, in its order (the same max, exp,
+ * sum, log and selects), so the bits are the same (tests/test_consistency.py compares
+ * the two); the loss terms in double and the gradient rows are ssm_sswl_tile's own code. Sparse labels, without prob and gradient
  * together; float only where every float exp is ssm_expf_nonpos (not in the x86-64-v4
  * clone, whose sweeps use the table exp). */
 
-/* mode 0: the loss alone; 1: o = prob; 2: o = e and sumexp, for the gradient. mode is a
-   constant at each call. */
-SSM_INLINE void SSM_SFX(ssm_two_sweep)(const R *restrict x, ptrdiff_t sx, const int mode,
-                                       ptrdiff_t n, SSM_SFX(ssm_scratch) *S, R *restrict o,
-                                       ptrdiff_t so)
+/* mode 0: the loss alone; 1: o = prob; 2: o = e and sumexp, for the gradient. x is
+   channel-major (rows 0: logit c of pixel j at x[c * sx + j]) or the array's rows
+   (rows 1: at x[2 j + c], read in place: the transpose into scratch took 12-16% of the
+   loss alone's time). mode and rows are constants at each call. */
+SSM_INLINE void SSM_SFX(ssm_two_sweep)(const R *restrict x, ptrdiff_t sx, const int rows,
+                                       const int mode, ptrdiff_t n, SSM_SFX(ssm_scratch) *S,
+                                       R *restrict o, ptrdiff_t so)
 {
     ptrdiff_t j;
     const int32_t *restrict cls = S->cls;
@@ -1107,7 +1110,7 @@ SSM_INLINE void SSM_SFX(ssm_two_sweep)(const R *restrict x, ptrdiff_t sx, const 
     R *restrict ssum = S->sumexp;
 #pragma omp simd
     for (j = 0; j < n; j++) {
-        R v0 = x[j], v1 = x[sx + j], m, e0, e1, s;
+        R v0 = rows ? x[2 * j] : x[j], v1 = rows ? x[2 * j + 1] : x[sx + j], m, e0, e1, s;
         int32_t y = cls[j];  /* -1 or 0 or 1 */
         m = v1 > v0 ? v1 : v0;
         e0 = SSM_EXP(v0 - m);
@@ -1156,15 +1159,25 @@ SSM_NOINLINE SSM_CLONES double SSM_SFX(ssm_sswl_tile_two)(const ssm_problem *P, 
     SSM_SFX(ssm_stage)(P, &S, base, pix, n, want_grad, 0);
     if (P->norms)
         SSM_SFX(ssm_tile_stats)(P, &S, t, pix, n);
-    x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
     if (mode)
         o = SSM_SFX(ssm_target_block)(P, (R *)P->out, base, S.O, &so);
-    if (mode == 0)
-        SSM_SFX(ssm_two_sweep)(x, sx, 0, n, &S, o, so);
-    else if (mode == 1)
-        SSM_SFX(ssm_two_sweep)(x, sx, 1, n, &S, o, so);
-    else
-        SSM_SFX(ssm_two_sweep)(x, sx, 2, n, &S, o, so);
+    if (P->inner == 1) {  /* rows: read in place */
+        x = (const R *)P->x + base;
+        if (mode == 0)
+            SSM_SFX(ssm_two_sweep)(x, 0, 1, 0, n, &S, o, so);
+        else if (mode == 1)
+            SSM_SFX(ssm_two_sweep)(x, 0, 1, 1, n, &S, o, so);
+        else
+            SSM_SFX(ssm_two_sweep)(x, 0, 1, 2, n, &S, o, so);
+    } else {
+        x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
+        if (mode == 0)
+            SSM_SFX(ssm_two_sweep)(x, sx, 0, 0, n, &S, o, so);
+        else if (mode == 1)
+            SSM_SFX(ssm_two_sweep)(x, sx, 0, 1, n, &S, o, so);
+        else
+            SSM_SFX(ssm_two_sweep)(x, sx, 0, 2, n, &S, o, so);
+    }
     SSM_SFX(ssm_sparse_terms)(&S, n, P->loss_cap, want_grad, mode == 2);
     for (c = 0; mode == 2 && c < 2; c++) {  /* ssm_sswl_tile's sweep 3 */
         R *oc = o + c * so;
