@@ -1088,8 +1088,8 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
  * holds a pixel's two logits in registers and does the max, the label's logit, the sum
  * of exp, log s and the output row's e (or prob) at once. Against the general sweeps
  * (benchmarks/two_classes.py, Zen 3 AVX2, 1 and 2 threads): NCHW fused 0.96-1.00x the
- * time, forward 0.90x, loss alone 0.93-0.94x; NHWC, whose pixel pairs it reads in place,
- * 0.90x, 0.83x and 0.81x. With 3 classes such a loop was even, with 4 the fused pass
+ * time, forward 0.90-0.92x, loss alone 0.93-0.94x; NHWC, whose pixel pairs it reads in
+ * place (and whose gradient it writes in place), 0.74x, 0.84-0.85x and 0.82x. With 3 classes such a loop was even, with 4 the fused pass
  * up to 7% slower. The operations are ssm_sswl_tile's, in its order (the same max, exp,
  * sum, log and selects), so the bits are the same (tests/test_consistency.py compares
  * the two); the loss terms in double and the gradient rows are ssm_sswl_tile's own code. Sparse labels, without prob and gradient
@@ -1099,7 +1099,8 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
 /* mode 0: the loss alone; 1: o = prob; 2: o = e and sumexp, for the gradient. x is
    channel-major (rows 0: logit c of pixel j at x[c * sx + j]) or the array's rows
    (rows 1: at x[2 j + c], read in place: the transpose into scratch took 12-16% of the
-   loss alone's time). mode and rows are constants at each call. */
+   loss alone's time). o is channel-major (stride so). mode and rows are constants at
+   each call. */
 SSM_INLINE void SSM_SFX(ssm_two_sweep)(const R *restrict x, ptrdiff_t sx, const int rows,
                                        const int mode, ptrdiff_t n, SSM_SFX(ssm_scratch) *S,
                                        R *restrict o, ptrdiff_t so)
@@ -1128,6 +1129,24 @@ SSM_INLINE void SSM_SFX(ssm_two_sweep)(const R *restrict x, ptrdiff_t sx, const 
             o[j] = e0;
             o[so + j] = e1;
         }
+    }
+}
+
+/* The gradient of a rows tile of two classes into the output's pixel pairs d[2 j + c],
+   from e (channel-major, stride se) and ssm_sparse_terms' factors: ssm_grad_row's
+   operations, without the scratch block and its transpose by ssm_store. */
+SSM_INLINE void SSM_SFX(ssm_two_grad_rows)(R *restrict d, const R *restrict e, ptrdiff_t se,
+                                           const SSM_SFX(ssm_scratch) *S, ptrdiff_t n)
+{
+    ptrdiff_t j;
+    const R *restrict f = S->gfactor, *restrict ga = S->glabel;
+    const int32_t *restrict cls = S->cls;
+#pragma omp simd
+    for (j = 0; j < n; j++) {
+        R fj = f[j], gl = ga[j];  /* read unconditionally: plain loads, not masked */
+        int32_t y = cls[j];
+        d[2 * j] = (fj != 0 ? fj * e[j] : (R)0) - (y == 0 ? gl : (R)0);
+        d[2 * j + 1] = (fj != 0 ? fj * e[se + j] : (R)0) - (y == 1 ? gl : (R)0);
     }
 }
 
@@ -1179,6 +1198,10 @@ SSM_NOINLINE SSM_CLONES double SSM_SFX(ssm_sswl_tile_two)(const ssm_problem *P, 
             SSM_SFX(ssm_two_sweep)(x, sx, 0, 2, n, &S, o, so);
     }
     SSM_SFX(ssm_sparse_terms)(&S, n, P->loss_cap, want_grad, mode == 2);
+    if (P->inner == 1 && mode == 2) {  /* rows: the gradient to the pixel pairs */
+        SSM_SFX(ssm_two_grad_rows)((R *)P->out + base, o, so, &S, n);
+        return SSM_SFX(ssm_tile_loss)(P, S.loss, pix, n);
+    }
     for (c = 0; mode == 2 && c < 2; c++) {  /* ssm_sswl_tile's sweep 3 */
         R *oc = o + c * so;
         if (SSM_SFX(ssm_grad_row_streamed)(P, (R *)P->out, base, c, n, oc, S.gfactor,
