@@ -1089,12 +1089,14 @@ SSM_INLINE void SSM_SFX(ssm_dense_terms)(SSM_SFX(ssm_scratch) *S, const R *x, pt
  * of exp, log s and the output row's e (or prob) at once. Against the general sweeps
  * (benchmarks/two_classes.py, Zen 3 AVX2, 1 and 2 threads): NCHW fused 0.96-1.00x the
  * time, forward 0.90-0.92x, loss alone 0.93-0.94x; NHWC, whose pixel pairs it reads in
- * place (and whose gradient it writes in place), 0.74x, 0.84-0.85x and 0.82x. With 3 classes such a loop was even, with 4 the fused pass
- * up to 7% slower. The operations are ssm_sswl_tile's, in its order (the same max, exp,
- * sum, log and selects), so the bits are the same (tests/test_consistency.py compares
- * the two); the loss terms in double and the gradient rows are ssm_sswl_tile's own code. Sparse labels, without prob and gradient
- * together; float only where every float exp is ssm_expf_nonpos (not in the x86-64-v4
- * clone, whose sweeps use the table exp). */
+ * place (and whose gradient it writes in place), 0.74x, 0.84-0.85x and 0.82x. With 3
+ * classes such a loop was even, with 4 the fused pass up to 7% slower. The operations
+ * are ssm_sswl_tile's, in its order (the same max, exp, sum, log and selects), so the
+ * bits are the same (tests/test_consistency.py compares the two); the loss terms in
+ * double and the gradient rows are ssm_sswl_tile's own code (computing the gradient in
+ * the loop, gcc made its selects masked stores: 1.2x slower). Sparse labels, without
+ * prob and gradient together; float only where every float exp is ssm_expf_nonpos (not
+ * in the x86-64-v4 clone, whose sweeps use the table exp). */
 
 /* mode 0: the loss alone; 1: o = prob; 2: o = e and sumexp, for the gradient. x is
    channel-major (rows 0: logit c of pixel j at x[c * sx + j]) or the array's rows
