@@ -1,5 +1,6 @@
 """Two ways of running one call, timed in turns in one process: the helper of
-odd_sizes.py, many_classes.py and positions_rows.py (imported from beside them)."""
+odd_sizes.py, many_classes.py, positions_rows.py and two_classes.py (imported from beside
+them)."""
 import time
 
 import numpy as np

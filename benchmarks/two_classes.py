@@ -1,12 +1,12 @@
 """Two classes (binary segmentation): each pixel's sweeps in one loop (ssm_sswl_tile_two,
 what ssm does since 2026-12-01) against the general sweeps over class rows, call by call
 in one process (``ssm._cpu.two_classes``). Three or more classes run the general sweeps
-either way (a one-loop version for 3 and 4 classes was even and up to 5% slower).
+either way (a one-loop version for 3 and 4 classes was even and up to 7% slower).
 
     python benchmarks/two_classes.py --threads 1,2 --reps 11
 
 The table gives each way's median time, in ns a logit, and the ratio one-loop / general
-(below 1: the one loop is faster). float32 NCHW, 8 images of about 11 M logits in all
+(below 1: the one loop is faster). float32, 8 images of about 11 M logits in all
 (VOC-like bytes), ``out=`` given; int64 labels, uint8 masks, and NHWC logits (the one
 loop reads their pixel pairs in place, where the general sweeps transpose them).
 """

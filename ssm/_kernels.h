@@ -744,6 +744,16 @@ static inline size_t ssm_label_bytes(int kind)
     return kind == SSM_U8 ? 1 : kind == SSM_I32 ? 4 : kind == SSM_I64 ? 8 : 0;
 }
 
+/* Whether the float kernels' exp is the x86-64-v4 clone's table one (ssm_expf_t16). */
+static inline int ssm_float_exp_table(void)
+{
+#if defined(SSM_HAVE_EXPF_T16)
+    return ssm_expf_use_t16();
+#else
+    return 0;
+#endif
+}
+
 /* 1: the loss passes give the tiles of sparse labels over two classes to
    ssm_sswl_tile_two (_kernels_impl.h); 0: to ssm_sswl_tile. Set to 0 only by the tests
    (ssm._cpu.two_classes), between calls, to compare the two. */
@@ -808,16 +818,6 @@ static inline const char *ssm_build_flags(void)
 }
 
 /* Which clone the loader picked, for show_config and the tests. */
-/* Whether the float kernels' exp is the x86-64-v4 clone's table one (ssm_expf_t16). */
-static inline int ssm_float_exp_table(void)
-{
-#if defined(SSM_HAVE_EXPF_T16)
-    return ssm_expf_use_t16();
-#else
-    return 0;
-#endif
-}
-
 static inline const char *ssm_simd_path(void)
 {
 #if defined(SSM_ISA_NAMES) && defined(SSM_FORCE_CLONE)

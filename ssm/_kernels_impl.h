@@ -1158,11 +1158,7 @@ SSM_INLINE int SSM_SFX(ssm_two_applies)(const ssm_problem *P, int want_grad)
     if (!ssm_two_classes || P->C != 2 || P->target_kind == SSM_SOFT || P->lens
         || P->smoothing != 0.0 || (want_grad && P->out2))
         return 0;
-#ifdef SSM_HAVE_EXPF_T16
-    if (sizeof(R) == sizeof(float) && ssm_expf_use_t16())
-        return 0;
-#endif
-    return 1;
+    return sizeof(R) != sizeof(float) || !ssm_float_exp_table();
 }
 
 /* ssm_sswl_tile for two classes and sparse labels (ssm_two_applies). */
