@@ -10,8 +10,9 @@ table gives the median over rounds of those medians and the ratio to the first b
     python benchmarks/ab_builds.py --builds /tmp/base,installed --cases fused:1,fused:2
 
 Cases are ``op:threads`` with op one of fused, softmax, log_softmax, forward, loss, smooth,
-fused_nhwc, on the VOC-like workload (8x21x256x256 float32; NHWC: 8x256x256x21), ``out=`` given;
-``_bf16`` or ``_f16`` after the op (``fused_bf16:1``) makes the logits bfloat16 or float16.
+on the VOC-like workload (8x21x256x256 float32), ``out=`` given; ``_nhwc`` after the op
+(``fused_nhwc:1``) lays the logits out as NHWC (8x256x256x21), and ``_bf16`` or ``_f16``
+(``fused_bf16:1``) makes them bfloat16 or float16.
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ def one(op, threads, calls):
     rng = np.random.default_rng(0)
     shape, layout = ((8, 256, 256, 21), "NHWC") if op.endswith("_nhwc") else ((8, 21, 256, 256),
                                                                             "NCHW")
+    op = op.removesuffix("_nhwc")
     x = (2 * rng.standard_normal(shape)).astype(np.float32)
     y = rng.integers(0, 21, shape[:1] + shape[2:] if layout == "NCHW" else shape[:-1])
     if op.endswith(("_bf16", "_f16")):  # half-width logits: fused_bf16, loss_f16, ...
@@ -43,7 +45,6 @@ def one(op, threads, calls):
     kw = dict(threads=threads, layout=layout)
     calls_of = {
         "fused": lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, **kw),
-        "fused_nhwc": lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, **kw),
         "smooth": lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out,
                                                                  label_smoothing=0.1, **kw),
         "forward": lambda: ssm.spatial_softmax_with_loss(x, y, out=out, **kw),

@@ -17,7 +17,8 @@
  *    than the caches, computed in scratch and written with non-temporal stores, which
  *    spare DRAM the read of every output line a plain store costs. Contiguous rows
  *    (inner == 1) are transposed into per-thread scratch, computed, and transposed
- *    back: the same math, no kernel per layout. The max and sum-of-exp sweeps run over
+ *    back (large outputs through an L1 staging buffer and non-temporal stores): the
+ *    same math, no kernel per layout. The max and sum-of-exp sweeps run over
  *    chunks of the tile whose rows fit in L1 (SSM_L1_CHUNK), so the second reads the
  *    first's lines from L1; the epilogue sweeps take whole tile rows (row segments
  *    streamed chunk by chunk were 25% slower: the non-temporal stores scatter).
@@ -313,7 +314,7 @@ typedef struct {
     void *out;                  /* prob, log-prob or dlogits; sswl_fwd: NULL for the loss alone */
     void *out2;                 /* prob, from the fused function, or NULL */
     void *loss_map;             /* per-pixel loss (outer*inner) or NULL */
-    int stream;                 /* strided outputs: computed in scratch, streamed out */
+    int stream;                 /* outputs streamed out (non-temporal stores): see ssm_store */
     double *norms;              /* sswl_fwd: per tile, ssm_sswl_stats's sum of n_p, or NULL */
     ptrdiff_t *bads;            /* ... and its first bad label (with norms) */
 } ssm_problem;

@@ -406,6 +406,47 @@ def test_streamed_rows_at_every_alignment(rng, monkeypatch, dtype):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("C", [3, 21, 64, 65, 256, 257])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_nhwc_outputs_equal_cached(rng, monkeypatch, dtype, C):
+    """Streamed outputs of the rows layout (NHWC) are transposed 64 bytes of pixels at a
+    time into a staging buffer and sent out by non-temporal stores (float up to 256
+    classes, double up to 512; plain stores above). Every pass that writes a block of
+    rows gives the cached stores' bits: at each 16-byte offset of `out` in a 64-byte line
+    (and 4 bytes off, where the streamed row begins with element stores), with a last
+    tile and a last 16-pixel group cut short (2x7x9 pixels in tiles of 16 and more)."""
+    from ssm import _cpu
+    x = make_logits(rng, (2, 7, 9, C), dtype)
+    y = make_labels(rng, (2, 7, 9), C, np.int64, ignore_index=-1)
+    w = make_weights(rng, (2, 7, 9), dtype)
+    dp = make_logits(rng, x.shape, dtype)
+    kw = dict(layout="NHWC")
+    raw = np.empty(x.size + 64, dtype)
+    start = (-raw.ctypes.data // x.itemsize) % (64 // x.itemsize)
+
+    def every_op(offset_bytes):
+        at = start + offset_bytes // x.itemsize
+        out = raw[at:at + x.size].reshape(x.shape)
+        res = [ssm.softmax(x, out=out, **kw).copy(), ssm.log_softmax(x, out=out, **kw).copy(),
+               ssm.spatial_softmax_with_loss(x, y, w, out=out, **kw)[0].copy()]
+        loss, g = ssm.spatial_softmax_with_loss_and_grad(x, y, w, 0.7, out=out, **kw)
+        res += [loss, g.copy()]
+        res += list(ssm.spatial_softmax_with_loss_and_grad(x, y, w, 0.7, return_prob=True,
+                                                            label_smoothing=0.1, **kw))
+        res.append(ssm.softmax_grad(res[0], dp, out=out, **kw).copy())
+        res.append(ssm.spatial_softmax_with_loss_grad(res[0], y, w, 0.7, out=out, **kw).copy())
+        return res
+
+    offsets = [0, 16, 32, 48, 4] if dtype == np.float32 else [0, 16, 32, 48, 8]
+    cached = [every_op(off) for off in offsets]
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
+    monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)  # the 4- and 8-byte offsets
+    assert _cpu._streamed(x.nbytes, 1, 16, (x, None))
+    for off, want in zip(offsets, cached):
+        for a, b in zip(every_op(off), want):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_outputs_streamed_only_where_rows_start_aligned(monkeypatch):
     """Large outputs are streamed, except where their class rows start off a 16-byte
     boundary, or off a 64-byte one for tiles of rows under 256 bytes (every tile row would
