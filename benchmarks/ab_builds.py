@@ -10,9 +10,10 @@ table gives the median over rounds of those medians and the ratio to the first b
     python benchmarks/ab_builds.py --builds /tmp/base,installed --cases fused:1,fused:2
 
 Cases are ``op:threads`` with op one of fused, softmax, log_softmax, forward, loss, smooth,
-on the VOC-like workload (8x21x256x256 float32), ``out=`` given; ``_nhwc`` after the op
-(``fused_nhwc:1``) lays the logits out as NHWC (8x256x256x21), and ``_bf16`` or ``_f16``
-(``fused_bf16:1``) makes them bfloat16 or float16.
+on the VOC-like workload (8x21x256x256 float32), ``out=`` given. Words after the op, in any
+order: ``_ade`` or ``_city`` takes the ADE-like (4x150x128x128) or Cityscapes-like
+(2x19x512x1024) workload instead, ``_nhwc`` lays the logits out as NHWC, and ``_bf16`` or
+``_f16`` makes them bfloat16 or float16 (``fused_ade_nhwc:2``, ``fused_bf16:1``).
 """
 import argparse
 import json
@@ -25,22 +26,29 @@ import time
 import numpy as np
 
 
+# workloads other than VOC-like, by a word of the case's op, as ssm.bench has them
+WORKLOADS = {"ade": (4, 150, 128, 128), "city": (2, 19, 512, 1024)}
+
+
 def one(op, threads, calls):
     """Time one case in this process; print {"median": seconds}."""
     import ssm
     rng = np.random.default_rng(0)
-    shape, layout = ((8, 256, 256, 21), "NHWC") if op.endswith("_nhwc") else ((8, 21, 256, 256),
-                                                                            "NCHW")
-    op = op.removesuffix("_nhwc")
+    words = op.split("_")  # fused_ade_nhwc_bf16: the op, then its words in any order
+    shape = next((WORKLOADS[w] for w in words if w in WORKLOADS), (8, 21, 256, 256))
+    layout = "NHWC" if "nhwc" in words else "NCHW"
+    half = next((w for w in words if w in ("bf16", "f16")), None)
+    op = "_".join(w for w in words if w not in WORKLOADS and w not in ("nhwc", "bf16", "f16"))
+    C = shape[1]
+    if layout == "NHWC":
+        shape = (shape[0], *shape[2:], C)
     x = (2 * rng.standard_normal(shape)).astype(np.float32)
-    y = rng.integers(0, 21, shape[:1] + shape[2:] if layout == "NCHW" else shape[:-1])
-    if op.endswith(("_bf16", "_f16")):  # half-width logits: fused_bf16, loss_f16, ...
-        op, half = op.rsplit("_", 1)
-        if half == "bf16":
-            import ml_dtypes
-            x = x.astype(ml_dtypes.bfloat16)
-        else:
-            x = x.astype(np.float16)
+    y = rng.integers(0, C, shape[:1] + shape[2:] if layout == "NCHW" else shape[:-1])
+    if half == "bf16":  # half-width logits: fused_bf16, loss_f16, ...
+        import ml_dtypes
+        x = x.astype(ml_dtypes.bfloat16)
+    elif half == "f16":
+        x = x.astype(np.float16)
     out = np.empty_like(x)
     kw = dict(threads=threads, layout=layout)
     calls_of = {
