@@ -526,6 +526,38 @@ __attribute__((target("avx"))) static void ssm_block_to_rows_avx_f(
             rows[k * C + c] = block[c * T + k];
 }
 
+/* ssm_block_to_rows_avx_f into a staging buffer with room for 8 more floats than the m
+   pixels' m C (ssm_block_to_rows_streamed): every 8-wide store is made whole, with no
+   test of the end (the last class group's stores spill into the next pixel's first
+   classes, written after them, or into the room past the end). */
+__attribute__((target("avx"))) static void ssm_block_to_stage_avx_f(
+    const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t m, float *restrict stage)
+{
+    ptrdiff_t j0, c0, c, k, m8 = m & ~(ptrdiff_t)7, cw = C & ~(ptrdiff_t)7, w = C - cw;
+    __m256 r[8];
+    for (j0 = 0; j0 < m8; j0 += 8) {
+        const float *b = block + j0;
+        float *s = stage + j0 * C;
+        if (w) {
+            for (c = 0; c < 8; c++)
+                r[c] = c < w ? _mm256_loadu_ps(b + (cw + c) * T) : _mm256_setzero_ps();
+            ssm_tr8x8_ps(r);
+            for (k = 0; k < 8; k++)
+                _mm256_storeu_ps(s + k * C + cw, r[k]);
+        }
+        for (c0 = 0; c0 < cw; c0 += 8) {
+            for (c = 0; c < 8; c++)
+                r[c] = _mm256_loadu_ps(b + (c0 + c) * T);
+            ssm_tr8x8_ps(r);
+            for (k = 0; k < 8; k++)
+                _mm256_storeu_ps(s + k * C + c0, r[k]);
+        }
+    }
+    for (k = m8; k < m; k++)
+        for (c = 0; c < C; c++)
+            stage[k * C + c] = block[c * T + k];
+}
+
 __attribute__((target("avx"))) static void ssm_rows_to_block_avx_d(
     const double *restrict rows, ptrdiff_t C, ptrdiff_t n, double *restrict block, ptrdiff_t T)
 {

@@ -326,11 +326,14 @@ SSM_INLINE void SSM_SFX(ssm_scaled_row_done)(const ssm_problem *P, R *dst, ptrdi
 SSM_INLINE void SSM_SFX(ssm_block_to_rows_streamed)(const R *block, ptrdiff_t T, ptrdiff_t C,
                                                     ptrdiff_t n, R *rows)
 {
-    R stage[SSM_ROWS_STAGE] __attribute__((aligned(4096)));
+    R stage[SSM_ROWS_STAGE + 8] __attribute__((aligned(4096)));
     ptrdiff_t j0, m, q = 64 / (ptrdiff_t)sizeof(R);
     for (j0 = 0; j0 < n; j0 += m) {
         m = n - j0 < q ? n - j0 : q;
-        SSM_SFX(ssm_block_to_rows_avx)(block + j0, T, C, m, stage);
+        if (sizeof(R) == sizeof(float))
+            ssm_block_to_stage_avx_f((const float *)block + j0, T, C, m, (float *)stage);
+        else
+            SSM_SFX(ssm_block_to_rows_avx)(block + j0, T, C, m, stage);
         SSM_SFX(ssm_stream_row)(rows + j0 * C, stage, m * C);
     }
     _mm_sfence();
