@@ -321,9 +321,11 @@ SSM_INLINE void SSM_SFX(ssm_scaled_row_done)(const ssm_problem *P, R *dst, ptrdi
    boundary there. One that did cost 15-25% of an NHWC fused pass (Zen 3, 1 thread, VOC:
    the stack placed the buffer across a page in some processes and not in others).
    Zen 3, NHWC 8x21x256x256 float32, fused, streamed / plain time, alternating in one
-   process: 0.93 at 1 thread, 0.97 at 2; 8x150x256x256: 0.88 and 0.94. */
+   process: 0.93 at 1 thread, 0.97 at 2; 8x150x256x256: 0.88 and 0.94. Out of line: inlined,
+   the buffer's alignment made every tile call of its caller realign the stack to 4 KiB
+   (the NCHW loss alone 1-3% slower, ab_builds.py, 7-9 rounds). */
 #define SSM_ROWS_STAGE 4096  /* elements: C <= 256 float, 512 double, else plain stores */
-SSM_INLINE void SSM_SFX(ssm_block_to_rows_streamed)(const R *block, ptrdiff_t T, ptrdiff_t C,
+SSM_NOINLINE void SSM_SFX(ssm_block_to_rows_streamed)(const R *block, ptrdiff_t T, ptrdiff_t C,
                                                     ptrdiff_t n, R *rows)
 {
     R stage[SSM_ROWS_STAGE + 8] __attribute__((aligned(4096)));
