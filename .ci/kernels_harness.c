@@ -531,7 +531,7 @@ int main(int argc, char **argv)
     /* (N, C, H*W): viewed as (N, C, H*W) (NCHW) and as (N*H*W, C, 1) (NHWC) */
     static const ptrdiff_t shapes[][3] = {{3, 1, 299}, {3, 2, 299}, {2, 5, 257}, {2, 21, 299},
                                           {1, 150, 97}, {1100, 5, 1}, {2, 33, 45},
-                                          {1, 300, 37}};
+                                          {1, 256, 19}, {1, 300, 37}};
     int s, dbl, rows, tiles, stream;
     verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
     printf("ssm kernel harness: %s; %s; %d OpenMP threads available\n", ssm_compiler(),

@@ -313,8 +313,10 @@ SSM_INLINE void SSM_SFX(ssm_scaled_row_done)(const ssm_problem *P, R *dst, ptrdi
 #if defined(SSM_AVX_TRANSPOSE)
 /* A tile's channel-major block back to rows (NHWC, (N, C)) by non-temporal stores, for a
    streamed output (P->stream): 64 bytes of pixels at a time (16 float, 8 double: 64 C
-   bytes of rows, whole lines) are transposed into a staging buffer in L1, then streamed
-   out by ssm_stream_row. Plain stores read every line of the output into the cache
+   bytes of rows, whole lines where the output starts on a line; a NumPy array is often
+   16 bytes off one, and consecutive groups then share a line, which the write-combining
+   buffer joins) are transposed into a staging buffer in L1, then streamed out by
+   ssm_stream_row. Plain stores read every line of the output into the cache
    first: a third more memory traffic than the bytes written. The same values, moved.
    The buffer is 4 KiB aligned, so that up to 64 classes it lies in one page: the
    transposes' unaligned 32-byte stores and ssm_stream_row's loads never straddle a page
@@ -379,9 +381,10 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
    tile ahead left less time for the lines to arrive (A/B, 2026-11-23). Prefetches
    never fault; the address is formed as an integer, since it may lie past the end
    of the array. `dist` is how far ahead, in elements: 2n for a whole tile row
-   (ssm_rows_ahead; 0 where the hardware prefetchers do better), 0 for
-   blocks in scratch (rows layouts, no prefetch); a caller working on part of a tile
-   passes the whole tile's distance. */
+   (ssm_rows_ahead; 0 where the hardware prefetchers do better); for a rows layout's
+   block in scratch, the distance that maps its row c onto the c-th segment of the
+   next tile's logits (ssm_next_tile_ahead); a caller working on part of a tile passes
+   the whole tile's distance. */
 SSM_INLINE void SSM_SFX(ssm_prefetch_next)(const R *row, ptrdiff_t n, ptrdiff_t dist)
 {
     ptrdiff_t j;
@@ -455,8 +458,8 @@ SSM_INLINE ptrdiff_t SSM_SFX(ssm_block_stop)(ptrdiff_t c0, ptrdiff_t C)
 
 /* s[j] += sum of exp(x[c, j] - m[j]) over rows c0 <= c < c1, stored in e as well if
    e != NULL. Rows go two per pass over j, so s is loaded and stored half as often.
-   pf: x is the array itself (strided channels): prefetch rows two tiles ahead, pf
-   elements on (see ssm_prefetch_next); 0 for none. */
+   pf: prefetch pf elements on from each row as it is read (see ssm_prefetch_next:
+   strided channels, the rows two tiles ahead; rows layouts, the next tile); 0 for none. */
 SSM_INLINE void SSM_SFX(ssm_sumexp_rows)(const R *restrict x, ptrdiff_t sx, R *restrict e,
                                          ptrdiff_t se, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t n,
                                          const R *restrict m, R *restrict s, ptrdiff_t pf)
@@ -598,15 +601,19 @@ SSM_INLINE void SSM_SFX(ssm_max_sumexp)(const R *restrict x, ptrdiff_t sx, R *re
    of the next tile's logits (one contiguous span, n C elements right after this tile's,
    at base + n C), so the next tile comes into L2 a few lines at a time while this one is
    computed, and its transpose (ssm_load) reads L2, not DRAM. The arrays are unrelated:
-   integer arithmetic, and a partial last tile (n < tile) spreads its prefetches past the
-   span, which is harmless (prefetches never fault). Strided channels prefetch as
+   integer arithmetic. None for the last tile, nor for the half drivers' one-tile
+   problems (their x is scratch); a shorter last tile next leaves some prefetches past
+   the array's end, which is harmless (prefetches never fault). Strided channels prefetch as
    ssm_rows_ahead says. Zen 3, 2 threads, NHWC float32 fused, this / none (alternating
    processes): VOC-like 8x256x256x21 0.92, ADE-like 4x128x128x150 0.76; every 64 pixels'
    share in one burst before the sweeps instead was slower than none. */
 SSM_INLINE ptrdiff_t SSM_SFX(ssm_next_tile_ahead)(const ssm_problem *P, const R *xs,
                                                   ptrdiff_t base, ptrdiff_t n)
 {
-    uintptr_t next = (uintptr_t)P->x + (uintptr_t)(base + n * P->C) * sizeof(R);
+    uintptr_t next;
+    if (base / P->C + n >= P->outer)  /* the last tile, or a half driver's one-tile problem */
+        return 0;
+    next = (uintptr_t)P->x + (uintptr_t)(base + n * P->C) * sizeof(R);
     return (ptrdiff_t)(next - (uintptr_t)xs) / (ptrdiff_t)sizeof(R);
 }
 

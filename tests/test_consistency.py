@@ -406,26 +406,28 @@ def test_streamed_rows_at_every_alignment(rng, monkeypatch, dtype):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("C", [3, 21, 64, 65, 256, 257])
+@pytest.mark.parametrize("C", [3, 8, 21, 64, 65, 256, 257, 512, 513])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_streamed_nhwc_outputs_equal_cached(rng, monkeypatch, dtype, C):
     """Streamed outputs of the rows layout (NHWC) are transposed 64 bytes of pixels at a
     time into a staging buffer and sent out by non-temporal stores (float up to 256
     classes, double up to 512; plain stores above). Every pass that writes a block of
-    rows gives the cached stores' bits: at each 16-byte offset of `out` in a 64-byte line
-    (and 4 bytes off, where the streamed row begins with element stores), with a last
-    tile and a last 16-pixel group cut short (2x7x9 pixels in tiles of 16 and more)."""
+    rows gives the cached stores' bits and writes nothing outside `out`: at each 16-byte
+    offset of `out` in a 64-byte line (and 4 or 8 bytes off, where the streamed row
+    begins with element stores), with a last tile and a last group of 8 pixels cut short
+    (2x7x9 pixels in tiles of 16 and more). Without AVX both runs store plainly."""
     from ssm import _cpu
     x = make_logits(rng, (2, 7, 9, C), dtype)
     y = make_labels(rng, (2, 7, 9), C, np.int64, ignore_index=-1)
     w = make_weights(rng, (2, 7, 9), dtype)
     dp = make_logits(rng, x.shape, dtype)
     kw = dict(layout="NHWC")
-    raw = np.empty(x.size + 64, dtype)
-    start = (-raw.ctypes.data // x.itemsize) % (64 // x.itemsize)
+    raw = np.empty(x.size + 128, dtype)
+    start = (-raw.ctypes.data // x.itemsize) % (64 // x.itemsize) + 64 // x.itemsize
 
     def every_op(offset_bytes):
         at = start + offset_bytes // x.itemsize
+        raw.fill(-7.0)
         out = raw[at:at + x.size].reshape(x.shape)
         res = [ssm.softmax(x, out=out, **kw).copy(), ssm.log_softmax(x, out=out, **kw).copy(),
                ssm.spatial_softmax_with_loss(x, y, w, out=out, **kw)[0].copy()]
@@ -435,13 +437,13 @@ def test_streamed_nhwc_outputs_equal_cached(rng, monkeypatch, dtype, C):
                                                             label_smoothing=0.1, **kw))
         res.append(ssm.softmax_grad(res[0], dp, out=out, **kw).copy())
         res.append(ssm.spatial_softmax_with_loss_grad(res[0], y, w, 0.7, out=out, **kw).copy())
+        assert (raw[:at] == -7.0).all() and (raw[at + x.size:] == -7.0).all()
         return res
 
     offsets = [0, 16, 32, 48, 4] if dtype == np.float32 else [0, 16, 32, 48, 8]
     cached = [every_op(off) for off in offsets]
     monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
     monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)  # the 4- and 8-byte offsets
-    assert _cpu._streamed(x.nbytes, 1, 16, (x, None))
     for off, want in zip(offsets, cached):
         for a, b in zip(every_op(off), want):
             np.testing.assert_array_equal(a, b)
