@@ -490,21 +490,26 @@ __attribute__((target("avx"))) static void ssm_rows_to_block_avx_f(
 /* Block to rows. Masked stores are slow on some CPUs (microcoded on AMD), so the last
    w < 8 channels of each pixel are stored 8 wide, first: the extra lanes land on the
    next pixel's first channels, which later stores in this tile overwrite. Where
-   the 8 lanes would pass the tile's end, they go one by one. */
-__attribute__((target("avx"))) static void ssm_block_to_rows_avx_f(
-    const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t n, float *restrict rows)
+   the 8 lanes would pass the tile's end, they go one by one, unless `room` (a constant
+   at each call) says the destination has 8 floats of room past its n C: a staging
+   buffer (ssm_block_to_stage_avx_f), whose stores are then all whole, with no test. */
+__attribute__((target("avx"), always_inline)) static inline void ssm_block_to_rows_avx_f_(
+    const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t n, float *restrict rows,
+    const int room)
 {
     ptrdiff_t j0, c0, c, k, n8 = n & ~(ptrdiff_t)7, cw = C & ~(ptrdiff_t)7, w = C - cw;
     __m256 r[8];
     float last[8];
     for (j0 = 0; j0 < n8; j0 += 8) {
+        const float *b = block + j0;
+        float *d = rows + j0 * C;
         if (w) {
             for (c = 0; c < 8; c++)
-                r[c] = c < w ? _mm256_loadu_ps(block + (cw + c) * T + j0) : _mm256_setzero_ps();
+                r[c] = c < w ? _mm256_loadu_ps(b + (cw + c) * T) : _mm256_setzero_ps();
             ssm_tr8x8_ps(r);
             for (k = 0; k < 8; k++) {
-                float *dst = rows + (j0 + k) * C + cw;
-                if ((j0 + k) * C + cw + 8 <= n * C) {
+                float *dst = d + k * C + cw;
+                if (room || (j0 + k) * C + cw + 8 <= n * C) {
                     _mm256_storeu_ps(dst, r[k]);
                 } else {
                     _mm256_storeu_ps(last, r[k]);
@@ -515,10 +520,10 @@ __attribute__((target("avx"))) static void ssm_block_to_rows_avx_f(
         }
         for (c0 = 0; c0 < cw; c0 += 8) {
             for (c = 0; c < 8; c++)
-                r[c] = _mm256_loadu_ps(block + (c0 + c) * T + j0);
+                r[c] = _mm256_loadu_ps(b + (c0 + c) * T);
             ssm_tr8x8_ps(r);
             for (k = 0; k < 8; k++)
-                _mm256_storeu_ps(rows + (j0 + k) * C + c0, r[k]);
+                _mm256_storeu_ps(d + k * C + c0, r[k]);
         }
     }
     for (k = n8; k < n; k++)
@@ -526,36 +531,18 @@ __attribute__((target("avx"))) static void ssm_block_to_rows_avx_f(
             rows[k * C + c] = block[c * T + k];
 }
 
-/* ssm_block_to_rows_avx_f into a staging buffer with room for 8 more floats than the m
-   pixels' m C (ssm_block_to_rows_streamed): every 8-wide store is made whole, with no
-   test of the end (the last class group's stores spill into the next pixel's first
-   classes, written after them, or into the room past the end). */
+__attribute__((target("avx"))) static void ssm_block_to_rows_avx_f(
+    const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t n, float *restrict rows)
+{
+    ssm_block_to_rows_avx_f_(block, T, C, n, rows, 0);
+}
+
+/* ... into a staging buffer of m pixels with room for 8 more floats than their m C
+   (ssm_block_to_rows_streamed). */
 __attribute__((target("avx"))) static void ssm_block_to_stage_avx_f(
     const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t m, float *restrict stage)
 {
-    ptrdiff_t j0, c0, c, k, m8 = m & ~(ptrdiff_t)7, cw = C & ~(ptrdiff_t)7, w = C - cw;
-    __m256 r[8];
-    for (j0 = 0; j0 < m8; j0 += 8) {
-        const float *b = block + j0;
-        float *s = stage + j0 * C;
-        if (w) {
-            for (c = 0; c < 8; c++)
-                r[c] = c < w ? _mm256_loadu_ps(b + (cw + c) * T) : _mm256_setzero_ps();
-            ssm_tr8x8_ps(r);
-            for (k = 0; k < 8; k++)
-                _mm256_storeu_ps(s + k * C + cw, r[k]);
-        }
-        for (c0 = 0; c0 < cw; c0 += 8) {
-            for (c = 0; c < 8; c++)
-                r[c] = _mm256_loadu_ps(b + (c0 + c) * T);
-            ssm_tr8x8_ps(r);
-            for (k = 0; k < 8; k++)
-                _mm256_storeu_ps(s + k * C + c0, r[k]);
-        }
-    }
-    for (k = m8; k < m; k++)
-        for (c = 0; c < C; c++)
-            stage[k * C + c] = block[c * T + k];
+    ssm_block_to_rows_avx_f_(block, T, C, m, stage, 1);
 }
 
 __attribute__((target("avx"))) static void ssm_rows_to_block_avx_d(
