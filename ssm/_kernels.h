@@ -506,20 +506,48 @@ __attribute__((target("avx"))) static void ssm_rows_to_block_avx_f(
    next pixel's first channels, which later stores in this tile overwrite. Where
    the 8 lanes would pass the tile's end, they go one by one, unless `room` (a constant
    at each call) says the destination has 8 floats of room past its n C: a staging
-   buffer (ssm_block_to_stage_avx_f), whose stores are then all whole, with no test. */
+   buffer (ssm_block_to_stage_avx_f), whose stores are then all whole, with no test.
+   With f (a constant NULL or not at each call), the gradient of sparse labels is made
+   on the way, from the block of e (see ssm_block_to_rows_grad_avx_f): each loaded
+   vector becomes f != 0 ? f e : 0, and once a group of eight pixels has all its
+   stores, the entry of each pixel's label (cls, -1 for none) is less gl. These are
+   ssm_grad_row's operations (p - 0 is p for every product p), so the same bits. */
+__attribute__((target("avx"), always_inline)) static inline __m256 ssm_grad_p8(
+    __m256 e, const float *f, __m256 fv, __m256 fnz)
+{
+    return f ? _mm256_and_ps(_mm256_mul_ps(fv, e), fnz) : e;
+}
+
+static inline void ssm_rows_label_fixup(float *restrict d, ptrdiff_t C, ptrdiff_t m,
+                                        const float *restrict gl, const int32_t *restrict cls)
+{
+    ptrdiff_t k;
+    for (k = 0; k < m; k++) {
+        int32_t y = cls[k];
+        if ((uint32_t)y < (uint32_t)C)  /* -1: no label, nothing to subtract */
+            d[k * C + y] -= gl[k];
+    }
+}
+
 __attribute__((target("avx"), always_inline)) static inline void ssm_block_to_rows_avx_f_(
     const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t n, float *restrict rows,
-    const int room)
+    const int room, const float *restrict f, const float *restrict gl,
+    const int32_t *restrict cls)
 {
     ptrdiff_t j0, c0, c, k, n8 = n & ~(ptrdiff_t)7, cw = C & ~(ptrdiff_t)7, w = C - cw;
-    __m256 r[8];
+    __m256 r[8], fv = _mm256_setzero_ps(), fnz = _mm256_setzero_ps();
     float last[8];
     for (j0 = 0; j0 < n8; j0 += 8) {
         const float *b = block + j0;
         float *d = rows + j0 * C;
+        if (f) {
+            fv = _mm256_loadu_ps(f + j0);
+            fnz = _mm256_cmp_ps(fv, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+        }
         if (w) {
             for (c = 0; c < 8; c++)
-                r[c] = c < w ? _mm256_loadu_ps(b + (cw + c) * T) : _mm256_setzero_ps();
+                r[c] = c < w ? ssm_grad_p8(_mm256_loadu_ps(b + (cw + c) * T), f, fv, fnz)
+                             : _mm256_setzero_ps();
             ssm_tr8x8_ps(r);
             for (k = 0; k < 8; k++) {
                 float *dst = d + k * C + cw;
@@ -534,21 +562,27 @@ __attribute__((target("avx"), always_inline)) static inline void ssm_block_to_ro
         }
         for (c0 = 0; c0 < cw; c0 += 8) {
             for (c = 0; c < 8; c++)
-                r[c] = _mm256_loadu_ps(b + (c0 + c) * T);
+                r[c] = ssm_grad_p8(_mm256_loadu_ps(b + (c0 + c) * T), f, fv, fnz);
             ssm_tr8x8_ps(r);
             for (k = 0; k < 8; k++)
                 _mm256_storeu_ps(d + k * C + c0, r[k]);
         }
+        if (f)
+            ssm_rows_label_fixup(d, C, 8, gl + j0, cls + j0);
     }
     for (k = n8; k < n; k++)
-        for (c = 0; c < C; c++)
-            rows[k * C + c] = block[c * T + k];
+        for (c = 0; c < C; c++) {
+            float e = block[c * T + k];
+            rows[k * C + c] = !f ? e : f[k] != 0 ? f[k] * e : 0.0f;
+        }
+    if (f)
+        ssm_rows_label_fixup(rows + n8 * C, C, n - n8, gl + n8, cls + n8);
 }
 
 __attribute__((target("avx"))) static void ssm_block_to_rows_avx_f(
     const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t n, float *restrict rows)
 {
-    ssm_block_to_rows_avx_f_(block, T, C, n, rows, 0);
+    ssm_block_to_rows_avx_f_(block, T, C, n, rows, 0, NULL, NULL, NULL);
 }
 
 /* ... into a staging buffer of m pixels with room for 8 more floats than their m C
@@ -556,7 +590,24 @@ __attribute__((target("avx"))) static void ssm_block_to_rows_avx_f(
 __attribute__((target("avx"))) static void ssm_block_to_stage_avx_f(
     const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t m, float *restrict stage)
 {
-    ssm_block_to_rows_avx_f_(block, T, C, m, stage, 1);
+    ssm_block_to_rows_avx_f_(block, T, C, m, stage, 1, NULL, NULL, NULL);
+}
+
+/* The two above with the gradient of sparse labels made on the way from a block of
+   e = exp(x - m): rows get (f != 0 ? f e : 0) - (cls == c ? gl : 0), what ssm_grad_row
+   would have left in the block, without that pass over it (NHWC fused loss+gradient). */
+__attribute__((target("avx"))) static void ssm_block_to_rows_grad_avx_f(
+    const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t n, float *restrict rows,
+    const float *restrict f, const float *restrict gl, const int32_t *restrict cls)
+{
+    ssm_block_to_rows_avx_f_(block, T, C, n, rows, 0, f, gl, cls);
+}
+
+__attribute__((target("avx"))) static void ssm_block_to_stage_grad_avx_f(
+    const float *restrict block, ptrdiff_t T, ptrdiff_t C, ptrdiff_t m, float *restrict stage,
+    const float *restrict f, const float *restrict gl, const int32_t *restrict cls)
+{
+    ssm_block_to_rows_avx_f_(block, T, C, m, stage, 1, f, gl, cls);
 }
 
 __attribute__((target("avx"))) static void ssm_rows_to_block_avx_d(

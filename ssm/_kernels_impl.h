@@ -328,13 +328,17 @@ SSM_INLINE void SSM_SFX(ssm_scaled_row_done)(const ssm_problem *P, R *dst, ptrdi
    (the NCHW loss alone 1-3% slower, ab_builds.py, 7-9 rounds). */
 #define SSM_ROWS_STAGE 4096  /* elements: C <= 256 float, 512 double, else plain stores */
 SSM_NOINLINE void SSM_SFX(ssm_block_to_rows_streamed)(const R *block, ptrdiff_t T, ptrdiff_t C,
-                                                    ptrdiff_t n, R *rows)
+                                                    ptrdiff_t n, R *rows, const float *f,
+                                                    const float *gl, const int32_t *cls)
 {
     R stage[SSM_ROWS_STAGE + 8] __attribute__((aligned(4096)));
     ptrdiff_t j0, m, q = 64 / (ptrdiff_t)sizeof(R);
     for (j0 = 0; j0 < n; j0 += m) {
         m = n - j0 < q ? n - j0 : q;
-        if (sizeof(R) == sizeof(float))
+        if (sizeof(R) == sizeof(float) && f)  /* the gradient made on the way (float only) */
+            ssm_block_to_stage_grad_avx_f((const float *)block + j0, T, C, m, (float *)stage,
+                                          f + j0, gl + j0, cls + j0);
+        else if (sizeof(R) == sizeof(float))
             ssm_block_to_stage_avx_f((const float *)block + j0, T, C, m, (float *)stage);
         else
             SSM_SFX(ssm_block_to_rows_avx)(block + j0, T, C, m, stage);
@@ -362,7 +366,7 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
 #if defined(SSM_AVX_TRANSPOSE)
     if (ssm_cpu_has_avx()) {
         if (P->stream && C <= SSM_ROWS_STAGE / (64 / (ptrdiff_t)sizeof(R))) {
-            SSM_SFX(ssm_block_to_rows_streamed)(block, T, C, n, dst);
+            SSM_SFX(ssm_block_to_rows_streamed)(block, T, C, n, dst, NULL, NULL, NULL);
             return;
         }
         SSM_SFX(ssm_block_to_rows_avx)(block, T, C, n, dst);
@@ -372,6 +376,43 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
     for (j = 0; j < n; j++)
         for (c = 0; c < C; c++)
             dst[j * C + c] = block[c * T + j];
+}
+
+/* Whether a rows-layout tile's sparse-label gradient is made on its way out of the block
+   (ssm_store_sparse_grad) instead of by ssm_grad_row in the block first: float, a CPU
+   with AVX. */
+SSM_INLINE int SSM_SFX(ssm_rows_grad_on_store)(const ssm_problem *P)
+{
+#if defined(SSM_AVX_TRANSPOSE)
+    return P->inner == 1 && sizeof(R) == sizeof(float) && ssm_cpu_has_avx();
+#else
+    (void)P;
+    return 0;
+#endif
+}
+
+/* ssm_store of a rows-layout tile whose block holds e (ssm_rows_grad_on_store): the rows
+   get the gradient ssm_grad_row would have made from e, f (gfactor), gl (glabel) and
+   cls, made as they are transposed (ssm_block_to_rows_grad_avx_f): the same bits, one
+   pass over the block fewer. NHWC, VOC-like fused loss+gradient: see
+   benchmarks/results/. */
+SSM_INLINE void SSM_SFX(ssm_store_sparse_grad)(const ssm_problem *P, R *dst, ptrdiff_t base,
+                                               ptrdiff_t n, const R *block, const R *f,
+                                               const R *gl, const int32_t *cls)
+{
+#if defined(SSM_AVX_TRANSPOSE)
+    const float *ff = (const float *)f, *gg = (const float *)gl;
+    dst += base;
+    if (P->stream && P->C <= SSM_ROWS_STAGE / 16) {  /* as ssm_store */
+        SSM_SFX(ssm_block_to_rows_streamed)(block, P->tile, P->C, n, dst, ff, gg, cls);
+        return;
+    }
+    ssm_block_to_rows_grad_avx_f((const float *)block, P->tile, P->C, n, (float *)dst, ff, gg,
+                                 cls);
+#else
+    (void)P; (void)dst; (void)base; (void)n; (void)block; (void)f; (void)gl; (void)cls;
+    SSM_UNREACHABLE();
+#endif
 }
 
 /* Strided channels: a tile reads C row segments of n pixels, `inner` apart: more
@@ -1289,9 +1330,10 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
     ptrdiff_t base, pix, n, sx, so = 0, so2 = 0, c, j, C = P->C, T = P->tile;
     const R *x;
     R *o = NULL, *o2 = NULL;
-    int dense;
+    int dense, grad_on_store;
     ssm_tile_geom(P, t, &base, &pix, &n);
     dense = SSM_SFX(ssm_stage)(P, &S, base, pix, n, want_grad, P->loss == SSM_KL);
+    grad_on_store = want_grad && !dense && SSM_SFX(ssm_rows_grad_on_store)(P);
     if (P->norms)
         SSM_SFX(ssm_tile_stats)(P, &S, t, pix, n);
     x = SSM_SFX(ssm_load)(P, (const R *)P->x, base, n, S.X, &sx);
@@ -1332,11 +1374,16 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
         if (!dense && SSM_SFX(ssm_grad_row_streamed)(P, (R *)P->out, base, c, n, oc,
                                                      S.gfactor, S.glabel, S.cls))
             continue;
+        if (grad_on_store)  /* made by ssm_store_sparse_grad */
+            continue;
         SSM_SFX(ssm_grad_row)(oc, oc, S.gfactor, S.glabel, S.gscale, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
         SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, oc);
     }
-    SSM_SFX(ssm_store)(P, (R *)P->out, base, n, o);
+    if (grad_on_store)
+        SSM_SFX(ssm_store_sparse_grad)(P, (R *)P->out, base, n, o, S.gfactor, S.glabel, S.cls);
+    else
+        SSM_SFX(ssm_store)(P, (R *)P->out, base, n, o);
     if (o2)
         SSM_SFX(ssm_store)(P, (R *)P->out2, base, n, o2);
     return SSM_SFX(ssm_tile_loss)(P, S.loss, pix, n);

@@ -449,6 +449,38 @@ def test_streamed_nhwc_outputs_equal_cached(rng, monkeypatch, dtype, C):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nhwc_fused_gradient_is_the_nchw_one_bit_for_bit(rng, monkeypatch, dtype, streamed):
+    """The rows layout (NHWC) makes the fused gradient of integer labels as it transposes
+    each tile's block of exp back to rows (float32 with AVX: ssm_store_sparse_grad), the
+    strided layout (NCHW) row by row (ssm_grad_row, or streamed as computed): the same
+    operations, so the same bits, for every class count mod 8 and pixel count mod 8 (a
+    last tile and a last group of 8 pixels cut short), with ignored labels, weights and a
+    per-pixel d_loss; and the label entry subtracted in its own pixel's row (a fix-up in
+    the wrong place, or lost to a later store, is far off)."""
+    from ssm import _cpu
+    if streamed:
+        monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
+        monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)
+    for C in list(range(1, 18)) + [21, 150, 256, 257, 300]:
+        T = _cpu.tile_size(C, 1, np.dtype(dtype).itemsize)
+        for P in sorted({5, 8, 13, T - 1, T + 9}):
+            x = make_logits(rng, (1, C, P), dtype)
+            y = make_labels(rng, (1, P), C, np.int64, ignore_index=-1, ignore_frac=0.2)
+            w = make_weights(rng, (1, P), dtype)
+            d = rng.random((1, P)).astype(dtype)
+            xh = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+            _, g = ssm.spatial_softmax_with_loss_and_grad(x, y, w, d, reduction="none")
+            _, gh = ssm.spatial_softmax_with_loss_and_grad(xh, y, w, d, reduction="none",
+                                                           layout="NHWC")
+            np.testing.assert_array_equal(np.moveaxis(gh, -1, 1), g, err_msg=f"C={C} P={P}")
+            # and the mean's one scale, with labels only
+            _, g = ssm.spatial_softmax_with_loss_and_grad(x, y)
+            _, gh = ssm.spatial_softmax_with_loss_and_grad(xh, y, layout="NHWC")
+            np.testing.assert_array_equal(np.moveaxis(gh, -1, 1), g, err_msg=f"C={C} P={P}")
+
+
 def test_outputs_streamed_only_where_rows_start_aligned(monkeypatch):
     """Large outputs are streamed, except where their class rows start off a 16-byte
     boundary, or off a 64-byte one for tiles of rows under 256 bytes (every tile row would
