@@ -10,10 +10,12 @@ table gives the median over rounds of those medians and the ratio to the first b
     python benchmarks/ab_builds.py --builds /tmp/base,installed --cases fused:1,fused:2
 
 Cases are ``op:threads`` with op one of fused, softmax, log_softmax, forward, loss, smooth,
-on the VOC-like workload (8x21x256x256 float32), ``out=`` given. Words after the op, in any
-order: ``_ade`` or ``_city`` takes the ADE-like (4x150x128x128) or Cityscapes-like
-(2x19x512x1024) workload instead, ``_nhwc`` lays the logits out as NHWC, and ``_bf16`` or
-``_f16`` makes them bfloat16 or float16 (``fused_ade_nhwc:2``, ``fused_bf16:1``).
+backward (the gradient from probabilities; the logits stand in for them), on the VOC-like
+workload (8x21x256x256 float32, int64 labels), ``out=`` given. Words after the op, in any
+order: ``_ade``, ``_city`` or ``_two`` takes the ADE-like (4x150x128x128),
+Cityscapes-like (2x19x512x1024) or binary (8x2x512x512) workload instead, ``_nhwc`` lays
+the logits out as NHWC, and ``_bf16`` or ``_f16`` makes them bfloat16 or float16
+(``fused_ade_nhwc:2``, ``fused_bf16:1``).
 """
 import argparse
 import json
@@ -27,7 +29,7 @@ import numpy as np
 
 
 # workloads other than VOC-like, by a word of the case's op, as ssm.bench has them
-WORKLOADS = {"ade": (4, 150, 128, 128), "city": (2, 19, 512, 1024)}
+WORKLOADS = {"ade": (4, 150, 128, 128), "city": (2, 19, 512, 1024), "two": (8, 2, 512, 512)}
 
 
 def one(op, threads, calls):
@@ -57,6 +59,7 @@ def one(op, threads, calls):
                                                                  label_smoothing=0.1, **kw),
         "forward": lambda: ssm.spatial_softmax_with_loss(x, y, out=out, **kw),
         "loss": lambda: ssm.cross_entropy(x, y, **kw),
+        "backward": lambda: ssm.spatial_softmax_with_loss_grad(x, y, out=out, **kw),
         "softmax": lambda: ssm.softmax(x, out=out, **kw),
         "log_softmax": lambda: ssm.log_softmax(x, out=out, **kw),
     }
