@@ -1220,9 +1220,15 @@ SSM_INLINE void SSM_SFX(ssm_two_sweep)(const R *restrict x, ptrdiff_t sx, const 
     for (j = 0; j < n; j++) {
         R v0 = rows ? x[2 * j] : x[j], v1 = rows ? x[2 * j + 1] : x[sx + j], m, e0, e1, s;
         int32_t y = cls[j];  /* -1 or 0 or 1 */
-        m = v1 > v0 ? v1 : v0;
-        e0 = SSM_EXP(v0 - m);
-        e1 = SSM_EXP(v1 - m);
+        /* one exp: exp(m - m) is exp(0) = 1 exactly, or NaN where m is not finite, which
+           (m - m) + 1 gives alike */
+        const int up = v1 > v0;
+        R e, emax;
+        m = up ? v1 : v0;
+        e = SSM_EXP((up ? v0 : v1) - m);
+        emax = (m - m) + (R)1;
+        e0 = up ? e : emax;
+        e1 = up ? emax : e;
         s = (R)0 + e0 + e1;
         xmax[j] = m;
         xlab[j] = y == 1 ? v1 : y == 0 ? v0 : (R)0;

@@ -640,7 +640,7 @@ def test_two_classes_equal_the_general_sweeps(rng, monkeypatch, two_classes, dty
     """With two classes and labels the loss passes run a pixel's sweeps in one loop
     (ssm_sswl_tile_two); it gives the general sweeps' bits: the loss alone, the forward
     pass (prob), the fused pass (gradient, with and without a d_loss map), with weights,
-    class weights, ignored labels, NaN and infinite logits, the KL loss, 1 and 2
+    class weights, ignored labels, NaN and infinite logits, ties, the KL loss, 1 and 2
     threads, a shape whose tiles end mid-vector, outputs streamed or not. The one-loop
     path must run for each of them (two_class_tiles) where it applies."""
     _cpu = two_classes
@@ -653,6 +653,9 @@ def test_two_classes_equal_the_general_sweeps(rng, monkeypatch, two_classes, dty
     x[1, C - 1, 2, 3] = 90.0
     x[2, :, 5, 5] = -np.inf
     x[2, 0, 6, 6] = np.inf
+    x[0, :, 4, 4] = 1.25  # ties: the max's exp is exp(0) = 1 (the one loop does not
+    x[1, 0, 4, 4], x[1, 1, 4, 4] = -0.0, 0.0  # compute it)
+    x[1, :, 5, 6] = np.inf
     ign = 255 if label_dtype == np.uint8 else -100
     y = make_labels(rng, (N, H, W), C, label_dtype, ignore_index=ign)
     w = make_weights(rng, (N, H, W), dtype)
