@@ -18,6 +18,7 @@ import ssm
 from conftest import (GPU_FLOAT_DTYPES, LAYOUTS, REDUCTIONS, assert_close, make_labels,
                       make_logits, make_weights)
 from ssm import _gpu
+from ssm._rounding import round_once
 from ssm.testing import cudasim
 from ssm.testing.cudasim import SimulatorError, SynchronizationError
 
@@ -444,8 +445,12 @@ def test_half_conversions_bit_exact(module, rng):
     f = np.concatenate([rng.standard_normal(n // 2) * 1e3, rng.standard_normal(n // 2) * 1e-5])
     f = f.astype(np.float32)
     f[:8] = [np.inf, -np.inf, 65504, 65520, 6e-8, 2.9e-8, 3.1e-8, -0.0]  # overflow: inf
+    # quiet NaNs, either sign, with payloads: kept as the CPU, F16C and NumPy keep them
+    f[8:12] = np.array([0x7fc00000, 0xffc00000, 0x7fd2a000, 0xffe0e000], np.uint32).view(f.dtype)
     d = rng.standard_normal(n) * np.exp(rng.uniform(-20, 12, n))
     d[:4] = [65519.99999, 65520.0, 2.0**-25, 2.0**-25 * (1 + 2.0**-40)]  # double rounding traps
+    d[4:7] = np.array([0x7ff8000000000000, 0xfff8000000000000, 0x7ffa5a0000000000],
+                      np.uint64).view(d.dtype)
     outs = [cudasim.empty(n, np.float32), cudasim.empty(n, np.float16), cudasim.empty(n, np.float16)]
     launch(module, "half_conversions", cudasim.asarray(h), outs[0], cudasim.asarray(f), outs[1],
            cudasim.asarray(d), outs[2], np.int64(n), threads=256, blocks=64)
@@ -458,12 +463,15 @@ def test_half_conversions_bit_exact(module, rng):
     assert np.isnan(h_to_f[~finite]).all()
     np.testing.assert_array_equal(f_to_h.view(np.uint16), f16.view(np.uint16))
     np.testing.assert_array_equal(d_to_h.view(np.uint16), d16.view(np.uint16))
+    assert list(f_to_h.view(np.uint16)[8:12]) == [0x7e00, 0xfe00, 0x7e95, 0xff07]
+    assert list(d_to_h.view(np.uint16)[4:7]) == [0x7e00, 0xfe00, 0x7e96]
 
 
 def test_bf16_conversions_bit_exact(module, rng):
     # against ml_dtypes: widening exact, narrowing to nearest even (every midpoint between
-    # neighbouring bfloat16 values, and the floats either side), NaN to the canonical
-    # 0x7fff; doubles rounded once (ml_dtypes rounded them twice, through float, before 0.7)
+    # neighbouring bfloat16 values, and the floats either side), NaN quieted with its sign
+    # and top payload bits (the CPU's bits, not cvt's 0x7fff); doubles rounded once
+    # (ml_dtypes rounded them twice, through float, before 0.7)
     import ml_dtypes
     bf16 = np.dtype(ml_dtypes.bfloat16)
     n = 1 << 16
@@ -475,6 +483,7 @@ def test_bf16_conversions_bit_exact(module, rng):
     f = np.concatenate([mid, np.nextafter(mid, np.float32(np.inf)),
                         np.nextafter(mid, np.float32(-np.inf))])[:n]
     f[:6] = [np.inf, -np.inf, np.nan, -np.nan, 3.4e38, -0.0]
+    f[6] = np.array(0x7fd2a000, np.uint32).view(f.dtype)  # a quiet NaN's payload
     d = rng.standard_normal(n) * np.exp(rng.uniform(-80, 80, n))
     d[:2] = [1 + 2.0**-8 + 2.0**-40, 1 + 2.0**-8]  # float rounds the first onto a midpoint
     d[2:6] = [-(1 + 2.0**-8 + 2.0**-40), 3.3961e38, -3.3963e38, 3.5e38]  # either side of
@@ -484,6 +493,8 @@ def test_bf16_conversions_bit_exact(module, rng):
     d[6:20] = [1e-39, -1e-39, 2.0**-133, -(2.0**-134), 2.0**-134 * (1 + 2.0**-30),
                1.5 * 2.0**-133, 2.0**-126 * (1 - 2.0**-9), 0.0, -0.0, -5e-324, np.inf, -np.inf,
                1e300, -2.0**-126]
+    d[1020:1023] = np.array([0x7ff8000000000000, 0xfff8000000000000, 0x7ffa5a0000000000],
+                            np.uint64).view(d.dtype)
     d[20:1020] = rng.uniform(-1, 1, 1000) * 2.0**rng.uniform(-140, -120, 1000)
     outs = [cudasim.empty(n, np.float32), cudasim.empty(n, bf16), cudasim.empty(n, bf16)]
     launch(module, "bf16_conversions", cudasim.asarray(h), outs[0], cudasim.asarray(f), outs[1],
@@ -494,9 +505,17 @@ def test_bf16_conversions_bit_exact(module, rng):
     with np.errstate(over="ignore", invalid="ignore"):
         np.testing.assert_array_equal(f_to_h.view(np.uint16)[~nan],
                                       f[~nan].astype(bf16).view(np.uint16))
-    np.testing.assert_array_equal(d_to_h.view(np.uint16), ref.bf16_bits_rounded_once(d))
+    fin = ~np.isnan(d)
+    np.testing.assert_array_equal(d_to_h.view(np.uint16)[fin], ref.bf16_bits_rounded_once(d[fin]))
     assert d_to_h.view(np.uint16)[0] == 0x3f81 and d_to_h.view(np.uint16)[1] == 0x3f80
-    assert (f_to_h.view(np.uint16)[nan] == 0x7fff).all()
+    # a float NaN as the CPU kernels narrow it (ssm_f_to_bf16: payload kept), a double
+    # one as ssm/_rounding.py rounds the host's (ml_dtypes: 0x7fc0 with its sign)
+    assert list(f_to_h.view(np.uint16)[[2, 3, 6]]) == [0x7fc0, 0xffc0, 0x7fd2]
+    np.testing.assert_array_equal(f_to_h.view(np.uint16)[nan],
+                                  (f[nan].view(np.uint32) | 0x00400000) >> 16)
+    assert list(d_to_h.view(np.uint16)[1020:1023]) == [0x7fc0, 0xffc0, 0x7fc0]
+    np.testing.assert_array_equal(d_to_h.view(np.uint16)[1020:1023],
+                                  round_once(d[1020:1023], bf16).view(np.uint16))
 
 
 def test_float_denormals_flush_to_zero():
@@ -582,3 +601,30 @@ def test_processes_sharing_the_cache_build_a_library_once(tmp_path, monkeypatch)
     assert all(list(lib.kernels) == ["fill"] for lib in libraries)
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(compiled[0]),
                                                    os.path.basename(compiled[0]) + ".lock"])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_nan_outputs_have_the_cpus_bits(rng, dtype):
+    """A NaN output of half logits has the same bits on the GPU as on the CPU (quieted,
+    sign and top payload kept; PTX's cvt alone gives 0x7fff): probabilities, the
+    gradient and the loss map of a pixel with a NaN logit, and of one with a quiet NaN
+    carrying a payload, of either sign."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+        dtype = ml_dtypes.bfloat16
+    x = make_logits(rng, (2, 5, 3, 4), np.float32)
+    x[0, 1, 0, 0] = np.nan
+    x[1, :, 2, 3] = np.array([0xffd2a000] * 5, np.uint32).view(np.float32)
+    x = x.astype(dtype)
+    y = make_labels(rng, (2, 3, 4), 5, np.int64)
+    outs = []
+    for xx in (x, cudasim.asarray(x)):
+        res = [ssm.softmax(xx), *ssm.spatial_softmax_with_loss_and_grad(xx, y if xx is x else
+                                                                         cudasim.asarray(y),
+                                                                         reduction="none")]
+        outs.append([cudasim.asnumpy(r) if xx is not x else r for r in res])
+    for cpu, gpu in zip(*outs):
+        nan = np.isnan(cpu.astype(np.float32))
+        assert nan.any()
+        np.testing.assert_array_equal(np.isnan(gpu.astype(np.float32)), nan)
+        np.testing.assert_array_equal(gpu.view(np.uint16)[nan], cpu.view(np.uint16)[nan])
