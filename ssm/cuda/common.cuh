@@ -76,34 +76,31 @@ __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 
 template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v) { return v; }
-/* A float NaN narrowed as the CPU kernels narrow it (ssm_f_to_f16 and F16C, as NumPy;
-   ssm_f_to_bf16): quieted, its sign and top payload bits kept (0x7fc00000 gives float16
-   0x7e00 and bfloat16 0x7fc0), where PTX's cvt gives the canonical 0x7fff: a NaN output
-   has the same bits on both devices. */
-__device__ __forceinline__ unsigned short ssm_f16_nan_bits(unsigned int u)
-{
-    return (unsigned short)(((u >> 16) & 0x8000u) | 0x7e00u | ((u >> 13) & 0x3ffu));
-}
+/* A NaN narrowed to a half type is the positive quiet NaN, float16 0x7e00 and bfloat16
+   0x7fc0 (NumPy's and ml_dtypes' np.nan), where PTX's cvt gives 0x7fff. The GPU's
+   arithmetic makes every NaN the canonical 0x7fffffff, so no payload is there to keep;
+   the CPU keeps a NaN logit's payload (np.nan: these same bits) and x86 makes a NaN of
+   its own (inf - inf) negative (0xfe00, 0xffc0 there). */
+#define SSM_F16_NAN 0x7e00u
+#define SSM_BF16_NAN 0x7fc0u
 
 /* Round to nearest even (cvt); NaN as above. */
 template <> __device__ __forceinline__ ssm_half from_acc<ssm_half>(float v)
 {
-    const unsigned int u = (unsigned int)__float_as_int(v);
     ssm_half h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        h.bits = ssm_f16_nan_bits(u);
+    if (v != v)
+        h.bits = SSM_F16_NAN;
     return h;
 }
 
 /* Round to nearest even (sm_80's cvt); NaN as above. */
 template <> __device__ __forceinline__ ssm_bf16 from_acc<ssm_bf16>(float v)
 {
-    const unsigned int u = (unsigned int)__float_as_int(v);
     ssm_bf16 h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        h.bits = (unsigned short)((u | 0x00400000u) >> 16);
+    if (v != v)
+        h.bits = SSM_BF16_NAN;
     return h;
 }
 
@@ -111,17 +108,15 @@ template <> __device__ __forceinline__ ssm_bf16 from_acc<ssm_bf16>(float v)
    by integer operations on the double's bits: no float conversion, which -ftz=true would
    flush below 2^-126 (bfloat16 has subnormals down to 2^-133). The significand is shifted
    right to bfloat16's 8 bits (more below 2^-126), rounded to nearest even; a carry steps
-   the exponent field (e = 127 with q = 2^8 gives 0x7f80, inf: nothing above it). NaN as
-   the host rounds it (ssm/_rounding.py): bfloat16 0x7fc0 with its sign (ml_dtypes drops
-   the payload), float16 quieted with its top payload bits (NumPy's double to half). */
+   the exponent field (e = 127 with q = 2^8 gives 0x7f80, inf: nothing above it). NaN:
+   the positive quiet NaN, as from_acc. */
 template <typename T> __device__ __forceinline__ T from_double(double v) { return (T)v; }
 template <> __device__ __forceinline__ ssm_half from_double<ssm_half>(double v)
 {
-    const unsigned long long u = (unsigned long long)__double_as_longlong(v);
     ssm_half h;
     asm("cvt.rn.f16.f64 %0, %1;" : "=h"(h.bits) : "d"(v));
-    if ((u & 0x7fffffffffffffffULL) > 0x7ff0000000000000ULL)
-        h.bits = (unsigned short)(((u >> 48) & 0x8000u) | 0x7e00u | ((u >> 42) & 0x3ffu));
+    if (v != v)
+        h.bits = SSM_F16_NAN;
     return h;
 }
 template <> __device__ __forceinline__ ssm_bf16 from_double<ssm_bf16>(double v)
@@ -132,8 +127,8 @@ template <> __device__ __forceinline__ ssm_bf16 from_double<ssm_bf16>(double v)
     const unsigned short sign = (unsigned short)((u >> 48) & 0x8000u);
     unsigned int bits = 0;
     ssm_bf16 h;
-    if (a > 0x7ff0000000000000ULL) {  /* NaN: ml_dtypes' quiet NaN of its sign */
-        h.bits = (unsigned short)(sign | 0x7fc0u);
+    if (a > 0x7ff0000000000000ULL) {
+        h.bits = SSM_BF16_NAN;
         return h;
     }
     if (e >= 128) {
