@@ -467,6 +467,8 @@ def test_nhwc_fused_gradient_is_the_nchw_one_bit_for_bit(rng, monkeypatch, dtype
         T = _cpu.tile_size(C, 1, np.dtype(dtype).itemsize)
         for P in sorted({5, 8, 13, T - 1, T + 9}):
             x = make_logits(rng, (1, C, P), dtype)
+            x[0, :, 1] = np.inf  # non-finite logits: NaN rows, as in the strided layout
+            x[0, C - 1, 2], x[0, 0, 3] = np.nan, -np.inf
             y = make_labels(rng, (1, P), C, np.int64, ignore_index=-1, ignore_frac=0.2)
             w = make_weights(rng, (1, P), dtype)
             d = rng.random((1, P)).astype(dtype)
@@ -656,6 +658,7 @@ def test_two_classes_equal_the_general_sweeps(rng, monkeypatch, two_classes, dty
     x[0, :, 4, 4] = 1.25  # ties: the max's exp is exp(0) = 1 (the one loop does not
     x[1, 0, 4, 4], x[1, 1, 4, 4] = -0.0, 0.0  # compute it)
     x[1, :, 5, 6] = np.inf
+    x[0, C - 1, 7, 7] = np.nan  # the other class's logit alone
     ign = 255 if label_dtype == np.uint8 else -100
     y = make_labels(rng, (N, H, W), C, label_dtype, ignore_index=ign)
     w = make_weights(rng, (N, H, W), dtype)

@@ -48,7 +48,8 @@ def _function_text(name):
     consts = re.findall(r"^#define SSM_\w+ [-+0-9.eEfx]+\b.*$", src, re.M)
     # the floors of the exps' arguments (variables, so that gcc clamps with one max)
     floors = re.findall(r"^SSM_OPAQUE \w+ \w+ = [-+0-9.eEf]+;$", src, re.M)
-    consts += ["#define SSM_OPAQUE __attribute__((weak))"] + floors if floors else []
+    consts += ["#define SSM_OPAQUE __attribute__((weak, visibility(\"hidden\")))"] + floors \
+        if floors else []
     return "\n".join(consts + inner) + "\n" + body
 
 
