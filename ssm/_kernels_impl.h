@@ -348,11 +348,30 @@ SSM_NOINLINE void SSM_SFX(ssm_block_to_rows_streamed)(const R *block, ptrdiff_t 
 }
 #endif
 
+/* Whether a rows-layout tile's sparse-label gradient is made on its way out of the block
+   (ssm_store_) instead of by ssm_grad_row in the block first: float, a CPU
+   with AVX. */
+SSM_INLINE int SSM_SFX(ssm_rows_grad_on_store)(const ssm_problem *P)
+{
+#if defined(SSM_AVX_TRANSPOSE)
+    return P->inner == 1 && sizeof(R) == sizeof(float) && ssm_cpu_has_avx();
+#else
+    (void)P;
+    return 0;
+#endif
+}
+
 /* Finish a tile's output block: rows are transposed back to the array (streamed where
    P->stream: ssm_block_to_rows_streamed); streamed strided rows (sent by ssm_row_done)
-   are ordered before the parallel region ends. */
-SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base, ptrdiff_t n,
-                                   const R *block)
+   are ordered before the parallel region ends. With f (NULL or not at each call; not
+   NULL only where ssm_rows_grad_on_store), the block holds e and the rows get the
+   gradient ssm_grad_row would have made from e, f (gfactor), gl (glabel) and cls, made
+   as they are transposed (ssm_block_to_rows_grad_avx_f): the same bits, one pass over
+   the block fewer (Zen 3, NHWC fused: 0.93-0.94x the time, VOC-, ADE- and
+   Cityscapes-like; benchmarks/results/2026-12-01-amd-epyc-zen3-avx2-session14/). */
+SSM_INLINE void SSM_SFX(ssm_store_)(const ssm_problem *P, R *dst, ptrdiff_t base, ptrdiff_t n,
+                                    const R *block, const R *f, const R *gl,
+                                    const int32_t *cls)
 {
     ptrdiff_t C = P->C, T = P->tile, c, j;
     if (P->inner > 1) {
@@ -366,53 +385,31 @@ SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base,
 #if defined(SSM_AVX_TRANSPOSE)
     if (ssm_cpu_has_avx()) {
         if (P->stream && C <= SSM_ROWS_STAGE / (64 / (ptrdiff_t)sizeof(R))) {
-            SSM_SFX(ssm_block_to_rows_streamed)(block, T, C, n, dst, NULL, NULL, NULL);
+            SSM_SFX(ssm_block_to_rows_streamed)(block, T, C, n, dst, (const float *)f,
+                                                (const float *)gl, cls);
             return;
         }
-        SSM_SFX(ssm_block_to_rows_avx)(block, T, C, n, dst);
+        if (sizeof(R) == sizeof(float) && f)
+            ssm_block_to_rows_grad_avx_f((const float *)block, T, C, n, (float *)dst,
+                                         (const float *)f, (const float *)gl, cls);
+        else
+            SSM_SFX(ssm_block_to_rows_avx)(block, T, C, n, dst);
         return;
     }
 #endif
+    (void)gl;
+    (void)cls;
+    if (f)  /* ssm_rows_grad_on_store asks for AVX */
+        SSM_UNREACHABLE();
     for (j = 0; j < n; j++)
         for (c = 0; c < C; c++)
             dst[j * C + c] = block[c * T + j];
 }
 
-/* Whether a rows-layout tile's sparse-label gradient is made on its way out of the block
-   (ssm_store_sparse_grad) instead of by ssm_grad_row in the block first: float, a CPU
-   with AVX. */
-SSM_INLINE int SSM_SFX(ssm_rows_grad_on_store)(const ssm_problem *P)
+SSM_INLINE void SSM_SFX(ssm_store)(const ssm_problem *P, R *dst, ptrdiff_t base, ptrdiff_t n,
+                                   const R *block)
 {
-#if defined(SSM_AVX_TRANSPOSE)
-    return P->inner == 1 && sizeof(R) == sizeof(float) && ssm_cpu_has_avx();
-#else
-    (void)P;
-    return 0;
-#endif
-}
-
-/* ssm_store of a rows-layout tile whose block holds e (ssm_rows_grad_on_store): the rows
-   get the gradient ssm_grad_row would have made from e, f (gfactor), gl (glabel) and
-   cls, made as they are transposed (ssm_block_to_rows_grad_avx_f): the same bits, one
-   pass over the block fewer (Zen 3, NHWC fused: 0.93-0.94x the time, VOC-, ADE- and
-   Cityscapes-like; benchmarks/results/2026-12-01-amd-epyc-zen3-avx2-session14/). */
-SSM_INLINE void SSM_SFX(ssm_store_sparse_grad)(const ssm_problem *P, R *dst, ptrdiff_t base,
-                                               ptrdiff_t n, const R *block, const R *f,
-                                               const R *gl, const int32_t *cls)
-{
-#if defined(SSM_AVX_TRANSPOSE)
-    const float *ff = (const float *)f, *gg = (const float *)gl;
-    dst += base;
-    if (P->stream && P->C <= SSM_ROWS_STAGE / 16) {  /* ssm_store's limit for float */
-        SSM_SFX(ssm_block_to_rows_streamed)(block, P->tile, P->C, n, dst, ff, gg, cls);
-        return;
-    }
-    ssm_block_to_rows_grad_avx_f((const float *)block, P->tile, P->C, n, (float *)dst, ff, gg,
-                                 cls);
-#else
-    (void)P; (void)dst; (void)base; (void)n; (void)block; (void)f; (void)gl; (void)cls;
-    SSM_UNREACHABLE();
-#endif
+    SSM_SFX(ssm_store_)(P, dst, base, n, block, NULL, NULL, NULL);
 }
 
 /* Strided channels: a tile reads C row segments of n pixels, `inner` apart: more
@@ -1380,16 +1377,14 @@ SSM_CLONES double SSM_SFX(ssm_sswl_tile)(const ssm_problem *P, ptrdiff_t t, void
         if (!dense && SSM_SFX(ssm_grad_row_streamed)(P, (R *)P->out, base, c, n, oc,
                                                      S.gfactor, S.glabel, S.cls))
             continue;
-        if (grad_on_store)  /* made by ssm_store_sparse_grad */
+        if (grad_on_store)  /* made by ssm_store_ */
             continue;
         SSM_SFX(ssm_grad_row)(oc, oc, S.gfactor, S.glabel, S.gscale, S.cls,
                               dense ? S.A + c * T : NULL, c, n);
         SSM_SFX(ssm_row_done)(P, (R *)P->out, base, c, n, oc);
     }
-    if (grad_on_store)
-        SSM_SFX(ssm_store_sparse_grad)(P, (R *)P->out, base, n, o, S.gfactor, S.glabel, S.cls);
-    else
-        SSM_SFX(ssm_store)(P, (R *)P->out, base, n, o);
+    SSM_SFX(ssm_store_)(P, (R *)P->out, base, n, o, grad_on_store ? S.gfactor : NULL,
+                        S.glabel, S.cls);
     if (o2)
         SSM_SFX(ssm_store)(P, (R *)P->out2, base, n, o2);
     return SSM_SFX(ssm_tile_loss)(P, S.loss, pix, n);

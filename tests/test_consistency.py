@@ -453,7 +453,7 @@ def test_streamed_nhwc_outputs_equal_cached(rng, monkeypatch, dtype, C):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nhwc_fused_gradient_is_the_nchw_one_bit_for_bit(rng, monkeypatch, dtype, streamed):
     """The rows layout (NHWC) makes the fused gradient of integer labels as it transposes
-    each tile's block of exp back to rows (float32 with AVX: ssm_store_sparse_grad), the
+    each tile's block of exp back to rows (float32 with AVX: ssm_store_ given f), the
     strided layout (NCHW) row by row (ssm_grad_row, or streamed as computed): the same
     operations, so the same bits, for every class count mod 8 and pixel count mod 8 (a
     last tile and a last group of 8 pixels cut short), with ignored labels, weights and a
