@@ -48,7 +48,7 @@ ext = Extension(
     "ssm._cpu",
     ["ssm/_cpu.pyx"],
     include_dirs=["ssm", np.get_include()],
-    depends=["ssm/_kernels.h", "ssm/_kernels_impl.h", "ssm/_expf_table.h",
+    depends=["ssm/_kernels.h", "ssm/_kernels_impl.h", "ssm/_expf_table.h", "ssm/_expf_avx2.h",
              "ssm/_labels_impl.h", "ssm/_threads.h", "ssm/_floors.h", "ssm/_half.h",
              "ssm/_half_impl.h", "ssm/_positions.h", "ssm/_positions_impl.h", "ssm/_cpu.pxd"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION"),

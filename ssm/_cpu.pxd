@@ -37,6 +37,8 @@ cdef extern from "_kernels.h" nogil:
     size_t ssm_scratch_bytes(const ssm_problem *P, size_t rsize)
     const char *ssm_simd_path()
     int ssm_float_exp_table()
+    int ssm_float_exp_sweep_v3()
+    int ssm_exp_sweep_v3  # 1: the AVX2 clone's hand-written sums of exp; 0: gcc's loop (tests)
     const char *ssm_compiler()
     const char *ssm_build_flags()
 

@@ -468,6 +468,27 @@ def float_exp_table():
     return ssm_float_exp_table() != 0
 
 
+def exp_sweep_v3(on=None):
+    """Whether the float32 (and half) sums of exp of the x86-64-v3 (AVX2) clone run its
+    hand-written sweep (ssm/_expf_avx2.h; the default, True) or gcc's loop (False), for
+    tests: the two give the same bits. Sets it if ``on`` is given (between calls: no
+    kernel may be running), and returns the previous setting. Without effect where
+    another clone runs (float_exp_sweep_v3 says which)."""
+    global ssm_exp_sweep_v3
+    cdef bint old = ssm_exp_sweep_v3 != 0
+    if on is not None:
+        if on is not True and on is not False:
+            raise TypeError(f"on: expected True or False, got {on!r}")
+        ssm_exp_sweep_v3 = 1 if on else 0
+    return old
+
+
+def float_exp_sweep_v3():
+    """Whether the float32 (and half) sums of exp run the x86-64-v3 clone's hand-written
+    sweep (ssm/_expf_avx2.h) now: that clone runs, and exp_sweep_v3 is on."""
+    return ssm_float_exp_sweep_v3() != 0
+
+
 def two_class_tiles():
     """How many tiles the one-loop path of two classes has run in this process (for
     tests: a comparison of the two paths must see it taken)."""

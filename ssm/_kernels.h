@@ -51,9 +51,11 @@
  * functions in remainders, and the two differ in the last bit for some arguments).
  * target_clones builds each tile driver for AVX-512, AVX2 and the x86-64 baseline,
  * picked once at load time (ifunc); everything below the drivers is always_inline,
- * so it is compiled for each clone. Only with gcc on x86-64 glibc (SSM_ISA_NAMES);
- * elsewhere (aarch64, clang, MSVC) one portable build, without the x86 intrinsics:
- * .ci/aarch64 compiles it for aarch64 with -Wall -Wextra -Werror and tests it.
+ * so it is compiled for each clone, but for the float sum-of-exp sweeps of the AVX-512
+ * and AVX2 clones, written by hand (_expf_table.h, _expf_avx2.h). Only with gcc on x86-64
+ * glibc (SSM_ISA_NAMES); elsewhere (aarch64, clang, MSVC) one portable build, without the
+ * x86 intrinsics: .ci/aarch64 compiles it for aarch64 with -Wall -Wextra -Werror and
+ * tests it.
  */
 #ifndef SSM_KERNELS_H
 #define SSM_KERNELS_H
@@ -163,11 +165,18 @@ SSM_INLINE float ssm_expf_nonpos(float x)
     return p * s.f;
 }
 
+/* 1: the x86-64-v3 clone's float sums of exp run ssm_sumexp_rows_v3 (_expf_avx2.h); 0:
+   gcc's loop. Set to 0 only by the tests (ssm._cpu.exp_sweep_v3), between calls, to
+   compare the two. No effect in builds without target clones. */
+static int ssm_exp_sweep_v3 = 1;
+
 /* The AVX-512 clone's float exp, a table-driven one with fewer FMAs (ssm_expf_t16; its
    sweeps are hand-written). */
 #if defined(SSM_ISA_NAMES)
 #define SSM_HAVE_EXPF_T16
 #include "_expf_table.h"
+/* ... and the AVX2 clone's float sum-of-exp sweep, by hand (ssm_sumexp_rows_v3). */
+#include "_expf_avx2.h"
 #endif
 
 /* exp(x) for double x <= 0 (or NaN): ssm_expf_nonpos's scheme in double, for the same
@@ -830,6 +839,16 @@ static inline size_t ssm_label_bytes(int kind)
     return kind == SSM_U8 ? 1 : kind == SSM_I32 ? 4 : kind == SSM_I64 ? 8 : 0;
 }
 
+/* Whether the float sums of exp are the x86-64-v3 clone's hand-written sweep. */
+static inline int ssm_float_exp_sweep_v3(void)
+{
+#if defined(SSM_HAVE_EXPF_T16)
+    return ssm_expf_use_v3();
+#else
+    return ssm_exp_sweep_v3 & 0;  /* no such sweep here */
+#endif
+}
+
 /* Whether the float kernels' exp is the x86-64-v4 clone's table one (ssm_expf_t16). */
 static inline int ssm_float_exp_table(void)
 {
@@ -862,6 +881,8 @@ static long long ssm_two_class_tiles = 0;  /* tiles ssm_sswl_tile_two has run, f
 #ifdef SSM_HAVE_EXPF_T16
 #define SSM_EXPF_TABLE_ROWS
 #include "_expf_table.h"
+#define SSM_EXPF_AVX2_ROWS
+#include "_expf_avx2.h"
 #endif
 
 #define R double

@@ -509,6 +509,11 @@ SSM_INLINE void SSM_SFX(ssm_sumexp_rows)(const R *restrict x, ptrdiff_t sx, R *r
                             (float *)s, pf);
         return;
     }
+    if (sizeof(R) == sizeof(float) && ssm_expf_use_v3()) {  /* see _expf_avx2.h */
+        ssm_sumexp_rows_v3((const float *)x, sx, (float *)e, se, c0, c1, n, (const float *)m,
+                           (float *)s, pf);
+        return;
+    }
 #endif
     for (c = c0; c + 1 < c1; c += 2) {
         const R *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;

@@ -698,6 +698,73 @@ def test_two_classes_equal_the_general_sweeps(rng, monkeypatch, two_classes, dty
             assert _bits_of(one_loop) == _bits_of(general)
 
 
+@pytest.fixture
+def exp_sweep_v3():
+    """Restore the AVX2 clone's hand-written sum-of-exp sweep (ssm._cpu.exp_sweep_v3)."""
+    from ssm import _cpu
+    old = _cpu.exp_sweep_v3()
+    yield _cpu
+    _cpu.exp_sweep_v3(old)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("C", [1, 2, 3, 21, 33, 150])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [d for d in FLOAT_DTYPES if d != np.float64])
+def test_avx2_exp_sweep_equals_gccs_loop(rng, monkeypatch, exp_sweep_v3, dtype, layout, C,
+                                         stream):
+    """Where the x86-64-v3 (AVX2) clone runs, its float sums of exp run a hand-written
+    sweep (ssm/_expf_avx2.h) instead of gcc's loop: the same bits, for softmax, log-softmax,
+    the loss alone, the forward and the fused passes (labels, soft targets, KL), float32
+    and half logits, one block of classes and several (C > 32), tiles ending mid-vector,
+    1 and 2 threads, outputs streamed or not, and exps that are NaN, 0, 1 and below
+    FLT_MIN (there the sweep's one rounding of the product added to the sum, or its two
+    where the exp is stored, must be gcc's)."""
+    _cpu = exp_sweep_v3
+    _cpu.exp_sweep_v3(True)
+    if not _cpu.float_exp_sweep_v3():
+        pytest.skip("another clone than x86-64-v3 runs on this CPU: the sweep is not used")
+    if stream:
+        monkeypatch.setattr(_cpu, "STREAM_BYTES", 0)
+        monkeypatch.setattr(_cpu, "STREAM_UNALIGNED_ROWS", True)  # 37x41: rows off 16 bytes
+    N, H, W = 2, 37, 41
+    x = (rng.standard_normal((N, C, H, W)) * 30).astype(np.float32)
+    x.reshape(-1)[::7] -= 95.0  # x - max in (-104, -87): exps below FLT_MIN, many of them
+    x[0, 0, 0, :3] = np.nan
+    x[0, :, 1, 1] = 1.25  # ties
+    x[1, :, 2, 2] = -np.inf
+    x[1, 0, 3, 3] = np.inf
+    x[1, C - 1, 4, 4] = -np.inf
+    x = x.astype(dtype)
+    y = make_labels(rng, (N, H, W), C, np.int64)
+    t = make_soft_targets(rng, (N, C, H, W), np.float32).astype(dtype)
+    w = make_weights(rng, (N, H, W), dtype)
+    if layout == "NHWC":
+        x, t = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, t))
+
+    def calls(threads):
+        kt = dict(layout=layout, threads=threads)
+        return [lambda: ssm.softmax(x, **kt), lambda: ssm.log_softmax(x, **kt),
+                lambda: ssm.cross_entropy(x, y, w, reduction="none", **kt),
+                lambda: ssm.spatial_softmax_with_loss(x, y, label_smoothing=0.1, **kt),
+                lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, w, return_prob=True,
+                                                               reduction="none", **kt),
+                lambda: ssm.spatial_softmax_with_loss_and_grad(x, t, loss="kl", **kt)]
+
+    for threads in (1, 2):
+        for call in calls(threads):
+            _cpu.exp_sweep_v3(False)
+            assert not _cpu.float_exp_sweep_v3()
+            gcc = call()
+            _cpu.exp_sweep_v3(True)
+            assert _bits_of(call()) == _bits_of(gcc)
+
+
+def test_exp_sweep_switch_checks_its_argument(exp_sweep_v3):
+    with pytest.raises(TypeError, match=r"on: expected True or False, got 0"):
+        exp_sweep_v3.exp_sweep_v3(0)
+
+
 def test_two_classes_switch_checks_its_argument(two_classes):
     with pytest.raises(TypeError, match=r"on: expected True or False, got 1"):
         two_classes.two_classes(1)

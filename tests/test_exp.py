@@ -136,3 +136,33 @@ def test_table_expf_avx512(tmp_path):
     assert int(r["guard"]) == 0, out
     assert float(r["worst_ulps"]) <= 1.5, out
     assert float(r["worst_denormal_ulps"]) <= 1.5, out
+
+
+def test_avx2_sweep_is_gccs_loop(tmp_path):
+    """The AVX2 clone's hand-written float sum-of-exp sweep (ssm/_expf_avx2.h) gives the
+    bits of gcc's loop over ssm_expf_nonpos in that clone, for the exps it stores and the
+    sums, one row per pass or two: over every 37th float in [-104, 0] (about 30 million;
+    its shifter, 191 more than ssm_expf_nonpos's, must round every one of them alike),
+    edges and specials, and at every n in [0, 40] (its masked tail), with nothing written
+    past n. tests/expf_avx2_check.c includes the shipped header."""
+    gcc = shutil.which("gcc")
+    if gcc is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("gcc on x86-64 only")
+    if not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    if not os.path.exists(KERNELS):
+        missing("source-tree", "needs the source tree's ssm/_expf_avx2.h beside tests/")
+    with open(KERNELS) as f:
+        mask = re.search(r"^static const int32_t ssm_mask32\[16\] = .*;$", f.read(), re.M)
+    assert mask, f"ssm_mask32 not found in {KERNELS}"
+    (tmp_path / "exp_fn.h").write_text("#include <math.h>\n#include <stdint.h>\n"
+                                       + _function_text("ssm_expf_nonpos") + mask.group(0) + "\n")
+    exe = str(tmp_path / "v3")
+    subprocess.run([gcc, *FLAGS, "-Wextra", "-I", str(tmp_path), "-I", os.path.dirname(KERNELS),
+                    os.path.join(HERE, "expf_avx2_check.c"), "-o", exe, "-lm"], check=True)
+    out = subprocess.run([exe, "37"], check=True, capture_output=True, text=True).stdout
+    r = dict(kv.split("=") for kv in out.split())
+    assert int(r["n"]) > 30_000_000
+    assert int(r["mismatch"]) == 0, out
+    assert r["nan_ok"] == "1", out
+    assert int(r["guard"]) == 0, out
