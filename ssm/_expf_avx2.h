@@ -31,12 +31,16 @@
 #define SSM_V3_SHIFTER 12583103.0f  /* 1.5 * 2^23 + 191 */
 
 /* Whether the float sum-of-exp sweeps are ssm_sumexp_rows_v3: where the x86-64-v3 clone
-   runs (the test of the ifunc that picks it), or in a build forced to that clone. */
+   runs (the test of the ifunc that picks it), or in a build forced to that clone; never
+   in a build without optimisation (setup.py's SSM_DEBUG, -O0), where gcc contracts
+   nothing and its loop's bits are not this sweep's. */
 static inline int ssm_expf_use_v3(void)
 {
     if (!ssm_exp_sweep_v3)
         return 0;
-#if defined(SSM_FORCE_CLONE)
+#if !defined(__OPTIMIZE__)
+    return 0;
+#elif defined(SSM_FORCE_CLONE)
     return __builtin_strcmp(SSM_STR(SSM_FORCE_CLONE), "x86-64-v3") == 0;
 #else
     return __builtin_cpu_supports("x86-64-v3") && !__builtin_cpu_supports("x86-64-v4");
