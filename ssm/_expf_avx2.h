@@ -98,52 +98,49 @@ SSM_V3 __attribute__((always_inline)) static inline void ssm_expf_v3_x2(
     *sb = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(tb), 23));
 }
 
-/* Row x0 (and x1 if pair) over pixels j and j + 8 (a and b; under masks ka and kb, which
-   keep every access within the first n pixels): s = (s + e^(x0 - m)) + e^(x1 - m), the
+/* Loads and stores of the vectors of pixels j and j + 8 (a and b), under masks ka and kb
+   where masked (they keep every access within the first n pixels). */
+#define SSM_V3_LD(k, p) (masked ? _mm256_maskload_ps(p, k) : _mm256_loadu_ps(p))
+#define SSM_V3_ST(p, k, v) (masked ? _mm256_maskstore_ps(p, k, v) : _mm256_storeu_ps(p, v))
+
+/* Row x over pixels j and j + 8: sa and sb gain e^(x - m) (ma, mb), stored in e if store.
+   gcc's contraction: the product rounded and then added where it is stored, else one FMA. */
+SSM_V3 __attribute__((always_inline)) static inline void ssm_sumexp_v3_add(
+    const float *restrict x, float *restrict e, ptrdiff_t j, __m256 ma, __m256 mb,
+    __m256 *sa, __m256 *sb, const int store, const int masked, __m256i ka, __m256i kb)
+{
+    __m256 pa, qa, pb, qb;
+    ssm_expf_v3_x2(_mm256_sub_ps(SSM_V3_LD(ka, x + j), ma),
+                   _mm256_sub_ps(SSM_V3_LD(kb, x + j + 8), mb), &pa, &qa, &pb, &qb);
+    if (store) {
+        const __m256 va = _mm256_mul_ps(pa, qa), vb = _mm256_mul_ps(pb, qb);
+        SSM_V3_ST(e + j, ka, va);
+        SSM_V3_ST(e + j + 8, kb, vb);
+        *sa = _mm256_add_ps(*sa, va);
+        *sb = _mm256_add_ps(*sb, vb);
+    } else {
+        *sa = _mm256_fmadd_ps(pa, qa, *sa);
+        *sb = _mm256_fmadd_ps(pb, qb, *sb);
+    }
+}
+
+/* Row x0 (and x1 if pair) over pixels j and j + 8: s = (s + e^(x0 - m)) + e^(x1 - m), the
    exps stored in e0 (and e1) if store. ssm_sumexp_rows's operations: the same bits. */
 SSM_V3 __attribute__((always_inline)) static inline void ssm_sumexp_v3_step(
     const float *restrict x0, const float *restrict x1, float *restrict e0,
     float *restrict e1, const float *restrict m, float *restrict s, ptrdiff_t j,
     const int pair, const int store, const int masked, __m256i ka, __m256i kb)
 {
-#define SSM_V3_LD(k, p) (masked ? _mm256_maskload_ps(p, k) : _mm256_loadu_ps(p))
-#define SSM_V3_ST(p, k, v) (masked ? _mm256_maskstore_ps(p, k, v) : _mm256_storeu_ps(p, v))
     const __m256 ma = SSM_V3_LD(ka, m + j), mb = SSM_V3_LD(kb, m + j + 8);
     __m256 sa = SSM_V3_LD(ka, s + j), sb = SSM_V3_LD(kb, s + j + 8);
-    __m256 pa, qa, pb, qb, va, vb;
-    ssm_expf_v3_x2(_mm256_sub_ps(SSM_V3_LD(ka, x0 + j), ma),
-                   _mm256_sub_ps(SSM_V3_LD(kb, x0 + j + 8), mb), &pa, &qa, &pb, &qb);
-    if (store) {
-        va = _mm256_mul_ps(pa, qa);
-        vb = _mm256_mul_ps(pb, qb);
-        SSM_V3_ST(e0 + j, ka, va);
-        SSM_V3_ST(e0 + j + 8, kb, vb);
-        sa = _mm256_add_ps(sa, va);
-        sb = _mm256_add_ps(sb, vb);
-    } else {
-        sa = _mm256_fmadd_ps(pa, qa, sa);
-        sb = _mm256_fmadd_ps(pb, qb, sb);
-    }
-    if (pair) {
-        ssm_expf_v3_x2(_mm256_sub_ps(SSM_V3_LD(ka, x1 + j), ma),
-                       _mm256_sub_ps(SSM_V3_LD(kb, x1 + j + 8), mb), &pa, &qa, &pb, &qb);
-        if (store) {
-            va = _mm256_mul_ps(pa, qa);
-            vb = _mm256_mul_ps(pb, qb);
-            SSM_V3_ST(e1 + j, ka, va);
-            SSM_V3_ST(e1 + j + 8, kb, vb);
-            sa = _mm256_add_ps(sa, va);
-            sb = _mm256_add_ps(sb, vb);
-        } else {
-            sa = _mm256_fmadd_ps(pa, qa, sa);
-            sb = _mm256_fmadd_ps(pb, qb, sb);
-        }
-    }
+    ssm_sumexp_v3_add(x0, e0, j, ma, mb, &sa, &sb, store, masked, ka, kb);
+    if (pair)
+        ssm_sumexp_v3_add(x1, e1, j, ma, mb, &sa, &sb, store, masked, ka, kb);
     SSM_V3_ST(s + j, ka, sa);
     SSM_V3_ST(s + j + 8, kb, sb);
+}
 #undef SSM_V3_LD
 #undef SSM_V3_ST
-}
 
 /* One row (pair: two) over the n pixels: 16 at a time, then the last 1-16 under masks. */
 SSM_V3 __attribute__((always_inline)) static inline void ssm_sumexp_v3_row(
