@@ -28,6 +28,7 @@ from ._interop import accepts_dlpack
 from ._problem import Problem
 
 _LOSS_CAP_NONE = math.inf
+_HOST = contextlib.nullcontext()  # the CPU backend's device context (reusable: it does nothing)
 
 
 def _backend(*named):
@@ -39,7 +40,7 @@ def _backend(*named):
     """
     gpu = [(name, a) for name, a in named if V.is_device_array(a)]
     if not gpu:
-        return _cpu, contextlib.nullcontext()
+        return _cpu, _HOST
     first, xp = gpu[0], V.array_module(gpu[0][1])
     for name, a in named:
         if a is not None and not isinstance(a, numbers.Number) and (

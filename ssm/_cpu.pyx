@@ -430,6 +430,17 @@ cdef inline Py_ssize_t _tile_size(Py_ssize_t C, Py_ssize_t inner, Py_ssize_t ite
 # Half types run the float32 kernels on converted tiles (ssm/_half.h).
 KERNELS = {"float32": K_FLOAT, "float64": K_DOUBLE, "float16": K_FLOAT16,
            "bfloat16": K_BFLOAT16}
+# ... and by dtype, filled from KERNELS on first sight of each: a dtype's name costs
+# microseconds (NumPy works it out each time), a tenth of a small call.
+cdef dict _KERNELS_BY_DTYPE = {}
+
+
+cdef int _kernel(dtype) except -1:
+    """The kernel family of an accepted float dtype."""
+    kind = _KERNELS_BY_DTYPE.get(dtype)
+    if kind is None:
+        kind = _KERNELS_BY_DTYPE[dtype] = KERNELS[dtype.name]
+    return kind
 
 
 def half_isa(level=None):
@@ -617,7 +628,7 @@ cdef tuple _run(int op, problem, threads, bint with_stats):
     cdef bint capped, adaptive = threads[1]
     cdef double[::1] table
     _fill(&P, problem)
-    kind = KERNELS[problem.x.dtype.name]
+    kind = _kernel(problem.x.dtype)
     if kind >= K_FLOAT16:
         problem = _widen(problem)
         _fill(&P, problem)
@@ -662,7 +673,7 @@ def stats(problem, threads):
     cdef double[::1] partial
     cdef Py_ssize_t[::1] bads
     _fill(&P, problem)
-    kind = KERNELS[problem.x.dtype.name]
+    kind = _kernel(problem.x.dtype)
     if kind >= K_FLOAT16:  # reads labels and float32 weights: the float pre-pass
         problem = _widen(problem)
         _fill(&P, problem)
@@ -816,7 +827,7 @@ def positions(int op, problem, threads):
     cdef double[::1] temp = problem.temperature
     g = problem.geom
     x = problem.x
-    kind = KERNELS[x.dtype.name]
+    kind = _kernel(x.dtype)
     memset(&P, 0, sizeof(ssm_pos_problem))
     P.outer, P.L, P.inner, P.C = g.outer, g.L, g.inner, g.C
     P.D = 0 if problem.grid is None else problem.grid.shape[0]

@@ -58,6 +58,17 @@ CUDA_FILES = ("softmax.cu", "sswl.cu", "positions.cu")
 # ml_dtypes'; ssm_half and ssm_bf16: common.cuh).
 FLOAT_CTYPES = {"float16": "ssm_half", "bfloat16": "ssm_bf16", "float32": "float",
                 "float64": "double"}
+_CTYPES_BY_DTYPE = {}  # FLOAT_CTYPES by dtype, filled on first sight of each (see _ctype)
+
+
+def _ctype(dtype) -> str:
+    """FLOAT_CTYPES' entry for a float dtype (a dtype's name costs microseconds a call)."""
+    t = _CTYPES_BY_DTYPE.get(dtype)
+    if t is None:
+        t = _CTYPES_BY_DTYPE[dtype] = FLOAT_CTYPES[dtype.name]
+    return t
+
+
 LABEL_CTYPES = {np.dtype(np.uint8): "unsigned char", np.dtype(np.int32): "int",
                 np.dtype(np.int64): "long long"}
 
@@ -147,7 +158,7 @@ def _launch(xp, module, name, grid, args, device_id):
 def _final_sum(xp, partials, n, divisor, out, device_id):
     """out[()] = sum(partials[:n]) / divisor (0 when it is 0): the fixed-order final pass.
     ``divisor``: a number or a 0-d float64 device array."""
-    t = FLOAT_CTYPES[out.dtype.name]
+    t = _ctype(out.dtype)
     _launch(xp, _FINAL, f"reduce_partials<{t}>", 1,
             reduce_partials_args(partials, n, divisor, out), device_id)
 
@@ -348,7 +359,7 @@ def run(op, problem, threads=None):
         if n_pixels == 0:
             return xp.zeros((), np.float64) if op in LOSS_OPS else 0.0
         group, grid = launch_config(n_pixels, g.C, g.inner)
-        t = FLOAT_CTYPES[x.dtype.name]
+        t = _ctype(x.dtype)
         if op in (Op.SOFTMAX, Op.LOG_SOFTMAX):
             _launch(xp, ("softmax.cu", t, None), f"softmax_fwd<{t}>", grid,
                     softmax_fwd_args(problem, group, op == Op.LOG_SOFTMAX), dev)
@@ -389,7 +400,7 @@ def stats(problem, threads=None):
         if n_pixels == 0:
             return xp.zeros((), np.float64), xp.full((), -1, np.int64)
         _, grid = launch_config(n_pixels, g.C, g.inner, logits=False)
-        t = FLOAT_CTYPES[x.dtype.name]
+        t = _ctype(x.dtype)
         lab = _target_ctype(problem, t)
         norm_partials = xp.empty(grid, np.float64)
         bad_partials = xp.empty(grid, np.int64)
@@ -453,7 +464,7 @@ def positions(op, problem, threads=None):
         if g.rows == 0:
             return None
         group, grid = launch_config(g.rows, g.L, g.inner)
-        t = FLOAT_CTYPES[x.dtype.name]
+        t = _ctype(x.dtype)
         module = ("positions.cu", t, None)
         if op == PosOp.SOFTMAX:
             _launch(xp, module, f"pos_softmax_fwd<{t}>", grid,

@@ -78,7 +78,8 @@ def _grid_args(B, geom, x, coordinates, grid=None):
     the GPU float64, per-axis tables for the built-in grids of up to 3 axes
     (ssm/cuda/positions.cu, pos_coord), else a (D, L) table."""
     if not V.is_device_array(x):
-        dtype = np.dtype(np.float32) if x.dtype.name in V.HALF_DTYPE_NAMES else x.dtype
+        half = x.dtype.itemsize == 2  # float16, bfloat16: computed in float32
+        dtype = np.dtype(np.float32) if half else x.dtype
         if grid is None:
             return {"grid": coordinate_grid(geom.spatial, coordinates, dtype),
                     "grid_w": _grid_w(geom)}

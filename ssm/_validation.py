@@ -108,8 +108,8 @@ def is_device_array(a) -> bool:
     """True for a GPU array: a cupy.ndarray, or a simulated one (ssm.testing.cudasim.ndarray,
     which runs the same GPU backend), without importing either library."""
     t = type(a)
-    if t is np.ndarray:  # the common case, first: this runs several times per call
-        return False
+    if t is np.ndarray or a is None or t is float or t is int:  # the common cases, first:
+        return False                                            # this runs many times a call
     return (t.__module__.startswith("cupy") and hasattr(a, "__cuda_array_interface__")) \
         or _is_simulated(a)
 
@@ -207,7 +207,11 @@ def contiguous(a, dtype=None):
     """`a` as a C-contiguous, aligned array for the kernels (a copy only where needed).
     A NumPy view at an odd byte offset is contiguous but not aligned to its dtype;
     the C kernels may not read such a pointer, so it is copied too."""
-    if array_module(a) is not np:
+    if type(a) is np.ndarray:
+        flags = a.flags
+        if flags.c_contiguous and flags.aligned and (dtype is None or a.dtype == dtype):
+            return a  # the common case, without np.require's cost (4 us of a 40 us call)
+    elif array_module(a) is not np:
         return array_module(a).ascontiguousarray(a, dtype=dtype)
     return np.require(a, dtype=dtype, requirements=("C", "A", "E"))  # E: a base ndarray
 
@@ -363,6 +367,8 @@ def check_lens(lens, C: int, dtype: np.dtype, kind: int):
 
 
 def check_smoothing(label_smoothing) -> float:
+    if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:
+        return label_smoothing  # the common case, without the ABC checks below
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing: expected a number in [0, 1], "
                         f"got {type_name(label_smoothing)}")
@@ -373,6 +379,8 @@ def check_smoothing(label_smoothing) -> float:
 
 
 def check_ignore_index(ignore_index) -> int:
+    if type(ignore_index) is int and -(2**63) <= ignore_index < 2**63:
+        return ignore_index  # the common case, without the ABC checks below
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     i = int(ignore_index)

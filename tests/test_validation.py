@@ -641,3 +641,71 @@ def test_cross_entropy_checks_as_the_forward_pass(data):
         ssm.cross_entropy(x, bad)
     with pytest.raises(TypeError, match="out"):
         ssm.cross_entropy(x, y, out=np.empty_like(x))  # nothing of the logits' size to write
+
+
+# ---------------------------------------------------------------- the common cases' fast paths
+# (ssm/_validation.py, _rounding.py: a call on small logits costs about half what it did)
+
+def test_contiguous_returns_ready_arrays_and_copies_the_rest():
+    from ssm import _validation as V
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert V.contiguous(a) is a
+    assert V.contiguous(a, np.float32) is a
+    as64 = V.contiguous(a, np.float64)
+    assert as64.dtype == np.float64 and np.array_equal(as64, a)
+    f = np.asfortranarray(a)
+    assert V.contiguous(f).flags.c_contiguous and np.array_equal(V.contiguous(f), a)
+    raw = np.zeros(4 * 24 + 1, np.uint8)
+    odd = raw[1:].view(np.float32).reshape(2, 3, 4)  # contiguous, not aligned to 4 bytes
+    odd[...] = a
+    assert not odd.flags.aligned
+    fixed = V.contiguous(odd)
+    assert fixed.flags.aligned and fixed.flags.c_contiguous and np.array_equal(fixed, a)
+
+    class Sub(np.ndarray):
+        pass
+
+    s = a.view(Sub)
+    assert type(V.contiguous(s)) is np.ndarray and np.array_equal(V.contiguous(s), a)
+
+
+@pytest.mark.parametrize("value,error,text", [
+    (True, TypeError, "True"), (2**63, ValueError, str(2**63)),
+    (-(2**63) - 1, ValueError, "does not fit"), (1.0, TypeError, r"1\.0")])
+def test_ignore_index_checks_beyond_plain_ints(data, value, error, text):
+    x, y = data
+    with pytest.raises(error, match=rf"^ignore_index: .*{text}"):
+        ssm.cross_entropy(x, y, ignore_index=value)
+
+
+@pytest.mark.parametrize("value", [np.int64(-7), np.int8(-1), 2**63 - 1, -(2**63)])
+def test_ignore_index_accepts_any_64_bit_integer(data, value):
+    x, y = data
+    y = np.maximum(y, 0)  # no -1 labels: every label is a class
+    assert ssm.cross_entropy(x, y, ignore_index=value) == ssm.cross_entropy(x, y, ignore_index=99)
+
+
+@pytest.mark.parametrize("value,error", [(True, TypeError), ("0.1", TypeError),
+                                         (float("inf"), ValueError), (-0.0, None),
+                                         (np.float32(0.25), None), (1, None)])
+def test_label_smoothing_checks_beyond_plain_floats(data, value, error):
+    x, y = data
+    if error is None:
+        assert ssm.cross_entropy(x, y, label_smoothing=value) == \
+            ssm.cross_entropy(x, y, label_smoothing=float(value))
+    else:
+        with pytest.raises(error, match=r"^label_smoothing: "):
+            ssm.cross_entropy(x, y, label_smoothing=value)
+
+
+def test_round_once_rounds_numpys_floats_as_numpy_does():
+    from ssm._rounding import round_once
+    rng = np.random.default_rng(5)
+    a = np.concatenate([rng.standard_normal(1000) * 10.0 ** rng.integers(-8, 8, 1000),
+                        [0.0, -0.0, np.inf, -np.inf, np.nan, 1e300, 5e-324]])
+    for dtype in (np.float16, np.float32, np.float64):
+        got = round_once(a, dtype)
+        assert got.dtype == dtype
+        assert np.array_equal(got, a.astype(dtype), equal_nan=True)
+    scalar = round_once(1.0 + 2.0**-30, np.float32)
+    assert scalar.shape == () and scalar == np.float32(1.0)
