@@ -617,14 +617,24 @@ def run_with_stats(int op, problem, threads):
     return _run(op, problem, threads, True)
 
 
+cdef char *_per_tile(Py_ssize_t ntiles, size_t nbytes) except NULL:
+    """`nbytes` for each of `ntiles` tiles, for the caller to free: the tiles' results
+    (a NumPy array and its memoryview cost about a microsecond each, a tenth of a small
+    call)."""
+    cdef char *mem = <char *>malloc(<size_t>ntiles * nbytes)
+    if mem == NULL:
+        raise MemoryError(f"ssm: could not allocate {ntiles * nbytes} bytes of tile results")
+    return mem
+
+
 cdef tuple _run(int op, problem, threads, bint with_stats):
     cdef ssm_problem P
     cdef int kind
     cdef Py_ssize_t t, ntiles, bad = -1
     cdef double total = 0.0, norm = 0.0
-    cdef double[::1] partial, norms
-    cdef Py_ssize_t[::1] bads
-    cdef int failed, team
+    cdef double *partial
+    cdef char *mem
+    cdef int failed = 0, team
     cdef bint capped, adaptive = threads[1]
     cdef double[::1] table
     _fill(&P, problem)
@@ -635,23 +645,28 @@ cdef tuple _run(int op, problem, threads, bint with_stats):
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0, 0.0, -1
-    if with_stats:  # each sswl_fwd tile does its share of the pre-pass (ssm_tile_stats)
-        norms = np.empty(ntiles, dtype=np.float64)
-        bads = np.empty(ntiles, dtype=np.intp)
-        P.norms, P.bads = &norms[0], &bads[0]
-    if ((op == OP_SSWL_FWD or op == OP_SSWL_FWD_BWD) and P.loss == SSM_KL
-            and P.target_kind != SSM_SOFT and (P.lens != NULL or P.smoothing != 0.0)):
-        table = label_terms(problem)
-        P.label_terms = &table[0]
-    partial = np.empty(ntiles, dtype=np.float64)
-    team = _team(threads, ntiles, P.outer * P.C * P.inner, &capped)
-    with nogil:
-        failed = _run_tiles(&P, op, kind, team, capped, adaptive, &partial[0])
-        if not failed:
-            for t in range(ntiles):
-                total += partial[t]
-            if with_stats:
-                norm = _tiles_stats(P.norms, P.bads, ntiles, &bad)
+    # per tile: its loss sum and, with stats, its pre-pass share (ssm_tile_stats)
+    mem = _per_tile(ntiles, 2 * sizeof(double) + sizeof(Py_ssize_t) if with_stats
+                    else sizeof(double))
+    try:
+        partial = <double *>mem
+        if with_stats:
+            P.norms = partial + ntiles
+            P.bads = <Py_ssize_t *>(partial + 2 * ntiles)
+        if ((op == OP_SSWL_FWD or op == OP_SSWL_FWD_BWD) and P.loss == SSM_KL
+                and P.target_kind != SSM_SOFT and (P.lens != NULL or P.smoothing != 0.0)):
+            table = label_terms(problem)
+            P.label_terms = &table[0]
+        team = _team(threads, ntiles, P.outer * P.C * P.inner, &capped)
+        with nogil:
+            failed = _run_tiles(&P, op, kind, team, capped, adaptive, partial)
+            if not failed:
+                for t in range(ntiles):
+                    total += partial[t]
+                if with_stats:
+                    norm = _tiles_stats(P.norms, P.bads, ntiles, &bad)
+    finally:
+        free(mem)
     if failed:
         raise MemoryError(f"ssm: could not allocate {_scratch_bytes(&P, kind)} "
                           "bytes of per-thread scratch")
@@ -670,8 +685,9 @@ def stats(problem, threads):
     cdef int n_threads
     cdef bint capped
     cdef double norm = 0.0
-    cdef double[::1] partial
-    cdef Py_ssize_t[::1] bads
+    cdef double *partial
+    cdef Py_ssize_t *bads
+    cdef char *mem
     _fill(&P, problem)
     kind = _kernel(problem.x.dtype)
     if kind >= K_FLOAT16:  # reads labels and float32 weights: the float pre-pass
@@ -683,19 +699,23 @@ def stats(problem, threads):
     ntiles = ssm_num_tiles(&P)
     if ntiles == 0:
         return 0.0, -1
-    partial = np.empty(ntiles, dtype=np.float64)
-    bads = np.empty(ntiles, dtype=np.intp)
-    # the team of the call's main pass (its elements, not the labels'): one team size per
-    # call, so libgomp does not end and recreate threads between the passes
-    n_threads = _team(threads, ntiles, P.outer * P.C * P.inner, &capped)
-    chunk = _chunk(ntiles, n_threads)
-    with nogil:
-        for t in prange(ntiles, schedule="dynamic", chunksize=chunk, num_threads=n_threads):
-            if dbl:
-                ssm_sswl_stats_d(&P, t, &partial[t], &bads[t])
-            else:
-                ssm_sswl_stats_f(&P, t, &partial[t], &bads[t])
-        norm = _tiles_stats(&partial[0], &bads[0], ntiles, &bad)
+    mem = _per_tile(ntiles, sizeof(double) + sizeof(Py_ssize_t))
+    try:
+        partial = <double *>mem
+        bads = <Py_ssize_t *>(partial + ntiles)
+        # the team of the call's main pass (its elements, not the labels'): one team size
+        # per call, so libgomp does not end and recreate threads between the passes
+        n_threads = _team(threads, ntiles, P.outer * P.C * P.inner, &capped)
+        chunk = _chunk(ntiles, n_threads)
+        with nogil:
+            for t in prange(ntiles, schedule="dynamic", chunksize=chunk, num_threads=n_threads):
+                if dbl:
+                    ssm_sswl_stats_d(&P, t, &partial[t], &bads[t])
+                else:
+                    ssm_sswl_stats_f(&P, t, &partial[t], &bads[t])
+            norm = _tiles_stats(partial, bads, ntiles, &bad)
+    finally:
+        free(mem)
     return norm, bad
 
 

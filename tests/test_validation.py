@@ -704,8 +704,9 @@ def test_round_once_rounds_numpys_floats_as_numpy_does():
     a = np.concatenate([rng.standard_normal(1000) * 10.0 ** rng.integers(-8, 8, 1000),
                         [0.0, -0.0, np.inf, -np.inf, np.nan, 1e300, 5e-324]])
     for dtype in (np.float16, np.float32, np.float64):
-        got = round_once(a, dtype)
+        with np.errstate(over="ignore"):  # 1e300 becomes inf
+            got, want = round_once(a, dtype), a.astype(dtype)
         assert got.dtype == dtype
-        assert np.array_equal(got, a.astype(dtype), equal_nan=True)
+        assert np.array_equal(got, want, equal_nan=True)
     scalar = round_once(1.0 + 2.0**-30, np.float32)
     assert scalar.shape == () and scalar == np.float32(1.0)
