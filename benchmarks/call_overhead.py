@@ -36,7 +36,6 @@ def _ssm_calls(x, y, out):
 def _torch_calls(x, y):
     import torch
     import torch.nn.functional as F
-    torch.set_num_threads(1)
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
     gx = tx.clone().requires_grad_()
 
@@ -76,6 +75,9 @@ def main(argv=None):
                     "shape (fewer on larger ones, about the same time)")
     ap.add_argument("--no-torch", action="store_true")
     a = ap.parse_args(argv)
+    if not a.no_torch:
+        import torch  # before any timing: every row runs with its OpenMP runtime loaded
+        torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     print(f"ssm {ssm.__version__} from {ssm.__file__}")
     print(f"{'shape':17s} {'call':20s} {'ssm us':>8s} {'torch us':>9s} {'ssm/torch':>10s}")
