@@ -20,9 +20,7 @@ def round_once(a, dtype) -> np.ndarray:
     """NumPy ``a`` (float64, any shape) as ``dtype``, each value rounded once."""
     dtype = np.dtype(dtype)
     a = np.asarray(a, dtype=np.float64)
-    if dtype in _NUMPY_FLOATS:
-        return a.astype(dtype)
-    if dtype.name != "bfloat16":
+    if dtype in _NUMPY_FLOATS or dtype.name != "bfloat16":
         return a.astype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         f = a.astype(np.float32)
