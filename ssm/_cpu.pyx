@@ -458,6 +458,13 @@ def half_isa(level=None):
     return old
 
 
+cdef int _switch(on) except -1:
+    """A test switch's new setting (two_classes, exp_sweep_v3): 1 or 0 from True or False."""
+    if on is not True and on is not False:
+        raise TypeError(f"on: expected True or False, got {on!r}")
+    return 1 if on else 0
+
+
 def two_classes(on=None):
     """Whether the loss passes over sparse labels of two classes run each pixel's sweeps
     in one loop (the default, True) or the general sweeps (False), for tests: the two
@@ -466,9 +473,7 @@ def two_classes(on=None):
     global ssm_two_classes
     cdef bint old = ssm_two_classes != 0
     if on is not None:
-        if on is not True and on is not False:
-            raise TypeError(f"on: expected True or False, got {on!r}")
-        ssm_two_classes = 1 if on else 0
+        ssm_two_classes = _switch(on)
     return old
 
 
@@ -488,9 +493,7 @@ def exp_sweep_v3(on=None):
     global ssm_exp_sweep_v3
     cdef bint old = ssm_exp_sweep_v3 != 0
     if on is not None:
-        if on is not True and on is not False:
-            raise TypeError(f"on: expected True or False, got {on!r}")
-        ssm_exp_sweep_v3 = 1 if on else 0
+        ssm_exp_sweep_v3 = _switch(on)
     return old
 
 

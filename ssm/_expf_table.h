@@ -198,6 +198,7 @@ __attribute__((target("arch=x86-64-v4"))) static void ssm_sumexp_rows_t16(
    chunk's rows, which uses their prefetch helper. */
 #if defined(SSM_EXPF_TABLE_ROWS) && !defined(SSM_EXPF_TABLE_ROWS_H)
 #define SSM_EXPF_TABLE_ROWS_H
+#include "_sumexp_rows.h"
 /* ssm_sumexp_rows for float with this exp: rows c0 <= c < c1 of x (row stride sx), two
    per pass, e (row stride se) if not NULL; pf as there. One call per chunk, so the
    constants are loaded once for all its rows. */
@@ -205,23 +206,7 @@ __attribute__((target("arch=x86-64-v4"))) static void ssm_sumexp_rows_t16(
     const float *restrict x, ptrdiff_t sx, float *restrict e, ptrdiff_t se, ptrdiff_t c0,
     ptrdiff_t c1, ptrdiff_t n, const float *restrict m, float *restrict s, ptrdiff_t pf)
 {
-    ptrdiff_t c;
-    for (c = c0; c + 1 < c1; c += 2) {
-        const float *restrict x0 = x + c * sx, *restrict x1 = x0 + sx;
-        ssm_prefetch_next_f(x0, n, pf);
-        ssm_prefetch_next_f(x1, n, pf);
-        if (e)
-            ssm_sumexp_t16_row(x0, x1, e + c * se, e + (c + 1) * se, m, s, n, 1, 1);
-        else
-            ssm_sumexp_t16_row(x0, x1, NULL, NULL, m, s, n, 1, 0);
-    }
-    if (c < c1) {  /* the last row of an odd block */
-        ssm_prefetch_next_f(x + c * sx, n, pf);
-        if (e)
-            ssm_sumexp_t16_row(x + c * sx, NULL, e + c * se, NULL, m, s, n, 0, 1);
-        else
-            ssm_sumexp_t16_row(x + c * sx, NULL, NULL, NULL, m, s, n, 0, 0);
-    }
+    SSM_SUMEXP_ROWS_LOOP(ssm_sumexp_t16_row);
 }
 
 #endif /* SSM_EXPF_TABLE_ROWS_H */
