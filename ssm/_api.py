@@ -2,7 +2,8 @@
 
 Each function picks its backend once from its array arguments (``_backend``: NumPy
 arrays run on the CPU through ``_cpu``, CuPy arrays (or simulated ones) on their GPU
-through ``_gpu``; both modules have the same ``run``, ``stats`` and ``loss_value``),
+through ``_gpu``; both modules have the same ``run``, ``run_loss``, ``stats``,
+``run_with_stats`` and ``loss_value``),
 validates all of
 its arguments through ``_validation`` before any kernel runs (so an error never leaves
 an ``out=`` buffer half written), views the logits as ``(outer, C, inner)`` (see
@@ -12,7 +13,9 @@ for the loss functions by the label pre-pass (``stats``) when the labels must be
 or the "mean" normaliser counted; the loss alone has both from one call
 (``run_with_stats``), and raises for a bad label after it. On the GPU the normaliser,
 the gradient scale and the loss stay on the device: the only device-to-host read is
-the first bad label's index, with ``validate=True``.
+the first bad label's index, with ``validate=True``, after the call's launches unless
+the caller gave an ``out=`` buffer (``_checked_divisor``); the reduced loss comes from
+the loss pass's own final launch (``run_loss``).
 """
 from __future__ import annotations
 
@@ -208,16 +211,21 @@ def _label_pass_needed(L: _LossCall) -> bool:
     return L.reduction == "mean" or (L.validate and L.problem.kind != Target.SOFT)
 
 
+def _raise_if_bad(L: _LossCall, bad):
+    """The bad-label ValueError if ``bad`` (a flat index, -1, or a 0-d device index read
+    here: see _checked_divisor) names a label; None does not."""
+    if bad is not None and (index := int(bad)) >= 0:
+        P = L.problem
+        raise V.bad_label_error(P.target, index, P.geom.C, P.ignore_index)
+
+
 def _divisor_from(L: _LossCall, norm, bad):
     """What the summed loss is divided by, from label_pass's (norm, bad); raises the
     bad-label ValueError."""
-    P = L.problem
-    g = P.geom
-    if bad >= 0:
-        raise V.bad_label_error(P.target, bad, g.C, P.ignore_index)
+    _raise_if_bad(L, bad)
     if L.reduction == "mean":
         return norm
-    return float(g.N) if L.reduction == "batch" else 1.0
+    return float(L.problem.geom.N) if L.reduction == "batch" else 1.0
 
 
 def _divisor(L: _LossCall):
@@ -228,22 +236,48 @@ def _divisor(L: _LossCall):
     return _divisor_from(L, *(label_pass(L) if _label_pass_needed(L) else (0.0, -1)))
 
 
-def _loss_alone(L: _LossCall, problem):
-    """(loss sum, divisor) of the loss alone (SSWL_FWD without out): the label pre-pass
-    rides in the loss pass (run_with_stats: on the CPU the labels are read from memory
-    once). The bad-label ValueError comes after the pass, which has written nothing the
-    caller sees."""
-    if not (_label_pass_needed(L) and _label_kernel_needed(L)):
-        divisor = _divisor(L)
-        return L.B.run(Op.SSWL_FWD, problem, L.threads), divisor
-    total, norm, bad = L.B.run_with_stats(Op.SSWL_FWD, problem, L.threads)
-    return total, _divisor_from(L, *_label_result(L, norm, bad))
+def _checked_divisor(L: _LossCall, out):
+    """(divisor, bad) of a loss pass, from the label pre-pass; ``out`` is the caller's
+    ``out=`` buffer (None for the loss alone, or where the outputs are new).
+
+    On a GPU without a caller's buffer the bad-label check waits until the pass is
+    launched: ``bad`` is the pre-pass's 0-d device index, for _raise_if_bad to read after
+    the launches, so that the device does not idle in mid-call while the host reads it
+    (the outputs are new, and dropped with the ValueError). Elsewhere ``bad`` is None and
+    the ValueError comes here, before any kernel writes: a caller's buffer is never left
+    half written (on the CPU the order costs nothing).
+    """
+    if out is None and L.B is not _cpu and _label_pass_needed(L) and _label_kernel_needed(L):
+        norm, bad = L.B.stats(L.problem, L.threads)
+        checked = L.validate and L.problem.kind != Target.SOFT
+        return _divisor_from(L, norm, -1), (bad if checked else None)
+    return _divisor(L), None
 
 
-def _reduce(L: _LossCall, total, divisor, loss_map):
+def _loss_value(L: _LossCall, op, problem, divisor):
+    """Run loss pass `op` over `problem`: the reduced loss (the loss map for "none")."""
     if L.reduction == "none":
-        return loss_map
-    return L.B.loss_value(total, divisor, L.problem.x.dtype)
+        L.B.run_loss(op, problem, L.threads, None)
+        return problem.loss_map
+    return L.B.run_loss(op, problem, L.threads, divisor)
+
+
+def _loss_alone(L: _LossCall, problem):
+    """(reduced loss, bad) of the loss alone (SSWL_FWD without out; bad as from
+    _checked_divisor). The pass writes nothing the caller sees, so the bad-label
+    ValueError comes after it: on the CPU the label pre-pass rides in the loss pass
+    (run_with_stats: the labels are read from memory once); on a GPU it is a launch
+    before it, read after it."""
+    if not (_label_pass_needed(L) and _label_kernel_needed(L)):
+        return _loss_value(L, Op.SSWL_FWD, problem, _divisor(L)), None
+    if L.B is not _cpu:
+        divisor, bad = _checked_divisor(L, None)
+        return _loss_value(L, Op.SSWL_FWD, problem, divisor), bad
+    total, norm, bad = L.B.run_with_stats(Op.SSWL_FWD, problem, L.threads)
+    divisor = _divisor_from(L, *_label_result(L, norm, bad))
+    if L.reduction == "none":
+        return problem.loss_map, None
+    return L.B.loss_value(total, divisor, L.problem.x.dtype), None
 
 
 def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
@@ -264,11 +298,12 @@ def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weight
         loss_map = xp.empty(P.geom.pixel_shape, P.x.dtype) if L.reduction == "none" else None
         if with_prob:
             prob = L.out_buffer(out, "logits")
-            divisor = _divisor(L)
-            total = B.run(Op.SSWL_FWD, P.finish(prob, loss_cap, loss_map=loss_map), L.threads)
+            divisor, bad = _checked_divisor(L, out)
+            value = _loss_value(L, Op.SSWL_FWD, P.finish(prob, loss_cap, loss_map=loss_map),
+                                divisor)
         else:
-            total, divisor = _loss_alone(L, P.finish(None, loss_cap, loss_map=loss_map))
-        value = _reduce(L, total, divisor, loss_map)
+            value, bad = _loss_alone(L, P.finish(None, loss_cap, loss_map=loss_map))
+        _raise_if_bad(L, bad)
         return (prob, value) if with_prob else value
 
 
@@ -384,8 +419,9 @@ def spatial_softmax_with_loss_grad(prob, target, weights=None, d_loss=1.0, *, ig
         P = L.problem
         d, dmap = V.check_d_loss(d_loss, L.reduction, P.geom, P.x.dtype)
         dx = L.out_buffer(out, "prob", dmap)
-        divisor = _divisor(L)
+        divisor, bad = _checked_divisor(L, out)
         B.run(Op.SSWL_BWD, P.finish(dx, d_loss=d, d_loss_map=dmap, divisor=divisor), L.threads)
+        _raise_if_bad(L, bad)
         return dx
 
 
@@ -418,10 +454,11 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
         return_prob = V.check_flag(return_prob, "return_prob")
         d, dmap = V.check_d_loss(d_loss, L.reduction, P.geom, P.x.dtype)
         dx = L.out_buffer(out, "logits", dmap)
-        divisor = _divisor(L)
+        divisor, bad = _checked_divisor(L, out)
         prob = V.empty_like(P.x) if return_prob else None
         loss_map = xp.empty(P.geom.pixel_shape, P.x.dtype) if L.reduction == "none" else None
-        total = B.run(Op.SSWL_FWD_BWD, P.finish(dx, d_loss=d, d_loss_map=dmap, divisor=divisor,
-                                                prob_out=prob, loss_map=loss_map), L.threads)
-        loss = _reduce(L, total, divisor, loss_map)
+        loss = _loss_value(L, Op.SSWL_FWD_BWD,
+                           P.finish(dx, d_loss=d, d_loss_map=dmap, divisor=divisor,
+                                    prob_out=prob, loss_map=loss_map), divisor)
+        _raise_if_bad(L, bad)
         return (loss, dx, prob) if return_prob else (loss, dx)

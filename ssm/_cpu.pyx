@@ -609,6 +609,15 @@ def run(int op, problem, threads):
     return _run(op, problem, threads, False)[0]
 
 
+def run_loss(int op, problem, threads, divisor):
+    """The loss pass `op` (SSWL_FWD or SSWL_FWD_BWD) and its reduced loss: ``loss_value(
+    run(op, problem, threads), divisor, x.dtype)``, or None with ``divisor=None`` (reduction
+    "none"). The GPU backend's run_loss does the same in one final launch.
+    """
+    total = _run(op, problem, threads, False)[0]
+    return None if divisor is None else loss_value(total, divisor, problem.x.dtype)
+
+
 def run_with_stats(int op, problem, threads):
     """``run`` and ``stats`` in one pass: (loss sum, sum of n_p, lowest flat index of a bad
     label or -1), each as those give it, bit for bit. `op`: SSWL_FWD or SSWL_FWD_BWD, the

@@ -110,7 +110,7 @@ def module_names(filename: str, float_ctype=None, target_ctype=None) -> tuple:
     if filename == "sswl.cu" and float_ctype is None:
         reduce_types = _float_ctypes() + ["double"]
         return tuple(f"reduce_partials<{t}>" for t in dict.fromkeys(reduce_types)) \
-            + ("reduce_first_bad",)
+            + ("reduce_stats",)
     if filename == "sswl.cu":
         t, lab = float_ctype, target_ctype
         return (f"sswl_stats<{t}, {lab}>", f"sswl_fwd<{t}, {lab}>", f"sswl_bwd<{t}, {lab}>")
@@ -287,9 +287,10 @@ def reduce_partials_args(partials, n, divisor, out):
     return (partials, np.int64(n), *_scalar_or_ptr(divisor), out)
 
 
-# reduce_first_bad(const long long* partials, long long n, long long* out)
-def reduce_first_bad_args(partials, n, out):
-    return (partials, np.int64(n), out)
+# reduce_stats(const double* norm_partials, const long long* bad_partials, long long n,
+#              double* norm, long long* bad)
+def reduce_stats_args(norm_partials, bad_partials, n, norm, bad):
+    return (norm_partials, bad_partials, np.int64(n), norm, bad)
 
 
 # Softmax over positions (positions.cu): `problem` is an ssm._problem.PositionsProblem.
@@ -332,7 +333,7 @@ def pos_expect_args(problem, group, want_grad):
 ARGUMENT_BUILDERS = {
     "softmax_fwd": softmax_fwd_args, "softmax_bwd": softmax_bwd_args,
     "sswl_stats": sswl_stats_args, "sswl_fwd": sswl_fwd_args, "sswl_bwd": sswl_bwd_args,
-    "reduce_partials": reduce_partials_args, "reduce_first_bad": reduce_first_bad_args,
+    "reduce_partials": reduce_partials_args, "reduce_stats": reduce_stats_args,
     "pos_softmax_fwd": pos_softmax_fwd_args, "pos_softmax_bwd": pos_softmax_bwd_args,
     "pos_expect": pos_expect_args,
 }
@@ -369,20 +370,52 @@ def run(op, problem, threads=None):
                     softmax_bwd_args(problem, group), dev)
             return 0.0
 
-        lab = _target_ctype(problem, t)
-        module = ("sswl.cu", t, lab)
-        cw = small_array(xp, problem.class_weights, dev)
-        lens = small_array(xp, problem.lens, dev)
         if op == Op.SSWL_BWD:
-            _launch(xp, module, f"sswl_bwd<{t}, {lab}>", grid,
-                    sswl_bwd_args(problem, group, cw, lens), dev)
+            lab = _target_ctype(problem, t)
+            _launch(xp, ("sswl.cu", t, lab), f"sswl_bwd<{t}, {lab}>", grid,
+                    sswl_bwd_args(problem, group, small_array(xp, problem.class_weights, dev),
+                                  small_array(xp, problem.lens, dev)), dev)
             return 0.0
-        partials = xp.empty(grid, np.float64)
-        _launch(xp, module, f"sswl_fwd<{t}, {lab}>", grid,
-                sswl_fwd_args(problem, group, cw, lens, op == Op.SSWL_FWD_BWD, partials), dev)
         total = xp.empty((), np.float64)
-        _final_sum(xp, partials, grid, 1.0, total, dev)
+        _loss_pass(xp, op, problem, group, grid, dev, 1.0, total)
         return total
+
+
+def _loss_pass(xp, op, problem, group, grid, dev, divisor, out):
+    """Launch the loss pass `op` (SSWL_FWD, SSWL_FWD_BWD) on x's device, then (if `out`)
+    the final pass: out[()] = its loss sum / divisor, rounded once to out's dtype."""
+    t = _ctype(problem.x.dtype)
+    lab = _target_ctype(problem, t)
+    partials = xp.empty(grid, np.float64) if out is not None else None
+    _launch(xp, ("sswl.cu", t, lab), f"sswl_fwd<{t}, {lab}>", grid,
+            sswl_fwd_args(problem, group, small_array(xp, problem.class_weights, dev),
+                          small_array(xp, problem.lens, dev), op == Op.SSWL_FWD_BWD,
+                          _p(partials)), dev)
+    if out is not None:
+        _final_sum(xp, partials, grid, divisor, out, dev)
+
+
+def run_loss(op, problem, threads=None, divisor=None):
+    """The loss pass `op` (SSWL_FWD or SSWL_FWD_BWD) and its reduced loss: the loss sum /
+    `divisor` (a number or a 0-d float64 device array; 0 when it is 0) as a 0-d array of
+    x's dtype, from one final launch; with ``divisor=None`` (reduction "none") no sums at
+    all, and None. The same bits as ``loss_value(run(op, problem), divisor, dtype)``, with
+    one launch fewer: that sum divided by 1 is the sum itself.
+    """
+    x = problem.x
+    xp = V.array_module(x)
+    g = problem.geom
+    with x.device:
+        dev = x.device.id
+        value = None if divisor is None else xp.empty((), x.dtype)
+        n_pixels = g.outer * g.inner
+        if n_pixels == 0:
+            if value is not None:
+                _final_sum(xp, xp.zeros(1, np.float64), 1, divisor, value, dev)
+            return value
+        group, grid = launch_config(n_pixels, g.C, g.inner)
+        _loss_pass(xp, op, problem, group, grid, dev, divisor, value)
+        return value
 
 
 def stats(problem, threads=None):
@@ -409,9 +442,8 @@ def stats(problem, threads=None):
                 sswl_stats_args(problem, cw, norm_partials, bad_partials), dev)
         norm = xp.empty((), np.float64)
         bad = xp.empty((), np.int64)
-        _final_sum(xp, norm_partials, grid, 1.0, norm, dev)
-        _launch(xp, _FINAL, "reduce_first_bad", 1, reduce_first_bad_args(bad_partials, grid, bad),
-                dev)
+        _launch(xp, _FINAL, "reduce_stats", 1,
+                reduce_stats_args(norm_partials, bad_partials, grid, norm, bad), dev)
         return norm, bad
 
 

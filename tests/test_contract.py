@@ -129,7 +129,7 @@ def _builds(P):
         "sswl_fwd": _gpu.sswl_fwd_args(P, 1, P.class_weights, P.lens, True, f64),
         "sswl_bwd": _gpu.sswl_bwd_args(P, 1, P.class_weights, P.lens),
         "reduce_partials": _gpu.reduce_partials_args(f64, 4, P.divisor, P.out[0, 0, :1]),
-        "reduce_first_bad": _gpu.reduce_first_bad_args(i64, 4, i64[:1]),
+        "reduce_stats": _gpu.reduce_stats_args(f64, i64, 4, f64[:1], i64[:1]),
     }
 
 

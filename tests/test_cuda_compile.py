@@ -54,7 +54,7 @@ def test_name_expressions_cover_the_dtype_tables():
         for lab in labels + [t]:
             for kernel in ("sswl_stats", "sswl_fwd", "sswl_bwd"):
                 assert f"{kernel}<{t}, {lab}>" in sswl
-    assert "reduce_partials<double>" in sswl and "reduce_first_bad" in sswl
+    assert "reduce_partials<double>" in sswl and "reduce_stats" in sswl
     for name in soft + sswl:
         assert re.fullmatch(r"[a-z_]+(<[a-z_ ,0-9]+>)?", name), name
 

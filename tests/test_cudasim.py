@@ -393,6 +393,49 @@ def test_host_synchronisation_where_none_is_promised(rng):
     assert np.isfinite(float(loss)) and cudasim.sync_count() == before + 1
 
 
+def _launches_and_syncs(monkeypatch, call):
+    """The kernel names of `call`'s launches, with "SYNC" where the host waited."""
+    from ssm.testing.cudasim import _device
+    real = _device.host_sync
+    with cudasim.record_launches() as log:
+        def sync(what):
+            real(what)
+            log.append("SYNC")
+        monkeypatch.setattr(_device, "host_sync", sync)
+        call()
+        monkeypatch.setattr(_device, "host_sync", real)
+    return [e if e == "SYNC" else e.name.split("<")[0] for e in log]
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_a_loss_call_launches_then_reads_the_bad_label_index_once(monkeypatch, rng, with_out):
+    # validate=True, "mean": the label pre-pass and its one final, the loss pass and (with
+    # a loss) its one final, then the one read of the bad label index, after the launches,
+    # so the device does not wait for the host in mid-call. With a caller's out= the read
+    # comes before the pass, which then never writes into it for a bad label.
+    x = cudasim.asarray(make_logits(rng, (2, 5, 3, 4), np.float32))
+    y = cudasim.asarray(make_labels(rng, (2, 3, 4), 5, np.int32))
+    out = cudasim.empty(x.shape, np.float32) if with_out else None
+    pre = ["sswl_stats", "reduce_stats"]
+    calls = {
+        "forward": (lambda: ssm.spatial_softmax_with_loss(x, y, out=out),
+                    ["sswl_fwd", "reduce_partials"]),
+        "fused": (lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out),
+                  ["sswl_fwd", "reduce_partials"]),
+        "grad": (lambda: ssm.spatial_softmax_with_loss_grad(x, y, out=out), ["sswl_bwd"]),
+        "loss alone": (lambda: ssm.cross_entropy(x, y), ["sswl_fwd", "reduce_partials"]),
+    }
+    for name, (call, main) in calls.items():
+        call()  # compile outside the record
+        got = _launches_and_syncs(monkeypatch, call)
+        deferred = out is None or name == "loss alone"
+        assert got == (pre + main + ["SYNC"] if deferred else pre + ["SYNC"] + main), name
+    # "sum" without validation: no pre-pass and no read
+    got = _launches_and_syncs(monkeypatch, lambda: ssm.spatial_softmax_with_loss_and_grad(
+        x, y, reduction="sum", validate=False))
+    assert got == ["sswl_fwd", "reduce_partials"]
+
+
 def test_no_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     m = cudasim.RawModule(code="__global__ void k(float* x) {}", name_expressions=["k"])

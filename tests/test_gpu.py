@@ -662,6 +662,27 @@ def test_bad_label_lowest_index_across_blocks(name):
     assert bool((out == -4.5).all())  # raised before any output was written
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", LOSS_FUNCS + ("cross_entropy",))
+def test_bad_label_without_out_raises_after_the_pass(name, reduction):
+    # Without out= the check reads the pre-pass's index after the pass is launched (the
+    # outputs are the call's own): the same error, the lowest bad index across blocks.
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 3, 129, 131)).astype(np.float32)
+    y = rng.integers(0, 3, size=(4, 129, 131)).astype(np.int32)
+    for flat, value in {60001: 17, 20011: 5, 50021: -7, 45000: 3}.items():
+        y.flat[flat] = value
+    kw = dict(reduction=reduction)
+    if name != "spatial_softmax_with_loss" and name != "cross_entropy" and reduction == "none":
+        kw["d_loss"] = rng.random((4, 129, 131)).astype(np.float32)
+    with pytest.raises(ValueError) as cpu_info:
+        getattr(ssm, name)(x, y, **kw)
+    assert "label 5 at index (1, 23, 99)" in str(cpu_info.value)  # flat 20011
+    with pytest.raises(ValueError, match=r"^target: ") as gpu_info:
+        getattr(ssm, name)(gpu(x), gpu(y), **{k: gpu(v) for k, v in kw.items()})
+    assert str(gpu_info.value) == str(cpu_info.value)
+
+
 def test_float_dtypes_per_device(rng):
     x = make_logits(rng, (2, 3, 4), np.float16)
     for f in (ssm.spatial_softmax, ssm.softmax):  # half types on both devices

@@ -11,7 +11,8 @@
  *   sswl_bwd<T, L>            dlogits from prob
  *   reduce_partials<T>        fixed-shape final pass: sum of the per-block partials,
  *                             divided by the divisor (0 when it is 0), rounded once to T
- *   reduce_first_bad          fixed-shape final pass: lowest bad label index, or -1
+ *   reduce_stats              fixed-shape final pass of sswl_stats: the sum of its n_p
+ *                             partials and the lowest bad label index, or -1
  *
  * Same math, in the same order, as ssm_sswl_stats / ssm_sswl_tile / ssm_sswl_bwd_tile in
  * ssm/_kernels_impl.h:
@@ -324,14 +325,25 @@ reduce_partials(const double* __restrict__ partials, long long n, double div,
     }
 }
 
-/* One block owns the n per-block first-bad indices: out[0] = their minimum, -1 if none. */
+/* One block owns sswl_stats' n partials: norm[0] = the sum of the norm partials, in
+   reduce_partials' order (thread t sums elements t, t + SSM_BLOCK, ..., then the block
+   tree), and bad[0] = the lowest bad partial, or -1 if none. One launch for both (a loss
+   call's launches are few and small; each costs the host microseconds). block_reduce has
+   one shared array per value type, so the two reductions do not share one. */
 __global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
-reduce_first_bad(const long long* __restrict__ partials, long long n, long long* __restrict__ out)
+reduce_stats(const double* __restrict__ norm_partials, const long long* __restrict__ bad_partials,
+             long long n, double* __restrict__ norm, long long* __restrict__ bad)
 {
+    double s = 0.0;
     long long v = SSM_NO_BAD;
-    for (long long i = threadIdx.x; i < n; i += SSM_BLOCK)
-        v = partials[i] < v ? partials[i] : v;
+    for (long long i = threadIdx.x; i < n; i += SSM_BLOCK) {
+        s += norm_partials[i];
+        v = bad_partials[i] < v ? bad_partials[i] : v;
+    }
+    s = block_reduce(s, op_sum(), 0.0);
     v = block_reduce(v, op_min(), SSM_NO_BAD);
-    if (threadIdx.x == 0)
-        out[0] = v == SSM_NO_BAD ? -1 : v;
+    if (threadIdx.x == 0) {
+        norm[0] = s;
+        bad[0] = v == SSM_NO_BAD ? -1 : v;
+    }
 }
