@@ -331,6 +331,13 @@ def test_gpu_pieces_with_numpy_standing_in_for_cupy():
         rows = timing.run_plan(plan, pb, args, gpu.event_timers(fake, None))
         assert all(r.times_ns == [1_500_000, 1_500_000] and r.other_cores is None
                    for r in rows)
+    pb.out[0][...] = -7.0
+    for _, impl, _, make in plan[1:]:  # ssm's calls allocate their outputs, as torch's do
+        make()(0)
+    assert (pb.out[0] == -7.0).all()
+    ssm_calls = peers.ssm_calls(ssm, pb, None)  # the CPU's write into the sets' buffers
+    ssm_calls["softmax"](0)
+    np.testing.assert_array_equal(pb.out[0], ssm.softmax(pb.x[0]))
     checks = peers.check_agreement(ssm, pb, None, None, device="cuda")
     assert [c["impl"] for c in checks] == ["ssm forward", "ssm loss alone"]
     assert all(c["ok"] for c in checks)

@@ -40,9 +40,14 @@ def make_gpu_problem(cupy, ssm, name, shape, args):
 
 def plan_gpu(cupy, ssm, torch, pb, ops, validate):
     """The rows to time (threads None): the copy floor, ssm, torch; as in cpu.plan_cpu.
-    Without ``validate``, ssm's loss calls skip the label check's device-to-host read."""
+    Without ``validate``, ssm's loss calls skip the label check's device-to-host read.
+    ssm's calls allocate their outputs, as PyTorch's do (each from its library's caching
+    pool) and as ssm.torch calls ssm: with a caller's ``out=`` a validating call reads the
+    bad-label index before its pass (a bad label never reaches the buffer), without it
+    after its launches."""
     plan = [(COPY_OP, "copy", None, lambda: (lambda i: cupy.copyto(pb.out[i], pb.x[i])))]
-    calls = ssm_calls(ssm, pb, None, **({} if validate else {"validate": False}))
+    calls = ssm_calls(ssm, pb, None, into_out=False,
+                      **({} if validate else {"validate": False}))
     plan += [(op, "ssm", None, lambda op=op: calls[op]) for op in ops]
     if torch is not None:
         tcalls = torch_calls(torch, pb, "cuda")

@@ -14,25 +14,28 @@ LOSS_RTOL = 1e-5                 # agreement of each implementation's loss with 
 GRAD_RTOL = 1e-4                 # ... and of its gradient, relative to max |dX|
 
 
-def ssm_calls(ssm, pb, threads, **kw):
-    """ssm's four ops with ``out=`` on the sets; ``kw`` (e.g. ``validate=False``) goes to
-    the loss calls."""
+def ssm_calls(ssm, pb, threads, *, into_out=True, **kw):
+    """ssm's four ops with ``out=`` on the sets (or, with ``into_out=False``, into outputs
+    of their own); ``kw`` (e.g. ``validate=False``) goes to the loss calls."""
     ig = pb.ignore_index
 
+    def out(i):
+        return pb.out[i] if into_out else None
+
     def softmax(i):
-        return ssm.softmax(pb.x[i], out=pb.out[i], threads=threads)
+        return ssm.softmax(pb.x[i], out=out(i), threads=threads)
 
     def forward(i):
         return ssm.spatial_softmax_with_loss(pb.x[i], pb.y[i], ignore_index=ig,
-                                             out=pb.out[i], threads=threads, **kw)
+                                             out=out(i), threads=threads, **kw)
 
     def backward(i):
         return ssm.spatial_softmax_with_loss_grad(pb.prob[i], pb.y[i], ignore_index=ig,
-                                                  out=pb.out[i], threads=threads, **kw)
+                                                  out=out(i), threads=threads, **kw)
 
     def fused(i):
         return ssm.spatial_softmax_with_loss_and_grad(pb.x[i], pb.y[i], ignore_index=ig,
-                                                      out=pb.out[i], threads=threads, **kw)
+                                                      out=out(i), threads=threads, **kw)
 
     def loss(i):
         return ssm.cross_entropy(pb.x[i], pb.y[i], ignore_index=ig, threads=threads, **kw)
