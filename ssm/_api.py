@@ -2,20 +2,20 @@
 
 Each function picks its backend once from its array arguments (``_backend``: NumPy
 arrays run on the CPU through ``_cpu``, CuPy arrays (or simulated ones) on their GPU
-through ``_gpu``; both modules have the same ``run``, ``run_loss``, ``stats``,
-``run_with_stats`` and ``loss_value``),
+through ``_gpu``; both modules have the same ``run``, ``run_loss``, ``run_checked``,
+``stats``, ``run_with_stats`` and ``loss_value``),
 validates all of
 its arguments through ``_validation`` before any kernel runs (so an error never leaves
 an ``out=`` buffer half written), views the logits as ``(outer, C, inner)`` (see
 ``_validation.geometry``), allocates missing outputs, describes the call as one
-``_problem.Problem`` and calls one kernel pass (``run(op, problem, threads)``), preceded
-for the loss functions by the label pre-pass (``stats``) when the labels must be checked
-or the "mean" normaliser counted; the loss alone has both from one call
-(``run_with_stats``), and raises for a bad label after it. On the GPU the normaliser,
-the gradient scale and the loss stay on the device: the only device-to-host read is
-the first bad label's index, with ``validate=True``, after the call's launches unless
-the caller gave an ``out=`` buffer (``_checked_divisor``); the reduced loss comes from
-the loss pass's own final launch (``run_loss``).
+``_problem.Problem`` and calls one kernel pass (``run(op, problem, threads)``), with,
+for the loss functions, the label pre-pass (``stats``) where the labels must be checked
+or the "mean" normaliser counted: before the pass, or in it (``run_checked``) where the
+outputs are the call's own and the pass does not need the normaliser, raising for a
+bad label after it (``_loss_pass``). On the GPU the normaliser, the gradient scale and
+the loss stay on the device: the only device-to-host read is the first bad label's
+index, with ``validate=True``, after the call's launches unless the caller gave an
+``out=`` buffer; the reduced loss comes from the loss pass's own final launch.
 """
 from __future__ import annotations
 
@@ -213,19 +213,22 @@ def _label_pass_needed(L: _LossCall) -> bool:
 
 def _raise_if_bad(L: _LossCall, bad):
     """The bad-label ValueError if ``bad`` (a flat index, -1, or a 0-d device index read
-    here: see _checked_divisor) names a label; None does not."""
+    here: see _loss_pass) names a label; None does not."""
     if bad is not None and (index := int(bad)) >= 0:
         P = L.problem
         raise V.bad_label_error(P.target, index, P.geom.C, P.ignore_index)
+
+
+def _constant_divisor(L: _LossCall) -> float:
+    """The divisor of the reductions other than "mean" (1 for "sum" and "none")."""
+    return float(L.problem.geom.N) if L.reduction == "batch" else 1.0
 
 
 def _divisor_from(L: _LossCall, norm, bad):
     """What the summed loss is divided by, from label_pass's (norm, bad); raises the
     bad-label ValueError."""
     _raise_if_bad(L, bad)
-    if L.reduction == "mean":
-        return norm
-    return float(L.problem.geom.N) if L.reduction == "batch" else 1.0
+    return norm if L.reduction == "mean" else _constant_divisor(L)
 
 
 def _divisor(L: _LossCall):
@@ -236,22 +239,39 @@ def _divisor(L: _LossCall):
     return _divisor_from(L, *(label_pass(L) if _label_pass_needed(L) else (0.0, -1)))
 
 
-def _checked_divisor(L: _LossCall, out):
-    """(divisor, bad) of a loss pass, from the label pre-pass; ``out`` is the caller's
-    ``out=`` buffer (None for the loss alone, or where the outputs are new).
+def _loss_pass(L: _LossCall, op, out, finish):
+    """Run loss pass `op` (SSWL_FWD, or SSWL_FWD_BWD) after or with the label pre-pass, and
+    raise the bad-label ValueError: its reduced loss (the loss map for "none").
 
-    On a GPU without a caller's buffer the bad-label check waits until the pass is
-    launched: ``bad`` is the pre-pass's 0-d device index, for _raise_if_bad to read after
-    the launches, so that the device does not idle in mid-call while the host reads it
-    (the outputs are new, and dropped with the ValueError). Elsewhere ``bad`` is None and
-    the ValueError comes here, before any kernel writes: a caller's buffer is never left
-    half written (on the CPU the order costs nothing).
+    ``out``: the caller's ``out=`` buffer, or None (the loss alone, or outputs of the
+    call's own); ``finish(divisor)``: the finished Problem, given the divisor of the
+    gradient scale (the forward ignores it). Three orders, by what the outputs are:
+    - the call's own (no ``out=``), and the pass does not need the pre-pass's result
+      inside it (it does: the gradient's "mean" normaliser): the pre-pass rides in the
+      pass (``run_checked``: one read of the labels on the CPU, one launch fewer on a
+      GPU) and a bad label raises after it, the outputs dropped;
+    - the call's own, on a GPU: the pre-pass, the pass, then the bad index is read, so
+      the device does not idle in mid-call while the host reads it;
+    - a caller's buffer: the pre-pass raises before the pass writes into it (on the CPU
+      the order costs nothing).
     """
-    if out is None and L.B is not _cpu and _label_pass_needed(L) and _label_kernel_needed(L):
-        norm, bad = L.B.stats(L.problem, L.threads)
-        checked = L.validate and L.problem.kind != Target.SOFT
-        return _divisor_from(L, norm, -1), (bad if checked else None)
-    return _divisor(L), None
+    checked = L.validate and L.problem.kind != Target.SOFT
+    if out is None and _label_pass_needed(L) and _label_kernel_needed(L):
+        if op == Op.SSWL_FWD or L.reduction != "mean":
+            constant = _constant_divisor(L)
+            problem = finish(constant)
+            divisor = (None if L.reduction == "none" else
+                       "mean" if L.reduction == "mean" else constant)
+            value, bad = L.B.run_checked(op, problem, L.threads, divisor)
+            _raise_if_bad(L, bad if checked else None)
+            return problem.loss_map if L.reduction == "none" else value
+        if L.B is not _cpu:
+            norm, bad = L.B.stats(L.problem, L.threads)
+            value = _loss_value(L, op, finish(norm), norm)
+            _raise_if_bad(L, bad if checked else None)
+            return value
+    divisor = _divisor(L)
+    return _loss_value(L, op, finish(divisor), divisor)
 
 
 def _loss_value(L: _LossCall, op, problem, divisor):
@@ -262,22 +282,16 @@ def _loss_value(L: _LossCall, op, problem, divisor):
     return L.B.run_loss(op, problem, L.threads, divisor)
 
 
-def _loss_alone(L: _LossCall, problem):
-    """(reduced loss, bad) of the loss alone (SSWL_FWD without out; bad as from
-    _checked_divisor). The pass writes nothing the caller sees, so the bad-label
-    ValueError comes after it: on the CPU the label pre-pass rides in the loss pass
-    (run_with_stats: the labels are read from memory once); on a GPU it is a launch
-    before it, read after it."""
-    if not (_label_pass_needed(L) and _label_kernel_needed(L)):
-        return _loss_value(L, Op.SSWL_FWD, problem, _divisor(L)), None
-    if L.B is not _cpu:
-        divisor, bad = _checked_divisor(L, None)
-        return _loss_value(L, Op.SSWL_FWD, problem, divisor), bad
-    total, norm, bad = L.B.run_with_stats(Op.SSWL_FWD, problem, L.threads)
-    divisor = _divisor_from(L, *_label_result(L, norm, bad))
-    if L.reduction == "none":
-        return problem.loss_map, None
-    return L.B.loss_value(total, divisor, L.problem.x.dtype), None
+def _checked_divisor(L: _LossCall, out):
+    """(divisor, bad) of the gradient from probabilities (SSWL_BWD), from the label
+    pre-pass: as _loss_pass's second order on a GPU without ``out=`` (``bad``, the 0-d
+    device index, for _raise_if_bad to read after the launch), else its third (``bad``
+    None, the ValueError raised here before any kernel writes)."""
+    if out is None and L.B is not _cpu and _label_pass_needed(L) and _label_kernel_needed(L):
+        norm, bad = L.B.stats(L.problem, L.threads)
+        checked = L.validate and L.problem.kind != Target.SOFT
+        return _divisor_from(L, norm, -1), (bad if checked else None)
+    return _divisor(L), None
 
 
 def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
@@ -296,14 +310,9 @@ def _sswl_forward(logits, target, weights=None, *, ignore_index=-1, class_weight
         P = L.problem
         xp = V.array_module(P.x)
         loss_map = xp.empty(P.geom.pixel_shape, P.x.dtype) if L.reduction == "none" else None
-        if with_prob:
-            prob = L.out_buffer(out, "logits")
-            divisor, bad = _checked_divisor(L, out)
-            value = _loss_value(L, Op.SSWL_FWD, P.finish(prob, loss_cap, loss_map=loss_map),
-                                divisor)
-        else:
-            value, bad = _loss_alone(L, P.finish(None, loss_cap, loss_map=loss_map))
-        _raise_if_bad(L, bad)
+        prob = L.out_buffer(out, "logits") if with_prob else None
+        value = _loss_pass(L, Op.SSWL_FWD, out,
+                           lambda _: P.finish(prob, loss_cap, loss_map=loss_map))
         return (prob, value) if with_prob else value
 
 
@@ -454,11 +463,10 @@ def spatial_softmax_with_loss_and_grad(logits, target, weights=None, d_loss=1.0,
         return_prob = V.check_flag(return_prob, "return_prob")
         d, dmap = V.check_d_loss(d_loss, L.reduction, P.geom, P.x.dtype)
         dx = L.out_buffer(out, "logits", dmap)
-        divisor, bad = _checked_divisor(L, out)
         prob = V.empty_like(P.x) if return_prob else None
         loss_map = xp.empty(P.geom.pixel_shape, P.x.dtype) if L.reduction == "none" else None
-        loss = _loss_value(L, Op.SSWL_FWD_BWD,
-                           P.finish(dx, d_loss=d, d_loss_map=dmap, divisor=divisor,
-                                    prob_out=prob, loss_map=loss_map), divisor)
-        _raise_if_bad(L, bad)
+        loss = _loss_pass(L, Op.SSWL_FWD_BWD, out,
+                          lambda divisor: P.finish(dx, d_loss=d, d_loss_map=dmap,
+                                                   divisor=divisor, prob_out=prob,
+                                                   loss_map=loss_map))
         return (loss, dx, prob) if return_prob else (loss, dx)

@@ -618,6 +618,19 @@ def run_loss(int op, problem, threads, divisor):
     return None if divisor is None else loss_value(total, divisor, problem.x.dtype)
 
 
+def run_checked(int op, problem, threads, divisor):
+    """Loss pass `op` (SSWL_FWD or SSWL_FWD_BWD) with the label pre-pass in it: (the reduced
+    loss, or None with ``divisor=None``; the lowest flat index of a bad label or -1).
+    `divisor`: a number, or "mean" for the pass's normaliser. A bad label's pixel is NaN:
+    the caller raises after the pass. The GPU backend's run_checked has the same contract.
+    """
+    total, norm, bad = _run(op, problem, threads, True)
+    if divisor is None:
+        return None, bad
+    return loss_value(total, norm if isinstance(divisor, str) else divisor,
+                      problem.x.dtype), bad
+
+
 def run_with_stats(int op, problem, threads):
     """``run`` and ``stats`` in one pass: (loss sum, sum of n_p, lowest flat index of a bad
     label or -1), each as those give it, bit for bit. `op`: SSWL_FWD or SSWL_FWD_BWD, the

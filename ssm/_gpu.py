@@ -110,7 +110,7 @@ def module_names(filename: str, float_ctype=None, target_ctype=None) -> tuple:
     if filename == "sswl.cu" and float_ctype is None:
         reduce_types = _float_ctypes() + ["double"]
         return tuple(f"reduce_partials<{t}>" for t in dict.fromkeys(reduce_types)) \
-            + ("reduce_stats",)
+            + ("reduce_stats",) + tuple(f"reduce_loss_stats<{t}>" for t in _float_ctypes())
     if filename == "sswl.cu":
         t, lab = float_ctype, target_ctype
         return (f"sswl_stats<{t}, {lab}>", f"sswl_fwd<{t}, {lab}>", f"sswl_bwd<{t}, {lab}>")
@@ -266,11 +266,14 @@ def _grad_scale(problem):
 #          const T* d_loss_map, long long outer, int C, long long inner, int group,
 #          long long ignore_index, double smoothing, double loss_cap, int want_grad,
 #          int loss, double d_loss, const double* d_loss_ptr, double divisor,
-#          const double* divisor_ptr, T* out, T* out2, T* loss_map, double* partials)
-def sswl_fwd_args(problem, group, cw, lens, want_grad, partials):
+#          const double* divisor_ptr, T* out, T* out2, T* loss_map, double* partials,
+#          double* norm_partials, long long* bad_partials)
+def sswl_fwd_args(problem, group, cw, lens, want_grad, partials, norm_partials=None,
+                  bad_partials=None):
     return (*_loss_inputs(problem, group, cw, lens), np.float64(problem.loss_cap),
             np.int32(want_grad), np.int32(problem.loss), *_grad_scale(problem),
-            _p(problem.out), _p(problem.prob_out), _p(problem.loss_map), partials)
+            _p(problem.out), _p(problem.prob_out), _p(problem.loss_map), _p(partials),
+            _p(norm_partials), _p(bad_partials))
 
 
 # sswl_bwd(const T* prob, const L* target, const T* w, const T* cw, const T* lens,
@@ -285,6 +288,15 @@ def sswl_bwd_args(problem, group, cw, lens):
 #                 T* out)
 def reduce_partials_args(partials, n, divisor, out):
     return (partials, np.int64(n), *_scalar_or_ptr(divisor), out)
+
+
+# reduce_loss_stats(const double* loss_partials, const double* norm_partials,
+#                   const long long* bad_partials, long long n, int use_norm, double div,
+#                   const double* div_ptr, T* out, long long* bad)
+def reduce_loss_stats_args(loss_partials, norm_partials, bad_partials, n, divisor, out, bad):
+    use_norm = isinstance(divisor, str)  # "mean"
+    return (_p(loss_partials), norm_partials, bad_partials, np.int64(n), np.int32(use_norm),
+            *_scalar_or_ptr(1.0 if use_norm or divisor is None else divisor), _p(out), bad)
 
 
 # reduce_stats(const double* norm_partials, const long long* bad_partials, long long n,
@@ -334,6 +346,7 @@ ARGUMENT_BUILDERS = {
     "softmax_fwd": softmax_fwd_args, "softmax_bwd": softmax_bwd_args,
     "sswl_stats": sswl_stats_args, "sswl_fwd": sswl_fwd_args, "sswl_bwd": sswl_bwd_args,
     "reduce_partials": reduce_partials_args, "reduce_stats": reduce_stats_args,
+    "reduce_loss_stats": reduce_loss_stats_args,
     "pos_softmax_fwd": pos_softmax_fwd_args, "pos_softmax_bwd": pos_softmax_bwd_args,
     "pos_expect": pos_expect_args,
 }
@@ -390,7 +403,7 @@ def _loss_pass(xp, op, problem, group, grid, dev, divisor, out):
     _launch(xp, ("sswl.cu", t, lab), f"sswl_fwd<{t}, {lab}>", grid,
             sswl_fwd_args(problem, group, small_array(xp, problem.class_weights, dev),
                           small_array(xp, problem.lens, dev), op == Op.SSWL_FWD_BWD,
-                          _p(partials)), dev)
+                          partials), dev)
     if out is not None:
         _final_sum(xp, partials, grid, divisor, out, dev)
 
@@ -454,6 +467,47 @@ def run_with_stats(op, problem, threads=None):
     """
     norm, bad = stats(problem, threads)
     return run(op, problem, threads), norm, bad
+
+
+def run_checked(op, problem, threads=None, divisor=None):
+    """Loss pass `op` (SSWL_FWD, SSWL_FWD_BWD) with the label pre-pass: (the reduced loss
+    as a 0-d array of x's dtype, or None; the lowest flat index of a bad label or -1, a
+    0-d int64 device array). `divisor`: a number, "mean" (the normaliser) or None (no loss
+    sums: reduction "none"). A bad label's pixel is NaN, never an index: the caller raises
+    after the pass. The same bits as ``stats`` then ``run_loss`` (its normaliser for
+    "mean").
+
+    Where a thread owns a pixel (group 1: strided channels, rows of a few classes) the
+    pre-pass rides in the loss pass, whose walk is then sswl_stats' on the same grid (the
+    same partials), and one final launch reduces the three sums: two launches in all.
+    Elsewhere sswl_stats goes first (its walk differs, and so would the normaliser's bits
+    from every other call's).
+    """
+    x = problem.x
+    xp = V.array_module(x)
+    g = problem.geom
+    n_pixels = g.outer * g.inner
+    group, grid = launch_config(max(n_pixels, 1), g.C, g.inner)
+    if n_pixels == 0 or group != 1:
+        norm, bad = stats(problem, threads)
+        return run_loss(op, problem, threads, norm if isinstance(divisor, str) else divisor), bad
+    with x.device:
+        dev = x.device.id
+        t = _ctype(x.dtype)
+        lab = _target_ctype(problem, t)
+        partials = xp.empty(grid, np.float64) if divisor is not None else None
+        norm_partials = xp.empty(grid, np.float64)
+        bad_partials = xp.empty(grid, np.int64)
+        _launch(xp, ("sswl.cu", t, lab), f"sswl_fwd<{t}, {lab}>", grid,
+                sswl_fwd_args(problem, group, small_array(xp, problem.class_weights, dev),
+                              small_array(xp, problem.lens, dev), op == Op.SSWL_FWD_BWD,
+                              partials, norm_partials, bad_partials), dev)
+        value = xp.empty((), x.dtype) if divisor is not None else None
+        bad = xp.empty((), np.int64)
+        _launch(xp, _FINAL, f"reduce_loss_stats<{t}>", 1,
+                reduce_loss_stats_args(partials, norm_partials, bad_partials, grid, divisor,
+                                       value, bad), dev)
+        return value, bad
 
 
 def loss_value(total, divisor, dtype):

@@ -126,10 +126,12 @@ def _builds(P):
         "softmax_fwd": _gpu.softmax_fwd_args(P, 32, True),
         "softmax_bwd": _gpu.softmax_bwd_args(P, 32),
         "sswl_stats": _gpu.sswl_stats_args(P, P.class_weights, f64, i64),
-        "sswl_fwd": _gpu.sswl_fwd_args(P, 1, P.class_weights, P.lens, True, f64),
+        "sswl_fwd": _gpu.sswl_fwd_args(P, 1, P.class_weights, P.lens, True, f64, f64, i64),
         "sswl_bwd": _gpu.sswl_bwd_args(P, 1, P.class_weights, P.lens),
         "reduce_partials": _gpu.reduce_partials_args(f64, 4, P.divisor, P.out[0, 0, :1]),
         "reduce_stats": _gpu.reduce_stats_args(f64, i64, 4, f64[:1], i64[:1]),
+        "reduce_loss_stats": _gpu.reduce_loss_stats_args(f64, f64, i64, 4, P.divisor,
+                                                         P.out[0, 0, :1], i64[:1]),
     }
 
 

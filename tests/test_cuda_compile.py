@@ -50,7 +50,7 @@ def test_name_expressions_cover_the_dtype_tables():
     assert len(soft) == len(set(soft)) and len(sswl) == len(set(sswl))
     for t in floats:
         assert f"softmax_fwd<{t}>" in soft and f"softmax_bwd<{t}>" in soft
-        assert f"reduce_partials<{t}>" in sswl
+        assert f"reduce_partials<{t}>" in sswl and f"reduce_loss_stats<{t}>" in sswl
         for lab in labels + [t]:
             for kernel in ("sswl_stats", "sswl_fwd", "sswl_bwd"):
                 assert f"{kernel}<{t}, {lab}>" in sswl

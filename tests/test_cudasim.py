@@ -407,33 +407,51 @@ def _launches_and_syncs(monkeypatch, call):
     return [e if e == "SYNC" else e.name.split("<")[0] for e in log]
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("with_out", [False, True])
-def test_a_loss_call_launches_then_reads_the_bad_label_index_once(monkeypatch, rng, with_out):
-    # validate=True, "mean": the label pre-pass and its one final, the loss pass and (with
-    # a loss) its one final, then the one read of the bad label index, after the launches,
-    # so the device does not wait for the host in mid-call. With a caller's out= the read
-    # comes before the pass, which then never writes into it for a bad label.
-    x = cudasim.asarray(make_logits(rng, (2, 5, 3, 4), np.float32))
+def test_a_loss_call_launches_then_reads_the_bad_label_index_once(monkeypatch, rng, with_out,
+                                                                  layout):
+    # validate=True, "mean". The forward and the loss alone into outputs of their own: the
+    # label pre-pass rides in the loss pass where a thread owns a pixel (NCHW; NHWC with 5
+    # classes has a warp per pixel, and the pre-pass goes first), one final, then the one
+    # read of the bad label index. The gradients need the normaliser first: the pre-pass
+    # and its final, the pass (and its final), then the read, so the device does not wait
+    # for the host in mid-call. With a caller's out= the read comes before the pass, which
+    # then never writes into it for a bad label.
+    shape = (2, 5, 3, 4) if layout == "NCHW" else (2, 3, 4, 5)
+    x = cudasim.asarray(make_logits(rng, shape, np.float32))
     y = cudasim.asarray(make_labels(rng, (2, 3, 4), 5, np.int32))
     out = cudasim.empty(x.shape, np.float32) if with_out else None
     pre = ["sswl_stats", "reduce_stats"]
+    riding = ["sswl_fwd", "reduce_loss_stats"] if layout == "NCHW" else \
+        pre + ["sswl_fwd", "reduce_partials"]
     calls = {
-        "forward": (lambda: ssm.spatial_softmax_with_loss(x, y, out=out),
-                    ["sswl_fwd", "reduce_partials"]),
-        "fused": (lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out),
-                  ["sswl_fwd", "reduce_partials"]),
-        "grad": (lambda: ssm.spatial_softmax_with_loss_grad(x, y, out=out), ["sswl_bwd"]),
-        "loss alone": (lambda: ssm.cross_entropy(x, y), ["sswl_fwd", "reduce_partials"]),
+        "forward": lambda: ssm.spatial_softmax_with_loss(x, y, out=out, layout=layout),
+        "fused": lambda: ssm.spatial_softmax_with_loss_and_grad(x, y, out=out, layout=layout),
+        "grad": lambda: ssm.spatial_softmax_with_loss_grad(x, y, out=out, layout=layout),
+        "loss alone": lambda: ssm.cross_entropy(x, y, layout=layout),
     }
-    for name, (call, main) in calls.items():
+    expected = {
+        "forward": riding + ["SYNC"], "loss alone": riding + ["SYNC"],
+        "fused": pre + ["sswl_fwd", "reduce_partials", "SYNC"],
+        "grad": pre + ["sswl_bwd", "SYNC"],
+    }
+    if with_out:
+        expected.update({"forward": pre + ["SYNC", "sswl_fwd", "reduce_partials"],
+                         "fused": pre + ["SYNC", "sswl_fwd", "reduce_partials"],
+                         "grad": pre + ["SYNC", "sswl_bwd"]})
+    for name, call in calls.items():
         call()  # compile outside the record
-        got = _launches_and_syncs(monkeypatch, call)
-        deferred = out is None or name == "loss alone"
-        assert got == (pre + main + ["SYNC"] if deferred else pre + ["SYNC"] + main), name
-    # "sum" without validation: no pre-pass and no read
+        assert _launches_and_syncs(monkeypatch, call) == expected[name], name
+    # "sum" without validation: no pre-pass and no read; "sum" with it, into the fused
+    # pass's own outputs: the pre-pass rides in the pass where it can
     got = _launches_and_syncs(monkeypatch, lambda: ssm.spatial_softmax_with_loss_and_grad(
-        x, y, reduction="sum", validate=False))
+        x, y, reduction="sum", validate=False, layout=layout))
     assert got == ["sswl_fwd", "reduce_partials"]
+    if not with_out:
+        got = _launches_and_syncs(monkeypatch, lambda: ssm.spatial_softmax_with_loss_and_grad(
+            x, y, reduction="sum", layout=layout))
+        assert got == riding + ["SYNC"]
 
 
 def test_no_compiler_is_a_clear_error(monkeypatch):

@@ -7,12 +7,16 @@
  *   sswl_fwd<T, L>            prob and per-pixel loss (map and per-block float64 sums),
  *                             or the loss alone (out == nullptr: no sweep 3);
  *                             with want_grad = 1 it is sswl_fwd_bwd, the fused loss and
- *                             dlogits in one pass (and prob if out2 is given)
+ *                             dlogits in one pass (and prob if out2 is given); with
+ *                             norm_partials, sswl_stats' partials as well (group 1 only)
  *   sswl_bwd<T, L>            dlogits from prob
  *   reduce_partials<T>        fixed-shape final pass: sum of the per-block partials,
  *                             divided by the divisor (0 when it is 0), rounded once to T
  *   reduce_stats              fixed-shape final pass of sswl_stats: the sum of its n_p
  *                             partials and the lowest bad label index, or -1
+ *   reduce_loss_stats<T>      fixed-shape final pass of sswl_fwd with norm_partials: the
+ *                             reduced loss (divided by the normaliser or a divisor) and
+ *                             the lowest bad label index
  *
  * Same math, in the same order, as ssm_sswl_stats / ssm_sswl_tile / ssm_sswl_bwd_tile in
  * ssm/_kernels_impl.h:
@@ -114,9 +118,32 @@ __device__ __forceinline__ acc_t<T> class_target(const L* __restrict__ target,
 
 /* ---- sswl_stats ----------------------------------------------------------------------- */
 
+/* Pixel p's share of the label pre-pass: acc gains n_p (w * cw[y] for a valid label, w for
+   a soft target), and first_bad becomes p if its label is neither in [0, C) nor
+   ignore_index and first_bad is still SSM_NO_BAD (a thread's pixels come in increasing
+   order, so that is its lowest). sswl_stats and sswl_fwd share it: one thread walking
+   the same pixels gets the same sum, bit for bit. */
+template <typename T, typename L>
+__device__ __forceinline__ void pixel_stats(const L* __restrict__ target,
+                                            const T* __restrict__ w, const T* __restrict__ cw,
+                                            long long p, int C, long long ignore_index,
+                                            double& acc, long long& first_bad)
+{
+    const double wp = w != nullptr ? (double)to_acc(w[p]) : 1.0;
+    if constexpr (same_type<T, L>::value) {
+        acc += wp;
+    } else {
+        const long long y = label_at(target, p);
+        const bool ok = y >= 0 && y < C && y != ignore_index;
+        const double np_ = wp * (cw != nullptr ? (double)to_acc(cw[ok ? y : 0]) : 1.0);
+        acc += ok ? np_ : 0.0;
+        if (!ok && y != ignore_index && first_bad == SSM_NO_BAD)
+            first_bad = p;
+    }
+}
+
 /* One thread owns one pixel at a time (labels and weights only, no logits). Writes the
-   block's sum of n_p (n_p = w * cw[y] for valid labels, w for soft targets) and the lowest
-   flat index of a label neither in [0, C) nor ignore_index (SSM_NO_BAD if none). */
+   block's sum of n_p and the lowest flat index of a bad label (SSM_NO_BAD if none). */
 template <typename T, typename L>
 __global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
 sswl_stats(const L* __restrict__ target, const T* __restrict__ w, const T* __restrict__ cw,
@@ -126,19 +153,8 @@ sswl_stats(const L* __restrict__ target, const T* __restrict__ w, const T* __res
     double acc = 0.0;
     long long first_bad = SSM_NO_BAD;
     const pixel_walk walk(1);
-    for (long long p = walk.first; p < npix; p += walk.step) {
-        const double wp = w != nullptr ? (double)to_acc(w[p]) : 1.0;
-        if constexpr (same_type<T, L>::value) {
-            acc += wp;
-        } else {
-            const long long y = label_at(target, p);
-            const bool ok = y >= 0 && y < C && y != ignore_index;
-            const double np_ = wp * (cw != nullptr ? (double)to_acc(cw[ok ? y : 0]) : 1.0);
-            acc += ok ? np_ : 0.0;
-            if (!ok && y != ignore_index && first_bad == SSM_NO_BAD)
-                first_bad = p;  /* the grid stride only grows p: this thread's lowest */
-        }
-    }
+    for (long long p = walk.first; p < npix; p += walk.step)
+        pixel_stats(target, w, cw, p, C, ignore_index, acc, first_bad);
     acc = block_reduce(acc, op_sum(), 0.0);
     first_bad = block_reduce(first_bad, op_min(), SSM_NO_BAD);
     if (threadIdx.x == 0) {
@@ -158,7 +174,10 @@ sswl_stats(const L* __restrict__ target, const T* __restrict__ w, const T* __res
    its launch and its scratch would; the CPU uses such a table).
    want_grad == 1 (sswl_fwd_bwd, the fused loss and gradient): `out` = dlogits, and
    `out2` = prob if given. One kernel for both, as ssm_sswl_tile on the CPU: the flag only
-   changes the epilogue, and a second kernel would double the compile time. */
+   changes the epilogue, and a second kernel would double the compile time.
+   norm_partials and bad_partials (both or neither): the label pre-pass rides in this pass
+   (for reduce_loss_stats); with group == 1 the walk is sswl_stats' on the same grid, so
+   the partials are the ones sswl_stats would write, bit for bit. */
 template <typename T, typename L>
 __global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
 sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restrict__ w,
@@ -168,7 +187,8 @@ sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restr
          const double* __restrict__ d_loss_ptr, double divisor,
          const double* __restrict__ divisor_ptr,
          T* __restrict__ out, T* __restrict__ out2, T* __restrict__ loss_map,
-         double* __restrict__ partials)
+         double* __restrict__ partials, double* __restrict__ norm_partials,
+         long long* __restrict__ bad_partials)
 {
     typedef acc_t<T> A;
     const bool dense = same_type<T, L>::value || lens != nullptr || smoothing != 0.0;
@@ -177,13 +197,16 @@ sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restr
     const long long npix = outer * inner;
     const pixel_walk walk(group);
     const int lane = walk.lane;
-    double acc = 0.0;
+    double acc = 0.0, norm = 0.0;
+    long long first_bad = SSM_NO_BAD;
     for (long long p = walk.first; p < npix; p += walk.step) {
         const long long base = pixel_base(p, C, inner);
         const T* __restrict__ xr = x + base;
         A wv, a, r, f, ga = 0;
         int cls;
         double lp;
+        if (norm_partials != nullptr && lane == 0)
+            pixel_stats(target, w, cw, p, C, ignore_index, norm, first_bad);
         stage_pixel(target, w, cw, p, C, ignore_index, dense, wv, a, cls);
         const A g = want_grad ? (d_loss_map != nullptr ? gs * to_acc(d_loss_map[p]) : gs) : (A)0;
 
@@ -255,6 +278,15 @@ sswl_fwd(const T* __restrict__ x, const L* __restrict__ target, const T* __restr
         acc = block_reduce(acc, op_sum(), 0.0);
         if (threadIdx.x == 0)
             partials[blockIdx.x] = acc;
+    }
+    if (norm_partials != nullptr) {
+        __syncthreads();  /* block_reduce<double>'s shared array again: warp 0 has read it */
+        norm = block_reduce(norm, op_sum(), 0.0);
+        first_bad = block_reduce(first_bad, op_min(), SSM_NO_BAD);
+        if (threadIdx.x == 0) {
+            norm_partials[blockIdx.x] = norm;
+            bad_partials[blockIdx.x] = first_bad;
+        }
     }
 }
 
@@ -345,5 +377,41 @@ reduce_stats(const double* __restrict__ norm_partials, const long long* __restri
     if (threadIdx.x == 0) {
         norm[0] = s;
         bad[0] = v == SSM_NO_BAD ? -1 : v;
+    }
+}
+
+/* One block owns the n partials of an sswl_fwd pass with norm_partials: bad[0] = the lowest
+   bad label index or -1 (reduce_stats' rule); and, if loss_partials is given, out[0] = the
+   loss sum / d (0 when d is 0), rounded once to T, with d the sum of the norm partials
+   (use_norm, "mean") or the divisor (div_ptr, else div). Each sum in reduce_partials'
+   order: the same bits as reduce_stats, then reduce_partials with the normaliser. */
+template <typename T>
+__global__ void __launch_bounds__(SSM_BLOCK, SSM_MIN_BLOCKS)
+reduce_loss_stats(const double* __restrict__ loss_partials,
+                  const double* __restrict__ norm_partials,
+                  const long long* __restrict__ bad_partials, long long n, int use_norm,
+                  double div, const double* __restrict__ div_ptr, T* __restrict__ out,
+                  long long* __restrict__ bad)
+{
+    double s = 0.0, sn = 0.0;
+    long long v = SSM_NO_BAD;
+    for (long long i = threadIdx.x; i < n; i += SSM_BLOCK) {
+        if (loss_partials != nullptr)
+            s += loss_partials[i];
+        sn += norm_partials[i];
+        v = bad_partials[i] < v ? bad_partials[i] : v;
+    }
+    v = block_reduce(v, op_min(), SSM_NO_BAD);
+    if (threadIdx.x == 0)
+        bad[0] = v == SSM_NO_BAD ? -1 : v;
+    if (loss_partials == nullptr)
+        return;
+    s = block_reduce(s, op_sum(), 0.0);
+    const double total = s;  /* thread 0's; the other threads' are partial */
+    __syncthreads();         /* block_reduce<double>'s shared array again: warp 0 has read it */
+    sn = block_reduce(sn, op_sum(), 0.0);
+    if (threadIdx.x == 0) {
+        const double d = use_norm ? sn : div_ptr != nullptr ? *div_ptr : div;
+        out[0] = from_double<T>(d != 0.0 ? total / d : 0.0);
     }
 }
