@@ -69,8 +69,11 @@ def _is_bfloat16(a) -> bool:
 
 
 # DLPack's DLManagedTensor (legacy capsule "dltensor"): DLTensor first; its dtype's type
-# code is the byte after data (8), device (8) and ndim (4).
+# code is the byte after data (8), device (8) and ndim (4). DLManagedTensorVersioned
+# ("dltensor_versioned", DLPack 1.0): the version (8), manager_ctx (8), deleter (8) and
+# flags (8, read-only among them) come first, then the DLTensor.
 _DLTENSOR_DTYPE_CODE = 20
+_VERSIONED_DLTENSOR = 32
 _KDLUINT, _KDLBFLOAT = 1, 4
 _capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
 _capsule_pointer.restype = ctypes.c_void_p
@@ -78,12 +81,24 @@ _capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
 
 
 class _Bits16:
-    """A bfloat16 DLPack export relabelled uint16 (same bits, same memory), for NumPy."""
+    """A bfloat16 DLPack export relabelled uint16 (same bits, same memory), for NumPy.
+
+    A versioned capsule where the exporter gives one (it says whether the memory may be
+    written: NumPy imports a legacy capsule read-only, so that a torch.bfloat16 tensor
+    could not be an ``out=`` buffer), else a legacy one."""
 
     def __init__(self, a):
         self._device = a.__dlpack_device__()
-        self._capsule = a.__dlpack__()  # legacy: a "dltensor" capsule, consumed once
-        code = _capsule_pointer(self._capsule, b"dltensor") + _DLTENSOR_DTYPE_CODE
+        try:
+            self._capsule = a.__dlpack__(max_version=(1, 0))  # consumed once
+        except TypeError:  # an exporter older than DLPack 1.0's keyword
+            self._capsule = a.__dlpack__()
+        name = b"dltensor"
+        offset = _DLTENSOR_DTYPE_CODE
+        if ctypes.pythonapi.PyCapsule_IsValid(ctypes.py_object(self._capsule),
+                                              b"dltensor_versioned"):
+            name, offset = b"dltensor_versioned", _VERSIONED_DLTENSOR + _DLTENSOR_DTYPE_CODE
+        code = _capsule_pointer(self._capsule, name) + offset
         if ctypes.c_uint8.from_address(code).value != _KDLBFLOAT:
             raise TypeError("the exporter did not describe its array as kDLBfloat")
         ctypes.c_uint8.from_address(code).value = _KDLUINT

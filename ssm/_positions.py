@@ -121,7 +121,7 @@ def _common(B, x, name, layout, temperature, threads):
     layout = V.check_choice(layout, "layout", V.LAYOUTS)
     x = V.check_float_array(x, name)
     geom = V.positions_geometry(x, name, layout)
-    t, scalar = V.check_temperature(temperature, geom.C)
+    t, scalar = V.check_temperature(temperature, geom.C, x.dtype)
     return x, geom, t, scalar, _threads.resolve(threads)
 
 

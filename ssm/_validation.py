@@ -193,6 +193,8 @@ def as_array(a, name: str):
     if isinstance(a, np.ndarray) or is_device_array(a):
         if is_masked_array(a):
             raise masked_error(name)
+        if type(a) is np.ndarray and not a.dtype.isnative:
+            return a.astype(a.dtype.newbyteorder("="))  # the kernels read native numbers
         return a
     if isinstance(a, (list, tuple, numbers.Number, np.generic)) and not isinstance(a, bool):
         return np.asarray(a)
@@ -201,6 +203,16 @@ def as_array(a, name: str):
                     f"numbers (CPU), a CuPy array (GPU), or an array of another library "
                     f"with __dlpack__; got {type_name(a)}"
                     + (f".{hint}" if hint else ""))
+
+
+def sequence_as(a, dtype):
+    """A nested list or tuple of real numbers as an array of `dtype` (the logits'): Python's
+    numbers have no dtype of their own to differ from it. Anything else as it is."""
+    if isinstance(a, (list, tuple)):
+        arr = np.asarray(a)
+        if is_real(arr.dtype):
+            return arr.astype(dtype)
+    return a
 
 
 def contiguous(a, dtype=None):
@@ -232,7 +244,8 @@ def check_float_dtype(a, name: str, table=FLOAT_DTYPES) -> None:
     device = device_of(a)
     ok = table.accepts(a.dtype, device) if table is FLOAT_DTYPES else a.dtype in table[device]
     if not ok:
-        raise TypeError(f"{name}: dtype {a.dtype} is not supported on the {device}; "
+        where = "the CPU" if device == "cpu" else "a GPU"
+        raise TypeError(f"{name}: dtype {a.dtype} is not supported on {where}; "
                         f"expected one of {_dtype_names(table[device])}")
 
 
@@ -296,6 +309,8 @@ def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
     t = as_array(target, "target")
     if t.dtype in LABEL_KINDS and t.shape == geom.pixel_shape:  # the common case: no message
         return contiguous(t), LABEL_KINDS[t.dtype]
+    if isinstance(target, (list, tuple)) and is_float(t.dtype) and t.shape == geom.shape:
+        t = t.astype(logits.dtype)  # soft targets as nested lists: the logits' dtype
     kinds = _target_kinds(geom, logits)
     if is_float(t.dtype):
         if t.shape == geom.shape:
@@ -320,7 +335,7 @@ def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
 def check_weights(weights, geom: Geometry, dtype: np.dtype):
     if weights is None:
         return None
-    w = as_array(weights, "weights")
+    w = as_array(sequence_as(weights, dtype), "weights")
     if w.dtype != dtype:
         raise TypeError(f"weights: dtype {w.dtype} differs from the logits' {dtype}")
     if w.shape != geom.pixel_shape:
@@ -356,8 +371,11 @@ def check_lens(lens, C: int, dtype: np.dtype, kind: int):
         raise ValueError("lens: a confusion lens maps integer labels; it cannot be used with "
                          "soft targets (fold it into the target map instead)")
     lens = _small_float(lens, "lens", (C, C))  # checked in float64, then cast
-    if not np.all(np.isfinite(lens)) or np.any(lens < 0):
-        raise ValueError("lens: entries must be finite and >= 0; rows are distributions")
+    bad = ~(np.isfinite(lens) & (lens >= 0))
+    if bad.any():
+        i, j = (int(k) for k in np.unravel_index(np.argmax(bad), bad.shape))
+        raise ValueError(f"lens: entry [{i}, {j}] is {float(lens[i, j])!r}; expected finite "
+                         f"entries >= 0 (rows are distributions)")
     rows = lens.sum(axis=1, dtype=np.float64)
     worst = int(np.argmax(np.abs(rows - 1.0)))
     if abs(rows[worst] - 1.0) > LENS_ROW_TOLERANCE:
@@ -601,9 +619,12 @@ def positions_geometry(a, name: str, layout: str) -> PositionsGeometry:
     return PositionsGeometry(shape, N, C, spatial, N, L, C)
 
 
-def check_temperature(temperature, C: int):
+def check_temperature(temperature, C: int, dtype=np.float64):
     """(the (C,) float64 temperatures, whether one number was given). A temperature is a
-    positive finite number, or an array of C of them (one per channel)."""
+    positive finite number, or an array of C of them (one per channel), whose inverse is
+    finite in the type the kernels compute ``dtype`` maps in (float64 for float64,
+    float32 for the others): the kernels scale by 1/T, and an infinite one would make the
+    map's largest value 0 * inf, NaN."""
     if isinstance(temperature, numbers.Real) and not isinstance(temperature, (bool, np.bool_)):
         t = np.full(C, float(temperature))
         scalar = True
@@ -623,6 +644,15 @@ def check_temperature(temperature, C: int):
         v = t[np.argmax(bad)]
         raise ValueError(f"temperature: {float(v)!r} is not a positive finite number; "
                          f"expected temperature > 0")
+    compute = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    # 1/T is taken in float64: its largest finite value, or the smallest normal float64
+    # (1/DBL_MAX is subnormal, and 1 over it rounds to inf)
+    lowest = max(1.0 / float(np.finfo(compute).max), float(np.finfo(np.float64).tiny))
+    if (t < lowest).any():
+        v = t[np.argmax(t < lowest)]
+        raise ValueError(f"temperature: {float(v)!r} is too small for {np.dtype(dtype)} maps, "
+                         f"whose kernels scale by 1/T in {np.dtype(compute)}; expected "
+                         f"temperature >= {lowest!r}")
     return t, scalar
 
 
@@ -642,7 +672,7 @@ def check_grid(grid, spatial: tuple) -> np.ndarray:
 
 def check_d_keypoints(dk, geom, x):
     """soft_argmax_grad's upstream gradient: (N, C, ndim) of x's dtype."""
-    dk = check_float_array(dk, "d_keypoints")
+    dk = check_float_array(sequence_as(dk, x.dtype), "d_keypoints")
     if dk.dtype != x.dtype:
         raise TypeError(f"d_keypoints: dtype {dk.dtype} differs from x's {x.dtype}")
     expected = (geom.N, geom.C, len(geom.spatial))

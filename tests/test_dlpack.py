@@ -150,7 +150,7 @@ def test_torch_requires_grad_says_detach(rng, torch):
 
 
 def test_torch_unsupported_dtype(torch):
-    with pytest.raises(TypeError, match=r"^x: dtype complex64 is not supported on the cpu"):
+    with pytest.raises(TypeError, match=r"^x: dtype complex64 is not supported on the CPU"):
         ssm.softmax(torch.zeros(SHAPE, dtype=torch.complex64))
 
 
@@ -171,6 +171,22 @@ def test_torch_half_in_torch_half_out(rng, torch, name):
             assert isinstance(got, torch.Tensor) and got.dtype == tdtype, call
             np.testing.assert_array_equal(got.view(torch.int16).numpy().view(np.uint16),
                                           np.asarray(want).view(np.uint16))
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_torch_half_out_buffer(rng, torch, name):
+    # A writeable torch tensor is an out= buffer in every dtype: bfloat16's export is
+    # relabelled in a versioned DLPack capsule, which says it is writeable (NumPy imports
+    # a legacy one read-only); a read-only JAX array stays refused
+    tdtype = getattr(torch, name)
+    xt = torch.from_numpy(make_logits(rng, SHAPE, np.float32)).to(tdtype)
+    out = torch.full_like(xt, 7.0)
+    assert ssm.softmax(xt, out=out) is out
+    assert torch.equal(out, ssm.softmax(xt))
+    jax = require_module("jax", "jax")
+    xj = jax.numpy.asarray(xt.float().numpy()).astype(getattr(jax.numpy, name))
+    with pytest.raises(ValueError, match=r"^out: the buffer is read-only"):
+        ssm.softmax(xj, out=jax.numpy.zeros_like(xj))
 
 
 def test_jax_bfloat16_in_jax_out(rng):

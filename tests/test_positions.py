@@ -443,6 +443,23 @@ def test_errors():
         ssm.spatial_softmax(x, temperature=0.0)
     with pytest.raises(ValueError, match=r"temperature: nan is not a positive finite number"):
         ssm.soft_argmax(x, temperature=[1.0, np.nan, 1.0])
+    with pytest.raises(ValueError, match=r"temperature: 1e-39 is too small for float32 maps, "
+                                         r"whose kernels scale by 1/T in float32; expected "
+                                         r"temperature >= 2.93873\d*e-39"):
+        ssm.spatial_softmax(x, temperature=[1.0, 1e-39, 1.0])
+    with pytest.raises(ValueError, match=r"temperature: 1e-309 is too small for float64 maps, "
+                                         r"whose kernels scale by 1/T in float64; expected "
+                                         r"temperature >= 2.2250738585072014e-308"):
+        ssm.soft_argmax(x.astype(np.float64), temperature=1e-309)
+    with pytest.raises(ValueError, match=r"1e-39 is too small for float16 maps, whose kernels "
+                                         r"scale by 1/T in float32"):
+        ssm.spatial_softmax(x.astype(np.float16), temperature=1e-39)
+    for dtype, lowest in ((np.float32, 1.0 / float(np.finfo(np.float32).max)),
+                          (np.float64, float(np.finfo(np.float64).tiny))):  # the limit: one-hot
+        z = np.zeros((1, 1, 2, 2), dtype)
+        z[0, 0, 1, 0] = 1e-3
+        np.testing.assert_array_equal(ssm.spatial_softmax(z, temperature=lowest).ravel(),
+                                      [0, 0, 1, 0])
     with pytest.raises(ValueError, match=r"temperature: shape \(2,\) does not match the 3 "
                                          r"channels; expected a number or shape \(3,\)"):
         ssm.soft_argmax(x, temperature=[1.0, 2.0])
@@ -450,7 +467,7 @@ def test_errors():
         ssm.soft_argmax(x, temperature="hot")
     with pytest.raises(TypeError, match="return_variance: expected True or False"):
         ssm.soft_argmax(x, return_variance=1)
-    with pytest.raises(TypeError, match="x: dtype int64 is not supported on the cpu"):
+    with pytest.raises(TypeError, match="x: dtype int64 is not supported on the CPU"):
         ssm.soft_argmax(np.zeros((2, 3, 4), np.int64))
     with pytest.raises(ValueError, match=r"d_keypoints: shape \(2, 3, 3\) does not match; "
                                          r"expected \(2, 3, 2\)"):

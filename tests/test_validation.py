@@ -232,7 +232,8 @@ def test_lens(data, name):
         _call(name, x, y, lens=eye.ravel())
     neg = eye.copy()
     neg[1, :2] = [-0.5, 1.5]
-    with pytest.raises(ValueError, match=r"^lens: "):
+    with pytest.raises(ValueError, match=r"^lens: entry \[1, 0\] is -0.5; expected finite "
+                                         r"entries >= 0 \(rows are distributions\)"):
         _call(name, x, y, lens=neg)
     rows = eye.copy()
     rows[2, 3] = 0.01  # row 2 sums to 1.01
@@ -725,3 +726,46 @@ def test_is_device_array_fast_path():
     for host in (None, 0, 1.5, True, np.zeros(3), np.float32(1.0), [1.0], "x"):
         assert not V.is_device_array(host)
     assert V.is_device_array(cudasim.zeros(3, np.float32))
+
+
+def test_byte_swapped_inputs_are_read_as_their_numbers(rng):
+    # A big-endian (non-native) array is copied to native order, as a strided one is
+    # copied to C order; an out= buffer of another byte order is not the logits' dtype.
+    x = make_logits(rng, (2, 4, 3, 5), np.float32)
+    y = make_labels(rng, (2, 3, 5), 4, np.int64)
+    w = rng.random((2, 3, 5)).astype(np.float32)
+    t = make_soft_targets(rng, x.shape, np.float32)
+    swapped = [a.astype(a.dtype.newbyteorder(">")) for a in (x, y, w, t)]
+    assert not swapped[0].dtype.isnative
+    xs, ys, ws, ts = swapped
+    for got, want in ((ssm.cross_entropy(xs, ys, ws), ssm.cross_entropy(x, y, w)),
+                      (ssm.cross_entropy(xs, ts), ssm.cross_entropy(x, t)),
+                      (ssm.softmax(xs), ssm.softmax(x)),
+                      (ssm.spatial_softmax(xs, temperature=xs.dtype.type(0.5)),
+                       ssm.spatial_softmax(x, temperature=0.5))):
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match=r"^out: dtype >f4 does not match; expected float32"):
+        ssm.softmax(x, out=np.empty(x.shape, ">f4"))
+
+
+def test_nested_lists_take_the_logits_dtype(rng):
+    # Python's numbers have no dtype: weights, soft targets and d_keypoints given as
+    # nested lists are the logits' dtype, as d_loss maps and class weights are
+    for dtype in (np.float32, np.float16):
+        x = make_logits(rng, (2, 3, 2, 2), dtype)
+        y = make_labels(rng, (2, 2, 2), 3, np.int64)
+        w = rng.random((2, 2, 2)).astype(dtype)
+        t = make_soft_targets(rng, x.shape, dtype)
+        dk = rng.standard_normal((2, 3, 2)).astype(dtype)
+        assert ssm.cross_entropy(x, y, w.tolist()) == ssm.cross_entropy(x, y, w)
+        assert ssm.cross_entropy(x, t.tolist()) == ssm.cross_entropy(x, t)
+        np.testing.assert_array_equal(ssm.soft_argmax_grad(x, dk.tolist()),
+                                      ssm.soft_argmax_grad(x, dk))
+    with pytest.raises(TypeError, match=r"^weights: dtype bool differs"):
+        ssm.cross_entropy(x, y, (w > 0.5).tolist())
+
+
+def test_unsupported_dtype_names_the_device(rng):
+    with pytest.raises(TypeError, match=r"^x: dtype int16 is not supported on the CPU; "
+                                        r"expected one of float"):
+        ssm.softmax(np.zeros((2, 3), np.int16))
