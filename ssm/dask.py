@@ -73,6 +73,7 @@ except ImportError as exc:
     raise ImportError(f"ssm.dask needs Dask, which is not importable ({exc}); install it with "
                       "pip install 'ssm[dask]'") from exc
 
+from . import _threads
 from . import _validation as V
 from ._api import label_pass
 from ._codes import LABEL_KINDS, Op, Target
@@ -111,6 +112,14 @@ def _as_dask(a, name):
     return da.from_array(a, chunks=a.shape or (), asarray=False)
 
 
+def _check_known_shape(a, name):
+    """A Dask array whose chunk sizes are unknown (after boolean indexing) has NaN in its
+    shape: say so, and how to learn them."""
+    if any(n != n for n in a.shape):
+        raise ValueError(f"{name}: shape {a.shape} has unknown chunk sizes (NaN); expected "
+                         f"known ones: call {name}.compute_chunk_sizes() first")
+
+
 def _class_axis(ndim, layout):
     return 1 if layout == "NCHW" else ndim - 1
 
@@ -127,6 +136,7 @@ class _Geom:
         if not isinstance(x, da.Array):
             raise TypeError(f"{name}: expected a Dask array; got {V.type_name(x)}")
         V.check_float_dtype(_meta(x), name)
+        _check_known_shape(x, name)
         self.g = V.geometry(x, name, self.layout)  # reads the shape only
         self.cax = _class_axis(x.ndim, self.layout)
         self.chunks = x.chunks
@@ -143,8 +153,13 @@ def _check_target(y, G, x, name):
     """Labels or soft targets, rechunked to x's pixel chunks (x's chunks for soft targets);
     the eager checks of shape and dtype (the chunks' calls check the rest)."""
     g = G.g
+    _check_known_shape(y, "target")
     if y.dtype in LABEL_KINDS and y.shape == g.pixel_shape:
         return y.rechunk(G.pixel_chunks), LABEL_KINDS[y.dtype]
+    if y.dtype.kind != "f" and y.dtype not in LABEL_KINDS:
+        raise TypeError(f"target: dtype {y.dtype} is not supported; expected integer labels "
+                        f"({', '.join(map(str, LABEL_KINDS))}) of shape {g.pixel_shape}, or "
+                        f"soft targets of {name}'s shape {g.shape} and dtype {x.dtype}")
     if y.dtype.kind == "f" and y.shape == g.shape:
         if y.dtype != x.dtype:
             raise TypeError(f"target: soft targets of dtype {y.dtype} differ from "
@@ -179,11 +194,23 @@ class _Call:
         self.weights = _check_pixel_map(_as_dask(weights, "weights"), G, "weights")
         self.opts = dict(opts, class_weights=_host_or_none(opts["class_weights"]),
                          lens=_host_or_none(opts["lens"]))
+        # every option checked here, as the single call checks them: the chunks' calls
+        # would check some only at compute time, and the class-sharded path (C over
+        # several chunks) does not call ssm on the options at all
+        for name, check in (("class_weights", V.check_class_weights),
+                            ("lens", functools.partial(V.check_lens, kind=self.kind))):
+            a = opts[name]  # as given (a Dask array computed), for the single call's message
+            check(self.opts[name] if isinstance(a, da.Array) else a, G.C, G.dtype)
         V.check_smoothing(opts["label_smoothing"])
         V.check_ignore_index(opts["ignore_index"])
         V.check_loss(opts["loss"])
+        _threads.resolve(threads)
         self.threads = threads
         self.d, self.dmap = 1.0, None
+        if isinstance(d_loss, da.Array) and d_loss.ndim == 0:
+            raise TypeError("d_loss: a 0-d Dask array is not supported; expected a number "
+                            "(compute it first: float(d_loss.compute())), or an array of the "
+                            "pixels' shape with reduction='none'")
         if d_loss is not None:
             if isinstance(d_loss, da.Array) or (hasattr(d_loss, "shape") and d_loss.size > 1):
                 if self.reduction != "none":
@@ -655,6 +682,7 @@ def _as_float64(a):
 def _softmax_like(x, layout, threads, fn, sharded):
     x = _as_dask(x, "x")
     G = _Geom(x, "x", layout)
+    _threads.resolve(threads)
     if G.sharded:
         return sharded(x, G)
     from . import _api
@@ -682,6 +710,7 @@ def softmax_grad(prob, dprob, *, layout="NCHW", threads=None):
     prob = _as_dask(prob, "prob")
     dprob = _as_dask(dprob, "dprob")
     G = _Geom(prob, "prob", layout)
+    _threads.resolve(threads)
     if dprob.shape != prob.shape or dprob.dtype != prob.dtype:
         raise ValueError(f"dprob: shape {dprob.shape} and dtype {dprob.dtype} differ from "
                          f"prob's {prob.shape}, {prob.dtype}")

@@ -357,6 +357,42 @@ def test_eager_argument_errors(rng):
         sdask.softmax(da.from_array(y))
 
 
+@pytest.mark.parametrize("split_c", [False, True])
+def test_eager_option_errors_as_the_single_call(rng, split_c):
+    # Every option is checked when the graph is built, with the single call's message,
+    # whether or not the class axis is split (where no chunk calls ssm on the options)
+    x = make_logits(rng, (2, 6, 3, 3), np.float32)
+    y = make_labels(rng, (2, 3, 3), 6, np.int64)
+    xd = da.from_array(x, chunks=(1, 3 if split_c else 6, 3, 3))
+    yd = da.from_array(y, chunks=(1, 3, 3))
+    soft = da.from_array(np.full(x.shape, 1 / 6, np.float32), chunks=xd.chunks)
+    cases = [(dict(lens=np.ones((6, 6))), ValueError), (dict(lens=np.eye(3)), ValueError),
+             (dict(lens=2 * np.eye(6) - np.roll(np.eye(6), 1, 1)), ValueError),
+             (dict(class_weights=np.ones(3)), ValueError),
+             (dict(class_weights="abc"), TypeError), (dict(threads=0), ValueError)]
+    for kw, error in cases:
+        with pytest.raises(error) as single:
+            ssm.spatial_softmax_with_loss(x, y, **kw)
+        with pytest.raises(error) as lazy:
+            sdask.spatial_softmax_with_loss(xd, yd, **kw)
+        assert str(lazy.value) == str(single.value), kw
+    with pytest.raises(ValueError, match=r"^lens: a confusion lens maps integer labels"):
+        sdask.spatial_softmax_with_loss(xd, soft, lens=np.eye(6))
+    with pytest.raises(ValueError, match=r"^threads: "):
+        sdask.softmax(xd, threads=0)
+    with pytest.raises(TypeError, match=r"^target: dtype uint16 is not supported; expected "
+                                        r"integer labels"):
+        sdask.spatial_softmax_with_loss(xd, yd.astype(np.uint16))
+    with pytest.raises(TypeError, match=r"^d_loss: a 0-d Dask array is not supported"):
+        sdask.spatial_softmax_with_loss_and_grad(xd, yd, reduction="sum",
+                                                 d_loss=1 / sdask.loss_normalizer(xd, yd))
+    mask = da.from_array(np.array([True, False]), chunks=1)
+    with pytest.raises(ValueError, match=r"^logits: shape \(nan, 6, 3, 3\) has unknown chunk "
+                                         r"sizes \(NaN\); expected known ones: call "
+                                         r"logits.compute_chunk_sizes\(\) first"):
+        sdask.spatial_softmax_with_loss(xd[mask], yd[mask])
+
+
 # ---- the public building block and the shard recipe -----------------------------------
 
 def _reference_normaliser(y, w, cw, ignore_index):
