@@ -247,6 +247,32 @@ def _saved_grad(ctx):
     return _cross_entropy_fwd_bwd(*saved, *ctx.options)[1]  # handed on before: recompute
 
 
+NO_SECOND_DERIVATIVE = (
+    "ssm.torch.cross_entropy: its gradient is not differentiable (no double backward); for "
+    "second derivatives (gradient penalties, Hessian-vector products) use "
+    "torch.nn.functional.cross_entropy")
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The gradient, joined to the logits' graph by a backward that raises: what
+    ``once_differentiable`` does, for a backward run with ``create_graph=True``, whose
+    incoming gradient need not require grad (``torch.autograd.grad(loss, x,
+    create_graph=True)``), so that ``once_differentiable`` would return a gradient
+    without a graph, and a second derivative through it would silently be 0."""
+
+    @staticmethod
+    def forward(grad, input):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(NO_SECOND_DERIVATIVE)
+
+
 def _backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:  # the loss was not used
         return (None,) * 9
@@ -259,6 +285,11 @@ def _backward(ctx, grad_loss, _grad_of_grad):
         d, ctx.grad = grad, None  # loss.backward(): the gradient is the saved one, handed on
     else:
         d = grad * grad_loss
+    if torch.is_grad_enabled() and ctx.needs_input_grad[0]:  # create_graph=True
+        saved = ctx.saved_tensors
+        if len(saved) == 1:  # traced: the logits were not saved, nothing to join
+            raise RuntimeError(NO_SECOND_DERIVATIVE)
+        d = _NoSecondDerivative.apply(d, saved[0])
     return (d,) + (None,) * 8
 
 

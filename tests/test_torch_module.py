@@ -427,3 +427,26 @@ def test_a_dropped_or_scaled_step_frees_its_gradient_at_once(rng):
     finally:
         gc.enable()
     torch.testing.assert_close(x.grad, want)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_no_silent_second_derivative(rng):
+    # create_graph=True: the gradient is joined to the logits' graph by a backward that
+    # raises, so a gradient penalty through it fails loudly instead of losing its term
+    x = torch.tensor(make_logits(rng, (2, 5, 3), np.float64), requires_grad=True)
+    y = torch.tensor(rng.integers(0, 5, (2, 3)))
+    loss = st.cross_entropy(x, y)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    (want,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x, y), x)
+    assert g.requires_grad and float((g.detach() - want).abs().max()) < 1e-15
+    with pytest.raises(RuntimeError, match=r"^ssm.torch.cross_entropy: its gradient is not "
+                                           r"differentiable \(no double backward\)"):
+        (st.cross_entropy(x, y) + (g ** 2).sum()).backward()
+    x.grad = None
+    st.cross_entropy(x, y).backward(create_graph=True)  # first order alone: fine
+    assert x.grad.requires_grad and float((x.grad.detach() - want).abs().max()) < 1e-15
+    with pytest.raises(RuntimeError, match=r"^ssm.torch.cross_entropy: its gradient is not"):
+        x.grad.sum().backward()
+    x.grad = None
+    st.cross_entropy(x, y).backward()  # without create_graph: no graph, as before
+    assert not x.grad.requires_grad
