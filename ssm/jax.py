@@ -34,6 +34,8 @@ except ImportError as exc:
 import numpy as np
 
 import ssm
+from ssm import _validation as V
+from ssm._codes import LABEL_KINDS
 from ssm._pages import advise_huge
 
 try:  # zero-copy host callbacks (JAX 0.7 and later)
@@ -144,18 +146,64 @@ def _ce_bwd(statics, grad, ct):
 _cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
+def _stand_in(a):
+    """A NumPy array of `a`'s shape and dtype that owns one element (a zero-stride view):
+    for ssm's checks of shapes and dtypes, which raise before they read or copy it."""
+    return np.broadcast_to(np.zeros((), np.dtype(a.dtype)), tuple(a.shape))
+
+
+def _check_dtype(a, name):
+    """ssm's dtype check of a (possibly traced) float array, and bfloat16's refusal: XLA's
+    host callbacks hand bfloat16 buffers over as DLPack's kDLBfloat, which NumPy cannot
+    import."""
+    if np.dtype(a.dtype).name == "bfloat16":
+        raise TypeError(f"{name}: bfloat16 is not supported by ssm.jax yet (XLA's host "
+                        f"callbacks pass it as DLPack's bfloat16, which NumPy cannot import); "
+                        f"cast to float32 ({name}.astype(jnp.float32)), or call "
+                        f"ssm.cross_entropy / ssm.softmax on the array (no gradient)")
+    V.check_float_dtype(np.zeros((), a.dtype), name)
+
+
+def _check(logits, target, weights, ignore_index, label_smoothing, reduction, layout):
+    """ssm's checks of shapes, dtypes and options, when the function is traced (with ssm's
+    messages), instead of inside the callback, where JAX would report each as an INTERNAL
+    runtime error at the first run."""
+    V.check_choice(reduction, "reduction", V.REDUCTIONS)
+    V.check_choice(layout, "layout", V.LAYOUTS)
+    V.check_ignore_index(ignore_index)
+    V.check_smoothing(label_smoothing)
+    _check_dtype(logits, "logits")
+    x = _stand_in(logits)
+    g = V.geometry(x, "logits", layout)
+    tdt, tshape = np.dtype(target.dtype), tuple(target.shape)
+    if not ((tdt in LABEL_KINDS and tshape == g.pixel_shape)
+            or (tdt == x.dtype and tshape == g.shape)):
+        V.check_target(_stand_in(target), g, x, "logits")  # raises, with ssm's message
+    if weights is not None and (np.dtype(weights.dtype) != x.dtype
+                                or tuple(weights.shape) != g.pixel_shape):
+        V.check_weights(_stand_in(weights), g, x.dtype)  # raises
+
+
+def _small(a):
+    """class_weights or lens as an array argument (a list or tuple as NumPy's)."""
+    return np.asarray(a) if isinstance(a, (list, tuple)) else a
+
+
 def cross_entropy(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
                   lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW"):
     """The loss of ``ssm.spatial_softmax_with_loss``, differentiable in ``logits``.
 
     Parameters and semantics are ssm's (see ``help(ssm.spatial_softmax_with_loss)``):
-    ``logits`` ``(N, C, *spatial)`` (or channels last with ``layout="NHWC"``), float32 or
-    float64; ``target`` integer labels ``(N, *spatial)`` or soft targets of the logits'
-    shape; ``weights`` per-pixel. Returns the 0-d loss, or the loss map for "none".
+    ``logits`` ``(N, C, *spatial)`` (or channels last with ``layout="NHWC"``), float16,
+    float32 or float64 (bfloat16 not yet); ``target`` integer labels ``(N, *spatial)`` or
+    soft targets of the logits' shape; ``weights`` per-pixel. Returns the 0-d loss, or the
+    loss map for "none". Shapes, dtypes and options are checked when the function is
+    traced (ssm's errors); the labels' values in the callback.
     """
+    _check(logits, target, weights, ignore_index, label_smoothing, reduction, layout)
     statics = (("ignore_index", int(ignore_index)), ("label_smoothing", float(label_smoothing)),
                ("reduction", reduction), ("layout", layout))
-    return _cross_entropy(logits, target, weights, class_weights, lens, statics)
+    return _cross_entropy(logits, target, weights, _small(class_weights), _small(lens), statics)
 
 
 # ---- softmax and log-softmax ------------------------------------------------------
@@ -189,11 +237,19 @@ def _softmax_bwd(layout, log, out, g):
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
+def _check_softmax(x, layout):
+    V.check_choice(layout, "layout", V.LAYOUTS)
+    _check_dtype(x, "x")
+    V.geometry(_stand_in(x), "x", layout)
+
+
 def softmax(x, *, layout="NCHW"):
     """``ssm.softmax`` over the class axis (1 for NCHW, the last for NHWC), differentiable."""
+    _check_softmax(x, layout)
     return _softmax(x, layout, False)
 
 
 def log_softmax(x, *, layout="NCHW"):
     """``ssm.log_softmax`` over the class axis, differentiable."""
+    _check_softmax(x, layout)
     return _softmax(x, layout, True)

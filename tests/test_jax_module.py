@@ -180,3 +180,37 @@ def test_advise_huge_marks_the_mapping():
             assert " hg" in entry
             return
     pytest.fail("the block's mapping was not found in /proc/self/smaps")
+
+
+def test_errors_when_traced_with_ssms_messages(rng):
+    # Shapes, dtypes and options are checked when the function is traced, with ssm's own
+    # errors (inside the callback JAX would report each as an INTERNAL runtime error)
+    import ssm
+    x = make_logits(rng, (2, 5, 3, 4), np.float32)
+    y = make_labels(rng, (2, 3, 4), 5, np.int32)
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    cases = [((x, y), dict(reduction="avg")), ((x, y), dict(layout="CHW")),
+             ((x, y), dict(ignore_index=1.5)), ((x, y.astype(np.int16)), {}),
+             ((x.astype(np.int32), y), {}), ((x, y[:1]), {}),
+             ((x, y, np.ones((2, 3, 4), np.float16)), {}),
+             ((x, y, np.ones((2, 3), np.float32)), {})]
+    for args, kw in cases:
+        with pytest.raises((TypeError, ValueError)) as want:
+            ssm.cross_entropy(*args, **kw)
+        for f in (sj.cross_entropy, jax.jit(lambda *a, kw=kw: sj.cross_entropy(*a, **kw))):
+            with pytest.raises(type(want.value)) as got:
+                f(*map(jnp.asarray, args), **(kw if f is sj.cross_entropy else {}))
+            assert str(got.value) == str(want.value), (args, kw)
+    with pytest.raises(TypeError, match=r"^logits: bfloat16 is not supported by ssm.jax yet"):
+        sj.cross_entropy(xj.astype(jnp.bfloat16), yj)
+    with pytest.raises(TypeError, match=r"^x: bfloat16 is not supported by ssm.jax yet"):
+        sj.softmax(xj.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"^layout: 'CHW' is not one of"):
+        sj.log_softmax(xj, layout="CHW")
+    # class weights as a list or tuple, as ssm takes them
+    cw = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert float(sj.cross_entropy(xj, yj, class_weights=cw)) == \
+        float(ssm.cross_entropy(x, y, class_weights=cw))
+    g = jax.grad(lambda a: sj.cross_entropy(a, yj, class_weights=tuple(cw)))(xj)
+    np.testing.assert_array_equal(
+        np.asarray(g), ssm.spatial_softmax_with_loss_and_grad(x, y, class_weights=cw)[1])
