@@ -3,12 +3,13 @@
 Each function picks its backend once from its array arguments (``_backend``: NumPy
 arrays run on the CPU through ``_cpu``, CuPy arrays (or simulated ones) on their GPU
 through ``_gpu``; both modules have the same ``run``, ``run_loss``, ``run_checked``,
-``stats``, ``run_with_stats`` and ``loss_value``),
+``stats`` and ``loss_value``),
 validates all of
 its arguments through ``_validation`` before any kernel runs (so an error never leaves
 an ``out=`` buffer half written), views the logits as ``(outer, C, inner)`` (see
 ``_validation.geometry``), allocates missing outputs, describes the call as one
-``_problem.Problem`` and calls one kernel pass (``run(op, problem, threads)``), with,
+``_problem.Problem`` and calls one kernel pass (``run(op, problem, threads)``; for a
+loss pass ``run_loss`` or ``run_checked``, which reduce its loss as well), with,
 for the loss functions, the label pre-pass (``stats``) where the labels must be checked
 or the "mean" normaliser counted: before the pass, or in it (``run_checked``) where the
 outputs are the call's own and the pass does not need the normaliser, raising for a

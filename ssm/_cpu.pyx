@@ -12,9 +12,11 @@ Design
   ``stats`` (the label pre-pass: normaliser and first bad label). Each is a
   ``prange`` over tiles with the GIL released and a per-thread scratch block
   malloc'ed inside the parallel region. ``run_with_stats`` is both in one pass, for
-  the loss alone (which writes nothing it would have to check labels before): each
-  tile's labels are counted and checked as the tile is staged (ssm_tile_stats), so
-  the labels come from DRAM once and one team is woken instead of two.
+  a loss pass whose outputs are the call's own (the loss alone, the forward without
+  ``out=``: nothing the caller sees needs the labels checked first; ``run_checked``):
+  each tile's labels are counted and checked as the tile is staged (ssm_tile_stats), so
+  the labels come from DRAM once and one team is woken instead of two. ``run_loss`` and
+  ``run_checked`` also reduce the loss (``loss_value``), as the GPU backend's do.
 - Scheduling is dynamic, in chunks of about 1/16 of a thread's share of tiles:
   long enough runs of adjacent tiles for the prefetchers, and when another
   process takes a core from one thread the others take over its chunks instead of

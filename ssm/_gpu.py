@@ -14,10 +14,12 @@ Design
   of the right dtype and shape, outputs allocated, the shape given as (outer, C, inner).
   Nothing here checks; nothing here raises.
 - The same entry points as the CPU backend (ssm/_cpu.pyx): ``run(op, problem, threads)``
-  (every kernel that walks the logits) and ``stats(problem, threads)`` (the label
-  pre-pass), plus ``loss_value`` (the reduced loss as a 0-d array of the logits' dtype),
-  and ``positions(op, problem, threads)`` for softmax over positions (positions.cu, an
-  ``ssm._problem.PositionsProblem``). ``threads`` is a CPU notion, accepted and ignored.
+  (every kernel that walks the logits), ``run_loss`` (a loss pass and its reduced loss),
+  ``run_checked`` (a loss pass with the label pre-pass in it where it can be) and
+  ``stats(problem, threads)`` (the label pre-pass), plus ``loss_value`` (a reduced loss as
+  a 0-d array of the logits' dtype), and ``positions(op, problem, threads)`` for softmax
+  over positions (positions.cu, an ``ssm._problem.PositionsProblem``). ``threads`` is a
+  CPU notion, accepted and ignored.
 - Arguments: one builder per kernel (``softmax_fwd_args`` ...), each beside the kernel
   signature it mirrors; tests/test_contract.py checks them against the .cu text.
 - Modules: ``RawModule`` objects memoised per (driver, .cu file, dtypes, device), compiled by
@@ -458,15 +460,6 @@ def stats(problem, threads=None):
         _launch(xp, _FINAL, "reduce_stats", 1,
                 reduce_stats_args(norm_partials, bad_partials, grid, norm, bad), dev)
         return norm, bad
-
-
-def run_with_stats(op, problem, threads=None):
-    """``run`` and ``stats`` of one loss pass: (loss sum, sum of n_p, lowest flat index of a
-    bad label or -1), as those give them (the CPU backend's signature). Here the label
-    pass and the loss pass are two launches on the stream; nothing is read to the host.
-    """
-    norm, bad = stats(problem, threads)
-    return run(op, problem, threads), norm, bad
 
 
 def run_checked(op, problem, threads=None, divisor=None):

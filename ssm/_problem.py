@@ -2,8 +2,8 @@
 
 ``ssm/_api.py`` validates every argument (``_validation``), allocates the outputs and
 builds one ``Problem``; a backend's ``run(op, problem, threads)``,
-``stats(problem, threads)`` and ``run_with_stats(op, problem, threads)`` read it and
-nothing else (ssm/_cpu.pyx, ssm/_gpu.py). Every array is C-contiguous, typed as the
+``run_loss(op, problem, threads, divisor)``, ``run_checked(op, problem, threads,
+divisor)`` and ``stats(problem, threads)`` read it and nothing else (ssm/_cpu.pyx, ssm/_gpu.py). Every array is C-contiguous, typed as the
 kernels need and on the backend's device; ``None`` means "not given". Which fields an op reads:
 
 =============  ====================================================================

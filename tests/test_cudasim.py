@@ -16,7 +16,7 @@ import pytest
 import _reference as ref
 import ssm
 from conftest import (GPU_FLOAT_DTYPES, LAYOUTS, REDUCTIONS, assert_close, make_labels,
-                      make_logits, make_weights)
+                      make_logits, make_soft_targets, make_weights)
 from ssm import _gpu
 from ssm.testing import cudasim
 from ssm.testing.cudasim import SimulatorError, SynchronizationError
@@ -452,6 +452,19 @@ def test_a_loss_call_launches_then_reads_the_bad_label_index_once(monkeypatch, r
         got = _launches_and_syncs(monkeypatch, lambda: ssm.spatial_softmax_with_loss_and_grad(
             x, y, reduction="sum", layout=layout))
         assert got == riding + ["SYNC"]
+    # "none": no loss sums, so no loss final (NCHW: the final reduces the bad index only)
+    got = _launches_and_syncs(monkeypatch, lambda: ssm.spatial_softmax_with_loss(
+        x, y, reduction="none", out=out, layout=layout))
+    assert got == (pre + ["SYNC", "sswl_fwd"] if with_out else
+                   ["sswl_fwd", "reduce_loss_stats", "SYNC"] if layout == "NCHW" else
+                   pre + ["sswl_fwd", "SYNC"])
+    # soft targets have no labels to check: never a read, validate=True or not
+    t = cudasim.asarray(make_soft_targets(rng, shape, np.float32, layout=layout))
+    w = cudasim.asarray(rng.random((2, 3, 4)).astype(np.float32))
+    for kw in (dict(), dict(weights=w)):
+        got = _launches_and_syncs(monkeypatch, lambda: ssm.spatial_softmax_with_loss_and_grad(
+            x, t, out=out, layout=layout, **kw))
+        assert "SYNC" not in got and got[-2:] == ["sswl_fwd", "reduce_partials"], kw
 
 
 def test_no_compiler_is_a_clear_error(monkeypatch):
