@@ -36,6 +36,7 @@ import numpy as np
 import ssm
 from ssm import _validation as V
 from ssm._codes import LABEL_KINDS
+from ssm._interop import _bfloat16_host
 from ssm._pages import advise_huge
 
 try:  # zero-copy host callbacks (JAX 0.7 and later)
@@ -61,7 +62,13 @@ def _host_options(statics, cw, lens):
 
 
 def _host_array(a):
-    return None if a is None else np.from_dlpack(a)
+    """A buffer_callback buffer as a NumPy array of its memory (bfloat16 relabelled for
+    NumPy, which cannot import DLPack's kDLBfloat: ml_dtypes.bfloat16, no copy)."""
+    if a is None:
+        return None
+    if np.dtype(a.dtype).name == "bfloat16":
+        return _bfloat16_host(a)
+    return np.from_dlpack(a)
 
 
 def _on_host(fill, structs, *args, alias=None):
@@ -74,7 +81,7 @@ def _on_host(fill, structs, *args, alias=None):
     without it) ``pure_callback``, which copies the results into JAX's buffers."""
     if _buffer_callback is not None and jax.default_backend() == "cpu":
         def callback(ctx, outs, *bufs):
-            outs = tuple(np.from_dlpack(o) for o in outs)
+            outs = tuple(_host_array(o) for o in outs)
             for o in outs:  # XLA's fresh output blocks: first touched by ssm (ssm/_pages.py)
                 advise_huge(o)
             fill(outs, *map(_host_array, bufs))
@@ -153,14 +160,7 @@ def _stand_in(a):
 
 
 def _check_dtype(a, name):
-    """ssm's dtype check of a (possibly traced) float array, and bfloat16's refusal: XLA's
-    host callbacks hand bfloat16 buffers over as DLPack's kDLBfloat, which NumPy cannot
-    import."""
-    if np.dtype(a.dtype).name == "bfloat16":
-        raise TypeError(f"{name}: bfloat16 is not supported by ssm.jax yet (XLA's host "
-                        f"callbacks pass it as DLPack's bfloat16, which NumPy cannot import); "
-                        f"cast to float32 ({name}.astype(jnp.float32)), or call "
-                        f"ssm.cross_entropy / ssm.softmax on the array (no gradient)")
+    """ssm's dtype check of a (possibly traced) float array."""
     V.check_float_dtype(np.zeros((), a.dtype), name)
 
 
@@ -195,7 +195,7 @@ def cross_entropy(logits, target, weights=None, *, ignore_index=-1, class_weight
 
     Parameters and semantics are ssm's (see ``help(ssm.spatial_softmax_with_loss)``):
     ``logits`` ``(N, C, *spatial)`` (or channels last with ``layout="NHWC"``), float16,
-    float32 or float64 (bfloat16 not yet); ``target`` integer labels ``(N, *spatial)`` or
+    bfloat16, float32 or float64; ``target`` integer labels ``(N, *spatial)`` or
     soft targets of the logits' shape; ``weights`` per-pixel. Returns the 0-d loss, or the
     loss map for "none". Shapes, dtypes and options are checked when the function is
     traced (ssm's errors); the labels' values in the callback.
