@@ -25,6 +25,8 @@ import math
 import numbers
 from typing import NamedTuple
 
+import numpy as np
+
 from . import _cpu, _threads
 from . import _validation as V
 from ._codes import Op, Target
@@ -47,6 +49,8 @@ def _backend(*named):
         return _cpu, _HOST
     first, xp = gpu[0], V.array_module(gpu[0][1])
     for name, a in named:
+        if name == "d_loss" and type(a) is np.ndarray and a.ndim == 0:
+            continue  # a host scalar, as a number is (a 0-d array is never a loss map)
         if a is not None and not isinstance(a, numbers.Number) and (
                 not V.is_device_array(a) or V.array_module(a) is not xp):
             where = "on the host" if not V.is_device_array(a) else "of another library"

@@ -698,3 +698,17 @@ def test_half_nan_outputs_are_numpys_nan(rng, dtype):
         assert (g.view(np.uint16)[nan] == nan_bits).all()
         at = (0, 1, 0, 0) if c.ndim == 4 else (0, 0, 0)  # the np.nan logit's pixel
         assert c[at].view(np.uint16) == nan_bits
+
+
+def test_host_scalar_d_loss_with_device_arrays(rng):
+    # a 0-d NumPy d_loss is a number (the CPU takes it too); a host map is still refused
+    x = cudasim.asarray(make_logits(rng, (2, 5, 3, 4), np.float32))
+    y = cudasim.asarray(make_labels(rng, (2, 3, 4), 5, np.int32))
+    for f in (ssm.spatial_softmax_with_loss_and_grad, ssm.spatial_softmax_with_loss_grad):
+        a = f(x, y, d_loss=np.array(2.5, np.float32))
+        b = f(x, y, d_loss=2.5)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert cudasim.asnumpy(u).tobytes() == cudasim.asnumpy(v).tobytes()
+    with pytest.raises(TypeError, match=r"^d_loss: a numpy.ndarray on the host cannot be mixed"):
+        ssm.spatial_softmax_with_loss_grad(x, y, d_loss=np.ones((2, 3, 4), np.float32),
+                                           reduction="none")
