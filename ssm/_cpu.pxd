@@ -91,6 +91,7 @@ cdef extern from "_positions.h" nogil:
         void *var
         double *dtemp
         int stream
+        int in_place
         Py_ssize_t grid_w
 
     Py_ssize_t ssm_pos_num_tiles(const ssm_pos_problem *P)

@@ -833,6 +833,14 @@ cdef Py_ssize_t POS_TILE_BYTES = 64 * 1024
 POS_STREAM_ROW_BYTES = 512 * 1024
 
 
+# Contiguous rows of at least this many bytes (in the kernels' float type) that are not
+# streamed keep spatial_softmax's exp row, and its gradient's dy row, in the output row
+# itself instead of a scratch row: a scratch row that large is not reused from the cache
+# anyway, and each call's fresh one is faulted in page by page (a Python global, read at
+# each call; tests set it to 0 and to a huge value to compare the two: the same bits).
+POS_IN_PLACE_ROW_BYTES = 256 * 1024
+
+
 def _pos_streamed(out, Py_ssize_t row_bytes):
     """Whether a positions pass writes `out` (or None) with non-temporal stores, its maps
     `row_bytes` long in the kernels' float type (float32 for the half types)."""
@@ -888,6 +896,7 @@ def positions(int op, problem, threads):
     P.var = <void *>_ptr(problem.variance)
     P.dtemp = <double *>_ptr(problem.d_temperature)
     P.stream = _pos_streamed(problem.out, g.L * (8 if kind == K_DOUBLE else 4))
+    P.in_place = g.L * (8 if kind == K_DOUBLE else 4) >= POS_IN_PLACE_ROW_BYTES
     P.grid_w = problem.grid_w
     ntiles = ssm_pos_num_tiles(&P)
     if ntiles == 0:

@@ -330,7 +330,9 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
 /* ---- one row -------------------------------------------------------------------------- */
 
 /* Pass `op` over row r: x (and x2) its n = L contiguous values, out its output row (or
-   NULL), e and h scratch rows of L. Writes kp, var and dtemp at r as asked. */
+   NULL), e and h scratch rows of L. Writes kp, var and dtemp at r as asked. SOFTMAX and
+   SOFTMAX_BWD with e or h NULL keep that row in `out` instead (the same operations, the
+   same bits: each element is stored as R and read back). */
 SSM_INLINE void SSM_SFX(ssm_pos_row)(const ssm_pos_problem *P, int op, ptrdiff_t r,
                                      const R *restrict x, const R *restrict x2,
                                      R *restrict out, R *restrict e, R *restrict h)
@@ -346,6 +348,13 @@ SSM_INLINE void SSM_SFX(ssm_pos_row)(const ssm_pos_problem *P, int op, ptrdiff_t
 
     if (op == SSM_POS_SOFTMAX) {
         m = SSM_SFX(ssm_pos_max)(x, n);
+        if (!e) {  /* in place */
+            rs = (R)(1.0 / SSM_SFX(ssm_pos_exp)(x, out, m, it, n));
+#pragma omp simd
+            for (l = 0; l < n; l++)
+                out[l] = out[l] * rs;
+            return;
+        }
         rs = (R)(1.0 / SSM_SFX(ssm_pos_exp)(x, e, m, it, n));
 #pragma omp simd
         for (l = 0; l < n; l++)
@@ -355,6 +364,17 @@ SSM_INLINE void SSM_SFX(ssm_pos_row)(const ssm_pos_problem *P, int op, ptrdiff_t
     if (op == SSM_POS_SOFTMAX_BWD) {
         /* dy = p * (dp - sum p dp); dx = dy / T */
         const R dot = (R)SSM_SFX(ssm_pos_dot)(x, x2, n);
+        if (!h) {  /* in place: dy in out, then scaled there */
+#pragma omp simd
+            for (l = 0; l < n; l++)
+                out[l] = x[l] * (x2[l] - dot);
+            if (P->dtemp)
+                P->dtemp[r] = -it_d * SSM_SFX(ssm_pos_dtemp_sum)(out, x, 0, it, 1, n);
+#pragma omp simd
+            for (l = 0; l < n; l++)
+                out[l] = out[l] * it;
+            return;
+        }
 #pragma omp simd
         for (l = 0; l < n; l++)
             h[l] = x[l] * (x2[l] - dot);
@@ -454,6 +474,10 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_
             if (two) {
                 SSM_SFX(ssm_pos_row2)(P, op, r, x + r * L, dst, e, h, stream,
                                       r + 1 < P->outer ? x + (r + 1) * L : NULL);
+            } else if (P->in_place && !stream && dst
+                       && (op == SSM_POS_SOFTMAX || op == SSM_POS_SOFTMAX_BWD)) {
+                SSM_SFX(ssm_pos_row)(P, op, r, x + r * L, x2 ? x2 + r * L : NULL, dst,
+                                     NULL, NULL);
             } else {
                 SSM_SFX(ssm_pos_row)(P, op, r, x + r * L, x2 ? x2 + r * L : NULL,
                                      stream ? o : dst, e, h);

@@ -311,6 +311,30 @@ def test_positions_stream_rows_that_stay_in_l2(monkeypatch):
         assert asked == [((2, 3, 5, 7), 35 * size)] * 2 + [(None, 35 * size)], dtype
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_in_place_rows_same_bits(rng, monkeypatch, dtype):
+    # Rows of at least POS_IN_PLACE_ROW_BYTES keep spatial_softmax's exp row and its
+    # gradient's dy row in the output (no scratch row): the same bits either way, the
+    # temperature gradient included; streamed rows and strided ones keep their scratch
+    x = make_logits(rng, (2, 3, 8, 12), dtype)
+    dp = make_logits(rng, x.shape, dtype)
+    T = np.array([0.5, 1.0, 2.0])
+
+    def calls():
+        p = ssm.spatial_softmax(x, temperature=T)
+        dx, dT = ssm.spatial_softmax_grad(p, dp, temperature=T, return_temperature_grad=True)
+        ph = ssm.spatial_softmax(np.ascontiguousarray(np.moveaxis(x, 1, -1)), temperature=T,
+                                 layout="NHWC")
+        return [a.tobytes() for a in (p, dx, dT, ph)]
+
+    monkeypatch.setattr(_cpu, "POS_IN_PLACE_ROW_BYTES", 1 << 62)
+    scratch = calls()
+    monkeypatch.setattr(_cpu, "POS_IN_PLACE_ROW_BYTES", 0)
+    assert calls() == scratch
+    monkeypatch.setattr(_cpu, "STREAM_BYTES", 64)  # streamed rows: scratch, same bits
+    assert calls() == scratch
+
+
 def test_streamed_stores(rng, monkeypatch):
     x = make_logits(rng, (2, 3, 16, 20), np.float32)
     dk = rng.standard_normal((2, 3, 2)).astype(np.float32)
