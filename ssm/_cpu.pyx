@@ -834,10 +834,14 @@ POS_STREAM_ROW_BYTES = 512 * 1024
 
 
 # Contiguous rows of at least this many bytes (in the kernels' float type) that are not
-# streamed keep spatial_softmax's exp row, and its gradient's dy row, in the output row
-# itself instead of a scratch row: a scratch row that large is not reused from the cache
-# anyway, and each call's fresh one is faulted in page by page (a Python global, read at
-# each call; tests set it to 0 and to a huge value to compare the two: the same bits).
+# streamed keep their row in the output row itself instead of a scratch row: the exp row
+# of spatial_softmax and of the 2-D soft-argmax's probabilities and gradient, the dy row
+# of spatial_softmax_grad. A scratch row that large is not reused from the cache anyway,
+# and each call's fresh one is faulted in page by page (above glibc's mmap threshold).
+# Zen 3, in place / scratch, alternating (benchmarks/results/2026-12-02-...-session17/
+# positions_in_place.txt): 2048 x 2048 maps 0.23-0.29, 1024 x 1024 0.74-0.90, 512 x 512
+# 0.83-0.91, 256 x 256 0.94-0.98. (A Python global, read at each call; tests set it to
+# 0 and to a huge value to compare the two: the same bits.)
 POS_IN_PLACE_ROW_BYTES = 256 * 1024
 
 

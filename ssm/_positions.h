@@ -53,9 +53,9 @@ typedef struct {
     void *var;                  /* (rows, D) variances or NULL */
     double *dtemp;              /* (rows,) gradient of the temperature, per row, or NULL */
     int stream;                 /* large contiguous outputs: non-temporal stores */
-    int in_place;               /* contiguous rows not streamed: softmax and its gradient
-                                   keep their row in `out` instead of scratch (rows too
-                                   large for the cache: no scratch row to fault in) */
+    int in_place;               /* contiguous rows not streamed: the passes that write
+                                   `out` keep their row there instead of scratch (rows
+                                   too large for the cache: no scratch row to fault in) */
     ptrdiff_t grid_w;           /* the grid is the built-in one of (H, W) maps: W, else 0 */
 } ssm_pos_problem;
 

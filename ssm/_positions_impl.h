@@ -243,7 +243,9 @@ SSM_INLINE double SSM_SFX(ssm_pos_exp2_sep)(const R *restrict x, R *restrict e, 
    stores, ordered by the caller's sfence before its tile ends. */
 
 /* The 2-D soft-argmax (D == 2, no variance) in three sweeps: the max, exp with its three
-   sums, and (EXPECT_BWD) dx, written to `out` or, when `stream`, to h and streamed out. */
+   sums, and (EXPECT_BWD) dx, written to `out` or, when `stream`, to h and streamed out.
+   With e NULL (in place: out given, not streamed) the exp row is kept in `out` itself and
+   scaled there (the same operations, the same bits). */
 SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_t r,
                                       const R *restrict x, R *restrict out, R *restrict e,
                                       R *restrict h, int stream, const R *pf)
@@ -265,7 +267,7 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
         s = 1.0;
         SSM_SFX(ssm_pos_dot2)(x, g0, g1, n, &E0, &E1);
     } else {
-        R *keep = op == SSM_POS_EXPECT && !out ? NULL : e;  /* e only for an output sweep */
+        R *keep = op == SSM_POS_EXPECT && !out ? NULL : e ? e : out;  /* for an output sweep */
         m = SSM_SFX(ssm_pos_max)(x, n);
         if (W)
             s = SSM_SFX(ssm_pos_exp2_sep)(x, keep, m, it, g0, g1, n, W, &E0, &E1, pf);
@@ -280,6 +282,13 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
         ((R *)P->kp)[r * 2 + 1] = (R)E1;
     }
     if (op == SSM_POS_EXPECT) {
+        if (out && !e && !P->from_prob) {  /* in place */
+            const R rs = (R)(1.0 / s);
+#pragma omp simd
+            for (l = 0; l < n; l++)
+                out[l] = out[l] * rs;
+            return;
+        }
         if (out) {
             const R rs = (R)(1.0 / s);
             R *restrict o = stream ? h : out;
@@ -301,10 +310,22 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
         const ptrdiff_t chunk = W ? W * (SSM_POS_BLOCK / W) : SSM_POS_BLOCK;
         double dts = 0.0;
         ptrdiff_t c0, c1;
+        const int in_place = !e && !P->from_prob;  /* p is out itself */
         for (c0 = 0; c0 < n; c0 = c1) {
             R *restrict o = stream ? h - c0 : out;  /* o[l], l in [c0, c1) */
             c1 = n - c0 < chunk ? n : c0 + chunk;
-            if (W) {
+            if (in_place && W) {
+                for (l0 = c0; l0 < c1; l0 += W) {
+                    const R cl = a1 * g1[l0] + b;
+#pragma omp simd
+                    for (l = l0; l < l0 + W; l++)
+                        out[l] = out[l] * (a0 * g0[l - l0] + cl);
+                }
+            } else if (in_place) {
+#pragma omp simd
+                for (l = c0; l < c1; l++)
+                    out[l] = out[l] * (a0 * g0[l] + a1 * g1[l] + b);
+            } else if (W) {
                 for (l0 = c0; l0 < c1; l0 += W) {
                     const R cl = a1 * g1[l0] + b;
 #pragma omp simd
@@ -317,8 +338,8 @@ SSM_INLINE void SSM_SFX(ssm_pos_row2)(const ssm_pos_problem *P, int op, ptrdiff_
                     o[l] = p[l] * (a0 * g0[l] + a1 * g1[l] + b);
             }
             if (P->dtemp)  /* dT = -(1/T) sum dy z = -sum dx z */
-                dts += SSM_SFX(ssm_pos_dtemp_sum)(o + c0, x + c0, m, it, P->from_prob,
-                                                  c1 - c0);
+                dts += SSM_SFX(ssm_pos_dtemp_sum)(in_place ? out + c0 : o + c0, x + c0, m, it,
+                                                  P->from_prob, c1 - c0);
             if (stream)
                 SSM_SFX(ssm_stream_row)(out + c0, h, c1 - c0);
         }
@@ -472,7 +493,8 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile)(const ssm_pos_problem *P, int op, ptrdiff_
         for (r = r0; r < r0 + nr; r++) {
             R *dst = out ? out + r * L : NULL;
             if (two) {
-                SSM_SFX(ssm_pos_row2)(P, op, r, x + r * L, dst, e, h, stream,
+                const int in_place = P->in_place && !stream && dst;  /* e in dst */
+                SSM_SFX(ssm_pos_row2)(P, op, r, x + r * L, dst, in_place ? NULL : e, h, stream,
                                       r + 1 < P->outer ? x + (r + 1) * L : NULL);
             } else if (P->in_place && !stream && dst
                        && (op == SSM_POS_SOFTMAX || op == SSM_POS_SOFTMAX_BWD)) {

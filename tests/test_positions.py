@@ -316,23 +316,32 @@ def test_in_place_rows_same_bits(rng, monkeypatch, dtype):
     # Rows of at least POS_IN_PLACE_ROW_BYTES keep spatial_softmax's exp row and its
     # gradient's dy row in the output (no scratch row): the same bits either way, the
     # temperature gradient included; streamed rows and strided ones keep their scratch
-    x = make_logits(rng, (2, 3, 8, 12), dtype)
-    dp = make_logits(rng, x.shape, dtype)
+    # The 2-D soft-argmax's probabilities and gradient likewise keep the exp row in the
+    # output: 12-pixel lines, and 128-pixel ones (the built-in grid by lines)
     T = np.array([0.5, 1.0, 2.0])
+    for shape in ((2, 3, 8, 12), (1, 3, 3, 128)):
+        x = make_logits(rng, shape, dtype)
+        dp = make_logits(rng, x.shape, dtype)
+        dk = rng.standard_normal((shape[0], 3, 2)).astype(dtype)
 
-    def calls():
-        p = ssm.spatial_softmax(x, temperature=T)
-        dx, dT = ssm.spatial_softmax_grad(p, dp, temperature=T, return_temperature_grad=True)
-        ph = ssm.spatial_softmax(np.ascontiguousarray(np.moveaxis(x, 1, -1)), temperature=T,
-                                 layout="NHWC")
-        return [a.tobytes() for a in (p, dx, dT, ph)]
+        def calls():
+            p = ssm.spatial_softmax(x, temperature=T)
+            dx, dT = ssm.spatial_softmax_grad(p, dp, temperature=T,
+                                              return_temperature_grad=True)
+            ph = ssm.spatial_softmax(np.ascontiguousarray(np.moveaxis(x, 1, -1)),
+                                     temperature=T, layout="NHWC")
+            kp, pk = ssm.soft_argmax(x, temperature=T, return_prob=True)
+            dk_x, dk_T = ssm.soft_argmax_grad(x, dk, temperature=T,
+                                              return_temperature_grad=True)
+            return [a.tobytes() for a in (p, dx, dT, ph, kp, pk, dk_x, dk_T)]
 
-    monkeypatch.setattr(_cpu, "POS_IN_PLACE_ROW_BYTES", 1 << 62)
-    scratch = calls()
-    monkeypatch.setattr(_cpu, "POS_IN_PLACE_ROW_BYTES", 0)
-    assert calls() == scratch
-    monkeypatch.setattr(_cpu, "STREAM_BYTES", 64)  # streamed rows: scratch, same bits
-    assert calls() == scratch
+        monkeypatch.setattr(_cpu, "POS_IN_PLACE_ROW_BYTES", 1 << 62)
+        scratch = calls()
+        monkeypatch.setattr(_cpu, "POS_IN_PLACE_ROW_BYTES", 0)
+        assert calls() == scratch
+        monkeypatch.setattr(_cpu, "STREAM_BYTES", 64)  # streamed rows: scratch, same bits
+        assert calls() == scratch
+        monkeypatch.undo()
 
 
 def test_streamed_stores(rng, monkeypatch):

@@ -10,8 +10,11 @@ for shape in [(1,1,2048,2048), (1,1,1024,1024), (1,1,512,512), (1,1,256,256), (2
     x = rng.standard_normal(shape).astype(np.float32)
     p = ssm.spatial_softmax(x); dp = rng.standard_normal(shape).astype(np.float32)
     for T in (1, 2):
+        dk = rng.standard_normal(shape[:2] + (2,)).astype(np.float32)
         for name, f in [("softmax", lambda: ssm.spatial_softmax(x, threads=T)),
-                        ("grad", lambda: ssm.spatial_softmax_grad(p, dp, threads=T))]:
+                        ("grad", lambda: ssm.spatial_softmax_grad(p, dp, threads=T)),
+                        ("kp+prob", lambda: ssm.soft_argmax(x, return_prob=True, threads=T)),
+                        ("kp grad", lambda: ssm.soft_argmax_grad(x, dk, threads=T))]:
             r = {}
             for rnd in range(3):
                 for mode, v in (("scratch", 1 << 62), ("inplace", 0)):
