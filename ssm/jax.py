@@ -200,6 +200,8 @@ def cross_entropy(logits, target, weights=None, *, ignore_index=-1, class_weight
     loss map for "none". Shapes, dtypes and options are checked when the function is
     traced (ssm's errors); the labels' values in the callback.
     """
+    logits, target = jnp.asarray(logits), jnp.asarray(target)  # lists, NumPy: as JAX takes them
+    weights = None if weights is None else jnp.asarray(weights)
     _check(logits, target, weights, ignore_index, label_smoothing, reduction, layout)
     statics = (("ignore_index", int(ignore_index)), ("label_smoothing", float(label_smoothing)),
                ("reduction", reduction), ("layout", layout))
@@ -237,19 +239,19 @@ def _softmax_bwd(layout, log, out, g):
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def _check_softmax(x, layout):
+def _checked_softmax_input(x, layout):
+    x = jnp.asarray(x)
     V.check_choice(layout, "layout", V.LAYOUTS)
     _check_dtype(x, "x")
     V.geometry(_stand_in(x), "x", layout)
+    return x
 
 
 def softmax(x, *, layout="NCHW"):
     """``ssm.softmax`` over the class axis (1 for NCHW, the last for NHWC), differentiable."""
-    _check_softmax(x, layout)
-    return _softmax(x, layout, False)
+    return _softmax(_checked_softmax_input(x, layout), layout, False)
 
 
 def log_softmax(x, *, layout="NCHW"):
     """``ssm.log_softmax`` over the class axis, differentiable."""
-    _check_softmax(x, layout)
-    return _softmax(x, layout, True)
+    return _softmax(_checked_softmax_input(x, layout), layout, True)

@@ -203,6 +203,9 @@ def test_errors_when_traced_with_ssms_messages(rng):
             assert str(got.value) == str(want.value), (args, kw)
     with pytest.raises(ValueError, match=r"^layout: 'CHW' is not one of"):
         sj.log_softmax(xj, layout="CHW")
+    # nested lists, as JAX's own functions take them
+    assert float(sj.cross_entropy(x.tolist(), y.tolist())) == float(sj.cross_entropy(xj, yj))
+    np.testing.assert_array_equal(np.asarray(sj.softmax(x.tolist())), np.asarray(sj.softmax(xj)))
     # class weights as a list or tuple, as ssm takes them
     cw = [1.0, 2.0, 3.0, 4.0, 5.0]
     assert float(sj.cross_entropy(xj, yj, class_weights=cw)) == \
