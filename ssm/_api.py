@@ -193,10 +193,15 @@ def _label_kernel_needed(L: _LossCall) -> bool:
     return L.problem.kind != Target.SOFT or L.problem.weights is not None
 
 
+def _validates_labels(L: _LossCall) -> bool:
+    """Whether the call checks label values: ``validate=True`` and labels (not soft targets)."""
+    return L.validate and L.problem.kind != Target.SOFT
+
+
 def _label_result(L: _LossCall, norm, bad):
     """label_pass's answer from the kernel's (norm, bad): the bad index read to the host
     only with ``validate=True`` and labels (the one synchronisation)."""
-    return norm, (int(bad) if L.validate and L.problem.kind != Target.SOFT else -1)
+    return norm, (int(bad) if _validates_labels(L) else -1)
 
 
 def label_pass(L: _LossCall):
@@ -213,7 +218,7 @@ def label_pass(L: _LossCall):
 
 def _label_pass_needed(L: _LossCall) -> bool:
     """The pre-pass runs only where its result is used: for "mean", or to check labels."""
-    return L.reduction == "mean" or (L.validate and L.problem.kind != Target.SOFT)
+    return L.reduction == "mean" or _validates_labels(L)
 
 
 def _raise_if_bad(L: _LossCall, bad):
@@ -259,24 +264,21 @@ def _loss_pass(L: _LossCall, op, out, finish):
       the device does not idle in mid-call while the host reads it;
     - a caller's buffer: the pre-pass raises before the pass writes into it (on the CPU
       the order costs nothing).
+    The second and third are _checked_divisor's.
     """
-    checked = L.validate and L.problem.kind != Target.SOFT
-    if out is None and _label_pass_needed(L) and _label_kernel_needed(L):
-        if op == Op.SSWL_FWD or L.reduction != "mean":
-            constant = _constant_divisor(L)
-            problem = finish(constant)
-            divisor = (None if L.reduction == "none" else
-                       "mean" if L.reduction == "mean" else constant)
-            value, bad = L.B.run_checked(op, problem, L.threads, divisor)
-            _raise_if_bad(L, bad if checked else None)
-            return problem.loss_map if L.reduction == "none" else value
-        if L.B is not _cpu:
-            norm, bad = L.B.stats(L.problem, L.threads)
-            value = _loss_value(L, op, finish(norm), norm)
-            _raise_if_bad(L, bad if checked else None)
-            return value
-    divisor = _divisor(L)
-    return _loss_value(L, op, finish(divisor), divisor)
+    if (out is None and _label_pass_needed(L) and _label_kernel_needed(L)
+            and (op == Op.SSWL_FWD or L.reduction != "mean")):
+        constant = _constant_divisor(L)
+        problem = finish(constant)
+        divisor = (None if L.reduction == "none" else
+                   "mean" if L.reduction == "mean" else constant)
+        value, bad = L.B.run_checked(op, problem, L.threads, divisor)
+        _raise_if_bad(L, bad if _validates_labels(L) else None)
+        return problem.loss_map if L.reduction == "none" else value
+    divisor, bad = _checked_divisor(L, out)
+    value = _loss_value(L, op, finish(divisor), divisor)
+    _raise_if_bad(L, bad)
+    return value
 
 
 def _loss_value(L: _LossCall, op, problem, divisor):
@@ -288,14 +290,14 @@ def _loss_value(L: _LossCall, op, problem, divisor):
 
 
 def _checked_divisor(L: _LossCall, out):
-    """(divisor, bad) of the gradient from probabilities (SSWL_BWD), from the label
-    pre-pass: as _loss_pass's second order on a GPU without ``out=`` (``bad``, the 0-d
-    device index, for _raise_if_bad to read after the launch), else its third (``bad``
-    None, the ValueError raised here before any kernel writes)."""
+    """(divisor, bad) of a pass that needs the divisor first, from the label pre-pass
+    (_loss_pass's second and third orders; the gradient from probabilities): on a GPU
+    without ``out=``, ``bad`` is the 0-d device index, for _raise_if_bad to read after the
+    launches; else ``bad`` is None and the ValueError comes here, before any kernel
+    writes."""
     if out is None and L.B is not _cpu and _label_pass_needed(L) and _label_kernel_needed(L):
         norm, bad = L.B.stats(L.problem, L.threads)
-        checked = L.validate and L.problem.kind != Target.SOFT
-        return _divisor_from(L, norm, -1), (bad if checked else None)
+        return _divisor_from(L, norm, -1), (bad if _validates_labels(L) else None)
     return _divisor(L), None
 
 

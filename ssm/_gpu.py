@@ -396,16 +396,24 @@ def run(op, problem, threads=None):
         return total
 
 
-def _loss_pass(xp, op, problem, group, grid, dev, divisor, out):
-    """Launch the loss pass `op` (SSWL_FWD, SSWL_FWD_BWD) on x's device, then (if `out`)
-    the final pass: out[()] = its loss sum / divisor, rounded once to out's dtype."""
+def _launch_loss_pass(xp, op, problem, group, grid, dev, partials, norm_partials=None,
+                      bad_partials=None):
+    """Launch sswl_fwd for the loss pass `op` (SSWL_FWD, SSWL_FWD_BWD) on x's device, with
+    its per-block loss sums in `partials` and the label pre-pass's in `norm_partials` and
+    `bad_partials` (each None for none)."""
     t = _ctype(problem.x.dtype)
     lab = _target_ctype(problem, t)
-    partials = xp.empty(grid, np.float64) if out is not None else None
     _launch(xp, ("sswl.cu", t, lab), f"sswl_fwd<{t}, {lab}>", grid,
             sswl_fwd_args(problem, group, small_array(xp, problem.class_weights, dev),
                           small_array(xp, problem.lens, dev), op == Op.SSWL_FWD_BWD,
-                          partials), dev)
+                          partials, norm_partials, bad_partials), dev)
+
+
+def _loss_pass(xp, op, problem, group, grid, dev, divisor, out):
+    """Launch the loss pass `op`, then (if `out`) the final pass: out[()] = its loss sum /
+    divisor, rounded once to out's dtype."""
+    partials = xp.empty(grid, np.float64) if out is not None else None
+    _launch_loss_pass(xp, op, problem, group, grid, dev, partials)
     if out is not None:
         _final_sum(xp, partials, grid, divisor, out, dev)
 
@@ -486,18 +494,14 @@ def run_checked(op, problem, threads=None, divisor=None):
         return run_loss(op, problem, threads, norm if isinstance(divisor, str) else divisor), bad
     with x.device:
         dev = x.device.id
-        t = _ctype(x.dtype)
-        lab = _target_ctype(problem, t)
         partials = xp.empty(grid, np.float64) if divisor is not None else None
         norm_partials = xp.empty(grid, np.float64)
         bad_partials = xp.empty(grid, np.int64)
-        _launch(xp, ("sswl.cu", t, lab), f"sswl_fwd<{t}, {lab}>", grid,
-                sswl_fwd_args(problem, group, small_array(xp, problem.class_weights, dev),
-                              small_array(xp, problem.lens, dev), op == Op.SSWL_FWD_BWD,
-                              partials, norm_partials, bad_partials), dev)
+        _launch_loss_pass(xp, op, problem, group, grid, dev, partials, norm_partials,
+                          bad_partials)
         value = xp.empty((), x.dtype) if divisor is not None else None
         bad = xp.empty((), np.int64)
-        _launch(xp, _FINAL, f"reduce_loss_stats<{t}>", 1,
+        _launch(xp, _FINAL, f"reduce_loss_stats<{_ctype(x.dtype)}>", 1,
                 reduce_loss_stats_args(partials, norm_partials, bad_partials, grid, divisor,
                                        value, bad), dev)
         return value, bad
