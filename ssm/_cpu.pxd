@@ -93,11 +93,18 @@ cdef extern from "_positions.h" nogil:
         int stream
         int in_place
         Py_ssize_t grid_w
+        int chunked
 
     Py_ssize_t ssm_pos_num_tiles(const ssm_pos_problem *P)
     size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsize)
     void ssm_pos_tile_float(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf)
     void ssm_pos_tile_d(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf)
+    # strided rows chunk by chunk (half: 0, or 1 float16, 2 bfloat16 with the float one)
+    size_t ssm_pos_chunks_scratch_bytes(const ssm_pos_problem *P, int op, size_t rsize)
+    void ssm_pos_tile_chunks_float(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf,
+                                   int half)
+    void ssm_pos_tile_chunks_d(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf,
+                               int half)
     # half-width maps (float16, bfloat16: bf16 = 1), computed in float32
     size_t ssm_pos_half_scratch_bytes(const ssm_pos_problem *P)
     void ssm_pos_tile_half(const ssm_pos_problem *P, int op, Py_ssize_t t, void *buf, int bf16)

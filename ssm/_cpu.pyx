@@ -845,6 +845,40 @@ POS_STREAM_ROW_BYTES = 512 * 1024
 POS_IN_PLACE_ROW_BYTES = 256 * 1024
 
 
+# Strided rows (channels last) whose tile of gathered rows would take more than this many
+# bytes in the kernels' float type are not gathered whole: each sweep of the row goes
+# over the tile chunk by chunk (ssm_pos_tile_chunks, the same bits), in tiles of up to 64
+# channels (_pos_chunked_tile), so a thread's scratch is a few chunks whatever the map's
+# size. Gathered whole, a 1024 x 1024 x 16 map took 192 MB of scratch per thread, faulted
+# in at every call, and its one tile kept one thread busy: spatial_softmax 129 ms, 41 ms
+# chunk by chunk (1 thread; 31 ms at 2). Where the gathered tile stays in the cache,
+# gathering is 0-18% faster for spatial_softmax and its gradient, 0-13% slower for
+# soft_argmax (maps of 32 x 32 to 256 x 256, 16 and 64 channels, 1 and 2 threads, Zen 3),
+# so below this size only a problem of fewer tiles than threads is swept chunk by chunk
+# (its tiles can be cut finer: 0.55-0.74x at 2 threads, one 180 x 180 or 256 x 256 map).
+# (A Python global, read at each call; tests set it to 0, and to a huge value with one
+# thread, to compare the two: the same bits.)
+POS_GATHER_BYTES = 4 << 20
+
+
+def _pos_chunked(Py_ssize_t tile_bytes, Py_ssize_t tiles, int threads):
+    """Whether strided rows whose gathered tile takes `tile_bytes` (`tiles` of them) are
+    swept chunk by chunk on `threads` threads."""
+    return tile_bytes > POS_GATHER_BYTES or (
+        tiles < threads and tile_bytes > min(POS_GATHER_BYTES, POS_TILE_BYTES * 4))
+
+
+def _pos_chunked_tile(Py_ssize_t outer, Py_ssize_t inner, int threads):
+    """Channels per tile of strided rows swept chunk by chunk: all of a position's
+    channels, up to 64 (whole lines of each position, read once a sweep), halved (in
+    multiples of 8) while there are fewer tiles than threads. The bits do not depend on
+    it: a row is the same sums whatever tile holds it."""
+    cdef Py_ssize_t t = inner if inner < 64 else 64
+    while t > 8 and outer * ((inner + t - 1) // t) < threads:
+        t = (t // 2 + 7) // 8 * 8
+    return t
+
+
 def _pos_streamed(out, Py_ssize_t row_bytes):
     """Whether a positions pass writes `out` (or None) with non-temporal stores, its maps
     `row_bytes` long in the kernels' float type (float32 for the half types)."""
@@ -883,6 +917,8 @@ def positions(int op, problem, threads):
     cdef int *failed_p = &failed
     cdef size_t nbytes
     cdef char *buf = NULL
+    cdef int half
+    cdef Py_ssize_t rsize
     cdef double[::1] temp = problem.temperature
     g = problem.geom
     x = problem.x
@@ -902,12 +938,20 @@ def positions(int op, problem, threads):
     P.stream = _pos_streamed(problem.out, g.L * (8 if kind == K_DOUBLE else 4))
     P.in_place = g.L * (8 if kind == K_DOUBLE else 4) >= POS_IN_PLACE_ROW_BYTES
     P.grid_w = problem.grid_w
+    rsize = 8 if kind == K_DOUBLE else 4
+    P.chunked = g.inner > 1 and _pos_chunked(P.tile * g.L * rsize, ssm_pos_num_tiles(&P),
+                                             threads[0])
+    if P.chunked:
+        P.tile = _pos_chunked_tile(g.outer, g.inner, threads[0])
+    half = 0 if kind < K_FLOAT16 else (2 if kind == K_BFLOAT16 else 1)
     ntiles = ssm_pos_num_tiles(&P)
     if ntiles == 0:
         return None
     team = _team(threads, ntiles, P.outer * P.L * P.inner, &capped)
     chunk = _chunk(ntiles, team)
-    if kind >= K_FLOAT16:
+    if P.chunked:
+        nbytes = ssm_pos_chunks_scratch_bytes(&P, op, rsize)
+    elif kind >= K_FLOAT16:
         nbytes = ssm_pos_half_scratch_bytes(&P)
     else:
         nbytes = ssm_pos_scratch_bytes(&P, 8 if kind == K_DOUBLE else 4)
@@ -917,7 +961,12 @@ def positions(int op, problem, threads):
             failed_p[0] = 1
         for t in prange(ntiles, schedule="dynamic", chunksize=chunk):
             if buf != NULL:
-                if kind == K_DOUBLE:
+                if P.chunked:
+                    if kind == K_DOUBLE:
+                        ssm_pos_tile_chunks_d(&P, op, t, buf, 0)
+                    else:
+                        ssm_pos_tile_chunks_float(&P, op, t, buf, half)
+                elif kind == K_DOUBLE:
                     ssm_pos_tile_d(&P, op, t, buf)
                 elif kind == K_FLOAT:
                     ssm_pos_tile_float(&P, op, t, buf)

@@ -57,6 +57,8 @@ typedef struct {
                                    `out` keep their row there instead of scratch (rows
                                    too large for the cache: no scratch row to fault in) */
     ptrdiff_t grid_w;           /* the grid is the built-in one of (H, W) maps: W, else 0 */
+    int chunked;                /* strided rows: swept chunk by chunk (ssm_pos_tile_chunks),
+                                   not gathered whole */
 } ssm_pos_problem;
 
 static inline ptrdiff_t ssm_pos_num_tiles(const ssm_pos_problem *P)
@@ -78,6 +80,122 @@ static inline ptrdiff_t ssm_pos_row_stride(ptrdiff_t L, size_t rsize)
     return (L + line - 1) / line * line + line;
 }
 
+/* The line length by which the 2-D soft-argmax sums the built-in grid (W), else 0: by
+   lines when they are long enough for the per-line sums to pay (measured: a loss at
+   W = 64, 9% less time at W = 128) and short enough to be a block of the sums. */
+static inline ptrdiff_t ssm_pos_lines(const ssm_pos_problem *P)
+{
+    return P->grid_w >= 128 && P->grid_w <= SSM_POS_BLOCK ? P->grid_w : 0;
+}
+
+/* The chunks of the 2-D soft-argmax's gradient sweep (and of its temperature gradient's
+   sums): whole lines of W, or SSM_POS_BLOCK elements. */
+static inline ptrdiff_t ssm_pos_grad2_chunk(ptrdiff_t W)
+{
+    return W ? W * (SSM_POS_BLOCK / W) : SSM_POS_BLOCK;
+}
+
+/* Positions per chunk of ssm_pos_tile_chunks for pass `op`: 8192 / tile, a whole number of
+   the blocks its row function sums by: SSM_POS_BLOCK (ssm_pos_row; ssm_pos_row2's sums
+   of given probabilities), lines and ssm_pos_grad2_chunk (ssm_pos_row2). */
+static inline ptrdiff_t ssm_pos_chunk_len(const ssm_pos_problem *P, int op)
+{
+    const int two = P->D == 2 && !P->var && (op == SSM_POS_EXPECT || op == SSM_POS_EXPECT_BWD);
+    ptrdiff_t g = SSM_POS_BLOCK;
+    if (two) {
+        const ptrdiff_t c = ssm_pos_grad2_chunk(ssm_pos_lines(P));
+        ptrdiff_t a = SSM_POS_BLOCK, b = c;  /* with given probabilities: lcm(block, c) */
+        while (b) {
+            const ptrdiff_t r = a % b;
+            a = b;
+            b = r;
+        }
+        g = P->from_prob ? SSM_POS_BLOCK / a * c : c;
+    }
+    {   /* about 32 KiB of floats a block of the tile's chunks */
+        const ptrdiff_t want = 8192 / (P->tile > 1 ? P->tile : 1);
+        return g * (want / g > 1 ? want / g : 1);
+    }
+}
+
+/* Running sums per row of ssm_pos_tile_chunks: the sum of the exps (or of p dp), D
+   expectations, D variances, the temperature gradient. */
+static inline ptrdiff_t ssm_pos_chunk_sums(const ssm_pos_problem *P)
+{
+    return 2 + 2 * P->D;
+}
+
+/* Per-thread scratch of ssm_pos_tile_chunks, in bytes (its carve must match), elements of
+   `rsize` bytes: three blocks of tile chunks (x, dprob, out), two chunks (e, h), 2 + (D + 3)
+   values per row, its running sums in double; each on a 64-byte boundary, plus 64 for
+   aligning the start. */
+static inline size_t ssm_pos_chunks_scratch_bytes(const ssm_pos_problem *P, int op,
+                                                  size_t rsize)
+{
+    const size_t T = (size_t)P->tile, K = (size_t)ssm_pos_chunk_len(P, op);
+    const size_t D = (size_t)P->D;
+    return 64 + 3 * ssm_round64(T * K * rsize) + 2 * ssm_round64(K * rsize)
+         + 2 * ssm_round64(T * rsize) + ssm_round64(T * (D + 3) * rsize)
+         + ssm_round64(T * (size_t)ssm_pos_chunk_sums(P) * sizeof(double));
+}
+
+/* Block transposes for ssm_pos_gather and ssm_pos_scatter (strided rows chunk by chunk):
+   dst[c * ds + i] = src[i * ss + c] for an 8 x 8 block of floats or a 4 x 4 block of
+   doubles, in vectors of 32 bytes (two of 16 in the baseline clone), three rounds of
+   two-vector shuffles. Without GNU C vectors, element by element. */
+#if defined(__GNUC__) || defined(__clang__)
+#define SSM_POS_TRANSPOSE 1
+typedef float ssm_v8f __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double ssm_v4d __attribute__((vector_size(32), aligned(8), may_alias));
+#if defined(__clang__)
+#define SSM_SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define SSM_SHUF4(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int ssm_v8i __attribute__((vector_size(32)));
+typedef long long ssm_v4l __attribute__((vector_size(32)));
+#define SSM_SHUF8(a, b, ...) __builtin_shuffle(a, b, (ssm_v8i){__VA_ARGS__})
+#define SSM_SHUF4(a, b, ...) __builtin_shuffle(a, b, (ssm_v4l){__VA_ARGS__})
+#endif
+
+SSM_INLINE void ssm_pos_tr_f(const float *src, ptrdiff_t ss, float *dst, ptrdiff_t ds)
+{
+    ssm_v8f v[8], a[8], b[8];
+    int i;
+    for (i = 0; i < 8; i++)
+        v[i] = *(const ssm_v8f *)(src + i * ss);
+    for (i = 0; i < 8; i += 2) {  /* pairs of rows, interleaved within 16-byte lanes */
+        a[i] = SSM_SHUF8(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        a[i + 1] = SSM_SHUF8(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (i = 0; i < 8; i += 4) {  /* then pairs of those, 8 bytes at a time */
+        b[i] = SSM_SHUF8(a[i], a[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        b[i + 1] = SSM_SHUF8(a[i], a[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        b[i + 2] = SSM_SHUF8(a[i + 1], a[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        b[i + 3] = SSM_SHUF8(a[i + 1], a[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (i = 0; i < 4; i++) {  /* then the 16-byte halves: b[i] holds c = i and i + 4 */
+        *(ssm_v8f *)(dst + i * ds) = SSM_SHUF8(b[i], b[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        *(ssm_v8f *)(dst + (i + 4) * ds) = SSM_SHUF8(b[i], b[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
+SSM_INLINE void ssm_pos_tr_d(const double *src, ptrdiff_t ss, double *dst, ptrdiff_t ds)
+{
+    ssm_v4d v[4], a[4];
+    int i;
+    for (i = 0; i < 4; i++)
+        v[i] = *(const ssm_v4d *)(src + i * ss);
+    for (i = 0; i < 4; i += 2) {
+        a[i] = SSM_SHUF4(v[i], v[i + 1], 0, 4, 2, 6);
+        a[i + 1] = SSM_SHUF4(v[i], v[i + 1], 1, 5, 3, 7);
+    }
+    *(ssm_v4d *)(dst) = SSM_SHUF4(a[0], a[2], 0, 1, 4, 5);
+    *(ssm_v4d *)(dst + 2 * ds) = SSM_SHUF4(a[0], a[2], 2, 3, 6, 7);
+    *(ssm_v4d *)(dst + ds) = SSM_SHUF4(a[1], a[3], 0, 1, 4, 5);
+    *(ssm_v4d *)(dst + 3 * ds) = SSM_SHUF4(a[1], a[3], 2, 3, 6, 7);
+}
+#endif
+
 /* Per-thread scratch in bytes for elements of `rsize` bytes: three rows (exp, h, out), and
    for strided rows the gathered inputs (x, dprob) and outputs of a tile, each on a
    64-byte boundary, plus 64 for aligning the start. */
@@ -90,6 +208,7 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 
 #define R float
 #define SSM_SFX(name) name##_f
+#define SSM_POS_TR ssm_pos_tr_f
 #define SSM_EXP ssm_expf_nonpos
 #define SSM_LOG ssm_logf_pos
 #define SSM_POS_HALF
@@ -97,6 +216,7 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 #undef SSM_POS_HALF
 #undef R
 #undef SSM_SFX
+#undef SSM_POS_TR
 #undef SSM_EXP
 #undef SSM_LOG
 
@@ -105,6 +225,7 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
    exp of a clone is the same function. gcc vectorises its table reads as gathers. */
 #define R float
 #define SSM_SFX(name) name##_ft
+#define SSM_POS_TR ssm_pos_tr_f
 #define SSM_EXP ssm_expf_t16
 #define SSM_LOG ssm_logf_pos
 #define SSM_EXP_ROW ssm_expf_t16_scaled
@@ -116,17 +237,20 @@ static inline size_t ssm_pos_scratch_bytes(const ssm_pos_problem *P, size_t rsiz
 #undef SSM_EXP_ROW
 #undef R
 #undef SSM_SFX
+#undef SSM_POS_TR
 #undef SSM_EXP
 #undef SSM_LOG
 #endif
 
 #define R double
 #define SSM_SFX(name) name##_d
+#define SSM_POS_TR ssm_pos_tr_d
 #define SSM_EXP ssm_exp_nonpos
 #define SSM_LOG ssm_log_pos
 #include "_positions_impl.h"
 #undef R
 #undef SSM_SFX
+#undef SSM_POS_TR
 #undef SSM_EXP
 #undef SSM_LOG
 
@@ -140,6 +264,20 @@ static inline void ssm_pos_tile_float(const ssm_pos_problem *P, int op, ptrdiff_
     }
 #endif
     ssm_pos_tile_f(P, op, t, buf);
+}
+
+/* ssm_pos_tile_chunks for float (half 0) and the half types (1 float16, 2 bfloat16): the
+   instantiation whose exp is the running clone's. */
+static inline void ssm_pos_tile_chunks_float(const ssm_pos_problem *P, int op, ptrdiff_t t,
+                                             void *buf, int half)
+{
+#ifdef SSM_HAVE_EXPF_T16
+    if (ssm_expf_use_t16()) {
+        ssm_pos_tile_chunks_ft(P, op, t, buf, half);
+        return;
+    }
+#endif
+    ssm_pos_tile_chunks_f(P, op, t, buf, half);
 }
 
 /* Half-width maps (bf16: bfloat16, else float16): the float rows on widened rows, with

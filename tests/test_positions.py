@@ -344,6 +344,80 @@ def test_in_place_rows_same_bits(rng, monkeypatch, dtype):
         monkeypatch.undo()
 
 
+# Channels-last maps, a row of each: more channels than a tile holds (20, 70: tiles of
+# 64 and 6), 1-D and 3-D maps, lines the 2-D soft-argmax sums one by one (128, 200; with
+# given probabilities its chunks are then lcm(256, 200) long), a partial last chunk.
+CHUNKED = [(2, 3, (5, 7)), (1, 20, (40, 50)), (2, 5, (3, 128)), (1, 17, (2, 256)),
+           (1, 3, (30, 200)), (1, 2, (1300,)), (1, 4, (6, 7, 30)), (1, 70, (9, 61))]
+
+
+def _positions_calls(x, dp, dk, T, layout, threads):
+    kw = dict(layout=layout, threads=threads)
+    p = ssm.spatial_softmax(x, temperature=T, **kw)
+    p1 = ssm.spatial_softmax(x, **kw)
+    return [*_results(p),
+            *_results(ssm.spatial_softmax_grad(p, dp, temperature=T,
+                                               return_temperature_grad=True, **kw)),
+            *_results(ssm.soft_argmax(x, temperature=T, return_variance=True,
+                                      return_prob=True, **kw)),
+            *_results(ssm.soft_argmax(x, temperature=T, return_prob=True, **kw)),
+            *_results(ssm.soft_argmax(x, temperature=T, coordinates="pixels", **kw)),
+            *_results(ssm.soft_argmax_grad(x, dk, temperature=T,
+                                           return_temperature_grad=True, **kw)),
+            *_results(ssm.soft_argmax_grad(p1, dk, from_prob=True,
+                                           return_temperature_grad=True, **kw)),
+            *_results(ssm.spatial_expectation(p1, return_variance=True, **kw))]
+
+
+def _results(r):
+    return list(r) if isinstance(r, tuple) else [r]
+
+
+@pytest.mark.parametrize("dtype", [*CPU_DTYPES, *HALF])
+def test_chunked_strided_rows_same_bits(rng, monkeypatch, dtype):
+    # Channels-last maps whose gathered tile would not stay in the cache are swept chunk
+    # by chunk (POS_GATHER_BYTES): every output and sum the same bits as the gathered
+    # rows', for any number of threads (the tiles are cut by it), and as channels-first
+    # maps' for float32 and float64
+    for N, C, spatial in CHUNKED:
+        x = make_logits(rng, (N, *spatial, C), dtype)
+        dp = make_logits(rng, x.shape, dtype)
+        dk = rng.standard_normal((N, C, len(spatial))).astype(dtype)
+        T = 0.25 + 2 * rng.random(C)
+        monkeypatch.setattr(_cpu, "POS_GATHER_BYTES", 1 << 62)
+        gathered = _positions_calls(x, dp, dk, T, "NHWC", 1)
+        monkeypatch.setattr(_cpu, "POS_GATHER_BYTES", 0)
+        for threads in (1, 2, 3):
+            chunked = _positions_calls(x, dp, dk, T, "NHWC", threads)
+            for i, (a, b) in enumerate(zip(gathered, chunked)):
+                assert a.tobytes() == b.tobytes(), (N, C, spatial, threads, i)
+        if dtype in CPU_DTYPES:
+            first = _positions_calls(np.ascontiguousarray(np.moveaxis(x, -1, 1)),
+                                     np.ascontiguousarray(np.moveaxis(dp, -1, 1)), dk, T,
+                                     "NCHW", 2)
+            for i, (a, b) in enumerate(zip(first, chunked)):
+                b = np.moveaxis(b, -1, 1) if b.shape == x.shape else b
+                np.testing.assert_array_equal(a, b, err_msg=f"{N, C, spatial, i}")
+        monkeypatch.undo()
+
+
+def test_chunked_strided_rows_tiles():
+    # all of a position's channels up to 64, halved in multiples of 8 while fewer tiles
+    # than threads; chunk by chunk above POS_GATHER_BYTES, or with fewer gathered tiles
+    # than threads above 256 KiB
+    assert _cpu._pos_chunked_tile(1, 16, 1) == 16
+    assert _cpu._pos_chunked_tile(1, 16, 2) == 8
+    assert _cpu._pos_chunked_tile(1, 100, 1) == 64
+    assert _cpu._pos_chunked_tile(1, 100, 2) == 64
+    assert _cpu._pos_chunked_tile(1, 64, 4) == 16
+    assert _cpu._pos_chunked_tile(1, 4, 8) == 4
+    assert _cpu._pos_chunked_tile(3, 16, 2) == 16
+    limit = _cpu.POS_GATHER_BYTES
+    assert _cpu._pos_chunked(limit + 1, 100, 1) and not _cpu._pos_chunked(limit, 100, 1)
+    assert _cpu._pos_chunked(256 * 1024 + 1, 1, 2)
+    assert not _cpu._pos_chunked(256 * 1024, 1, 2) and not _cpu._pos_chunked(limit, 2, 2)
+
+
 def test_streamed_stores(rng, monkeypatch):
     x = make_logits(rng, (2, 3, 16, 20), np.float32)
     dk = rng.standard_normal((2, 3, 2)).astype(np.float32)
@@ -579,6 +653,50 @@ def _gpu_tol(dtype):
     if dtype in HALF:  # float16 eps 2**-10, bfloat16 2**-7: 2**13, 2**16 float32 eps
         return np.float32, 4 * 2**(13 if dtype == np.float16 else 16)
     return dtype, _factor(dtype)
+
+
+def _masked_temperature_grads(xp, layout, dtype, T):
+    """soft_argmax_grad's temperature gradient with masked (-inf) positions, and with the
+    mask a finite value too small to matter (-1e30: p, and so dy, exactly 0)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(_shape(2, 3, (6, 9), layout)).astype(dtype)
+    mask = np.zeros(x.shape, bool)
+    if layout == "NCHW":
+        mask[:, :, 0, :] = True
+        mask[1, 2, :, 3:] = True
+    else:
+        mask[:, 0, :, :] = True
+        mask[1, :, 3:, 2] = True
+    dk = rng.standard_normal((2, 3, 2)).astype(dtype)
+    out = []
+    for fill in (-np.inf, -1e30):
+        xm = np.where(mask, fill, x).astype(dtype)
+        out.append([_host(xp, a) for a in ssm.soft_argmax_grad(
+            xp.asarray(xm), xp.asarray(dk), temperature=T, layout=layout,
+            return_temperature_grad=True)])
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_masked_positions_temperature_grad(monkeypatch, layout, dtype):
+    # A position at -inf (a masked map) has p = 0 and dy = 0: its term of the temperature
+    # gradient is 0, not 0 * -inf = NaN; the same as a mask too small to matter
+    T = np.array([0.7, 1.0, 2.5])
+    for gather in (1 << 62, 0):  # NHWC: gathered rows and rows chunk by chunk
+        monkeypatch.setattr(_cpu, "POS_GATHER_BYTES", gather)
+        (dx, dT), (dx_f, dT_f) = _masked_temperature_grads(np, layout, dtype, T)
+        assert np.isfinite(dT).all() and np.isfinite(dx).all()
+        np.testing.assert_array_equal(dx, dx_f)
+        np.testing.assert_allclose(dT, dT_f, rtol=1e-12 if dtype == np.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_masked_positions_temperature_grad(xp, layout):
+    (dx, dT), (dx_f, dT_f) = _masked_temperature_grads(xp, layout, np.float32, 0.7)
+    assert np.isfinite(dT).all() and np.isfinite(dx).all()
+    np.testing.assert_array_equal(dx, dx_f)
+    np.testing.assert_allclose(dT, dT_f, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -230,7 +230,8 @@ pos_expect(const T* __restrict__ x, const double* __restrict__ grid,
             const A dy = (A)((double)p * w * h);
             yr[l * inner] = from_acc<T>(dy * it);
             if (dtemp) {
-                const A z = from_prob ? (p > (A)0 ? ssm_log(p) : (A)0) : (v - m) * it;
+                /* where p is 0 (x = -inf, a masked position), dy is 0 and so is the term */
+                const A z = p > (A)0 ? (from_prob ? ssm_log(p) : (v - m) * it) : (A)0;
                 dt += (double)dy * (double)z;
             }
         }
