@@ -150,6 +150,7 @@ def to_native(a, name: str):
                         "an array in host memory (CPU) or on a CUDA device")
     if convert is np.from_dlpack and _is_bfloat16(a):
         convert = _bfloat16_host
+    a = _resolved(a, name, what)
     try:
         return convert(a)
     except Exception as exc:  # BufferError, RuntimeError, TypeError: the exporter's words
@@ -159,6 +160,21 @@ def to_native(a, name: str):
                     "through ssm")
         raise TypeError(f"{name}: a {what} could not be imported through DLPack "
                         f"({type(exc).__name__}: {exc}){hint}") from exc
+
+
+def _resolved(a, name: str, what: str):
+    """A torch tensor whose negation or conjugation is a lazy bit (``x.conj().imag``:
+    ``is_neg()``) with it applied: DLPack hands over the memory without the bit, so the
+    values would be read un-negated. Not for ``out``: writes would land un-negated."""
+    for bit, resolve in (("is_neg", "resolve_neg"), ("is_conj", "resolve_conj")):
+        test = getattr(a, bit, None)
+        if callable(test) and test():
+            if name == "out":
+                raise TypeError(f"out: a {what} with its {bit[3:]} bit set (a lazy view, such "
+                                f"as x.conj().imag) cannot be written through; pass a tensor "
+                                f"without it (out.{resolve}() is a copy)")
+            a = getattr(a, resolve)()
+    return a
 
 
 def _from_dlpack_of(like):

@@ -197,7 +197,7 @@ def as_array(a, name: str):
             return a.astype(a.dtype.newbyteorder("="))  # the kernels read native numbers
         return a
     if isinstance(a, (list, tuple, numbers.Number, np.generic)) and not isinstance(a, bool):
-        return np.asarray(a)
+        return _from_sequence(a, name)
     hint = _conversion_hint(a, name)
     raise TypeError(f"{name}: expected a NumPy array, a number or a nested list or tuple of "
                     f"numbers (CPU), a CuPy array (GPU), or an array of another library "
@@ -205,11 +205,21 @@ def as_array(a, name: str):
                     + (f".{hint}" if hint else ""))
 
 
-def sequence_as(a, dtype):
+def _from_sequence(a, name: str) -> np.ndarray:
+    """np.asarray of a number or a nested list or tuple; a ragged nesting is a ValueError
+    that names the argument (NumPy's own names none)."""
+    try:
+        return np.asarray(a)
+    except ValueError as exc:
+        raise ValueError(f"{name}: a nested list or tuple must have an array's shape (every "
+                         f"list at one depth the same length); got a ragged one ({exc})") from None
+
+
+def sequence_as(a, dtype, name: str):
     """A nested list or tuple of real numbers as an array of `dtype` (the logits'): Python's
     numbers have no dtype of their own to differ from it. Anything else as it is."""
     if isinstance(a, (list, tuple)):
-        arr = np.asarray(a)
+        arr = _from_sequence(a, name)
         if is_real(arr.dtype):
             return arr.astype(dtype)
     return a
@@ -291,7 +301,7 @@ def geometry(a: np.ndarray, name: str, layout: str) -> Geometry:
 
 def check_same(a: np.ndarray, name: str, ref: np.ndarray, ref_name: str) -> np.ndarray:
     """`a` must have exactly ref's shape and dtype (softmax_grad's dprob)."""
-    a = check_float_array(a, name)
+    a = check_float_array(sequence_as(a, ref.dtype, name), name)
     if a.dtype != ref.dtype:
         raise TypeError(f"{name}: dtype {a.dtype} differs from {ref_name}'s {ref.dtype}")
     if a.shape != ref.shape:
@@ -335,7 +345,7 @@ def check_target(target, geom: Geometry, logits: np.ndarray, logits_name: str):
 def check_weights(weights, geom: Geometry, dtype: np.dtype):
     if weights is None:
         return None
-    w = as_array(sequence_as(weights, dtype), "weights")
+    w = as_array(sequence_as(weights, dtype, "weights"), "weights")
     if w.dtype != dtype:
         raise TypeError(f"weights: dtype {w.dtype} differs from the logits' {dtype}")
     if w.shape != geom.pixel_shape:
@@ -672,7 +682,7 @@ def check_grid(grid, spatial: tuple) -> np.ndarray:
 
 def check_d_keypoints(dk, geom, x):
     """soft_argmax_grad's upstream gradient: (N, C, ndim) of x's dtype."""
-    dk = check_float_array(sequence_as(dk, x.dtype), "d_keypoints")
+    dk = check_float_array(sequence_as(dk, x.dtype, "d_keypoints"), "d_keypoints")
     if dk.dtype != x.dtype:
         raise TypeError(f"d_keypoints: dtype {dk.dtype} differs from x's {x.dtype}")
     expected = (geom.N, geom.C, len(geom.spatial))

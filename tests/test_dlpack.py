@@ -124,6 +124,21 @@ def test_torch_out_must_be_contiguous_and_separate(rng, torch):
         ssm.softmax(x, out=torch.empty(SHAPE, dtype=torch.float64))
 
 
+def test_torch_lazy_negation_is_applied(rng, torch):
+    # x.conj().imag is a view with the negative bit set: DLPack exports the memory without
+    # it, so ssm reads the tensor resolved (a copy), and refuses it as out=
+    z = torch.randn(2, 4, 3, 3, dtype=torch.complex64)
+    im = z.conj().imag
+    assert im.is_neg()
+    torch.testing.assert_close(ssm.softmax(im), torch.softmax(im, 1))
+    labels = torch.from_numpy(make_labels(rng, (2, 3, 3), 4))
+    torch.testing.assert_close(ssm.cross_entropy(im, labels),
+                               torch.nn.functional.cross_entropy(im, labels, ignore_index=-1))
+    with pytest.raises(TypeError, match="out: a torch.Tensor with its neg bit set"):
+        ssm.softmax(torch.randn(2, 4, 3, 3), out=torch.randn(2, 4, 3, 3,
+                                                            dtype=torch.complex64).conj().imag)
+
+
 def test_torch_strided_input_is_copied(rng, torch):
     x = make_logits(rng, (5, 2, 3, 4), np.float64)
     t = torch.from_numpy(x).transpose(0, 1)

@@ -769,3 +769,35 @@ def test_unsupported_dtype_names_the_device(rng):
     with pytest.raises(TypeError, match=r"^x: dtype int16 is not supported on the CPU; "
                                         r"expected one of float"):
         ssm.softmax(np.zeros((2, 3), np.int16))
+
+
+def test_ragged_nested_lists_name_the_argument(rng):
+    x = make_logits(rng, (1, 3, 2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"^target: a nested list or tuple must have an "
+                                         r"array's shape .* got a ragged one"):
+        ssm.cross_entropy(x, [[[1, 2], [0]]])
+    with pytest.raises(ValueError, match=r"^logits: a nested list or tuple must have"):
+        ssm.cross_entropy([[[[1.0, 2.0], [0.5]]]], np.zeros((1, 2, 2), np.int64))
+    with pytest.raises(ValueError, match=r"^class_weights: a nested list or tuple must have"):
+        ssm.cross_entropy(x, np.zeros((1, 2, 2), np.int64), class_weights=[[1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"^weights: a nested list or tuple must have"):
+        ssm.cross_entropy(x, np.zeros((1, 2, 2), np.int64), [[[1.0, 2.0], [1.0]]])
+    with pytest.raises(ValueError, match=r"^dprob: a nested list or tuple must have"):
+        ssm.softmax_grad(ssm.softmax(x), [[[[1.0]]], [[[1.0, 2.0]]]])
+
+
+def test_dprob_as_a_nested_list_takes_prob_dtype(rng):
+    # a nested list of Python floats has no dtype to differ from prob's (as soft targets,
+    # weights and d_keypoints)
+    x = make_logits(rng, (2, 3, 4), np.float32)
+    dp = rng.standard_normal(x.shape)
+    p = ssm.softmax(x)
+    expected = ssm.softmax_grad(p, dp.astype(np.float32))
+    np.testing.assert_array_equal(ssm.softmax_grad(p, dp.tolist()), expected)
+    m = make_logits(rng, (1, 2, 3, 4), np.float32)
+    pm = ssm.spatial_softmax(m)
+    dm = rng.standard_normal(m.shape)
+    np.testing.assert_array_equal(ssm.spatial_softmax_grad(pm, dm.tolist()),
+                                  ssm.spatial_softmax_grad(pm, dm.astype(np.float32)))
+    with pytest.raises(TypeError, match=r"^dprob: dtype float64 differs from prob's float32"):
+        ssm.softmax_grad(p, dp)  # an array's dtype is its own
