@@ -95,7 +95,8 @@ def loss_normalizer(logits, target, weights=None, *, class_weights=None, ignore_
 
 def shard_pass(op, x, target, weights=None, d_loss=1.0, *, divisor=1.0, return_prob=False,
                loss_map=False, ignore_index=-1, class_weights=None, lens=None,
-               label_smoothing=0.0, layout="NCHW", threads=None, loss="cross_entropy"):
+               label_smoothing=0.0, layout="NCHW", threads=None, loss="cross_entropy",
+               with_prob=True):
     """One shard's SSWL_FWD, SSWL_FWD_BWD or SSWL_BWD pass with the labels already checked.
 
     ``divisor`` is the global one (the "mean" normaliser, ``N`` or 1), handed to the kernel
@@ -104,8 +105,9 @@ def shard_pass(op, x, target, weights=None, d_loss=1.0, *, divisor=1.0, return_p
     shard's ``(n, *spatial)`` map (with ``loss_map=True``, reduction "none").
 
     Returns ``(total, out, prob, loss_map)``: the float64 loss sum (a float, or a 0-d
-    device array; 0.0 for SSWL_BWD), the pass's output (prob for SSWL_FWD, dlogits
-    otherwise), prob (SSWL_FWD_BWD with ``return_prob``) and the loss map (or None).
+    device array; 0.0 for SSWL_BWD), the pass's output (prob for SSWL_FWD, None there with
+    ``with_prob=False``: the loss alone, as ``ssm.cross_entropy``; dlogits otherwise),
+    prob (SSWL_FWD_BWD with ``return_prob``) and the loss map (or None).
     """
     x_name = "prob" if op == Op.SSWL_BWD else "logits"
     B, device = _backend((x_name, x), ("target", target), ("weights", weights),
@@ -119,7 +121,7 @@ def shard_pass(op, x, target, weights=None, d_loss=1.0, *, divisor=1.0, return_p
         P = L.problem
         xp = V.array_module(P.x)
         d, dmap = V.check_d_loss(d_loss, reduction, P.geom, P.x.dtype)
-        out = xp.empty_like(P.x)
+        out = xp.empty_like(P.x) if with_prob or op != Op.SSWL_FWD else None
         prob = xp.empty_like(P.x) if return_prob and op == Op.SSWL_FWD_BWD else None
         lmap = xp.empty(P.geom.pixel_shape, P.x.dtype) if loss_map and op != Op.SSWL_BWD \
             else None

@@ -80,6 +80,7 @@ from ._codes import LABEL_KINDS, Op, Target
 from ._distributed import normalizer_call, shard_pass
 
 __all__ = [
+    "cross_entropy",
     "log_softmax",
     "loss_normalizer",
     "softmax",
@@ -368,19 +369,21 @@ def _scalar(graph_layer, key, deps, meta):
 
 
 def _block_pass(x, y, w, dmap, divisor, *, op, d, return_prob, loss_map, opts, threads,
-                only_out=False):
+                only_out=False, with_prob=True):
     r = shard_pass(op, x, y, w, dmap if dmap is not None else d, divisor=divisor,
-                   return_prob=return_prob, loss_map=loss_map, threads=threads, **opts)
+                   return_prob=return_prob, loss_map=loss_map, threads=threads,
+                   with_prob=with_prob, **opts)
     return r[1] if only_out else r
 
 
-def _fused(c: _Call, op, return_prob=False):
+def _fused(c: _Call, op, return_prob=False, with_prob=True):
     """The chunked path (one chunk along C): (loss, out, prob) as Dask arrays; loss is the
-    0-d reduced loss or the loss map, prob None unless asked."""
+    0-d reduced loss or the loss map, prob None unless asked; out None for SSWL_FWD
+    without ``with_prob`` (the loss alone: no probabilities computed or stored)."""
     G, x = c.G, c.x
     layer, dkey, deps = _divisor_graph(c)
     token = tokenize(x, c.target, c.weights, c.dmap, dkey, op, c.d, return_prob, c.opts,
-                     c.threads)
+                     c.threads, with_prob)
     pname, oname, prname, tname, lname = (f"ssm-{s}-{token}" for s in
                                           ("pass", "out", "prob", "total", "loss"))
     want_map = c.reduction == "none"
@@ -389,7 +392,9 @@ def _fused(c: _Call, op, return_prob=False):
     # task that adds them must not fetch the tuples, which hold the chunks' gradients)
     only_out = op == Op.SSWL_BWD and not return_prob
     f = functools.partial(_block_pass, op=op, d=c.d, return_prob=return_prob,
-                          loss_map=want_map, opts=c.opts, threads=c.threads, only_out=only_out)
+                          loss_map=want_map, opts=c.opts, threads=c.threads, only_out=only_out,
+                          with_prob=with_prob)
+    with_out = with_prob or op != Op.SSWL_FWD
     tkeys = []
     for idx in np.ndindex(*x.numblocks):
         pidx = _pixel_index(idx, G.cax)
@@ -401,7 +406,8 @@ def _fused(c: _Call, op, return_prob=False):
             layer[(oname, *idx)] = task
             continue
         layer[(pname, *idx)] = task
-        layer[(oname, *idx)] = (operator.getitem, (pname, *idx), 1)
+        if with_out:
+            layer[(oname, *idx)] = (operator.getitem, (pname, *idx), 1)
         if return_prob:
             layer[(prname, *idx)] = (operator.getitem, (pname, *idx), 2)
         if want_map:
@@ -416,7 +422,7 @@ def _fused(c: _Call, op, return_prob=False):
     graph = _with_outputs(HighLevelGraph.from_collections(pname, layer, dependencies=deps),
                           pname, (oname, prname, tname, lname))
     meta = _meta(x)
-    out = da.Array(graph, oname, x.chunks, meta=meta)
+    out = da.Array(graph, oname, x.chunks, meta=meta) if with_out else None
     prob = da.Array(graph, prname, x.chunks, meta=meta) if return_prob else None
     if want_map:
         loss = da.Array(graph, lname, G.pixel_chunks, meta=_meta0(meta, G.g.pixel_shape))
@@ -604,11 +610,29 @@ def _sharded(c: _Call, op, return_prob=False):
 # ---- the public functions -----------------------------------------------------------
 
 def _loss(x, x_name, target, weights, d_loss, *, op, return_prob, ignore_index, class_weights,
-          lens, label_smoothing, reduction, layout, validate, threads, loss):
+          lens, label_smoothing, reduction, layout, validate, threads, loss, with_prob=True):
     opts = dict(ignore_index=ignore_index, class_weights=class_weights, lens=lens,
                 label_smoothing=label_smoothing, layout=layout, loss=loss)
     c = _Call(x, x_name, target, weights, d_loss, opts, reduction, validate, threads)
-    return (_sharded if c.G.sharded else _fused)(c, op, return_prob)
+    if c.G.sharded:
+        return _sharded(c, op, return_prob)
+    return _fused(c, op, return_prob, with_prob)
+
+
+def cross_entropy(logits, target, weights=None, *, ignore_index=-1, class_weights=None,
+                  lens=None, label_smoothing=0.0, reduction="mean", layout="NCHW",
+                  validate=True, threads=None, loss="cross_entropy"):
+    """:func:`ssm.cross_entropy` on Dask arrays: the loss alone, lazily, as a 0-d Dask
+    array (the loss map for ``reduction="none"``); the loss of
+    :func:`spatial_softmax_with_loss`, bit for bit. With one chunk along C each chunk's
+    pass writes no probabilities; with C over several chunks, the two-pass log-sum-exp
+    (its probabilities are never asked for, so never computed)."""
+    value, _, _ = _loss(logits, "logits", target, weights, None, op=Op.SSWL_FWD,
+                        return_prob=False, ignore_index=ignore_index,
+                        class_weights=class_weights, lens=lens,
+                        label_smoothing=label_smoothing, reduction=reduction, layout=layout,
+                        validate=validate, threads=threads, loss=loss, with_prob=False)
+    return value
 
 
 def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,

@@ -524,3 +524,24 @@ def test_kl(rng, case, split_c):
             _grad_check(dxd, dx, dtype, norms[0] == norms[1])
     with pytest.raises(ValueError, match="loss: 'KL' is not one of"):
         sdask.spatial_softmax_with_loss_grad(xd, y, loss="KL")
+
+
+@pytest.mark.parametrize("split_c", [False, True], ids=["NC-chunks", "C-chunks"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[7], CASES[8]],
+                         ids=["plain", "nhwc-weights", "lens", "soft"])
+def test_cross_entropy_is_the_loss_alone(rng, case, split_c):
+    # the loss of spatial_softmax_with_loss, bit for bit, from a graph without the
+    # probabilities (one chunk along C: no output layer; the passes write none), the two
+    # computed together (their graphs' keys differ)
+    x, y, w, opts = _problem(rng, **(dict(case, shape_nc=(3, 40)) if split_c else case))
+    xd = da.from_array(x, chunks=_chunks(x.shape, opts["layout"], split_c=split_c))
+    for reduction in REDUCTIONS:
+        lazy = sdask.cross_entropy(xd, y, w, reduction=reduction, **opts)
+        prob, L = sdask.spatial_softmax_with_loss(xd, y, w, reduction=reduction, **opts)
+        got, want, _ = dask.compute(lazy, L, prob, scheduler="threads")
+        assert got.dtype == x.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+        if not split_c:
+            assert not any(name.startswith("ssm-out-") for name in lazy.dask.layers)
+            single = ssm.cross_entropy(x, y, w, reduction=reduction, **opts)
+            assert_close(got, single, x.dtype.type, scale=np.abs(single).max(), factor=4)
