@@ -624,6 +624,8 @@ def positions_geometry(a, name: str, layout: str) -> PositionsGeometry:
                          f"expected at least one per map")
     if L >= 2**31:
         raise ValueError(f"{name}: {L} positions per map; at most 2**31 - 1 are supported")
+    if C >= 2**31:  # as the class axis (and the (C,) temperatures need no allocation first)
+        raise ValueError(f"{name}: {C} channels; at most 2**31 - 1 are supported")
     if layout == "NCHW":
         return PositionsGeometry(shape, N, C, spatial, N * C, L, 1)
     return PositionsGeometry(shape, N, C, spatial, N, L, C)

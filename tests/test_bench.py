@@ -366,7 +366,14 @@ def test_cuda_modules_without_cupy_says_what_to_do():
     (["--budget", "-1"], r"--budget and --max-wait must be >= 0 and --min-reps >= 1"),
     (["--min-reps", "0"], r"--min-reps >= 1"),
     (["--device", "tpu"], r"--device: invalid choice"),
-    (["--busy", "--training-step"], r"give --busy or --training-step, not both"),
+    (["--busy", "--training-step"], r"give one of --busy, --training-step, not several"),
+    (["--busy", "--dask"], r"give one of --busy, --dask, not several"),
+    (["--threads", "1000"], r"--threads: threads: 1000 threads is more than ssm's maximum"),
+    (["--positions", "--shape", "2", "3"], r"--positions --shape: expected N C H \[W ...\]"),
+    (["--json", "/nonexistent/x.json"], r"--json: /nonexistent is not a folder"),
+    (["--plot", "scaling.txt"], r"--plot: 'scaling.txt'; expected a .png, .pdf or .svg"),
+    (["--device", "cudasim", "--workload", "ade", "--json", "x.json"],
+     r"--device cudasim prints .* it does not take --workload, --json"),
 ])
 def test_parser_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

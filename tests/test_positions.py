@@ -533,6 +533,14 @@ def test_half_maps_threads_streams_and_scalar_temperature(rng, monkeypatch, dtyp
 
 # ---- validation ------------------------------------------------------------------
 
+def test_too_many_channels_is_a_value_error():
+    # an empty batch of 2**40 channels: the single call's error, not an 8 TiB allocation
+    for layout, shape in (("NCHW", (0, 2**40, 3)), ("NHWC", (0, 3, 2**40))):
+        x = np.broadcast_to(np.zeros((), np.float32), shape)
+        with pytest.raises(ValueError, match=r"^x: 1099511627776 channels; at most 2\*\*31 - 1"):
+            ssm.spatial_softmax(x, layout=layout, temperature=2.0)
+
+
 def test_errors():
     x = np.zeros((2, 3, 4, 5), np.float32)
     dk = np.zeros((2, 3, 2), np.float32)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -86,14 +87,43 @@ def parse_args(argv=None):
                         "keypoint workloads (or --shape), calls interleaved, medians "
                         "(--threads, --json, --no-torch apply)")
     args = p.parse_args(argv)
+    modes = [f"--{m.replace('_', '-')}" for m in ("busy", "training_step", "dask", "positions")
+             if getattr(args, m)]
+    if len(modes) > 1:
+        p.error(f"give one of {', '.join(modes)}, not several")
+    if args.device == "cudasim":
+        given = [f for f, v in (("--shape", args.shape), ("--workload", args.workload),
+                                ("--json", args.json), ("--plot", args.plot),
+                                ("--ops", args.ops != tuple(OPS)),
+                                ("--labels", args.labels != "int64"), *((m, 1) for m in modes))
+                 if v]
+        if given:
+            p.error(f"--device cudasim prints the simulated GPU's launches and traffic for the "
+                    f"three standard workloads (--dtype applies); it does not take "
+                    f"{', '.join(given)}")
+    if args.threads is not None:
+        from .. import _threads
+        for t in args.threads:
+            try:
+                _threads.resolve(t)
+            except ValueError as exc:
+                p.error(f"--threads: {exc}")
+    if args.positions and args.shape is not None and len(args.shape) < 3:
+        p.error("--positions --shape: expected N C H [W ...] (maps of at least one spatial "
+                "axis)")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:  # before the run, not after it
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                p.error(f"{flag}: {folder} is not a folder this process can write to")
+    if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg"):
+        p.error(f"--plot: {args.plot!r}; expected a .png, .pdf or .svg file name")
     if args.dask and args.threads is None:
         args.threads = [2]
     if args.shape is not None and args.workload is not None:
         p.error("give --workload or --shape, not both")
     if args.shape is not None and (len(args.shape) < 2 or min(args.shape) < 1):
         p.error("--shape: expected N C [spatial...] with every extent >= 1")
-    if args.busy and args.training_step:
-        p.error("give --busy or --training-step, not both")
     if args.budget < 0 or args.min_reps < 1 or args.max_wait < 0:
         p.error("--budget and --max-wait must be >= 0 and --min-reps >= 1")
     if args.threads is None:
