@@ -14,7 +14,9 @@ the class axis for ``reduction="none"``). Without differentiation it is the forw
 The options are ssm's (``ssm.spatial_softmax_with_loss``: defaults ``ignore_index=-1``,
 ``reduction="mean"``, 0 when the "mean" divisor is 0, ``layout="NCHW"``); they must be
 static (Python values, not traced arrays); ``class_weights`` and ``lens`` may be arrays.
-No gradient flows to the target, the weights, ``class_weights`` or ``lens``.
+No gradient flows to the target, the weights, ``class_weights`` or ``lens``: differentiating
+with respect to one of them is a ``ValueError`` when the function is traced (JAX would
+otherwise take a zero gradient for it).
 
 Devices: the CPU. On a GPU backend JAX copies the arguments to the host for the callback
 and the results back, so it computes correctly but without ssm's GPU kernels (not yet
@@ -141,16 +143,29 @@ def _cross_entropy(logits, target, weights, cw, lens, statics):
     return _loss_only(logits, target, weights, cw, lens, dict(statics))
 
 
+_NO_GRADIENT = ("target", "weights", "class_weights", "lens")
+
+
 def _ce_fwd(logits, target, weights, cw, lens, statics):
-    loss, grad = _loss_and_grad(logits, target, weights, cw, lens, dict(statics))
+    # symbolic_zeros: each argument comes as a CustomVJPPrimal (None as None), which says
+    # whether it is differentiated; only the logits have a gradient here
+    for name, a in zip(_NO_GRADIENT, (target, weights, cw, lens)):
+        if a is not None and a.perturbed:
+            raise ValueError(f"{name}: ssm.jax.cross_entropy has a gradient with respect to "
+                             f"the logits only, not the {name}; differentiate with respect "
+                             f"to the logits (or stop_gradient the {name})")
+    values = [None if a is None else a.value for a in (logits, target, weights, cw, lens)]
+    loss, grad = _loss_and_grad(*values, dict(statics))
     return loss, grad
 
 
 def _ce_bwd(statics, grad, ct):
+    if isinstance(ct, jax.custom_derivatives.SymbolicZero):  # the loss is not used
+        return jnp.zeros_like(grad), None, None, None, None
     return _scaled(grad, ct, dict(statics)), None, None, None, None
 
 
-_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
+_cross_entropy.defvjp(_ce_fwd, _ce_bwd, symbolic_zeros=True)
 
 
 def _stand_in(a):

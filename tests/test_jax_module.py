@@ -233,3 +233,27 @@ def test_bfloat16(rng, monkeypatch, fallback):
     np.testing.assert_array_equal(np.asarray(grad).view(np.uint16), want_grad.view(np.uint16))
     np.testing.assert_array_equal(np.asarray(sj.softmax(xj)).view(np.uint16),
                                   ssm.softmax(x).view(np.uint16))
+
+
+def test_no_gradient_but_the_logits_is_an_error(rng):
+    # a gradient with respect to the target, the weights, class_weights or lens would be
+    # JAX's zero (no VJP for them): a ValueError when traced, naming the argument; the
+    # same arguments under stop_gradient, or not differentiated, are fine
+    x = jnp.asarray(make_logits(rng, (2, 3, 4, 5), np.float32))
+    y = jnp.asarray(make_labels(rng, (2, 4, 5), 3))
+    w = jnp.ones((2, 4, 5), jnp.float32)
+    cases = [("weights", lambda a: sj.cross_entropy(x, y, a, reduction="sum"), w),
+             ("target", lambda a: sj.cross_entropy(x, a), jax.nn.softmax(x, 1)),
+             ("class_weights", lambda a: sj.cross_entropy(x, y, class_weights=a), jnp.ones(3)),
+             ("lens", lambda a: sj.cross_entropy(x, y, lens=a), jnp.eye(3))]
+    for name, f, arg in cases:
+        with pytest.raises(ValueError, match=rf"^{name}: ssm.jax.cross_entropy has a gradient "
+                                             rf"with respect to the logits only"):
+            jax.grad(f)(arg)
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            jax.jit(jax.grad(f))(arg)
+    g, gw = jax.grad(lambda a, b: sj.cross_entropy(a, y, jax.lax.stop_gradient(b)),
+                     argnums=(0, 1))(x, w)
+    np.testing.assert_array_equal(np.asarray(gw), 0)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.grad(
+        lambda a: sj.cross_entropy(a, y, w))(x)))
