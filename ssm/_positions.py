@@ -192,6 +192,14 @@ def spatial_softmax_grad(prob, dprob, *, temperature=1.0, layout="NCHW",
     d_temperature : ndarray, only with ``return_temperature_grad``
         0-d for one temperature, ``(C,)`` for one per channel; prob's dtype.
     """
+    return _spatial_softmax_grad(prob, dprob, temperature, layout, return_temperature_grad,
+                                 out, threads, _d_temperature)
+
+
+def _spatial_softmax_grad(prob, dprob, temperature, layout, return_temperature_grad, out,
+                          threads, d_temperature):
+    """spatial_softmax_grad, its temperature gradient d_temperature(the float64 term of each
+    map, geom, scalar, dtype): _d_temperature, or (ssm.dask) the terms themselves."""
     B, device = _backend(("prob", prob), ("dprob", dprob),
                          ("out", out))
     with device:
@@ -206,7 +214,7 @@ def spatial_softmax_grad(prob, dprob, *, temperature=1.0, layout="NCHW",
                     PositionsProblem(geom, prob, _temperature_for(B, prob, t), dprob=dprob,
                                      out=out, d_temperature=dt), nt)
         if want_dt:
-            return out, _d_temperature(dt, geom, scalar, prob.dtype)
+            return out, d_temperature(dt, geom, scalar, prob.dtype)
         return out
 
 
@@ -302,6 +310,13 @@ def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized
     d_temperature : ndarray, only with ``return_temperature_grad``
         0-d for one temperature, ``(C,)`` for one per channel; x's dtype.
     """
+    return _soft_argmax_grad(x, d_keypoints, temperature, coordinates, from_prob,
+                             return_temperature_grad, layout, out, threads, _d_temperature)
+
+
+def _soft_argmax_grad(x, d_keypoints, temperature, coordinates, from_prob,
+                      return_temperature_grad, layout, out, threads, d_temperature):
+    """soft_argmax_grad, its temperature gradient as in _spatial_softmax_grad."""
     B, device = _backend(("x", x), ("d_keypoints", d_keypoints),
                          ("out", out))
     with device:
@@ -320,7 +335,7 @@ def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized
                                      d_temperature=dt,
                                      **_grid_args(B, geom, x, coordinates)), nt)
         if want_dt:
-            return out, _d_temperature(dt, geom, scalar, x.dtype)
+            return out, d_temperature(dt, geom, scalar, x.dtype)
         return out
 
 

@@ -54,6 +54,12 @@ should be large, as Dask's best practices advise for any graph (tens to a hundre
 256 x 256 image of 21 classes in float32 is 5.5 MB): then the chunks' passes outweigh it.
 ``ssm-bench --dask`` measures it.
 
+Softmax over positions (``spatial_softmax``, ``soft_argmax``, their gradients,
+``spatial_expectation``): a map is one (n, c) row over all its positions, so the spatial
+axes are made one chunk and each block of N and C is one call, with the same bits as the
+single call; the temperature gradient's per-map float64 terms are gathered from every block
+and added as the single call adds them.
+
 A bad label in any chunk (``validate=True``) raises the single call's ``ValueError``,
 naming the label's index in the whole array (the lowest flat index wins), when the result
 is computed: every output depends on the label check.
@@ -83,8 +89,13 @@ __all__ = [
     "cross_entropy",
     "log_softmax",
     "loss_normalizer",
+    "soft_argmax",
+    "soft_argmax_grad",
     "softmax",
     "softmax_grad",
+    "spatial_expectation",
+    "spatial_softmax",
+    "spatial_softmax_grad",
     "spatial_softmax_with_loss",
     "spatial_softmax_with_loss_and_grad",
     "spatial_softmax_with_loss_grad",
@@ -746,3 +757,225 @@ def softmax_grad(prob, dprob, *, layout="NCHW", threads=None):
     from . import _api
     return da.map_blocks(_api.softmax_grad, prob, dprob, layout=G.layout, threads=threads,
                          dtype=prob.dtype, meta=_meta(prob))
+
+
+# ---- softmax over positions -------------------------------------------------------------
+# A map is one (n, c) row over all its positions, so the spatial axes are made one chunk
+# (rechunked if they are not) and every block of N and C is one call of ssm's function
+# with its channels' temperatures: the outputs are the single call's bit for bit (a map's
+# result depends only on the map). The temperature gradient is one float64 term per map,
+# gathered from every block and added as the single call adds them: the same bits too.
+
+def _stand_in(shape, dtype):
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+def _pos_args(x, name, layout, temperature, threads):
+    """(x with its spatial axes one chunk, geometry, temperatures (C,), one number?, cax)"""
+    x = _as_dask(x, name)
+    _check_known_shape(x, name)
+    layout = V.check_choice(layout, "layout", V.LAYOUTS)
+    V.check_float_dtype(np.zeros((), x.dtype), name)
+    geom = V.positions_geometry(_stand_in(x.shape, x.dtype), name, layout)
+    t, scalar = V.check_temperature(temperature, geom.C, x.dtype)
+    _threads.resolve(threads)
+    cax = _class_axis(x.ndim, layout)
+    x = x.rechunk({i: -1 for i in range(1, x.ndim) if i != cax})
+    return x, geom, t, scalar, cax
+
+
+def _channel_ranges(chunks):
+    (starts,) = _offsets((chunks,))
+    return [(a, a + n) for a, n in zip(starts, chunks)]
+
+
+def _pos_call(block, *others, fn, c0, c1, t, scalar, kwargs):
+    temperature = float(t[0]) if scalar else t[c0:c1]
+    r = fn(block, *others, temperature=temperature, **kwargs)
+    return r if isinstance(r, tuple) else (r,)
+
+
+def _terms_only(per_map, geom, scalar, dtype):
+    return per_map.reshape(geom.N, geom.C)
+
+
+def _dt_total(terms, *, N, C, scalar, dtype):
+    """The temperature gradient from every block's (n, c) float64 terms (a nested list,
+    blocks of N then C), added as the single call adds them (_positions._d_temperature),
+    on the blocks' device (by way of the host where its module cannot concatenate: the
+    simulator's)."""
+    from ._positions import _d_temperature
+    first = terms[0][0]
+    xp = V.array_module(first) if V.is_device_array(first) else np
+    host = not hasattr(xp, "concatenate")
+    if host:
+        terms = [[xp.asnumpy(t) for t in row] for row in terms]
+    cat = np.concatenate if host else xp.concatenate
+    per_map = cat([cat(row, axis=1) for row in terms], axis=0)
+    geom = type("Maps", (), {"N": N, "C": C})
+    total = _d_temperature(per_map.reshape(-1), geom, scalar, np.dtype(dtype))
+    return xp.asarray(total) if host and xp is not np else total
+
+
+def _pos_graph(fn, x, others, cax, t, scalar, kwargs, outs, token):
+    """Dask arrays of ``fn``'s outputs, one call per block of x: ``others`` are (array,
+    kind) with kind "map" (x's chunks) or "kp" ((N, C, D) by x's N and C chunks); ``outs``
+    the kinds of the call's results in order: "map", "kp" (D wide), "dt" (the temperature
+    gradient's terms)."""
+    name = f"ssm-pos-{token}"
+    names = [f"ssm-pos-out{i}-{token}" for i in range(len(outs))]
+    layer = {}
+    ranges = _channel_ranges(x.chunks[cax])
+    dt_keys = {}
+    for idx in np.ndindex(*x.numblocks):
+        n, c = idx[0], idx[cax]
+        c0, c1 = ranges[c]
+        args = [(x.name, *idx)]
+        for a, kind in others:
+            args.append((a.name, *idx) if kind == "map" else (a.name, n, c, 0))
+        f = functools.partial(_pos_call, fn=fn, c0=c0, c1=c1, t=t, scalar=scalar,
+                              kwargs=_dropped(kwargs))
+        layer[(name, *idx)] = (f, *args)
+        for i, kind in enumerate(outs):
+            key = (names[i], *idx) if kind == "map" else (names[i], n, c, 0) if kind == "kp" \
+                else (names[i] + "-terms", n, c)
+            layer[key] = (operator.getitem, (name, *idx), i)
+            if kind == "dt":
+                dt_keys[(n, c)] = key
+    results = []
+    meta = _meta(x)
+    for i, kind in enumerate(outs):
+        if kind == "dt":
+            nn, nc = x.numblocks[0], x.numblocks[cax]
+            nested = [[dt_keys[(a, b)] for b in range(nc)] for a in range(nn)]
+            layer[(names[i],) if scalar else (names[i], 0)] = (
+                functools.partial(_dt_total, N=x.shape[0], C=x.shape[cax], scalar=scalar,
+                                  dtype=x.dtype), nested)
+    deps = [x] + [a for a, _ in others]
+    graph = _with_outputs(HighLevelGraph.from_collections(name, layer, dependencies=deps),
+                          name, [n + "-terms" for n in names] + names)
+    for i, kind in enumerate(outs):
+        if kind == "map":
+            results.append(da.Array(graph, names[i], x.chunks, meta=meta))
+        elif kind == "kp":
+            D = kwargs.get("_D")
+            results.append(da.Array(graph, names[i], (x.chunks[0], x.chunks[cax], (D,)),
+                                    meta=_meta0(meta, (0, 0, 0))))
+        else:
+            results.append(da.Array(graph, names[i], () if scalar else ((x.shape[cax],),),
+                                    meta=_meta0(meta, () if scalar else (0,))))
+    return results
+
+
+def _pos_fn(name):
+    from . import _positions as P
+    return getattr(P, name)
+
+
+def _align(a, x, name, kind, cax, D=None):
+    """``a`` (x's shape, or (N, C, D) keypoints) as a Dask array chunked as x's blocks."""
+    a = _as_dask(a, name)
+    if kind == "map":
+        return a.rechunk(x.chunks)
+    return a.rechunk((x.chunks[0], x.chunks[cax], (D,)))
+
+
+def _dropped(kwargs):
+    return {k: v for k, v in kwargs.items() if not k.startswith("_")}
+
+
+def spatial_softmax(x, *, temperature=1.0, layout="NCHW", threads=None):
+    """:func:`ssm.spatial_softmax` on a Dask array, lazily (the spatial axes one chunk;
+    the single call's bits)."""
+    x, geom, t, scalar, cax = _pos_args(x, "x", layout, temperature, threads)
+    kw = dict(layout=layout, threads=threads)
+    token = tokenize(x, t, scalar, "spatial_softmax", kw)
+    return _pos_graph(_pos_fn("spatial_softmax"), x, [], cax, t, scalar, kw, ["map"], token)[0]
+
+
+def spatial_softmax_grad(prob, dprob, *, temperature=1.0, layout="NCHW",
+                         return_temperature_grad=False, threads=None):
+    """:func:`ssm.spatial_softmax_grad` on Dask arrays, lazily: ``dx`` (and the
+    temperature's gradient, a 0-d or ``(C,)`` Dask array); the single call's bits."""
+    prob, geom, t, scalar, cax = _pos_args(prob, "prob", layout, temperature, threads)
+    want = V.check_flag(return_temperature_grad, "return_temperature_grad")
+    dprob = _align(dprob, prob, "dprob", "map", cax)
+    if dprob.shape != prob.shape or dprob.dtype != prob.dtype:
+        raise TypeError(f"dprob: shape {dprob.shape} and dtype {dprob.dtype} differ from "
+                        f"prob's {prob.shape}, {prob.dtype}")
+    P = _pos_fn("_spatial_softmax_grad")
+
+    def fn(p, dp, temperature):
+        return P(p, dp, temperature, layout, want, None, threads, _terms_only)
+
+    token = tokenize(prob, dprob, t, scalar, "spatial_softmax_grad", layout, want, threads)
+    r = _pos_graph(fn, prob, [(dprob, "map")], cax, t, scalar, {},
+                   ["map", "dt"] if want else ["map"], token)
+    return tuple(r) if want else r[0]
+
+
+def soft_argmax(x, *, temperature=1.0, coordinates="normalized", return_variance=False,
+                return_prob=False, layout="NCHW", threads=None):
+    """:func:`ssm.soft_argmax` on a Dask array, lazily: the keypoints ``(N, C, ndim)``
+    (and the variance, the probabilities) as Dask arrays; the single call's bits."""
+    x, geom, t, scalar, cax = _pos_args(x, "x", layout, temperature, threads)
+    coordinates = V.check_choice(coordinates, "coordinates", V.COORDINATES)
+    var = V.check_flag(return_variance, "return_variance")
+    prob = V.check_flag(return_prob, "return_prob")
+    kw = dict(coordinates=coordinates, return_variance=var, return_prob=prob, layout=layout,
+              threads=threads)
+    outs = ["kp"] + (["kp"] if var else []) + (["map"] if prob else [])
+    token = tokenize(x, t, scalar, "soft_argmax", kw)
+    r = _pos_graph(_pos_fn("soft_argmax"), x, [], cax, t, scalar,
+                   dict(kw, _D=len(geom.spatial)), outs, token)
+    return tuple(r) if len(r) > 1 else r[0]
+
+
+def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized",
+                     from_prob=False, return_temperature_grad=False, layout="NCHW",
+                     threads=None):
+    """:func:`ssm.soft_argmax_grad` on Dask arrays, lazily: ``dx`` (and the temperature's
+    gradient); the single call's bits."""
+    x, geom, t, scalar, cax = _pos_args(x, "x", layout, temperature, threads)
+    coordinates = V.check_choice(coordinates, "coordinates", V.COORDINATES)
+    from_prob = V.check_flag(from_prob, "from_prob")
+    want = V.check_flag(return_temperature_grad, "return_temperature_grad")
+    D = len(geom.spatial)
+    dk = _as_dask(d_keypoints, "d_keypoints")
+    if dk.shape != (geom.N, geom.C, D) or dk.dtype != x.dtype:
+        raise TypeError(f"d_keypoints: shape {dk.shape} and dtype {dk.dtype}; expected "
+                        f"{(geom.N, geom.C, D)} and x's {x.dtype}")
+    dk = _align(dk, x, "d_keypoints", "kp", cax, D)
+    P = _pos_fn("_soft_argmax_grad")
+
+    def fn(a, k, temperature):
+        return P(a, k, temperature, coordinates, from_prob, want, layout, None, threads,
+                 _terms_only)
+
+    token = tokenize(x, dk, t, scalar, "soft_argmax_grad", coordinates, from_prob, want,
+                     layout, threads)
+    r = _pos_graph(fn, x, [(dk, "kp")], cax, t, scalar, {}, ["map", "dt"] if want else ["map"],
+                   token)
+    return tuple(r) if want else r[0]
+
+
+def spatial_expectation(prob, grid=None, *, coordinates="normalized", return_variance=False,
+                        layout="NCHW", threads=None):
+    """:func:`ssm.spatial_expectation` on a Dask array, lazily (``grid``, if given, a NumPy
+    array: every block's call reads all of it); the single call's bits."""
+    prob, geom, t, scalar, cax = _pos_args(prob, "prob", layout, 1.0, threads)
+    coordinates = V.check_choice(coordinates, "coordinates", V.COORDINATES)
+    var = V.check_flag(return_variance, "return_variance")
+    g = None if grid is None else V.check_grid(grid, geom.spatial)
+    D = len(geom.spatial) if g is None else g.shape[0]
+    P = _pos_fn("spatial_expectation")
+    grid_arg = None if grid is None else np.asarray(grid)
+
+    def fn(p, temperature):
+        return P(p, grid_arg, coordinates=coordinates, return_variance=var, layout=layout,
+                 threads=threads)
+
+    token = tokenize(prob, grid_arg, "spatial_expectation", coordinates, var, layout, threads)
+    r = _pos_graph(fn, prob, [], cax, t, scalar, {"_D": D}, ["kp", "kp"] if var else ["kp"],
+                   token)
+    return tuple(r) if var else r[0]

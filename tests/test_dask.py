@@ -545,3 +545,98 @@ def test_cross_entropy_is_the_loss_alone(rng, case, split_c):
             assert not any(name.startswith("ssm-out-") for name in lazy.dask.layers)
             single = ssm.cross_entropy(x, y, w, reduction=reduction, **opts)
             assert_close(got, single, x.dtype.type, scale=np.abs(single).max(), factor=4)
+
+
+def _positions_pairs(rng, layout, dtype, xd_of):
+    """(single call, ssm.dask call) of every positions function on 5 x 7 maps of 9 x 11,
+    chunked unevenly along N, C and the spatial axes (rechunked into one)."""
+    N, C, S = 5, 7, (9, 11)
+    shape = (N, C, *S) if layout == "NCHW" else (N, *S, C)
+    x = make_logits(rng, shape, dtype)
+    xd = xd_of(x)
+    T = 0.3 + rng.random(C)
+    dk = rng.standard_normal((N, C, 2)).astype(dtype)
+    dp = rng.standard_normal(shape).astype(dtype)
+    p = ssm.spatial_softmax(x, layout=layout)
+    pd = xd_of(p)
+    g = rng.standard_normal((*S, 3))
+    kw = dict(layout=layout)
+    return [
+        (ssm.spatial_softmax(x, temperature=T, **kw), sdask.spatial_softmax(xd, temperature=T, **kw)),
+        *((ssm.spatial_softmax_grad(p, dp, temperature=t, return_temperature_grad=True, **kw),
+           sdask.spatial_softmax_grad(pd, dp, temperature=t, return_temperature_grad=True, **kw))
+          for t in (T, 0.7)),
+        (ssm.soft_argmax(x, temperature=T, return_variance=True, return_prob=True, **kw),
+         sdask.soft_argmax(xd, temperature=T, return_variance=True, return_prob=True, **kw)),
+        (ssm.soft_argmax(x, coordinates="pixels", **kw),
+         sdask.soft_argmax(xd, coordinates="pixels", **kw)),
+        (ssm.soft_argmax_grad(x, dk, temperature=T, return_temperature_grad=True, **kw),
+         sdask.soft_argmax_grad(xd, dk, temperature=T, return_temperature_grad=True, **kw)),
+        (ssm.soft_argmax_grad(p, dk, from_prob=True, **kw),
+         sdask.soft_argmax_grad(pd, dk, from_prob=True, **kw)),
+        (ssm.spatial_expectation(p, return_variance=True, **kw),
+         sdask.spatial_expectation(pd, return_variance=True, **kw)),
+        (ssm.spatial_expectation(p, g, **kw), sdask.spatial_expectation(pd, g, **kw)),
+    ]
+
+
+def _uneven(layout):
+    if layout == "NCHW":
+        return lambda a: da.from_array(a, chunks=((2, 3), (3, 4), (4, 5), (11,)))
+    return lambda a: da.from_array(a, chunks=((2, 3), (4, 5), (11,), (3, 4)))
+
+
+def _same_bits(pairs, got):
+    for (want, _), res in zip(pairs, got):
+        want = want if isinstance(want, tuple) else (want,)
+        res = res if isinstance(res, tuple) else (res,)
+        assert len(res) == len(want)
+        for a, b in zip(want, res):
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_positions_functions_are_the_single_call(rng, layout, dtype):
+    # a map is one row: every block of N and C one call with its channels' temperatures,
+    # the temperature gradient's per-map terms added as the single call adds them: the
+    # same bits, outputs and temperature gradients (one number and one per channel)
+    pairs = _positions_pairs(rng, layout, dtype, _uneven(layout))
+    _same_bits(pairs, dask.compute(*[lazy for _, lazy in pairs], scheduler="threads"))
+
+
+def test_positions_functions_on_cluster(client, rng):
+    pairs = _positions_pairs(rng, "NHWC", np.float32, _uneven("NHWC"))
+    _same_bits(pairs, dask.compute(*[lazy for _, lazy in pairs]))
+
+
+def test_positions_argument_errors(rng):
+    x = da.from_array(make_logits(rng, (2, 3, 4, 5), np.float32), chunks=(1, 2, 4, 5))
+    with pytest.raises(ValueError, match="layout: 'NWHC' is not one of"):
+        sdask.spatial_softmax(x, layout="NWHC")
+    with pytest.raises(ValueError, match=r"^temperature: shape \(2,\) does not match the 3"):
+        sdask.soft_argmax(x, temperature=[1.0, 2.0])
+    with pytest.raises(TypeError, match=r"^x: dtype int64"):
+        sdask.spatial_softmax(da.zeros((2, 3, 4), dtype=np.int64))
+    with pytest.raises(TypeError, match=r"^d_keypoints: shape \(2, 3, 3\)"):
+        sdask.soft_argmax_grad(x, np.zeros((2, 3, 3), np.float32))
+
+
+@pytest.mark.cudasim
+def test_positions_device_chunks_on_the_simulator(rng):
+    from ssm.testing import cudasim
+    x = make_logits(rng, (3, 4, 6, 7), np.float32)
+    dp = make_logits(rng, x.shape, np.float32)
+    T = 0.5 + rng.random(4)
+    p = ssm.spatial_softmax(cudasim.asarray(x), temperature=T)
+    dx, dT = ssm.spatial_softmax_grad(p, cudasim.asarray(dp), temperature=T,
+                                      return_temperature_grad=True)
+    pd = da.from_array(p, chunks=(2, 3, 6, 7), asarray=False)
+    lazy = sdask.spatial_softmax_grad(pd, da.from_array(cudasim.asarray(dp), chunks=pd.chunks,
+                                                        asarray=False),
+                                      temperature=T, return_temperature_grad=True)
+    (dTd,), dxd = _blocks(lazy[0], cudasim, lazy[1])
+    np.testing.assert_array_equal(dxd, cudasim.asnumpy(dx))
+    np.testing.assert_array_equal(dTd, cudasim.asnumpy(dT))
