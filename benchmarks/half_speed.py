@@ -67,12 +67,16 @@ def one(shape, op, threads, dtype, calls):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--calls", type=int, default=15)
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--shapes", default="voc,ade")
-    ap.add_argument("--ops", default="fused,loss")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="fresh processes per case, dtypes rotating (default 5)")
+    ap.add_argument("--calls", type=int, default=15,
+                    help="timed calls per process, after two warm-up calls (default 15)")
+    ap.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
+    ap.add_argument("--shapes", default="voc,ade", help="voc, ade, pose (default voc,ade)")
+    ap.add_argument("--ops", default="fused,loss",
+                    help="fused, loss, soft_argmax, soft_argmax_grad (default fused,loss)")
     ap.add_argument("--one", nargs=4, metavar=("SHAPE", "OP", "THREADS", "DTYPE"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args()

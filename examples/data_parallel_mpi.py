@@ -36,6 +36,9 @@ def global_mean_loss_and_grad(comm, x, y, w):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     x, y, w = whole_batch()

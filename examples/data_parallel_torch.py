@@ -68,6 +68,9 @@ def run(rank, world, port, check):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return
     import socket
     with socket.socket() as s:       # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))

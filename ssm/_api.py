@@ -90,7 +90,8 @@ def softmax(x, *, layout="NCHW", out=None, threads=None):
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, ``(N, C, *spatial)`` (NCHW) or ``(N, *spatial, C)`` (NHWC)
+    x : ndarray, float16, bfloat16 (computed in float32), float32 or float64
+        ``(N, C, *spatial)`` (NCHW) or ``(N, *spatial, C)`` (NHWC)
     layout : {"NCHW", "NHWC"}
     out : ndarray, optional
         C-contiguous buffer of x's shape and dtype to write the result into.
@@ -338,7 +339,8 @@ def spatial_softmax_with_loss(logits, target, weights=None, *, ignore_index=-1,
 
     Parameters
     ----------
-    logits : ndarray, float32 or float64, ``(N, C, *spatial)`` (NCHW) or ``(N, *spatial, C)``
+    logits : ndarray, float16, bfloat16 (computed in float32), float32 or float64
+        ``(N, C, *spatial)`` (NCHW) or ``(N, *spatial, C)`` (NHWC)
     target : ndarray
         Integer labels ``(N, *spatial)`` (uint8, int32, int64), or soft targets with
         the logits' shape and dtype.

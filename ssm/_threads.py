@@ -15,8 +15,9 @@ stacks, which the kernels check before a team first starts (ssm/_threads.h).
 
 Fork safety: GNU libgomp cannot start a thread team in a child forked after the
 parent used one (the child hangs; measured here with multiprocessing's "fork"
-start method and os.fork). A one-thread region needs no team, so in a forked
-child every call runs on one thread, whatever it asks for. Use the "spawn" or
+start method and os.fork). A one-thread region needs no team, so in a child
+forked after ``import ssm`` (whether or not ssm had run: the fork hook cannot tell)
+every call runs on one thread, whatever it asks for. Use the "spawn" or
 "forkserver" start method for multi-threaded ssm in worker processes.
 """
 from __future__ import annotations
@@ -62,7 +63,10 @@ def set_num_threads(n) -> None:
 
 def get_num_threads() -> int:
     """The number of threads a call with ``threads=None`` uses at most now (fewer on small
-    problems, and for a while after other processes were seen to hold cores)."""
+    problems, and for a while after other processes were seen to hold cores; 1 in a
+    process forked after ``import ssm``, see above)."""
+    if _in_forked_child:
+        return 1
     return _default if _default is not None else min(_cpu.omp_max_threads(), MAX_THREADS)
 
 

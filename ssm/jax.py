@@ -199,6 +199,17 @@ def _check(logits, target, weights, ignore_index, label_smoothing, reduction, la
         V.check_weights(_stand_in(weights), g, x.dtype)  # raises
 
 
+def _check_labels(logits, target, ignore_index, layout):
+    """Labels given as values (not traced: outside ``jit``) are checked here, so that a bad
+    one is ssm's ValueError; inside the callback (under ``jit``) JAX can only report it as
+    its runtime error, with ssm's message in its text."""
+    tracer = getattr(jax.core, "Tracer", ())
+    if isinstance(target, tracer) or np.dtype(target.dtype) not in LABEL_KINDS:
+        return
+    ssm.loss_normalizer(_stand_in(logits), np.asarray(target), ignore_index=ignore_index,
+                        layout=layout)  # reads the labels alone: raises for a bad one
+
+
 def _small(a):
     """class_weights or lens as an array argument (a list or tuple as NumPy's)."""
     return np.asarray(a) if isinstance(a, (list, tuple)) else a
@@ -213,11 +224,13 @@ def cross_entropy(logits, target, weights=None, *, ignore_index=-1, class_weight
     bfloat16, float32 or float64; ``target`` integer labels ``(N, *spatial)`` or
     soft targets of the logits' shape; ``weights`` per-pixel. Returns the 0-d loss, or the
     loss map for "none". Shapes, dtypes and options are checked when the function is
-    traced (ssm's errors); the labels' values in the callback.
+    traced (ssm's errors); the labels' values before the call outside ``jit`` (ssm's
+    ValueError), in the callback under ``jit`` (JAX's runtime error, ssm's message in it).
     """
     logits, target = jnp.asarray(logits), jnp.asarray(target)  # lists, NumPy: as JAX takes them
     weights = None if weights is None else jnp.asarray(weights)
     _check(logits, target, weights, ignore_index, label_smoothing, reduction, layout)
+    _check_labels(logits, target, ignore_index, layout)
     statics = (("ignore_index", int(ignore_index)), ("label_smoothing", float(label_smoothing)),
                ("reduction", reduction), ("layout", layout))
     return _cross_entropy(logits, target, weights, _small(class_weights), _small(lens), statics)

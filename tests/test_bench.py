@@ -372,6 +372,11 @@ def test_cuda_modules_without_cupy_says_what_to_do():
     (["--positions", "--shape", "2", "3"], r"--positions --shape: expected N C H \[W ...\]"),
     (["--json", "/nonexistent/x.json"], r"--json: /nonexistent is not a folder"),
     (["--plot", "scaling.txt"], r"--plot: 'scaling.txt'; expected a .png, .pdf or .svg"),
+    (["--dask", "--dask-scale", "0"], r"--dask-scale: 0; expected an integer >= 1"),
+    (["--dask", "--dask-chunk", "-2"], r"--dask-chunk: -2; expected an integer >= 1"),
+    (["--dask-chunk", "2"], r"--dask-chunk applies to --dask only"),
+    (["--no-jax"], r"--no-jax applies to --training-step only"),
+    (["--busy", "--threads", "2"], r"--threads does not apply to --busy"),
     (["--device", "cudasim", "--workload", "ade", "--json", "x.json"],
      r"--device cudasim prints .* it does not take --workload, --json"),
 ])

@@ -342,12 +342,13 @@ def test_forked_child_does_not_hang():
     ctx = mp.get_context("fork")
     with ctx.Pool(1) as pool:
         result = pool.apply_async(_softmax_in_child, (x,))
-        got = result.get(timeout=20)
+        got, threads = result.get(timeout=20)
     np.testing.assert_array_equal(got, expected)
+    assert threads == 1  # get_num_threads says what a call does there
 
 
 def _softmax_in_child(x):
-    return ssm.softmax(x, threads=2)
+    return ssm.softmax(x, threads=2), ssm.get_num_threads()
 
 
 @pytest.mark.parametrize("C", [1, 2, 7, 8])

@@ -257,3 +257,19 @@ def test_no_gradient_but_the_logits_is_an_error(rng):
     np.testing.assert_array_equal(np.asarray(gw), 0)
     np.testing.assert_array_equal(np.asarray(g), np.asarray(jax.grad(
         lambda a: sj.cross_entropy(a, y, w))(x)))
+
+
+def test_bad_label_is_a_value_error_outside_jit(rng):
+    # outside jit the labels are values: checked before the callback, ssm's ValueError;
+    # under jit only JAX's runtime error can carry it (ssm's message in its text)
+    x = jnp.asarray(make_logits(rng, (2, 3, 4, 5), np.float32))
+    y = make_labels(rng, (2, 4, 5), 3)
+    y[1, 2, 3] = 7
+    with pytest.raises(ValueError, match=r"label 7 at index \(1, 2, 3\)"):
+        sj.cross_entropy(x, jnp.asarray(y))
+    with pytest.raises(ValueError, match=r"label 7 at index \(1, 2, 3\)"):
+        jax.grad(lambda a: sj.cross_entropy(a, jnp.asarray(y)))(x)
+    with pytest.raises(Exception, match=r"label 7 at index \(1, 2, 3\)"):
+        jax.jit(sj.cross_entropy)(x, jnp.asarray(y)).block_until_ready()
+    y[1, 2, 3] = -1  # ignore_index: fine
+    assert np.isfinite(float(sj.cross_entropy(x, jnp.asarray(y))))

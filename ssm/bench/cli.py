@@ -77,9 +77,9 @@ def parse_args(argv=None):
                         "threaded scheduler and LocalClusters) against one call, on "
                         "--dask-scale times the workload's batch, at the largest --threads "
                         "count (default 2)")
-    p.add_argument("--dask-scale", type=int, default=4, metavar="K",
+    p.add_argument("--dask-scale", type=int, default=None, metavar="K",
                    help="--dask: K times the workload's batch (default 4)")
-    p.add_argument("--dask-chunk", type=int, default=1, metavar="K",
+    p.add_argument("--dask-chunk", type=int, default=None, metavar="K",
                    help="--dask: K images per chunk (default 1)")
     p.add_argument("--positions", action="store_true",
                    help="instead: soft-argmax forward and forward+backward (ssm.soft_argmax, "
@@ -91,6 +91,21 @@ def parse_args(argv=None):
              if getattr(args, m)]
     if len(modes) > 1:
         p.error(f"give one of {', '.join(modes)}, not several")
+    for flag, given, mode in (("--dask-scale", args.dask_scale is not None, args.dask),
+                              ("--dask-chunk", args.dask_chunk is not None, args.dask),
+                              ("--no-compile", args.no_compile, args.training_step),
+                              ("--no-jax", args.no_jax, args.training_step)):
+        if given and not mode:
+            owner = "--dask" if flag.startswith("--dask") else "--training-step"
+            p.error(f"{flag} applies to {owner} only")
+    if args.busy and args.threads is not None:
+        p.error("--threads does not apply to --busy (it compares the default threads with "
+                "threads=1)")
+    for flag, value in (("--dask-scale", args.dask_scale), ("--dask-chunk", args.dask_chunk)):
+        if value is not None and value < 1:
+            p.error(f"{flag}: {value}; expected an integer >= 1")
+    args.dask_scale = 4 if args.dask_scale is None else args.dask_scale
+    args.dask_chunk = 1 if args.dask_chunk is None else args.dask_chunk
     if args.device == "cudasim":
         given = [f for f, v in (("--shape", args.shape), ("--workload", args.workload),
                                 ("--json", args.json), ("--plot", args.plot),

@@ -48,7 +48,8 @@ def infer(name: str, input_shapes, input_dtypes, **args) -> list:
     """Tensor inference: ``[(shape, dtype), ...]`` of the outputs, without running.
 
     Checks the shapes, dtypes and arguments as `run` checks its inputs, and raises the
-    same errors. A dtype that only the GPU accepts (float16) is accepted here.
+    same errors. float16 and bfloat16 are accepted here, as `run` accepts them on the CPU and
+    on the GPU.
     """
     op = _lookup(name)
     op.schema.check_input_count(len(input_shapes))
