@@ -871,11 +871,13 @@ def _pos_chunked(Py_ssize_t tile_bytes, Py_ssize_t tiles, int threads):
 def _pos_chunked_tile(Py_ssize_t outer, Py_ssize_t inner, int threads):
     """Channels per tile of strided rows swept chunk by chunk: all of a position's
     channels, up to 64 (whole lines of each position, read once a sweep), halved (in
-    multiples of 8) while there are fewer tiles than threads. The bits do not depend on
-    it: a row is the same sums whatever tile holds it."""
+    multiples of 8, then down to 1) while there are fewer tiles than threads: each tile
+    then reads every line for part of it, but the threads share the work (one 2048 x
+    2048 map of 4 channels, 2 threads: 0.79-0.84x the time in tiles of 2 than of 4). The
+    bits do not depend on it: a row is the same sums whatever tile holds it."""
     cdef Py_ssize_t t = inner if inner < 64 else 64
-    while t > 8 and outer * ((inner + t - 1) // t) < threads:
-        t = (t // 2 + 7) // 8 * 8
+    while t > 1 and outer * ((inner + t - 1) // t) < threads:
+        t = (t + 1) // 2 if t <= 8 else (t // 2 + 7) // 8 * 8
     return t
 
 

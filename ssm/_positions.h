@@ -95,27 +95,19 @@ static inline ptrdiff_t ssm_pos_grad2_chunk(ptrdiff_t W)
     return W ? W * (SSM_POS_BLOCK / W) : SSM_POS_BLOCK;
 }
 
-/* Positions per chunk of ssm_pos_tile_chunks for pass `op`: 8192 / tile, a whole number of
-   the blocks its row function sums by: SSM_POS_BLOCK (ssm_pos_row; ssm_pos_row2's sums
-   of given probabilities), lines and ssm_pos_grad2_chunk (ssm_pos_row2). */
-static inline ptrdiff_t ssm_pos_chunk_len(const ssm_pos_problem *P, int op)
+/* Positions per chunk of ssm_pos_tile_chunks' sweeps for pass `op` (`last`: its last
+   sweep, else the max and the sums): 8192 / tile (about 32 KiB of floats a block), a
+   whole number of the units its row function sums by there: SSM_POS_BLOCK (ssm_pos_row;
+   ssm_pos_row2's sums of given probabilities), else ssm_pos_grad2_chunk (ssm_pos_row2's
+   lines, and the chunks of its gradient's temperature sums); at most the map's length. */
+static inline ptrdiff_t ssm_pos_chunk_len(const ssm_pos_problem *P, int op, int last)
 {
     const int two = P->D == 2 && !P->var && (op == SSM_POS_EXPECT || op == SSM_POS_EXPECT_BWD);
-    ptrdiff_t g = SSM_POS_BLOCK;
-    if (two) {
-        const ptrdiff_t c = ssm_pos_grad2_chunk(ssm_pos_lines(P));
-        ptrdiff_t a = SSM_POS_BLOCK, b = c;  /* with given probabilities: lcm(block, c) */
-        while (b) {
-            const ptrdiff_t r = a % b;
-            a = b;
-            b = r;
-        }
-        g = P->from_prob ? SSM_POS_BLOCK / a * c : c;
-    }
-    {   /* about 32 KiB of floats a block of the tile's chunks */
-        const ptrdiff_t want = 8192 / (P->tile > 1 ? P->tile : 1);
-        return g * (want / g > 1 ? want / g : 1);
-    }
+    const ptrdiff_t g = two && (last || !P->from_prob) ? ssm_pos_grad2_chunk(ssm_pos_lines(P))
+                                                       : SSM_POS_BLOCK;
+    const ptrdiff_t want = 8192 / (P->tile > 1 ? P->tile : 1);
+    const ptrdiff_t K = g * (want / g > 1 ? want / g : 1);
+    return K < P->L ? K : P->L;  /* one chunk: the whole map, any length */
 }
 
 /* Running sums per row of ssm_pos_tile_chunks: the sum of the exps (or of p dp), D
@@ -132,7 +124,9 @@ static inline ptrdiff_t ssm_pos_chunk_sums(const ssm_pos_problem *P)
 static inline size_t ssm_pos_chunks_scratch_bytes(const ssm_pos_problem *P, int op,
                                                   size_t rsize)
 {
-    const size_t T = (size_t)P->tile, K = (size_t)ssm_pos_chunk_len(P, op);
+    const size_t K0 = (size_t)ssm_pos_chunk_len(P, op, 0);
+    const size_t K1 = (size_t)ssm_pos_chunk_len(P, op, 1);
+    const size_t T = (size_t)P->tile, K = K0 > K1 ? K0 : K1;
     const size_t D = (size_t)P->D;
     return 64 + 3 * ssm_round64(T * K * rsize) + 2 * ssm_round64(K * rsize)
          + 2 * ssm_round64(T * rsize) + ssm_round64(T * (D + 3) * rsize)

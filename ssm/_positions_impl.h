@@ -769,7 +769,7 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_half)(const ssm_pos_problem *P, int op, ptr
 /* ---- strided rows chunk by chunk -----------------------------------------------------
  * A strided tile whose gathered rows would not stay in the cache (ssm_pos_problem.chunked:
  * large maps, channels last) is not gathered whole: each sweep of the row functions goes
- * over the tile's rows a chunk of K = ssm_pos_chunk_len positions at a time, gathered
+ * over the tile's rows a chunk of ssm_pos_chunk_len positions at a time, gathered
  * from x (and x2) into K-long rows, its outputs scattered back. K is a whole number of
  * the sums' blocks (and of the grid's lines, and of ssm_pos_grad2's chunks), and every
  * sum takes the running total of the chunks before it, so every row adds the same
@@ -898,7 +898,8 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_chunks)(const ssm_pos_problem *P, int op, p
                                              void *buf, int half)
 {
     const ptrdiff_t L = P->L, inner = P->inner, T = P->tile, D = P->D;
-    const ptrdiff_t K = ssm_pos_chunk_len(P, op), A = ssm_pos_chunk_sums(P);
+    const ptrdiff_t K0 = ssm_pos_chunk_len(P, op, 0), K1 = ssm_pos_chunk_len(P, op, 1);
+    const ptrdiff_t K = K0 > K1 ? K0 : K1, A = ssm_pos_chunk_sums(P);  /* K: rows' stride */
     const ptrdiff_t per = (inner + T - 1) / T, im = t / per, i0 = (t % per) * T;
     const ptrdiff_t base = im * L * inner + i0, r0 = im * inner + i0;
     const ptrdiff_t nr = inner - i0 < T ? inner - i0 : T;
@@ -935,8 +936,8 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_chunks)(const ssm_pos_problem *P, int op, p
     }
 
     /* the max of each row */
-    for (l0 = 0; exps && l0 < L; l0 += K) {
-        k = L - l0 < K ? L - l0 : K;
+    for (l0 = 0; exps && l0 < L; l0 += K0) {
+        k = L - l0 < K0 ? L - l0 : K0;
         SSM_SFX(ssm_pos_gather)(P->x, half, base, inner, l0, k, nr, X, K);
         for (j = 0; j < nr; j++)
             m[j] = l0 == 0 ? SSM_SFX(ssm_pos_max)(X + j * K, k)
@@ -945,8 +946,8 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_chunks)(const ssm_pos_problem *P, int op, p
 
     /* the sums: S[0] the sum of the exps (the dot of p and dp for sgrad), then
        S[1 .. 1 + D) the sums of p g_d */
-    for (l0 = 0; l0 < L; l0 += K) {
-        k = L - l0 < K ? L - l0 : K;
+    for (l0 = 0; l0 < L; l0 += K0) {
+        k = L - l0 < K0 ? L - l0 : K0;
         SSM_SFX(ssm_pos_gather)(P->x, half, base, inner, l0, k, nr, X, K);
         if (sgrad)
             SSM_SFX(ssm_pos_gather)(P->x2, half, base, inner, l0, k, nr, X2, K);
@@ -992,8 +993,8 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_chunks)(const ssm_pos_problem *P, int op, p
     /* the last sweep: the variances' sums S[1 + D .. 1 + 2D), the output, the temperature
        gradient's sum S[1 + 2D] */
     if (P->out || P->var) {
-        for (l0 = 0; l0 < L; l0 += K) {
-            k = L - l0 < K ? L - l0 : K;
+        for (l0 = 0; l0 < L; l0 += K1) {
+            k = L - l0 < K1 ? L - l0 : K1;
             SSM_SFX(ssm_pos_gather)(P->x, half, base, inner, l0, k, nr, X, K);
             if (sgrad)
                 SSM_SFX(ssm_pos_gather)(P->x2, half, base, inner, l0, k, nr, X2, K);
@@ -1046,7 +1047,8 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_chunks)(const ssm_pos_problem *P, int op, p
             const double v = a[1 + D + d] / s;
             SSM_SFX(ssm_pos_store)(P->var, half, r * D + d, (R)(v > 0.0 ? v : 0.0));
         }
-        if (dtemp && (sgrad || op == SSM_POS_EXPECT_BWD))  /* two: dT = -sum dx z */
-            P->dtemp[r] = (two ? -1.0 : -1.0 / P->temp[r % P->C]) * a[1 + 2 * D];
+        if (dtemp && (sgrad || op == SSM_POS_EXPECT_BWD))  /* as the rows' (a NaN's sign too):
+                                                              two: dT = -sum dx z */
+            P->dtemp[r] = two ? -a[1 + 2 * D] : -(1.0 / P->temp[r % P->C]) * a[1 + 2 * D];
     }
 }

@@ -345,10 +345,12 @@ def test_in_place_rows_same_bits(rng, monkeypatch, dtype):
 
 
 # Channels-last maps, a row of each: more channels than a tile holds (20, 70: tiles of
-# 64 and 6), 1-D and 3-D maps, lines the 2-D soft-argmax sums one by one (128, 200; with
-# given probabilities its chunks are then lcm(256, 200) long), a partial last chunk.
+# 64 and 6), 1-D and 3-D maps, lines the 2-D soft-argmax sums one by one (128, 200, 129:
+# its sums and its gradient then chunk differently from the 256-element blocks of given
+# probabilities' sums), a partial last chunk.
 CHUNKED = [(2, 3, (5, 7)), (1, 20, (40, 50)), (2, 5, (3, 128)), (1, 17, (2, 256)),
-           (1, 3, (30, 200)), (1, 2, (1300,)), (1, 4, (6, 7, 30)), (1, 70, (9, 61))]
+           (1, 3, (30, 200)), (1, 2, (1300,)), (1, 4, (6, 7, 30)), (1, 70, (9, 61)),
+           (1, 2, (40, 129))]
 
 
 def _positions_calls(x, dp, dk, T, layout, threads):
@@ -401,16 +403,34 @@ def test_chunked_strided_rows_same_bits(rng, monkeypatch, dtype):
         monkeypatch.undo()
 
 
+def test_chunked_strided_rows_same_bits_nan_and_inf(rng, monkeypatch):
+    # maps with NaN, +inf and -inf: the same bytes, NaNs' signs included
+    x = make_logits(rng, (2, 7, 9, 20), np.float32)
+    x[0, 1, 2, 3], x[1, 4, 4, 7], x[0, :, 0, 5] = np.nan, np.inf, -np.inf
+    dp = make_logits(rng, x.shape, np.float32)
+    dk = rng.standard_normal((2, 20, 2)).astype(np.float32)
+    T = 0.5 + rng.random(20)
+    monkeypatch.setattr(_cpu, "POS_GATHER_BYTES", 1 << 62)
+    gathered = _positions_calls(x, dp, dk, T, "NHWC", 1)
+    monkeypatch.setattr(_cpu, "POS_GATHER_BYTES", 0)
+    chunked = _positions_calls(x, dp, dk, T, "NHWC", 2)
+    for i, (a, b) in enumerate(zip(gathered, chunked)):
+        assert a.tobytes() == b.tobytes(), i
+
+
 def test_chunked_strided_rows_tiles():
-    # all of a position's channels up to 64, halved in multiples of 8 while fewer tiles
-    # than threads; chunk by chunk above POS_GATHER_BYTES, or with fewer gathered tiles
+    # all of a position's channels up to 64, halved in multiples of 8 (then to 1) while
+    # fewer tiles than threads; chunk by chunk above POS_GATHER_BYTES, or with fewer gathered tiles
     # than threads above 256 KiB
     assert _cpu._pos_chunked_tile(1, 16, 1) == 16
     assert _cpu._pos_chunked_tile(1, 16, 2) == 8
     assert _cpu._pos_chunked_tile(1, 100, 1) == 64
     assert _cpu._pos_chunked_tile(1, 100, 2) == 64
     assert _cpu._pos_chunked_tile(1, 64, 4) == 16
-    assert _cpu._pos_chunked_tile(1, 4, 8) == 4
+    assert _cpu._pos_chunked_tile(1, 4, 8) == 1
+    assert _cpu._pos_chunked_tile(1, 4, 2) == 2
+    assert _cpu._pos_chunked_tile(1, 6, 2) == 3
+    assert _cpu._pos_chunked_tile(2, 4, 2) == 4
     assert _cpu._pos_chunked_tile(3, 16, 2) == 16
     limit = _cpu.POS_GATHER_BYTES
     assert _cpu._pos_chunked(limit + 1, 100, 1) and not _cpu._pos_chunked(limit, 100, 1)
