@@ -907,6 +907,13 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_chunks)(const ssm_pos_problem *P, int op, p
     const int sgrad = op == SSM_POS_SOFTMAX_BWD, expect = op >= SSM_POS_EXPECT;
     const int exps = !P->from_prob && !sgrad;  /* p = the exps of x (else x itself) */
     const int dtemp = P->dtemp != NULL;
+    /* spatial_softmax keeps its exps in out (as the rows in place), read back in the last
+       sweep instead of computed again, where the tile holds every channel of a position:
+       where another thread's tile writes the other channels of the same lines, the
+       second pass over out was slower than the exps it saves (1x512x512x16, tiles of 8,
+       2 threads: 1.3x the time; tiles of 16, 1 thread: 0.82-0.90x). Not for the half
+       types (out holds the exps rounded). */
+    const int keep = op == SSM_POS_SOFTMAX && !half && T == inner;
     const ptrdiff_t W = ssm_pos_lines(P);
     const R *grid = (const R *)P->grid;
     char *q = SSM_SFX(ssm_pos_align)((char *)buf);
@@ -960,13 +967,16 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_chunks)(const ssm_pos_problem *P, int op, p
                 SSM_SFX(ssm_pos_sums2)(P, xj, NULL, m[j], it[j], l0, k, a, NULL);
             } else {
                 if (exps) {
-                    a[0] = SSM_SFX(ssm_pos_exp_acc)(xj, e, m[j], it[j], k, a[0]);
+                    a[0] = SSM_SFX(ssm_pos_exp_acc)(xj, keep ? O + j * K : e, m[j], it[j], k,
+                                                    a[0]);
                     p = e;
                 }
                 for (d = 0; expect && d < D; d++)
                     a[1 + d] = SSM_SFX(ssm_pos_dot_acc)(p, grid + d * L + l0, k, a[1 + d]);
             }
         }
+        if (keep)
+            SSM_SFX(ssm_pos_scatter)(P->out, 0, base, inner, l0, k, nr, O, K);
     }
 
     /* the keypoints, and what the last sweep needs of them (K with explicit fma, here and in
@@ -992,7 +1002,21 @@ SSM_CLONES void SSM_SFX(ssm_pos_tile_chunks)(const ssm_pos_problem *P, int op, p
 
     /* the last sweep: the variances' sums S[1 + D .. 1 + 2D), the output, the temperature
        gradient's sum S[1 + 2D] */
-    if (P->out || P->var) {
+    if (keep) {  /* out = e / s, e read back from out (stored as R: e's bits) */
+        for (l0 = 0; l0 < L; l0 += K1) {
+            k = L - l0 < K1 ? L - l0 : K1;
+            SSM_SFX(ssm_pos_gather)(P->out, 0, base, inner, l0, k, nr, O, K);
+            for (j = 0; j < nr; j++) {
+                R *restrict oj = O + j * K;
+                const R rs = (R)(1.0 / S[j * A]);
+                ptrdiff_t l;
+#pragma omp simd
+                for (l = 0; l < k; l++)
+                    oj[l] = oj[l] * rs;
+            }
+            SSM_SFX(ssm_pos_scatter)(P->out, 0, base, inner, l0, k, nr, O, K);
+        }
+    } else if (P->out || P->var) {
         for (l0 = 0; l0 < L; l0 += K1) {
             k = L - l0 < K1 ? L - l0 : K1;
             SSM_SFX(ssm_pos_gather)(P->x, half, base, inner, l0, k, nr, X, K);
