@@ -899,10 +899,12 @@ def spatial_softmax_grad(prob, dprob, *, temperature=1.0, layout="NCHW",
     temperature's gradient, a 0-d or ``(C,)`` Dask array); the single call's bits."""
     prob, geom, t, scalar, cax = _pos_args(prob, "prob", layout, temperature, threads)
     want = V.check_flag(return_temperature_grad, "return_temperature_grad")
+    dprob = _as_dask(dprob, "dprob")
+    if dprob.shape != prob.shape:
+        raise ValueError(f"dprob: shape {dprob.shape} differs from prob's {prob.shape}")
+    if dprob.dtype != prob.dtype:
+        raise TypeError(f"dprob: dtype {dprob.dtype} differs from prob's {prob.dtype}")
     dprob = _align(dprob, prob, "dprob", "map", cax)
-    if dprob.shape != prob.shape or dprob.dtype != prob.dtype:
-        raise TypeError(f"dprob: shape {dprob.shape} and dtype {dprob.dtype} differ from "
-                        f"prob's {prob.shape}, {prob.dtype}")
     P = _pos_fn("_spatial_softmax_grad")
 
     def fn(p, dp, temperature):
@@ -942,9 +944,10 @@ def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized
     want = V.check_flag(return_temperature_grad, "return_temperature_grad")
     D = len(geom.spatial)
     dk = _as_dask(d_keypoints, "d_keypoints")
-    if dk.shape != (geom.N, geom.C, D) or dk.dtype != x.dtype:
-        raise TypeError(f"d_keypoints: shape {dk.shape} and dtype {dk.dtype}; expected "
-                        f"{(geom.N, geom.C, D)} and x's {x.dtype}")
+    if dk.shape != (geom.N, geom.C, D):
+        raise ValueError(f"d_keypoints: shape {dk.shape}; expected {(geom.N, geom.C, D)}")
+    if dk.dtype != x.dtype:
+        raise TypeError(f"d_keypoints: dtype {dk.dtype} differs from x's {x.dtype}")
     dk = _align(dk, x, "d_keypoints", "kp", cax, D)
     P = _pos_fn("_soft_argmax_grad")
 

@@ -562,7 +562,8 @@ def _positions_pairs(rng, layout, dtype, xd_of):
     g = rng.standard_normal((*S, 3))
     kw = dict(layout=layout)
     return [
-        (ssm.spatial_softmax(x, temperature=T, **kw), sdask.spatial_softmax(xd, temperature=T, **kw)),
+        (ssm.spatial_softmax(x, temperature=T, **kw),
+         sdask.spatial_softmax(xd, temperature=T, **kw)),
         *((ssm.spatial_softmax_grad(p, dp, temperature=t, return_temperature_grad=True, **kw),
            sdask.spatial_softmax_grad(pd, dp, temperature=t, return_temperature_grad=True, **kw))
           for t in (T, 0.7)),
@@ -620,8 +621,15 @@ def test_positions_argument_errors(rng):
         sdask.soft_argmax(x, temperature=[1.0, 2.0])
     with pytest.raises(TypeError, match=r"^x: dtype int64"):
         sdask.spatial_softmax(da.zeros((2, 3, 4), dtype=np.int64))
-    with pytest.raises(TypeError, match=r"^d_keypoints: shape \(2, 3, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"^d_keypoints: shape \(2, 3, 3\); expected \(2, 3, 2\)"):
         sdask.soft_argmax_grad(x, np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(TypeError, match=r"^d_keypoints: dtype float64 differs from x's float32"):
+        sdask.soft_argmax_grad(x, np.zeros((2, 3, 2)))
+    with pytest.raises(ValueError, match=r"^dprob: shape \(2, 3, 4, 6\) differs from prob's"):
+        sdask.spatial_softmax_grad(x, np.zeros((2, 3, 4, 6), np.float32))
+    with pytest.raises(TypeError, match=r"^dprob: dtype float64 differs from prob's float32"):
+        sdask.spatial_softmax_grad(x, np.zeros((2, 3, 4, 5)))
 
 
 @pytest.mark.cudasim
