@@ -79,6 +79,7 @@ except ImportError as exc:
     raise ImportError(f"ssm.dask needs Dask, which is not importable ({exc}); install it with "
                       "pip install 'ssm[dask]'") from exc
 
+from . import _positions
 from . import _threads
 from . import _validation as V
 from ._api import label_pass
@@ -804,7 +805,6 @@ def _dt_total(terms, *, N, C, scalar, dtype):
     blocks of N then C), added as the single call adds them (_positions._d_temperature),
     on the blocks' device (by way of the host where its module cannot concatenate: the
     simulator's)."""
-    from ._positions import _d_temperature
     first = terms[0][0]
     xp = V.array_module(first) if V.is_device_array(first) else np
     host = not hasattr(xp, "concatenate")
@@ -813,15 +813,15 @@ def _dt_total(terms, *, N, C, scalar, dtype):
     cat = np.concatenate if host else xp.concatenate
     per_map = cat([cat(row, axis=1) for row in terms], axis=0)
     geom = type("Maps", (), {"N": N, "C": C})
-    total = _d_temperature(per_map.reshape(-1), geom, scalar, np.dtype(dtype))
+    total = _positions._d_temperature(per_map.reshape(-1), geom, scalar, np.dtype(dtype))
     return xp.asarray(total) if host and xp is not np else total
 
 
-def _pos_graph(fn, x, others, cax, t, scalar, kwargs, outs, token):
+def _pos_graph(fn, x, others, cax, t, scalar, kwargs, outs, token, D=None):
     """Dask arrays of ``fn``'s outputs, one call per block of x: ``others`` are (array,
     kind) with kind "map" (x's chunks) or "kp" ((N, C, D) by x's N and C chunks); ``outs``
-    the kinds of the call's results in order: "map", "kp" (D wide), "dt" (the temperature
-    gradient's terms)."""
+    the kinds of the call's results in order: "map", "kp" (``D`` wide), "dt" (the
+    temperature gradient's terms)."""
     name = f"ssm-pos-{token}"
     names = [f"ssm-pos-out{i}-{token}" for i in range(len(outs))]
     layer = {}
@@ -834,7 +834,7 @@ def _pos_graph(fn, x, others, cax, t, scalar, kwargs, outs, token):
         for a, kind in others:
             args.append((a.name, *idx) if kind == "map" else (a.name, n, c, 0))
         f = functools.partial(_pos_call, fn=fn, c0=c0, c1=c1, t=t, scalar=scalar,
-                              kwargs=_dropped(kwargs))
+                              kwargs=kwargs)
         layer[(name, *idx)] = (f, *args)
         for i, kind in enumerate(outs):
             key = (names[i], *idx) if kind == "map" else (names[i], n, c, 0) if kind == "kp" \
@@ -858,18 +858,12 @@ def _pos_graph(fn, x, others, cax, t, scalar, kwargs, outs, token):
         if kind == "map":
             results.append(da.Array(graph, names[i], x.chunks, meta=meta))
         elif kind == "kp":
-            D = kwargs.get("_D")
             results.append(da.Array(graph, names[i], (x.chunks[0], x.chunks[cax], (D,)),
                                     meta=_meta0(meta, (0, 0, 0))))
         else:
             results.append(da.Array(graph, names[i], () if scalar else ((x.shape[cax],),),
                                     meta=_meta0(meta, () if scalar else (0,))))
     return results
-
-
-def _pos_fn(name):
-    from . import _positions as P
-    return getattr(P, name)
 
 
 def _align(a, x, name, kind, cax, D=None):
@@ -880,17 +874,14 @@ def _align(a, x, name, kind, cax, D=None):
     return a.rechunk((x.chunks[0], x.chunks[cax], (D,)))
 
 
-def _dropped(kwargs):
-    return {k: v for k, v in kwargs.items() if not k.startswith("_")}
-
-
 def spatial_softmax(x, *, temperature=1.0, layout="NCHW", threads=None):
     """:func:`ssm.spatial_softmax` on a Dask array, lazily (the spatial axes one chunk;
     the single call's bits)."""
     x, geom, t, scalar, cax = _pos_args(x, "x", layout, temperature, threads)
     kw = dict(layout=layout, threads=threads)
     token = tokenize(x, t, scalar, "spatial_softmax", kw)
-    return _pos_graph(_pos_fn("spatial_softmax"), x, [], cax, t, scalar, kw, ["map"], token)[0]
+    return _pos_graph(_positions.spatial_softmax, x, [], cax, t, scalar, kw, ["map"],
+                      token)[0]
 
 
 def spatial_softmax_grad(prob, dprob, *, temperature=1.0, layout="NCHW",
@@ -905,10 +896,9 @@ def spatial_softmax_grad(prob, dprob, *, temperature=1.0, layout="NCHW",
     if dprob.dtype != prob.dtype:
         raise TypeError(f"dprob: dtype {dprob.dtype} differs from prob's {prob.dtype}")
     dprob = _align(dprob, prob, "dprob", "map", cax)
-    P = _pos_fn("_spatial_softmax_grad")
-
     def fn(p, dp, temperature):
-        return P(p, dp, temperature, layout, want, None, threads, _terms_only)
+        return _positions._spatial_softmax_grad(p, dp, temperature, layout, want, None,
+                                                threads, _terms_only)
 
     token = tokenize(prob, dprob, t, scalar, "spatial_softmax_grad", layout, want, threads)
     r = _pos_graph(fn, prob, [(dprob, "map")], cax, t, scalar, {},
@@ -928,8 +918,8 @@ def soft_argmax(x, *, temperature=1.0, coordinates="normalized", return_variance
               threads=threads)
     outs = ["kp"] + (["kp"] if var else []) + (["map"] if prob else [])
     token = tokenize(x, t, scalar, "soft_argmax", kw)
-    r = _pos_graph(_pos_fn("soft_argmax"), x, [], cax, t, scalar,
-                   dict(kw, _D=len(geom.spatial)), outs, token)
+    r = _pos_graph(_positions.soft_argmax, x, [], cax, t, scalar, kw, outs, token,
+                   D=len(geom.spatial))
     return tuple(r) if len(r) > 1 else r[0]
 
 
@@ -949,11 +939,9 @@ def soft_argmax_grad(x, d_keypoints, *, temperature=1.0, coordinates="normalized
     if dk.dtype != x.dtype:
         raise TypeError(f"d_keypoints: dtype {dk.dtype} differs from x's {x.dtype}")
     dk = _align(dk, x, "d_keypoints", "kp", cax, D)
-    P = _pos_fn("_soft_argmax_grad")
-
     def fn(a, k, temperature):
-        return P(a, k, temperature, coordinates, from_prob, want, layout, None, threads,
-                 _terms_only)
+        return _positions._soft_argmax_grad(a, k, temperature, coordinates, from_prob, want,
+                                            layout, None, threads, _terms_only)
 
     token = tokenize(x, dk, t, scalar, "soft_argmax_grad", coordinates, from_prob, want,
                      layout, threads)
@@ -971,14 +959,14 @@ def spatial_expectation(prob, grid=None, *, coordinates="normalized", return_var
     var = V.check_flag(return_variance, "return_variance")
     g = None if grid is None else V.check_grid(grid, geom.spatial)
     D = len(geom.spatial) if g is None else g.shape[0]
-    P = _pos_fn("spatial_expectation")
     grid_arg = None if grid is None else np.asarray(grid)
 
     def fn(p, temperature):
-        return P(p, grid_arg, coordinates=coordinates, return_variance=var, layout=layout,
-                 threads=threads)
+        return _positions.spatial_expectation(p, grid_arg, coordinates=coordinates,
+                                              return_variance=var, layout=layout,
+                                              threads=threads)
 
     token = tokenize(prob, grid_arg, "spatial_expectation", coordinates, var, layout, threads)
-    r = _pos_graph(fn, prob, [], cax, t, scalar, {"_D": D}, ["kp", "kp"] if var else ["kp"],
-                   token)
+    r = _pos_graph(fn, prob, [], cax, t, scalar, {}, ["kp", "kp"] if var else ["kp"], token,
+                   D=D)
     return tuple(r) if var else r[0]
